@@ -1,0 +1,12 @@
+"""dgemma: run, serve, inspect and fine-tune DiffusionGemma block-diffusion language models."""
+
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError, GenerationConfig, ModelConfig
+from .generate import Commit, Done, Draft, GenerationResult, generate, stream
+from .model import DiffusionGemma
+
+__all__ = [
+    "load_model", "CheckpointError", "ConfigError", "GenerationConfig", "ModelConfig", "DiffusionGemma",
+    "generate", "stream", "GenerationResult", "Draft", "Commit", "Done",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,282 @@
+"""Model and generation configuration, read from a checkpoint's config.json / generation_config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or describes a model dgemma cannot run."""
+
+
+@dataclass
+class LayerSpec:
+    """Attention shape of one layer; full layers differ from sliding ones (head_dim, KV heads, K-as-V)."""
+
+    kind: str  # SLIDING or FULL
+    head_dim: int
+    num_kv_heads: int
+    rope_theta: float
+    rope_type: str  # "default" or "proportional"
+    partial_rotary_factor: float
+
+    @property
+    def sliding(self) -> bool:
+        return self.kind == SLIDING
+
+    @property
+    def has_v_proj(self) -> bool:
+        # Full layers reuse the K projection as V (attention_k_eq_v).
+        return self.sliding
+
+
+@dataclass
+class ModelConfig:
+    """The DiffusionGemma text stack. Field names follow the checkpoint's `text_config`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    sliding_window: int
+    layer_types: list[str]
+    layers: list[LayerSpec]
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 131072
+    canvas_length: int = 256
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+    hidden_activation: str = "gelu_pytorch_tanh"
+    has_vision: bool = False
+    torch_dtype: str | None = None
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the text stack (tied embedding counted once)."""
+        h, i = self.hidden_size, self.intermediate_size
+        n = self.vocab_size * h + h  # embed + final norm
+        n += 3 * h * i + h  # self-conditioning MLP + pre_norm
+        for spec in self.layers:
+            q = self.num_attention_heads * spec.head_dim
+            kv = spec.num_kv_heads * spec.head_dim
+            n += h * q + h * kv * (2 if spec.has_v_proj else 1) + q * h + 2 * spec.head_dim
+            n += 3 * h * i  # dense MLP
+            n += h * self.num_experts + h + self.num_experts  # router
+            n += self.num_experts * 3 * self.moe_intermediate_size * h  # experts
+            n += 7 * h + 1  # norms + layer_scalar
+        return n
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (top-k of the experts)."""
+        inactive = (self.num_experts - self.top_k_experts) * 3 * self.moe_intermediate_size * self.hidden_size
+        return self.num_params - inactive * self.num_hidden_layers
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type != "diffusion_gemma":
+            raise ConfigError(
+                f"{source}: unknown model_type {model_type!r}; dgemma runs 'diffusion_gemma' checkpoints"
+            )
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: 'text_config' is missing or not an object")
+        required = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size",
+        ]
+        defaults = {"vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
+        vals: dict[str, Any] = {}
+        for key in required:
+            v = text.get(key, defaults.get(key))
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{source}: text_config.{key} must be a positive integer, got {v!r}")
+            vals[key] = v
+        if vals["top_k_experts"] > vals["num_experts"]:
+            raise ConfigError(f"{source}: top_k_experts ({vals['top_k_experts']}) > num_experts ({vals['num_experts']})")
+        n_layers = vals["num_hidden_layers"]
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
+        layer_types = list(layer_types)
+        if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
+            raise ConfigError(f"{source}: layer_types must list {n_layers} of {SLIDING!r}/{FULL!r}")
+        layer_types[-1] = FULL  # the reference forces the last layer to full attention
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError(f"{source}: use_bidirectional_attention='all' is not supported")
+
+        rope = text.get("rope_parameters") or {
+            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        }
+        per_layer = text.get("per_layer_config")
+        if per_layer is None:  # older layout: global_* keys describe the full layers
+            override: dict[str, Any] = {"head_dim": text.get("global_head_dim", 512)}
+            if text.get("num_global_key_value_heads") is not None:
+                override["num_key_value_heads"] = text["num_global_key_value_heads"]
+            per_layer = {str(i): override for i, t in enumerate(layer_types) if t == FULL}
+        layers = []
+        for i, kind in enumerate(layer_types):
+            ov = per_layer.get(str(i), per_layer.get(i, {})) if isinstance(per_layer, dict) else {}
+            rp = rope.get(kind)
+            if not isinstance(rp, dict) or rp.get("rope_type", "default") not in ("default", "proportional"):
+                raise ConfigError(f"{source}: unsupported rope_parameters for {kind}: {rp!r}")
+            spec = LayerSpec(
+                kind=kind,
+                head_dim=int(ov.get("head_dim", vals["head_dim"])),
+                num_kv_heads=int(ov.get("num_key_value_heads", vals["num_key_value_heads"])),
+                rope_theta=float(rp.get("rope_theta", 10_000.0)),
+                rope_type=rp.get("rope_type", "default"),
+                partial_rotary_factor=float(rp.get("partial_rotary_factor", 1.0)),
+            )
+            if vals["num_attention_heads"] % spec.num_kv_heads:
+                raise ConfigError(
+                    f"{source}: layer {i}: num_attention_heads {vals['num_attention_heads']} is not a multiple "
+                    f"of its {spec.num_kv_heads} KV heads"
+                )
+            layers.append(spec)
+        act = text.get("hidden_activation", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(f"{source}: unsupported hidden_activation {act!r}")
+        canvas = raw.get("canvas_length", 256)
+        if not isinstance(canvas, int) or canvas <= 0:
+            raise ConfigError(f"{source}: canvas_length must be a positive integer, got {canvas!r}")
+        return cls(
+            **vals,
+            sliding_window=int(text.get("sliding_window", 512)),
+            layer_types=layer_types,
+            layers=layers,
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
+            max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
+            canvas_length=canvas,
+            pad_token_id=text.get("pad_token_id", 0),
+            eos_token_id=text.get("eos_token_id", 1),
+            bos_token_id=text.get("bos_token_id", 2),
+            hidden_activation=act,
+            has_vision=raw.get("vision_config") is not None,
+            torch_dtype=raw.get("dtype", raw.get("torch_dtype")),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(read_json(Path(path)), source=str(path))
+
+
+@dataclass
+class GenerationConfig:
+    """Sampler settings; names follow generation_config.json (entropy_bound flattens sampler_config)."""
+
+    max_new_tokens: int = 256
+    max_length: int | None = None
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float | None = 0.4
+    t_max: float | None = 0.8
+    stability_threshold: int | None = 1
+    confidence_threshold: float | None = 0.005
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "generation_config.json") -> GenerationConfig:
+        """Unset (null) fields keep the reference's global defaults."""
+        cfg = cls()
+        sampler = raw.get("sampler_config")
+        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+            cfg.entropy_bound = sampler["entropy_bound"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key in names and value is not None:
+                setattr(cfg, key, value)
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cfg
+
+    def replace(self, **overrides: Any) -> GenerationConfig:
+        """A copy with per-call overrides applied (None disables an optional feature, as in the reference)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        new = dataclasses.replace(self, **overrides)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
+            raise ValueError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        if not is_num(self.entropy_bound) or self.entropy_bound <= 0:
+            raise ValueError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if v is not None and (not is_num(v) or v < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise ValueError(f"t_max must be > t_min, got t_max={self.t_max} t_min={self.t_min}")
+        if (self.t_min is None) != (self.t_max is None):
+            raise ValueError("t_min and t_max must be set together (or both None to disable the temperature schedule)")
+        if self.t_min is not None and self.t_min + (self.t_max - self.t_min) / self.max_denoising_steps <= 0:
+            raise ValueError("the temperature schedule reaches 0; raise t_min")
+        if self.stability_threshold is not None and (not is_int(self.stability_threshold) or self.stability_threshold < 0):
+            raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        if self.confidence_threshold is not None and (not is_num(self.confidence_threshold) or self.confidence_threshold <= 0):
+            raise ValueError(f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
+        eos = self.eos_token_id
+        if eos is not None and not (is_int(eos) or (isinstance(eos, list) and eos and all(is_int(e) for e in eos))):
+            raise ValueError(f"eos_token_id must be an integer or a non-empty list of integers, got {eos!r}")
+        if self.pad_token_id is not None and not is_int(self.pad_token_id):
+            raise ValueError(f"pad_token_id must be an integer, got {self.pad_token_id!r}")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+

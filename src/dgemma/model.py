@@ -1,0 +1,328 @@
+"""The DiffusionGemma text stack: one set of layers used in two roles.
+
+- encode(): causal over prompt / committed canvases, writes the KV cache (the "encoder").
+- decode(): bidirectional over the canvas, reads the cache, returns softcapped fp32 logits (the "decoder").
+
+Numerics follow the reference op for op (fp32 norms, fp32 router softmax, casts in the same places), so fp32
+logits agree to ~1e-6 and bf16 stays close.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec, ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x * (mean(x^2) + eps)^-0.5 * w, computed in fp32; the weight multiplies directly (no 1 + w)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
+    """Inverse frequencies, length head_dim / 2. "proportional" rotates the first partial_rotary_factor of the
+    angles (exponents over the full head_dim) and leaves the rest unrotated (zero frequency)."""
+    d = spec.head_dim
+    if spec.rope_type == "proportional":
+        angles = int(spec.partial_rotary_factor * d // 2)
+        rotated = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / d))
+        return torch.cat([rotated, torch.zeros(d // 2 - angles, device="cpu")])
+    dim = int(d * spec.partial_rotary_factor)
+    return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [L] -> cos, sin [L, head_dim] in the activation dtype."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D]; rotate-half convention."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, spec.num_kv_heads, spec.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False) if spec.has_v_proj else None
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        write: bool,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, length, -1, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(b, length, -1, self.head_dim)
+        v = self.v_proj(x).view(b, length, -1, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = self.v_norm(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k, v = cache.write(layer, k, v) if write else cache.read(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP (dense branch and self-conditioning)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.root = cfg.hidden_size**-0.5
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, K] fp32, expert ids [T, K])."""
+        scores = self.proj(self.norm(x) * self.scale * self.root)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Packed experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [T, H]. Tokens are grouped by expert so each expert runs one matmul over its tokens; the weighted
+        outputs are summed in ascending expert order, as the reference does."""
+        top_k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // top_k
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token]
+        outs = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = xs[start:start + n]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs[start:start + n] = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            start += n
+        weighted = (outs * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, weighted)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+                     "post_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(h, eps))
+        # The decoder's scalar is a weight; the encoder stores its own copy (not tied).
+        self.layer_scalar = nn.Parameter(torch.ones(1))
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, rope, cache: KVCache, layer: int, write: bool, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), rope, cache, layer, write, mask)
+        )
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])
+        weights, idx = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).reshape(h.shape)
+        out = h + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return out * (self.encoder_layer_scalar if write else self.layer_scalar)
+
+
+class DiffusionGemma(nn.Module):
+    """Weights and the two forward roles. Generation lives in dgemma.generate; this class wires it in."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.layers = nn.ModuleList(Layer(cfg, spec) for spec in cfg.layers)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.sc_pre_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.sc_mlp = MLP(h, cfg.intermediate_size)
+        self.sc_post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
+        self.generation_config = None  # set by the loader
+        self.tokenizer = None  # set by the loader when the checkpoint has one
+        self._inv_freq: dict[str, torch.Tensor] = {}
+        for spec in cfg.layers:
+            self._inv_freq.setdefault(spec.kind, rope_inv_freq(spec))
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(self.config.hidden_size**0.5).to(dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        return F.embedding(ids, w) * self.embed_scale(w.dtype).to(w.device)
+
+    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: rope_cos_sin(f, positions, dtype) for kind, f in self._inv_freq.items()}
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied head, fp32 softcap."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # -- roles --------------------------------------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Causal pass over new tokens [B, L]; appends to the cache. Returns final-normed hidden states."""
+        length = ids.shape[1]
+        start = cache.length
+        positions = torch.arange(start, start + length, device=ids.device)
+        x = self.embed(ids)
+        ropes = self._ropes(positions, x.dtype)
+        masks: dict[tuple[str, int], torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            spec = self.config.layers[i]
+            stored = cache.stored(i)
+            key = (spec.kind, stored)
+            if key not in masks:
+                kpos = torch.arange(start - stored, start + length, device=ids.device)
+                allowed = kpos[None, :] <= positions[:, None]
+                if spec.sliding:
+                    allowed &= positions[:, None] - kpos[None, :] < self.config.sliding_window
+                masks[key] = allowed
+            x = layer(x, ropes[spec.kind], cache, i, True, masks[key])
+        cache.advance(length)
+        return self.norm(x)
+
+    def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One denoising forward over the canvas [B, C] -> fp32 softcapped logits [B, C, V]."""
+        x = self.embed(canvas)
+        if sc_logits is not None:
+            w = self.embed_tokens.weight
+            soft = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype) @ w
+            soft = soft * self.embed_scale(x.dtype).to(x.device)
+            x = x + self.sc_mlp(self.sc_pre_norm(soft))
+        # (With no previous logits the signal is zero and the MLP adds exactly zero.)
+        x = self.sc_post_norm(x)
+        positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
+        ropes = self._ropes(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ropes[self.config.layers[i].kind], cache, i, False, None)
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config, batch_size)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def canvas_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        canvas_ids: torch.Tensor,
+        self_conditioning_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, C, V] (fp32, softcapped) of one denoising step after prefilling `prompt_ids`."""
+        prompt_ids = _check_ids(prompt_ids, "prompt_ids", self.config.vocab_size, self.device)
+        canvas_ids = _check_ids(canvas_ids, "canvas_ids", self.config.vocab_size, self.device)
+        if canvas_ids.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(f"canvas_ids batch {canvas_ids.shape[0]} != prompt_ids batch {prompt_ids.shape[0]}")
+        if self_conditioning_logits is not None:
+            want = (*canvas_ids.shape, self.config.vocab_size)
+            if tuple(self_conditioning_logits.shape) != want:
+                raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
+                                 f"got {list(self_conditioning_logits.shape)}")
+            self_conditioning_logits = self_conditioning_logits.to(self.device, self.dtype)
+        cache = self.new_cache(prompt_ids.shape[0])
+        self.encode(prompt_ids, cache)
+        return self.decode(canvas_ids, cache, self_conditioning_logits)
+
+    def generate(self, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **overrides):
+        """Block-diffusion generation; see dgemma.generate.generate."""
+        from .generate import generate
+
+        return generate(self, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, **overrides)
+
+    def stream(self, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **overrides):
+        """Yields Draft events after every denoising step and a Commit per canvas; see dgemma.generate.stream."""
+        from .generate import stream
+
+        return stream(self, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, **overrides)
+
+
+def _check_ids(ids, name: str, vocab: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.LongTensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must be 2-D [batch, length] with length >= 1, got shape {list(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer ids, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab})")
+    return ids.to(device=device, dtype=torch.long)
+
