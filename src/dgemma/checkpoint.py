@@ -168,7 +168,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.eval()
     model.generation_config = gen
     model.source = str(path)
-    if vision or cfg.has_vision:
+    if vision:
         log.warning("%s: checkpoint has vision weights (%d tensors); they are skipped because image input is not "
                     "supported yet. Loaded for text use.", path, vision)
     if (path / "tokenizer.json").is_file():

@@ -91,3 +91,38 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+# -- the byte-level tokenizer shipped with random and project-trained checkpoints --------------------------------
+BYTE_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_byte_tokenizer() -> Tokenizer:
+    """Specials at ids 0-5 (pad, eos, bos, unk, start/end of turn), then one token per byte (ids 6-261)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIALS])
+    config = {
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "chat_template": BYTE_CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return Tokenizer(tok, config, BYTE_CHAT_TEMPLATE)
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    tokenizer.tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer.config, indent=2) + "\n", encoding="utf-8")
+    if tokenizer.chat_template is not None:
+        (path / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")

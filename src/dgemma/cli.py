@@ -1,0 +1,175 @@
+"""The `dgemma` command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+GEN_FLAGS = {  # flag -> (generation_config name, type)
+    "--max-denoising-steps": ("max_denoising_steps", int),
+    "--entropy-bound": ("entropy_bound", float),
+    "--t-min": ("t_min", float),
+    "--t-max": ("t_max", float),
+    "--stability-threshold": ("stability_threshold", int),
+    "--confidence-threshold": ("confidence_threshold", float),
+}
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def _eos(text: str) -> int | list[int]:
+    ids = _ids(text)
+    return ids[0] if len(ids) == 1 else ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgemma", description="Run and inspect DiffusionGemma block-diffusion models.")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (or ids) from a prompt")
+    g.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    src.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids, e.g. 5,17,3")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template as a user turn")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="rounded up to whole canvases")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--rng", default="reference", help="random stream: 'reference' draws exactly as transformers")
+    g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    g.add_argument("--device", default="cpu")
+    for flag, (_, typ) in GEN_FLAGS.items():
+        g.add_argument(flag, type=typ, default=None)
+    g.add_argument("--eos-token-id", type=_eos, default=None, help="EOS id(s), comma-separated")
+    g.add_argument("--json", action="store_true", help='print {"ids", "tokens_per_forward", "steps"} as JSON')
+    g.add_argument("--stats", action="store_true", help="with --json: add seed, timings, finish reason and text")
+    g.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise live")
+
+    i = sub.add_parser("info", help="describe a checkpoint: parameters, layers, experts, bytes per dtype")
+    i.add_argument("--model", required=True)
+    i.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("random-checkpoint", help="write a random DiffusionGemma checkpoint with a byte tokenizer")
+    r.add_argument("out", help="output directory (must not exist or be empty, unless --force)")
+    from .presets import PRESETS
+
+    r.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--std", type=float, default=0.02, help="weight init standard deviation")
+    r.add_argument("--force", action="store_true", help="replace an existing directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="dgemma: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "random-checkpoint":
+            return cmd_random(args)
+    except (ValueError, TypeError, FileExistsError, ConfigError) as e:
+        print(f"dgemma: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def cmd_generate(args) -> int:
+    from .checkpoint import load_model
+    from .generate import Commit, Done, Draft, stream
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = model.tokenizer
+    if args.prompt is not None:
+        if tok is None:
+            raise ValueError(f"{args.model} has no tokenizer.json; use --prompt-ids")
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+    else:
+        prompt = args.prompt_ids
+    overrides = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in GEN_FLAGS.items()}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.eos_token_id is not None:
+        overrides["eos_token_id"] = args.eos_token_id
+    events = stream(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, rng=args.rng, **overrides)
+
+    view = None
+    if args.show_canvas:
+        from .display import CanvasView
+
+        view = CanvasView(tok, model.config.canvas_length, enabled=True)
+    result = None
+    with view if view is not None else contextlib.nullcontext():
+        for ev in events:
+            if isinstance(ev, Draft) and view is not None:
+                view.draft(ev)
+            elif isinstance(ev, Commit):
+                if view is not None:
+                    view.commit(ev)
+                elif not args.json and tok is not None:
+                    ids = [t for t in ev.ids[0].tolist() if t != model.generation_config.pad_token_id]
+                    sys.stdout.write(tok.decode(ids))
+                    sys.stdout.flush()
+            elif isinstance(ev, Done):
+                result = ev.results[0]
+    if args.json:
+        out = {"ids": result.ids, "tokens_per_forward": result.tokens_per_forward, "steps": result.steps}
+        if args.stats:
+            out.update(seed=result.seed, finish_reason=result.finish_reason, timings=result.timings, text=result.text)
+        print(json.dumps(out))
+    else:
+        if tok is None:
+            print(" ".join(map(str, result.ids)))
+        elif view is not None:
+            print(result.text)
+        else:
+            print()
+        t = result.timings
+        print(f"[{len(result.ids)} tokens, {len(result.steps)} canvas(es), steps {result.steps}, "
+              f"{result.tokens_per_forward:.2f} tokens/forward, {t['total_s']:.2f}s, seed {result.seed}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import describe, render
+
+    info = describe(Path(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        render(info)
+    return 0
+
+
+def cmd_random(args) -> int:
+    from .presets import write_random_checkpoint
+
+    out = write_random_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, std=args.std,
+                                  overwrite=args.force)
+    print(f"wrote random {args.preset} checkpoint to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

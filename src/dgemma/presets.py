@@ -1,0 +1,183 @@
+"""Named model shapes, and writing random checkpoints in the save_pretrained layout (loadable by dgemma and by
+the reference implementation alike)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .config import FULL, SLIDING, ModelConfig
+
+# text_config fields per preset; `canvas_length` is a top-level field.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few hundred K parameters: instant on any CPU, for trying things out and for tests.
+    "tiny": dict(
+        vocab_size=262, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, num_experts=4,
+        top_k_experts=2, moe_intermediate_size=32, sliding_window=64, max_position_embeddings=8192,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL], canvas_length=32,
+    ),
+    # The benchmark's CPU-sized MoE (about 89M parameters).
+    "small-moe": dict(
+        vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, global_head_dim=128, num_global_key_value_heads=2, num_experts=16,
+        top_k_experts=4, moe_intermediate_size=256, sliding_window=512, max_position_embeddings=32768,
+        canvas_length=256,
+    ),
+    # The real google/diffusiongemma-26B-A4B-it shapes.
+    "26b-a4b": dict(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, num_experts=128,
+        top_k_experts=8, moe_intermediate_size=704, sliding_window=1024, max_position_embeddings=262144,
+        canvas_length=256,
+    ),
+}
+
+# A minimal vision block so the reference builds a tiny tower instead of its 16-layer default.
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=2, head_dim=8, position_embedding_size=16, patch_size=4,
+)
+
+
+def config_dict(preset: str | dict[str, Any], dtype: str = "float32", **overrides: Any) -> dict[str, Any]:
+    """A config.json in the reference's save_pretrained layout."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        spec = dict(PRESETS[preset])
+    else:
+        spec = dict(preset)
+    spec.update(overrides)
+    canvas = spec.pop("canvas_length", 256)
+    n = spec["num_hidden_layers"]
+    layer_types = list(spec.pop("layer_types", None) or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
+    layer_types[-1] = FULL
+    global_override = {"head_dim": spec.pop("global_head_dim", 512)}
+    kv = spec.pop("num_global_key_value_heads", None)
+    if kv is not None:
+        global_override["num_key_value_heads"] = kv
+    text = {
+        "model_type": "diffusion_gemma_text", "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": None,
+        "initializer_range": 0.02,
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        **spec,
+        "layer_types": layer_types,
+        "per_layer_config": {str(i): dict(global_override) for i, t in enumerate(layer_types) if t == FULL},
+    }
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+        "canvas_length": canvas, "dtype": dtype, "tie_word_embeddings": True, "initializer_range": 0.02,
+        "boi_token_id": 255999, "eoi_token_id": 258882, "image_token_id": 258880,
+        "text_config": text, "vision_config": dict(TINY_VISION),
+    }
+
+
+def generation_config_dict(**overrides: Any) -> dict[str, Any]:
+    gen = {
+        "max_new_tokens": 256, "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
+        "confidence_threshold": 0.005, "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+        "eos_token_id": [1, 5], "pad_token_id": 0, "bos_token_id": 2,
+    }
+    if "entropy_bound" in overrides:
+        gen["sampler_config"]["entropy_bound"] = overrides.pop("entropy_bound")
+    gen.update(overrides)
+    return gen
+
+
+def random_state_dict(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights under their save_pretrained names: N(0, std) matrices, norms and scales at 1."""
+    from .model import DiffusionGemma
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in DiffusionGemma(cfg).named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=dtype, device=device)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g)
+        out[checkpoint_key(name)] = t
+    return out
+
+
+def checkpoint_key(name: str) -> str:
+    """dgemma parameter name -> save_pretrained key."""
+    if name.startswith("sc_pre_norm."):
+        return "model.decoder.self_conditioning.pre_norm." + name.split(".", 1)[1]
+    if name.startswith("sc_mlp."):
+        return "model.decoder.self_conditioning." + name.split(".", 1)[1]
+    if name.endswith(".encoder_layer_scalar"):
+        return "model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")
+    return "model.decoder." + name
+
+
+def write_checkpoint(
+    out: str | Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    generation: dict[str, Any] | None = None,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint directory atomically: everything goes to a temporary sibling that is renamed into place,
+    so a failure never leaves a half-written checkpoint."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation or generation_config_dict(), indent=2) + "\n", encoding="utf-8")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            from .tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32",
+                            std: float = 0.02, overwrite: bool = False, **overrides: Any) -> Path:
+    """A random DiffusionGemma checkpoint with the byte-level tokenizer (vocab forced to fit it)."""
+    from .checkpoint import resolve_dtype
+    from .tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    cfg_dict = config_dict(preset, dtype=dtype, **overrides)
+    if cfg_dict["text_config"]["vocab_size"] < tok.vocab_size:
+        raise ValueError(f"vocab_size must be >= {tok.vocab_size} to hold the byte-level tokenizer")
+    cfg = ModelConfig.from_dict(cfg_dict)
+    state = random_state_dict(cfg, seed=seed, std=std, dtype=resolve_dtype(dtype))
+    return write_checkpoint(out, cfg_dict, state, generation_config_dict(), tok, overwrite=overwrite)
