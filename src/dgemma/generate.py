@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationConfig
-from .sampler import ReferenceRNG, StableAndConfident, accept_mask, entropy, temperature
+from .model import row_invariant
+from .sampler import FastRNG, ReferenceRNG, StableAndConfident, accept_mask, entropy, fast_sample, temperature
 
-RNG_MODES = ("reference",)
+RNG_MODES = ("fast", "reference")
 
 
 @dataclass
@@ -69,35 +70,34 @@ class Done:
     results: list[GenerationResult]
 
 
-def _as_batch(prompt_ids, vocab: int, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Accept list[int], list[list[int]], 1-D or 2-D tensors; return ([B, L] LongTensor, single?)."""
+def _as_batch(prompt_ids, vocab: int, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Accept list[int], list[list[int]] (lengths may differ), 1-D or 2-D tensors.
+    Returns (left-padded [B, L] ids, pad counts [B], single prompt?)."""
     if isinstance(prompt_ids, torch.Tensor):
         t = prompt_ids
-        single = t.dim() == 1 or (t.dim() == 2 and t.shape[0] == 1)
-        if t.dim() == 1:
-            t = t[None]
-        if t.dim() != 2:
+        if t.dim() not in (1, 2):
             raise ValueError(f"prompt_ids must be 1-D or 2-D, got shape {list(t.shape)}")
-        if t.is_floating_point() or t.dtype == torch.bool:
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"prompt_ids must hold integer ids, got {t.dtype}")
+        single = t.dim() == 1 or t.shape[0] == 1
+        rows = t.reshape(-1, t.shape[-1]).tolist()
     else:
         rows = list(prompt_ids)
-        single = not rows or not isinstance(rows[0], (list, tuple))
-        if single:
-            rows = [rows]
-        lengths = {len(r) for r in rows}
-        if len(lengths) > 1:
-            raise ValueError("prompts in one batch must have the same length")
-        try:
-            t = torch.tensor(rows, dtype=torch.long)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise TypeError(f"prompt_ids must be integers ({e})") from None
+        single = not rows or not isinstance(rows[0], (list, tuple, torch.Tensor))
+        rows = [rows] if single else [list(r) for r in rows]
         single = single or len(rows) == 1
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError("prompt_ids must hold at least one token")
-    if int(t.min()) < 0 or int(t.max()) >= vocab:
-        raise ValueError(f"prompt_ids hold ids outside the vocabulary [0, {vocab})")
-    return t.to(device=device, dtype=torch.long), single
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt must hold at least one token")
+    for r in rows:
+        for x in r:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise TypeError(f"prompt ids must be integers, got {x!r}")
+            if not 0 <= x < vocab:
+                raise ValueError(f"prompt id {x} is outside the vocabulary [0, {vocab})")
+    width = max(len(r) for r in rows)
+    pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    return ids.to(device), pad.to(device), single
 
 
 def resolve_settings(model, max_new_tokens: int | None, overrides: dict) -> GenerationConfig:
@@ -107,61 +107,105 @@ def resolve_settings(model, max_new_tokens: int | None, overrides: dict) -> Gene
     return base.replace(**overrides)
 
 
+def _seeds(seed, batch: int, rng: str) -> list[int]:
+    """One seed per row. An int seeds row i with seed + i in "fast" mode (so a row reproduces solo with that
+    seed); "reference" mode uses one stream for the batch, like the reference."""
+    if seed is None:
+        seed = secrets.randbits(62)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    if seeds is not None:
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+        if rng == "reference" and batch > 1:
+            raise ValueError('rng="reference" takes one integer seed for the whole batch')
+    else:
+        seeds = [seed + i for i in range(batch)] if rng == "fast" else [seed]
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {s!r}")
+    return seeds
+
+
 def stream(
     model,
     prompt_ids,
     *,
     max_new_tokens: int | None = None,
-    seed: int | None = None,
-    rng: str = "reference",
+    seed: int | list[int] | None = None,
+    rng: str = "fast",
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
-    """Run generation, yielding events. Settings: generation_config names as keyword overrides."""
+    """Run generation, yielding events. Settings: generation_config names as keyword overrides.
+
+    rng="fast" (default): per-row generators and a fused inverse-CDF sampler. rng="reference": draws exactly as
+    the reference's generate after torch.manual_seed(seed) (token-identical in fp32)."""
     cfg = model.config
     gen = resolve_settings(model, max_new_tokens, overrides)
     if rng not in RNG_MODES:
         raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
-    if seed is None:
-        seed = secrets.randbits(63)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    prompt, _ = _as_batch(prompt_ids, cfg.vocab_size, model.device)
-    return _run(model, prompt, gen, seed)
+    pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
+    prompt, pad, _ = _as_batch(prompt_ids, cfg.vocab_size, pad_id, model.device)
+    seeds = _seeds(seed, prompt.shape[0], rng)
+    return _run(model, prompt, pad, gen, seeds, rng)
 
 
-@torch.inference_mode()
-def _run(model, prompt: torch.Tensor, gen: GenerationConfig, seed: int) -> Iterator[Draft | Commit | Done]:
-    cfg = model.config
-    device = model.device
-    batch, prompt_len = prompt.shape
-    canvas_len, vocab = cfg.canvas_length, cfg.vocab_size
-    # max_length only counts when max_new_tokens is left at its default (as in the reference).
+def _plan(cfg, gen: GenerationConfig, prompt_len: int) -> int:
+    """Number of canvases (max_length counts only when max_new_tokens is left at 256, as in the reference)."""
     if gen.max_length and gen.max_new_tokens == 256:
         max_new = gen.max_length - prompt_len
         if max_new <= 0:
             raise ValueError(f"max_length {gen.max_length} leaves no room after a {prompt_len}-token prompt")
     else:
         max_new = gen.max_new_tokens
-    n_canvases = math.ceil(max_new / canvas_len)
-    if prompt_len + n_canvases * canvas_len > cfg.max_position_embeddings:
+    n = math.ceil(max_new / cfg.canvas_length)
+    if prompt_len + n * cfg.canvas_length > cfg.max_position_embeddings:
         raise ValueError(
-            f"prompt ({prompt_len} tokens) + {n_canvases} canvas(es) of {canvas_len} exceeds the model's "
+            f"prompt ({prompt_len} tokens) + {n} canvas(es) of {cfg.canvas_length} exceeds the model's "
             f"{cfg.max_position_embeddings} positions"
         )
-    rand = ReferenceRNG(seed, device)
+    return n
+
+
+def _run(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig, seeds: list[int],
+         rng: str) -> Iterator[Draft | Commit | Done]:
+    # Fast mode makes each row's arithmetic independent of its batch neighbours; reference mode matches the
+    # reference bit for bit instead. The context is re-entered around each resume of the generator.
+    gen_iter = _loop(model, prompt, pad, gen, seeds, rng)
+    while True:
+        with torch.inference_mode(), row_invariant(rng == "fast"):
+            try:
+                event = next(gen_iter)
+            except StopIteration:
+                return
+        yield event
+
+
+def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig, seeds: list[int],
+          rng: str) -> Iterator[Draft | Commit | Done]:
+    cfg = model.config
+    device = model.device
+    batch, prompt_len = prompt.shape
+    canvas_len, vocab = cfg.canvas_length, cfg.vocab_size
+    n_canvases = _plan(cfg, gen, prompt_len)
+    fast = rng == "fast"
+    rand = FastRNG(seeds, device) if fast else ReferenceRNG(seeds[0], device)
     eos = torch.tensor(gen.eos_ids, device=device, dtype=torch.long) if gen.eos_ids else None
     stopper = (
         StableAndConfident(gen.stability_threshold, gen.confidence_threshold)
         if gen.stability_threshold is not None and gen.confidence_threshold is not None
         else None
     )
+    all_rows = list(range(batch))
     timings = {"prefill_s": 0.0, "commit_s": 0.0, "denoise_s": 0.0}
     t_start = time.perf_counter()
 
-    cache = model.new_cache(batch)
+    cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * canvas_len, pad)
     model.encode(prompt, cache)
     timings["prefill_s"] = time.perf_counter() - t_start
 
+    # With fp32 weights the next step's self-conditioning input softmax(processed logits) is exactly the sampler's
+    # probabilities, so the fast path keeps them (one persistent [B, C, V] buffer) instead of recomputing.
+    reuse_probs = fast and model.dtype == torch.float32
     finished_seq = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.int32, device=device)
     committed: list[torch.Tensor] = []
@@ -172,9 +216,14 @@ def _run(model, prompt: torch.Tensor, gen: GenerationConfig, seed: int) -> Itera
             model.encode(committed[-1], cache)
             timings["commit_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        canvas = rand.noise(batch, canvas_len, vocab, device)
+        active_rows = [b for b in all_rows if not finished_seq[b]] if fast else all_rows
+        canvas = torch.zeros(batch, canvas_len, dtype=torch.long, device=device)
+        if fast:
+            canvas[active_rows] = rand.noise_rows(active_rows, canvas_len, vocab)
+        else:
+            canvas = rand.noise(batch, canvas_len, vocab, device)
         argmax = canvas
-        sc_logits = None
+        sc_logits = sc_probs = None
         done_den = torch.zeros(batch, dtype=torch.bool, device=device)
         canvas_passes = torch.zeros(batch, dtype=torch.int32, device=device)
         if stopper is not None:
@@ -184,29 +233,47 @@ def _run(model, prompt: torch.Tensor, gen: GenerationConfig, seed: int) -> Itera
             active = ~(done_den | finished_seq)
             passes += active
             canvas_passes += active
-            logits = model.decode(canvas, cache, sc_logits)
-            if gen.t_min is not None:
-                logits = logits / temperature(step, n_steps, gen.t_min, gen.t_max)
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            sampled = rand.sample(probs.view(-1, vocab)).view(batch, canvas_len)
-            new_argmax = logits.argmax(dim=-1)
-            h = entropy(logits)
+            temp = temperature(step, n_steps, gen.t_min, gen.t_max) if gen.t_min is not None else None
+            logits = model.lm_head(model.decode_hidden(canvas, cache, sc_logits, sc_probs))
+            if fast:
+                rows = active.tolist()
+                live = [b for b in all_rows if rows[b]]
+                u = torch.zeros(batch, canvas_len, dtype=torch.float64, device=device)
+                u[live] = rand.uniform_rows(live, canvas_len)
+                if reuse_probs and sc_probs is None:
+                    sc_probs = torch.zeros_like(logits)
+                sampled, new_argmax, h = fast_sample(logits, temp, u, active, sc_probs if reuse_probs else None)
+                noise = canvas.clone()
+                noise[live] = rand.noise_rows(live, canvas_len, vocab)
+            else:
+                if temp is not None:
+                    logits = logits / temp
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                sampled = rand.sample(probs.view(-1, vocab)).view(batch, canvas_len)
+                del probs
+                new_argmax = logits.argmax(dim=-1)
+                h = entropy(logits)
             accepted = accept_mask(h, gen.entropy_bound)
-            kept = torch.where(accepted, sampled, canvas)
-            new_canvas = torch.where(accepted, kept, rand.noise(batch, canvas_len, vocab, device))
+            new_canvas = torch.where(accepted, sampled, canvas)
+            new_canvas = torch.where(accepted, new_canvas, noise if fast else rand.noise(batch, canvas_len, vocab, device))
+            # Rows already stopped keep their state (the fast path never touched them).
+            frozen = done_den | finished_seq if fast else done_den
+            if bool(frozen.any()):
+                new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
+                new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
+                if not reuse_probs:
+                    logits = torch.where(frozen[:, None, None], sc_logits, logits)
             if stopper is not None:
-                mean_h = h.mean(dim=-1)
-                if done_den.any():  # rows already stopped keep their state
-                    new_argmax = torch.where(done_den[:, None], argmax, new_argmax)
-                    new_canvas = torch.where(done_den[:, None], canvas, new_canvas)
-                    logits = torch.where(done_den[:, None, None], sc_logits, logits)
-                done_den = done_den | stopper(new_argmax, mean_h)
-            sc_logits = logits.to(model.dtype)
+                done_den = done_den | stopper(new_argmax, h.mean(dim=-1))
+            if not reuse_probs:
+                sc_logits = logits.to(model.dtype)
+            del logits
             canvas, argmax = new_canvas, new_argmax
             yield Draft(ci, i + 1, step, canvas.cpu(), argmax.cpu(), accepted.cpu(), h.float().cpu(), done_den.cpu())
-            if bool(done_den.all()):
+            if bool(done_den.all()) or (fast and bool((done_den | finished_seq).all())):
                 break
         timings["denoise_s"] += time.perf_counter() - t0
+        del sc_logits, sc_probs
 
         commit = argmax.clone()
         has_eos = torch.isin(commit, eos).any(dim=-1) if eos is not None else torch.zeros_like(finished_seq)
@@ -239,15 +306,15 @@ def _run(model, prompt: torch.Tensor, gen: GenerationConfig, seed: int) -> Itera
         t["tokens_per_s"] = len(ids) / t["total_s"] if t["total_s"] > 0 else 0.0
         reason = "eos" if bool(finished_seq[b]) else "length"
         text = model.tokenizer.decode(ids) if getattr(model, "tokenizer", None) is not None else None
-        results.append(GenerationResult(ids, tpf, steps, seed, reason, t, text))
+        results.append(GenerationResult(ids, tpf, steps, seeds[min(b, len(seeds) - 1)], reason, t, text))
     yield Done(results)
 
 
 def generate(model, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **kwargs):
     """Generate for one prompt (returns a GenerationResult) or a batch (returns a list)."""
-    prompt, single = _as_batch(prompt_ids, model.config.vocab_size, model.device)
+    _, _, single = _as_batch(prompt_ids, model.config.vocab_size, 0, torch.device("cpu"))
     results: list[GenerationResult] = []
-    for event in stream(model, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs):
+    for event in stream(model, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, **kwargs):
         if isinstance(event, Done):
             results = event.results
     return results[0] if single else results

@@ -1,7 +1,12 @@
 """KV cache written by the encoder (prefill / commit) and read, never written, by the decoder (denoise).
 
-Sliding layers keep only the last `sliding_window - 1` positions: that is all a later query can see, and it is
-exactly what the reference's dynamic cache keeps, so the decoder's sliding layers see the same keys.
+Each layer owns one preallocated buffer [B, Hkv, capacity, D]. Slots [0, n) hold cached states; the decoder puts
+the canvas's K/V in the scratch slots [n, n + C) and attends over [0, n + C), so no step allocates or concatenates.
+Sliding layers keep only the last `sliding_window - 1` positions: all a later query can see, and exactly what the
+reference's dynamic cache keeps, so the decoder's sliding layers see the same keys.
+
+Batches of prompts with different lengths are left-padded: row b's position of slot s is s - pad[b], and slots
+before pad[b] are never attended to (attention then runs per row over exactly the row's own keys).
 """
 
 from __future__ import annotations
@@ -12,39 +17,83 @@ from .config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, batch_size: int):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_tokens: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pad: torch.Tensor | None = None,
+        scratch: int | None = None,
+    ):
+        """max_tokens: the most positions ever cached (prompt + committed canvases); scratch: canvas length."""
         self.config = config
         self.batch_size = batch_size
-        self.length = 0  # positions written so far (the next token's position)
-        self.keys: list[torch.Tensor | None] = [None] * config.num_hidden_layers
-        self.values: list[torch.Tensor | None] = [None] * config.num_hidden_layers
-        # Per layer, the number of positions to keep (None = all).
+        self.length = 0  # slots written so far (absolute slot index of the next token)
+        scratch = config.canvas_length if scratch is None else scratch
         self.keep = [config.sliding_window - 1 if s.sliding else None for s in config.layers]
+        self.start = [0] * config.num_hidden_layers  # absolute slot held in buffer slot 0
+        self.count = [0] * config.num_hidden_layers  # buffer slots in use
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for spec, keep in zip(config.layers, self.keep):
+            cap = (min(keep, max_tokens) if keep is not None else max_tokens) + scratch
+            shape = (batch_size, spec.num_kv_heads, cap, spec.head_dim)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.pad = pad.to(device) if pad is not None and bool((pad > 0).any()) else None
+        self.pad_list = pad.tolist() if self.pad is not None else None
 
     def stored(self, layer: int) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self.count[layer]
 
-    def _concat(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old_k, old_v = self.keys[layer], self.values[layer]
-        if old_k is None:
-            return k, v
-        return torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder: append new [B, Hkv, L, D] states; return cached + new for attention."""
-        full_k, full_v = self._concat(layer, k, v)
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Encoder: append new [B, Hkv, L, D] states; return cached + new for attention, and the absolute slot of
+        the first returned key. Sliding layers are cut back to their window in `advance`, once every layer has
+        read its full states."""
+        n, length = self.count[layer], k.shape[2]
+        first = self.start[layer]
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        total = n + length
+        if total <= buf_k.shape[2]:
+            buf_k[:, :, n:total] = k
+            buf_v[:, :, n:total] = v
+            self.count[layer] = total
+            return buf_k[:, :, :total], buf_v[:, :, :total], first
+        # A prefill longer than a sliding layer's buffer: attend over a temporary and keep only the window.
+        full_k, full_v = torch.cat([buf_k[:, :, :n], k], dim=2), torch.cat([buf_v[:, :, :n], v], dim=2)
         keep = self.keep[layer]
-        if keep is not None and full_k.shape[2] > keep:
-            self.keys[layer] = full_k[:, :, full_k.shape[2] - keep:] if keep > 0 else full_k[:, :, :0]
-            self.values[layer] = full_v[:, :, full_v.shape[2] - keep:] if keep > 0 else full_v[:, :, :0]
-        else:
-            self.keys[layer], self.values[layer] = full_k, full_v
-        return full_k, full_v
+        buf_k[:, :, :keep] = full_k[:, :, total - keep:]
+        buf_v[:, :, :keep] = full_v[:, :, total - keep:]
+        self.start[layer] += total - keep
+        self.count[layer] = keep
+        return full_k, full_v, first
 
-    def read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder: cached + canvas states, leaving the cache untouched."""
-        return self._concat(layer, k, v)
+    def read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Decoder: cached + canvas states (the canvas in scratch slots; cached slots are not modified), and the
+        absolute slot of the first returned key."""
+        n, length = self.count[layer], k.shape[2]
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        buf_k[:, :, n:n + length] = k
+        buf_v[:, :, n:n + length] = v
+        return buf_k[:, :, :n + length], buf_v[:, :, :n + length], self.start[layer]
 
     def advance(self, n: int) -> None:
+        """After an encoder pass: move past the new tokens and cut sliding layers back to their window."""
         self.length += n
+        for layer, keep in enumerate(self.keep):
+            extra = self.count[layer] - keep if keep is not None else 0
+            if extra > 0:
+                self.k[layer][:, :, :keep] = self.k[layer][:, :, extra:extra + keep].clone()
+                self.v[layer][:, :, :keep] = self.v[layer][:, :, extra:extra + keep].clone()
+                self.start[layer] += extra
+                self.count[layer] = keep
+
+    # -- positions and masks for padded batches -------------------------------------------------------------------
+    def positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Positions of absolute slots [start, start + length): [1, L] or, with padding, [B, L]."""
+        slots = torch.arange(start, start + length, device=device)
+        if self.pad is None:
+            return slots[None]
+        return (slots[None] - self.pad[:, None]).clamp_min(0)

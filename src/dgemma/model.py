@@ -9,6 +9,9 @@ logits agree to ~1e-6 and bf16 stays close.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,15 +49,15 @@ def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [L] -> cos, sin [L, head_dim] in the activation dtype."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """positions [B or 1, L] -> cos, sin [B or 1, L, head_dim] in the activation dtype."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, L, H, D]; rotate-half convention."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -64,16 +67,53 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# CPU GEMM kernels switch algorithm below ~16 rows, which changes rounding. Padding small inputs up to that size
+# keeps every row's result independent of how many other rows share the call, so a prompt gives the same tokens
+# alone or in a batch (fp32). The reference does not pad, so exact-parity runs switch it off.
+MIN_ROWS = 16
+ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("row_invariant", default=False)
+
+
+@contextlib.contextmanager
+def row_invariant(enabled: bool = True):
+    token = ROW_INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        ROW_INVARIANT.reset(token)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T; row-count independent on CPU inside `row_invariant()`."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows < MIN_ROWS and x.device.type == "cpu" and ROW_INVARIANT.get():
+        out = F.linear(F.pad(flat, (0, 0, 0, MIN_ROWS - rows)), weight)[:rows]
+    else:
+        out = F.linear(flat, weight)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """Bias-free nn.Linear (same state-dict names) using the row-count independent `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
         self.spec = spec
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, spec.num_kv_heads, spec.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False) if spec.has_v_proj else None
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim) if spec.has_v_proj else None
+        self.o_proj = Linear(self.n_heads * self.head_dim, h)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
@@ -95,9 +135,21 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         v = self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        k, v = cache.write(layer, k, v) if write else cache.read(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
+        qstart = cache.length  # the first query's absolute slot (the canvas follows the cache)
+        k, v, kstart = cache.write(layer, k, v) if write else cache.read(layer, k, v)
+        if cache.pad_list is None:
+            out = self._sdpa(q, k, v, mask)
+        else:  # padded batch: each row attends over its own keys only, with the shapes it would have alone
+            out = torch.zeros_like(q)
+            for r, p in enumerate(cache.pad_list):
+                qo, ko = max(0, p - qstart), max(0, p - kstart)
+                if qo < length:
+                    m = mask[qo:, ko:] if mask is not None else None
+                    out[r:r + 1, :, qo:] = self._sdpa(q[r:r + 1, :, qo:], k[r:r + 1, :, ko:], v[r:r + 1, :, ko:], m)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+    def _sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -105,9 +157,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -119,7 +171,7 @@ class Router(nn.Module):
         self.top_k = cfg.top_k_experts
         self.root = cfg.hidden_size**-0.5
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
@@ -156,8 +208,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             seg = xs[start:start + n]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs[start:start + n] = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            gate, up = linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs[start:start + n] = linear(gelu_tanh(gate) * up, self.down_proj[e])
             start += n
         weighted = (outs * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, weighted)
@@ -231,7 +283,7 @@ class DiffusionGemma(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head, fp32 softcap."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        logits = linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -240,21 +292,20 @@ class DiffusionGemma(nn.Module):
     # -- roles --------------------------------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Causal pass over new tokens [B, L]; appends to the cache. Returns final-normed hidden states."""
-        length = ids.shape[1]
-        start = cache.length
-        positions = torch.arange(start, start + length, device=ids.device)
+        length, start, dev = ids.shape[1], cache.length, ids.device
         x = self.embed(ids)
-        ropes = self._ropes(positions, x.dtype)
+        ropes = self._ropes(cache.positions(start, length, dev), x.dtype)
+        qslot = torch.arange(start, start + length, device=dev)
         masks: dict[tuple[str, int], torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
-            stored = cache.stored(i)
-            key = (spec.kind, stored)
+            key = (spec.kind, cache.stored(i))
             if key not in masks:
-                kpos = torch.arange(start - stored, start + length, device=ids.device)
-                allowed = kpos[None, :] <= positions[:, None]
+                n = cache.stored(i)
+                kslot = torch.arange(cache.start[i], cache.start[i] + n + length, device=dev)
+                allowed = kslot[None, :] <= qslot[:, None]
                 if spec.sliding:
-                    allowed &= positions[:, None] - kpos[None, :] < self.config.sliding_window
+                    allowed &= qslot[:, None] - kslot[None, :] < self.config.sliding_window
                 masks[key] = allowed
             x = layer(x, ropes[spec.kind], cache, i, True, masks[key])
         cache.advance(length)
@@ -262,22 +313,31 @@ class DiffusionGemma(nn.Module):
 
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising forward over the canvas [B, C] -> fp32 softcapped logits [B, C, V]."""
+        return self.lm_head(self.decode_hidden(canvas, cache, sc_logits))
+
+    def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
+                      sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder stack up to the final norm. `sc_probs` may replace softmax(sc_logits) when the caller
+        already holds it in the embedding dtype."""
         x = self.embed(canvas)
-        if sc_logits is not None:
+        if sc_logits is not None or sc_probs is not None:
             w = self.embed_tokens.weight
-            soft = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype) @ w
-            soft = soft * self.embed_scale(x.dtype).to(x.device)
+            if sc_probs is None:
+                sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
+            soft = linear(sc_probs, w.t()) * self.embed_scale(x.dtype).to(x.device)
             x = x + self.sc_mlp(self.sc_pre_norm(soft))
         # (With no previous logits the signal is zero and the MLP adds exactly zero.)
         x = self.sc_post_norm(x)
-        positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
-        ropes = self._ropes(positions, x.dtype)
+        dev, length = canvas.device, canvas.shape[1]
+        ropes = self._ropes(cache.positions(cache.length, length, dev), x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, ropes[self.config.layers[i].kind], cache, i, False, None)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        return KVCache(self.config, batch_size)
+    def new_cache(self, batch_size: int, max_tokens: int, pad: torch.Tensor | None = None,
+                  scratch: int | None = None) -> KVCache:
+        """A cache for up to `max_tokens` encoded positions and canvases of `scratch` (default canvas_length)."""
+        return KVCache(self.config, batch_size, max_tokens, self.device, self.dtype, pad, scratch)
 
     # -- public API ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -298,7 +358,7 @@ class DiffusionGemma(nn.Module):
                 raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
                                  f"got {list(self_conditioning_logits.shape)}")
             self_conditioning_logits = self_conditioning_logits.to(self.device, self.dtype)
-        cache = self.new_cache(prompt_ids.shape[0])
+        cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1], scratch=canvas_ids.shape[1])
         self.encode(prompt_ids, cache)
         return self.decode(canvas_ids, cache, self_conditioning_logits)
 

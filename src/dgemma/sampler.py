@@ -77,3 +77,74 @@ class StableAndConfident:
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = argmax
         return stable & (mean_entropy < self.confidence)
+
+
+class FastRNG:
+    """One generator per row, drawn only while the row is active, so a row's tokens do not depend on its batch
+    neighbours: batched and solo runs with the same seed agree. Sampling uses one uniform per position."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = []
+        for s in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(s)
+            self.generators.append(g)
+        self.device = device
+
+    def noise_rows(self, rows: list[int], length: int, vocab: int) -> torch.Tensor:
+        """[len(rows), length] uniform ids for the given rows."""
+        out = torch.stack([torch.randint(0, vocab, (length,), generator=self.generators[r]) for r in rows])
+        return out.to(self.device)
+
+    def uniform_rows(self, rows: list[int], length: int) -> torch.Tensor:
+        out = torch.stack([torch.rand(length, generator=self.generators[r], dtype=torch.float64) for r in rows])
+        return out.to(self.device)
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Positions per chunk: cache-sized temporaries on CPU, large launches on GPU; never a whole canvas at
+    V = 262144."""
+    budget = 1 << 19 if device.type == "cpu" else 1 << 25
+    return max(1, budget // vocab)
+
+
+def fast_sample(
+    logits: torch.Tensor,
+    temp: torch.Tensor | float | None,
+    uniforms: torch.Tensor,
+    rows: torch.Tensor,
+    probs_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temperature, softmax, entropy, argmax and an inverse-CDF draw, fused per chunk of positions.
+
+    logits [B, C, V] fp32 is scaled by 1/temp in place (it becomes the processed logits). uniforms [B, C] in
+    [0, 1). Only rows where `rows` [B] is true are processed; `probs_out` [B, C, V], when given, receives their
+    softmax (the next step's self-conditioning input) and keeps the other rows' previous values.
+    Returns sampled ids, argmax ids and entropies, each [B, C] (zeros for skipped rows).
+    """
+    b, c, v = logits.shape
+    sampled = torch.zeros(b, c, dtype=torch.long, device=logits.device)
+    argmax = torch.zeros(b, c, dtype=torch.long, device=logits.device)
+    ent = torch.zeros(b, c, dtype=torch.float32, device=logits.device)
+    step = chunk_rows(v, logits.device)
+    for r in rows.nonzero().flatten().tolist():
+        row = logits[r]
+        if temp is not None:
+            row.div_(temp)
+        for s in range(0, c, step):
+            x = row[s:s + step]
+            m, idx = x.max(dim=-1, keepdim=True)
+            shifted = x - m
+            p = torch.exp(shifted) if probs_out is None else torch.exp(shifted, out=probs_out[r, s:s + step])
+            z = p.sum(dim=-1, keepdim=True)
+            p.div_(z)
+            ent[r, s:s + step] = torch.log(z).squeeze(-1) - (p * shifted).sum(dim=-1)
+            argmax[r, s:s + step] = idx.squeeze(-1)
+            cdf = torch.cumsum(p, dim=-1, out=shifted)  # reuse the buffer
+            total = cdf[:, -1:]
+            # strictly below the total, so the draw never lands past the last token with mass
+            target = torch.minimum(uniforms[r, s:s + step, None].to(cdf.dtype) * total,
+                                   torch.nextafter(total, torch.zeros_like(total)))
+            draw = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+            sampled[r, s:s + step] = draw.clamp_(max=v - 1)
+    return sampled, argmax, ent
