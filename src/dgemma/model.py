@@ -194,25 +194,42 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [T, H]. Tokens are grouped by expert so each expert runs one matmul over its tokens; the weighted
-        outputs are summed in ascending expert order, as the reference does."""
+        """x [T, H] -> weighted sum of each token's top-k experts. Assignments are sorted by expert; the weighted
+        outputs are summed per token in ascending expert order, as the reference does."""
         top_k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // top_k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        xs = x[token]
-        outs = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = xs[start:start + n]
-            gate, up = linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs[start:start + n] = linear(gelu_tanh(gate) * up, self.down_proj[e])
-            start += n
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        if ROW_INVARIANT.get():
+            outs = self._batched(x[token], flat[order], counts)
+        else:
+            outs = self._per_expert(x[token], counts)
         weighted = (outs * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, weighted)
+
+    def _batched(self, xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts in two batched matmuls over [E, capacity, H] (each expert's tokens padded to the busiest
+        expert's count, at least MIN_ROWS so results do not depend on the count)."""
+        n_exp, hidden = self.gate_up_proj.shape[0], xs.shape[1]
+        cap = max(int(counts.max()), MIN_ROWS)
+        rank = torch.arange(xs.shape[0], device=xs.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        buf = xs.new_zeros(n_exp, cap, hidden)
+        buf[expert, rank] = xs
+        gate, up = torch.bmm(buf, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))
+        return out[expert, rank]
+
+    def _per_expert(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One matmul per expert over exactly its tokens: the reference's arithmetic, bit for bit."""
+        outs = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                gate, up = linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                outs[start:start + n] = linear(gelu_tanh(gate) * up, self.down_proj[e])
+                start += n
+        return outs
 
 
 class Layer(nn.Module):
