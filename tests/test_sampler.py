@@ -1,0 +1,112 @@
+"""The fast sampler draws from exactly the distributions the reference sampler draws from."""
+
+import math
+
+import pytest
+import torch
+
+from dgemma.sampler import accept_mask, entropy, fast_sample, temperature
+
+
+def chi2_threshold(df: int, z: float = 4.75) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(df); z = 4.75 is a one-sided p of about 1e-6."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def draw_many(logits_row: torch.Tensor, n: int, temp=None, seed: int = 0) -> torch.Tensor:
+    v = logits_row.numel()
+    logits = logits_row.expand(1, n, v).clone()
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(1, n, generator=g, dtype=torch.float64)
+    sampled, _, _ = fast_sample(logits, temp, u, torch.ones(1, dtype=torch.bool))
+    return sampled[0]
+
+
+@pytest.mark.parametrize("temp", [None, 0.5, 1.7])
+def test_frequencies_match_probabilities(temp):
+    torch.manual_seed(1)
+    v, n = 40, 200_000
+    row = torch.randn(v) * 2
+    row[3] = float("-inf")  # a token with no mass must never be drawn
+    samples = draw_many(row, n, temp)
+    counts = torch.bincount(samples, minlength=v).double()
+    probs = torch.softmax(row / (temp or 1.0), dim=-1).double()
+    assert counts[3] == 0
+    mask = probs > 0
+    expected = probs[mask] * n
+    chi2 = float(((counts[mask] - expected) ** 2 / expected).sum())
+    assert chi2 < chi2_threshold(int(mask.sum()) - 1), chi2
+    # and the same test catches a sampler that ignores the temperature
+    if temp is not None:
+        wrong = torch.softmax(row, dim=-1).double()[mask] * n
+        assert float(((counts[mask] - wrong) ** 2 / wrong).sum()) > chi2_threshold(int(mask.sum()) - 1)
+
+
+def test_matches_multinomial_distribution():
+    """Frequencies of the fast draw and of torch.multinomial (the reference) agree (two-sample chi-square)."""
+    torch.manual_seed(2)
+    v, n = 25, 100_000
+    row = torch.randn(v)
+    fast = torch.bincount(draw_many(row, n, seed=5), minlength=v).double()
+    g = torch.Generator().manual_seed(7)
+    ref = torch.multinomial(torch.softmax(row, -1).expand(n, v), 1, generator=g).squeeze(-1)
+    ref = torch.bincount(ref, minlength=v).double()
+    chi2 = float(((fast - ref) ** 2 / (fast + ref).clamp_min(1)).sum())
+    assert chi2 < chi2_threshold(v - 1)
+
+
+def test_entropy_argmax_probs_match_reference_math():
+    torch.manual_seed(3)
+    b, c, v = 2, 37, 1000
+    logits = torch.randn(b, c, v) * 3
+    t = temperature(7, 10, 0.4, 0.8)
+    processed = logits / t
+    probs_out = torch.zeros(b, c, v)
+    work = logits.clone()
+    u = torch.rand(b, c, dtype=torch.float64)
+    sampled, argmax, h = fast_sample(work, t, u, torch.ones(b, dtype=torch.bool), probs_out)
+    assert torch.allclose(work, processed)  # logits are scaled in place: they become the processed logits
+    assert torch.equal(argmax, processed.argmax(-1))
+    assert torch.allclose(h, entropy(processed), atol=1e-5)
+    assert torch.allclose(probs_out, torch.softmax(processed, -1), atol=1e-7)
+    assert sampled.min() >= 0 and sampled.max() < v
+
+
+def test_skipped_rows_are_untouched():
+    b, c, v = 3, 5, 64
+    logits = torch.randn(b, c, v)
+    before = logits.clone()
+    probs_out = torch.full((b, c, v), 7.0)
+    rows = torch.tensor([True, False, True])
+    fast_sample(logits, 0.5, torch.rand(b, c, dtype=torch.float64), rows, probs_out)
+    assert torch.equal(logits[1], before[1]) and torch.equal(probs_out[1], torch.full((c, v), 7.0))
+    assert not torch.equal(logits[0], before[0])
+
+
+def test_acceptance_rule():
+    h = torch.tensor([[0.5, 0.01, 0.3, 2.0, 0.02]])
+    # sorted: 0.01, 0.02, 0.3, 0.5, 2.0; cumsum - current: 0, 0.01, 0.03, 0.33, 0.83
+    assert accept_mask(h, 0.1).tolist() == [[False, True, True, False, True]]
+    assert accept_mask(h, 0.5).tolist() == [[True, True, True, False, True]]
+    assert accept_mask(h, 1e-9).tolist() == [[False, True, False, False, False]]  # the minimum is always taken
+
+
+def test_sampler_memory_at_real_vocab():
+    """At V = 262144 the fused sampler works in chunks: its temporaries stay far below one [1, 256, V] tensor."""
+    v, c = 262144, 256
+    logits = torch.randn(1, c, v)
+    probs_out = torch.zeros(1, c, v)
+    one = logits.numel() * 4
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = hwm()
+    fast_sample(logits, 0.7, torch.rand(1, c, dtype=torch.float64), torch.ones(1, dtype=torch.bool), probs_out)
+    assert hwm() - base < one // 8
