@@ -72,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--std", type=float, default=0.02, help="weight init standard deviation")
     r.add_argument("--force", action="store_true", help="replace an existing directory")
+
+    b = sub.add_parser("bench", help="benchmark dgemma against the transformers reference on random weights")
+    b.add_argument("--preset", default="small-moe", choices=sorted(PRESETS))
+    b.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
+    b.add_argument("--steps", type=int, default=8, help="denoising steps per canvas, fixed (>= 2; default 8)")
+    b.add_argument("--prompt-len", type=int, default=64)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
+    b.add_argument("--json-out", default=None, help="also write the full result as JSON to this file")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per mode at least, best counts (default 3)")
+    b.add_argument("--min-time-s", type=float, default=1.0,
+                   help="keep repeating a mode until this many seconds are spent on it (default 1)")
+    b.add_argument("--no-sampler-memory", action="store_true",
+                   help="skip the sampler memory measurement at the real vocabulary")
+    b.add_argument("--tokens-per-forward", type=float, default=16.0,
+                   help="tokens per decoder pass for the stated tokens/s (default 16, the real model's)")
     return p
 
 
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "random-checkpoint":
             return cmd_random(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except (ValueError, TypeError, FileExistsError, ConfigError) as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
@@ -168,6 +188,24 @@ def cmd_random(args) -> int:
     out = write_random_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, std=args.std,
                                   overwrite=args.force)
     print(f"wrote random {args.preset} checkpoint to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import render, run_bench
+
+    try:
+        result = run_bench(args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
+                           seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
+                           repeats=args.repeats, min_time_s=args.min_time_s,
+                           tokens_per_forward=args.tokens_per_forward,
+                           measure_sampler_memory=not args.no_sampler_memory)
+    except MemoryError as e:
+        print(f"dgemma: error: {e}", file=sys.stderr)
+        return 2
+    render(result)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -194,23 +194,28 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> weighted sum of each token's top-k experts. Assignments are sorted by expert; the weighted
-        outputs are summed per token in ascending expert order, as the reference does."""
-        top_k = idx.shape[1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // top_k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        """x [T, H] -> weighted sum of each token's top-k experts. Assignments are grouped by expert for the
+        matmuls; the weighted outputs are summed per token over its k slots in fp32 and rounded once, which is
+        the reference's arithmetic."""
+        n_tok, top_k = idx.shape
+        n_exp = self.gate_up_proj.shape[0]
+        expert, perm = torch.sort(idx.reshape(-1))
+        xs = x[perm // top_k]
+        counts = torch.histc(expert.float(), bins=n_exp, min=0, max=n_exp - 1)
         if ROW_INVARIANT.get():
-            outs = self._batched(x[token], flat[order], counts)
+            out = self._batched(xs, expert, counts.long())
         else:
-            outs = self._per_expert(x[token], counts)
-        weighted = (outs * weights.reshape(-1)[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, weighted)
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            gate, up = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
+            out = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offsets)
+        weighted = out * weights.reshape(-1)[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return weighted[inv].view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)
 
     def _batched(self, xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in two batched matmuls over [E, capacity, H] (each expert's tokens padded to the busiest
-        expert's count, at least MIN_ROWS so results do not depend on the count)."""
+        expert's count, at least MIN_ROWS so a token's result does not depend on how many share its expert)."""
         n_exp, hidden = self.gate_up_proj.shape[0], xs.shape[1]
         cap = max(int(counts.max()), MIN_ROWS)
         rank = torch.arange(xs.shape[0], device=xs.device) - (torch.cumsum(counts, 0) - counts)[expert]
@@ -220,16 +225,18 @@ class Experts(nn.Module):
         out = torch.bmm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))
         return out[expert, rank]
 
-    def _per_expert(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One matmul per expert over exactly its tokens: the reference's arithmetic, bit for bit."""
-        outs = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                gate, up = linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                outs[start:start + n] = linear(gelu_tanh(gate) * up, self.down_proj[e])
-                start += n
-        return outs
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by group) times their group's w [G, in, out]; offsets = cumulative group ends."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x.to(w.dtype), w, offs=offsets)
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
 
 
 class Layer(nn.Module):
@@ -374,7 +381,7 @@ class DiffusionGemma(nn.Module):
             if tuple(self_conditioning_logits.shape) != want:
                 raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
                                  f"got {list(self_conditioning_logits.shape)}")
-            self_conditioning_logits = self_conditioning_logits.to(self.device, self.dtype)
+            self_conditioning_logits = self_conditioning_logits.to(self.device)  # softmax in fp32, then cast
         cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1], scratch=canvas_ids.shape[1])
         self.encode(prompt_ids, cache)
         return self.decode(canvas_ids, cache, self_conditioning_logits)
