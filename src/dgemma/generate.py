@@ -203,9 +203,6 @@ def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig,
     model.encode(prompt, cache)
     timings["prefill_s"] = time.perf_counter() - t_start
 
-    # With fp32 weights the next step's self-conditioning input softmax(processed logits) is exactly the sampler's
-    # probabilities, so the fast path keeps them (one persistent [B, C, V] buffer) instead of recomputing.
-    reuse_probs = fast and model.dtype == torch.float32
     finished_seq = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.int32, device=device)
     committed: list[torch.Tensor] = []
@@ -234,18 +231,23 @@ def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig,
             passes += active
             canvas_passes += active
             temp = temperature(step, n_steps, gen.t_min, gen.t_max) if gen.t_min is not None else None
-            logits = model.lm_head(model.decode_hidden(canvas, cache, sc_logits, sc_probs))
+            hidden = model.decode_hidden(canvas, cache, sc_logits, sc_probs if i > 0 else None)
             if fast:
+                # The fused sampler reads the raw head output and writes softmax(processed logits) straight into
+                # the self-conditioning buffer (rows that stopped keep theirs): no fp32 [B, C, V] temporaries.
+                raw = model.lm_head_raw(hidden)
                 rows = active.tolist()
                 live = [b for b in all_rows if rows[b]]
                 u = torch.zeros(batch, canvas_len, dtype=torch.float64, device=device)
                 u[live] = rand.uniform_rows(live, canvas_len)
-                if reuse_probs and sc_probs is None:
-                    sc_probs = torch.zeros_like(logits)
-                sampled, new_argmax, h = fast_sample(logits, temp, u, active, sc_probs if reuse_probs else None)
+                if sc_probs is None:
+                    sc_probs = torch.zeros_like(raw)
+                sampled, new_argmax, h = fast_sample(raw, cfg.final_logit_softcapping, temp, u, active, sc_probs)
+                del raw
                 noise = canvas.clone()
                 noise[live] = rand.noise_rows(live, canvas_len, vocab)
             else:
+                logits = model.lm_head(hidden)
                 if temp is not None:
                     logits = logits / temp
                 probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -261,13 +263,13 @@ def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig,
             if bool(frozen.any()):
                 new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
                 new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
-                if not reuse_probs:
+                if not fast:
                     logits = torch.where(frozen[:, None, None], sc_logits, logits)
             if stopper is not None:
                 done_den = done_den | stopper(new_argmax, h.mean(dim=-1))
-            if not reuse_probs:
+            if not fast:
                 sc_logits = logits.to(model.dtype)
-            del logits
+                del logits
             canvas, argmax = new_canvas, new_argmax
             yield Draft(ci, i + 1, step, canvas.cpu(), argmax.cpu(), accepted.cpu(), h.float().cpu(), done_den.cpu())
             if bool(done_den.all()) or (fast and bool((done_den | finished_seq).all())):

@@ -63,6 +63,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) (identity when the config has no softcap)."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -305,13 +310,13 @@ class DiffusionGemma(nn.Module):
     def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {kind: rope_cos_sin(f, positions, dtype) for kind, f in self._inv_freq.items()}
 
+    def lm_head_raw(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied head in the activation dtype, before the fp32 softcap."""
+        return linear(hidden, self.embed_tokens.weight)
+
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head, fp32 softcap."""
-        logits = linear(hidden, self.embed_tokens.weight).float()
-        cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return softcap(self.lm_head_raw(hidden).float(), self.config.final_logit_softcapping)
 
     # -- roles --------------------------------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -109,38 +109,43 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
 
 
 def fast_sample(
-    logits: torch.Tensor,
+    raw: torch.Tensor,
+    cap: float | None,
     temp: torch.Tensor | float | None,
     uniforms: torch.Tensor,
     rows: torch.Tensor,
     probs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Temperature, softmax, entropy, argmax and an inverse-CDF draw, fused per chunk of positions.
+    """Softcap, temperature, softmax, entropy, argmax and an inverse-CDF draw, fused per chunk of positions so no
+    fp32 [B, C, V] temporary is ever made.
 
-    logits [B, C, V] fp32 is scaled by 1/temp in place (it becomes the processed logits). uniforms [B, C] in
-    [0, 1). Only rows where `rows` [B] is true are processed; `probs_out` [B, C, V], when given, receives their
-    softmax (the next step's self-conditioning input) and keeps the other rows' previous values.
-    Returns sampled ids, argmax ids and entropies, each [B, C] (zeros for skipped rows).
+    raw [B, C, V]: lm_head output before the softcap (any float dtype; not modified). uniforms [B, C] in [0, 1).
+    Only rows where `rows` [B] is true are processed; `probs_out` [B, C, V], when given, receives their softmax
+    (the next step's self-conditioning input, in its own dtype) and keeps the other rows' previous values.
+    Returns sampled ids, argmax ids and entropies of the processed logits, each [B, C] (zeros for skipped rows).
     """
-    b, c, v = logits.shape
-    sampled = torch.zeros(b, c, dtype=torch.long, device=logits.device)
-    argmax = torch.zeros(b, c, dtype=torch.long, device=logits.device)
-    ent = torch.zeros(b, c, dtype=torch.float32, device=logits.device)
-    step = chunk_rows(v, logits.device)
+    b, c, v = raw.shape
+    sampled = torch.zeros(b, c, dtype=torch.long, device=raw.device)
+    argmax = torch.zeros(b, c, dtype=torch.long, device=raw.device)
+    ent = torch.zeros(b, c, dtype=torch.float32, device=raw.device)
+    step = chunk_rows(v, raw.device)
     for r in rows.nonzero().flatten().tolist():
-        row = logits[r]
-        if temp is not None:
-            row.div_(temp)
         for s in range(0, c, step):
-            x = row[s:s + step]
+            x = raw[r, s:s + step].to(torch.float32, copy=True)  # scaled in place below
+            if cap:
+                x.div_(cap).tanh_().mul_(cap)
+            if temp is not None:
+                x.div_(temp)
             m, idx = x.max(dim=-1, keepdim=True)
-            shifted = x - m
-            p = torch.exp(shifted) if probs_out is None else torch.exp(shifted, out=probs_out[r, s:s + step])
+            x.sub_(m)  # shifted logits
+            p = torch.exp(x)
             z = p.sum(dim=-1, keepdim=True)
             p.div_(z)
-            ent[r, s:s + step] = torch.log(z).squeeze(-1) - (p * shifted).sum(dim=-1)
+            ent[r, s:s + step] = torch.log(z).squeeze(-1) - (p * x).sum(dim=-1)
             argmax[r, s:s + step] = idx.squeeze(-1)
-            cdf = torch.cumsum(p, dim=-1, out=shifted)  # reuse the buffer
+            if probs_out is not None:
+                probs_out[r, s:s + step] = p
+            cdf = torch.cumsum(p, dim=-1, out=x)  # reuse the buffer
             total = cdf[:, -1:]
             # strictly below the total, so the draw never lands past the last token with mass
             target = torch.minimum(uniforms[r, s:s + step, None].to(cdf.dtype) * total,
