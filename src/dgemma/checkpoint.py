@@ -49,6 +49,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, fallback: str | None = None) 
     return DTYPES[name]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or a ValueError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build/machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
 def map_key(key: str) -> tuple[str, str | None]:
     """Checkpoint key -> (kind, dgemma parameter name). kind: 'main', 'tied' (duplicate of a main weight), 'vision',
     or 'unknown'."""
@@ -117,7 +130,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     target_dtype = resolve_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPES else None)
-    device = torch.device(device)
+    device = resolve_device(device)
 
     with torch.device("meta"):
         model = DiffusionGemma(cfg)

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template as a user turn")
     g.add_argument("--max-new-tokens", type=int, default=None, help="rounded up to whole canvases")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--rng", default="reference", help="random stream: 'reference' draws exactly as transformers")
+    g.add_argument("--rng", default="fast", choices=["fast", "reference"],
+                   help="fast (default): fused sampler, per-row streams; reference: draws exactly as transformers")
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     g.add_argument("--device", default="cpu")
     for flag, (_, typ) in GEN_FLAGS.items():
@@ -95,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="dgemma: %(message)s", stream=sys.stderr)
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        print(f"dgemma: error: unknown --log-level {args.log_level!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="dgemma: %(message)s", stream=sys.stderr)
     try:
         if args.command == "generate":
             return cmd_generate(args)
@@ -135,10 +140,16 @@ def cmd_generate(args) -> int:
 
     view = None
     if args.show_canvas:
+        from rich.console import Console
+
         from .display import CanvasView
 
-        view = CanvasView(tok, model.config.canvas_length, enabled=True)
+        # With --json the live view goes to stderr so stdout stays one JSON object.
+        view = CanvasView(tok, model.config.canvas_length, console=Console(stderr=args.json))
     result = None
+    pad = model.generation_config.pad_token_id
+    streamed_ids: list[int] = []
+    shown = ""
     with view if view is not None else contextlib.nullcontext():
         for ev in events:
             if isinstance(ev, Draft) and view is not None:
@@ -147,8 +158,14 @@ def cmd_generate(args) -> int:
                 if view is not None:
                     view.commit(ev)
                 elif not args.json and tok is not None:
-                    ids = [t for t in ev.ids[0].tolist() if t != model.generation_config.pad_token_id]
-                    sys.stdout.write(tok.decode(ids))
+                    # Decode everything so far and print the new part: a character split across two canvases
+                    # is printed whole. A trailing incomplete character waits for the next canvas.
+                    streamed_ids += [t for t in ev.ids[0].tolist() if t != pad]
+                    text = tok.decode(streamed_ids)
+                    stable = text.rstrip("\ufffd")
+                    if stable.startswith(shown):
+                        sys.stdout.write(stable[len(shown):])
+                        shown = stable
                     sys.stdout.flush()
             elif isinstance(ev, Done):
                 result = ev.results[0]
@@ -163,7 +180,7 @@ def cmd_generate(args) -> int:
         elif view is not None:
             print(result.text)
         else:
-            print()
+            print((result.text or "")[len(shown):] if (result.text or "").startswith(shown) else "")
         t = result.timings
         print(f"[{len(result.ids)} tokens, {len(result.steps)} canvas(es), steps {result.steps}, "
               f"{result.tokens_per_forward:.2f} tokens/forward, {t['total_s']:.2f}s, seed {result.seed}]",

@@ -20,6 +20,7 @@ def token_label(tok, token_id: int) -> str:
 
 class CanvasView:
     def __init__(self, tokenizer, canvas_length: int, enabled: bool = True, console: Console | None = None):
+        self.ids: list[int] = []
         self.tok = tokenizer
         self.canvas_length = canvas_length
         self.committed = ""
@@ -60,8 +61,9 @@ class CanvasView:
 
     def commit(self, ev: Commit) -> None:
         ids = [int(t) for t in ev.ids[0]]
+        self.ids += ids
         if self.tok is not None:
-            self.committed += self.tok.decode(ids)
+            self.committed = self.tok.decode(self.ids)
         else:
             self.committed += " ".join(map(str, ids)) + " "
         title = f"canvas {ev.canvas_index + 1} committed after {ev.steps[0]} steps"

@@ -62,8 +62,18 @@ def describe(path: Path) -> dict:
         "layers": layers,
         "generation_config": gen.to_dict() if gen else None,
         "tokenizer": (path / "tokenizer.json").is_file(),
-        "chat_template": (path / "chat_template.jinja").is_file() or (path / "tokenizer_config.json").is_file(),
+        "chat_template": _has_chat_template(path),
     }
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file():
+        return True
+    cfg = path / "tokenizer_config.json"
+    try:
+        return cfg.is_file() and isinstance(read_json(cfg).get("chat_template"), str)
+    except ConfigError:
+        return False
 
 
 def _human(n: float) -> str:

@@ -99,14 +99,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
-    """Bias-free nn.Linear (same state-dict names) using the row-count independent `linear`."""
+class Linear(nn.Module):
+    """Bias-free linear layer with nn.Linear's state-dict name (`weight` [out, in]), using `linear`. Weights are
+    left uninitialised: they always come from a checkpoint or an explicit init."""
 
     def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
 
 
 class Attention(nn.Module):
@@ -279,7 +287,7 @@ class DiffusionGemma(nn.Module):
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.embed_tokens = Embedding(cfg.vocab_size, h)
         self.layers = nn.ModuleList(Layer(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.sc_pre_norm = RMSNorm(h, cfg.rms_norm_eps)

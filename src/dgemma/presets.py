@@ -138,10 +138,11 @@ def write_checkpoint(
     """Write a checkpoint directory atomically: everything goes to a temporary sibling that is renamed into place,
     so a failure never leaves a half-written checkpoint."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force to replace it)")
+    check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "generation_config.json").write_text(
@@ -154,6 +155,9 @@ def write_checkpoint(
             save_tokenizer(tokenizer, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the checkpoint ordinary permissions
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             backup = out.with_name(f".{out.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -168,12 +172,18 @@ def write_checkpoint(
     return out
 
 
+def check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force to replace it)")
+
+
 def write_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32",
                             std: float = 0.02, overwrite: bool = False, **overrides: Any) -> Path:
     """A random DiffusionGemma checkpoint with the byte-level tokenizer (vocab forced to fit it)."""
     from .checkpoint import resolve_dtype
     from .tokenizer import build_byte_tokenizer
 
+    check_target(Path(out), overwrite)  # before building any weights
     tok = build_byte_tokenizer()
     cfg_dict = config_dict(preset, dtype=dtype, **overrides)
     if cfg_dict["text_config"]["vocab_size"] < tok.vocab_size:

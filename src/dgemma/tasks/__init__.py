@@ -1,0 +1,8 @@
+"""Task modules: data generation, text encoding and scoring for fine-tuning and evaluating DiffusionGemma models.
+
+- `dgemma.tasks.sudoku`: 9x9 Sudoku as an 81-digit canvas (generator, exact solver, validator, JSONL writer).
+"""
+
+from . import sudoku
+
+__all__ = ["sudoku"]
