@@ -97,3 +97,47 @@ class KVCache:
         if self.pad is None:
             return slots[None]
         return (slots[None] - self.pad[:, None]).clamp_min(0)
+
+
+class TrainingKVCache(KVCache):
+    """Autograd-safe cache for fine-tuning: states are concatenated, never written in place, and nothing is
+    dropped, so one causal pass over prompt + response can serve the decoder at any canvas boundary (`prefix`)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype, pad: torch.Tensor | None = None):
+        self.config = config
+        self.batch_size = batch_size
+        self.length = 0
+        self.keep = [None] * config.num_hidden_layers  # keep everything; `prefix` applies the windows
+        self.start = [0] * config.num_hidden_layers
+        self.count = [0] * config.num_hidden_layers
+        self.k = [torch.zeros(batch_size, s.num_kv_heads, 0, s.head_dim, device=device, dtype=dtype)
+                  for s in config.layers]
+        self.v = [t.clone() for t in self.k]
+        self.pad = pad.to(device) if pad is not None and bool((pad > 0).any()) else None
+        self.pad_list = pad.tolist() if self.pad is not None else None
+
+    def write(self, layer, k, v):
+        self.k[layer] = torch.cat([self.k[layer], k], dim=2)
+        self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        self.count[layer] = self.k[layer].shape[2]
+        return self.k[layer], self.v[layer], self.start[layer]
+
+    def read(self, layer, k, v):
+        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2), self.start[layer]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def prefix(self, length: int) -> TrainingKVCache:
+        """What an inference cache holds after encoding the first `length` slots (sliding layers: their window)."""
+        view = TrainingKVCache.__new__(TrainingKVCache)
+        view.config, view.batch_size, view.length = self.config, self.batch_size, length
+        view.keep, view.pad, view.pad_list = self.keep, self.pad, self.pad_list
+        view.start, view.count, view.k, view.v = [], [], [], []
+        for spec, k, v in zip(self.config.layers, self.k, self.v):
+            first = max(0, length - (self.config.sliding_window - 1)) if spec.sliding else 0
+            view.start.append(first)
+            view.count.append(length - first)
+            view.k.append(k[:, :, first:length])
+            view.v.append(v[:, :, first:length])
+        return view

@@ -353,15 +353,17 @@ class DiffusionGemma(nn.Module):
         return self.lm_head(self.decode_hidden(canvas, cache, sc_logits))
 
     def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
-                      sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+                      sc_probs: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack up to the final norm. `sc_probs` may replace softmax(sc_logits) when the caller
-        already holds it in the embedding dtype."""
+        already holds it in the embedding dtype; `sc_mask` [B] (training) zeroes the signal for some rows."""
         x = self.embed(canvas)
         if sc_logits is not None or sc_probs is not None:
             w = self.embed_tokens.weight
             if sc_probs is None:
                 sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
             soft = linear(sc_probs, w.t()) * self.embed_scale(x.dtype).to(x.device)
+            if sc_mask is not None:
+                soft = soft * sc_mask.to(soft.dtype)[:, None, None]
             x = x + self.sc_mlp(self.sc_pre_norm(soft))
         # (With no previous logits the signal is zero and the MLP adds exactly zero.)
         x = self.sc_post_norm(x)

@@ -1,0 +1,296 @@
+"""Fine-tuning with the DiffusionGemma objective (full or LoRA) on a JSONL of {"prompt", "response"} pairs.
+
+Per batch (DESIGN.md section 3):
+- encoder: one causal pass over the clean prompt + response, autoregressive cross-entropy (weight `ar_weight`);
+- decoder: one canvas of the response, each position replaced by a uniform random token with probability
+  t ~ U(t_min, 1), attending to the encoder's cache up to that canvas; unweighted cross-entropy over the canvas
+  (weight `diffusion_weight`);
+- self-conditioning with probability `sc_prob` per example: a no-grad decoder pass supplies the logits.
+AdamW, linear warmup then cosine decay to lr * min_lr_ratio, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_model, resolve_device
+from .config import read_json
+from .kv_cache import TrainingKVCache
+from .lora import apply_lora, load_adapter, lora_modules, save_adapter
+from .model import DiffusionGemma, row_invariant
+from .presets import checkpoint_key, write_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass
+class TrainConfig:
+    base: str  # checkpoint directory to start from
+    data: str  # JSONL with "prompt" and "response"
+    out: str  # output directory (checkpoints, adapter, log)
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1.5e-4
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.95, 0.99)
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    freeze_router: bool = False
+    sc_prob: float = 0.5
+    t_min: float = 1e-3
+    ar_weight: float = 1.0
+    diffusion_weight: float = 1.0
+    chat: bool = True  # wrap prompts in the checkpoint's chat template when it has one
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.sc_prob <= 1 or not 0 < self.t_min < 1:
+            raise ValueError("sc_prob must be in [0, 1] and t_min in (0, 1)")
+        if self.lr <= 0 or self.warmup < 0 or self.lora_rank < 0:
+            raise ValueError("lr must be positive; warmup and lora_rank non-negative")
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    response: list[int]  # response + end token, padded with pad to whole canvases
+
+
+def load_examples(model: DiffusionGemma, path: Path, chat: bool) -> list[Example]:
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{model.source}: fine-tuning from text needs tokenizer.json")
+    cfg, gen = model.config, model.generation_config
+    use_chat = chat and tok.chat_template is not None
+    end = tok.token_to_id("<end_of_turn>") if use_chat else None
+    if end is None:
+        end = gen.eos_ids[0] if gen.eos_ids else cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 1
+    pad = gen.pad_token_id if gen.pad_token_id is not None else 0
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, response = row["prompt"], row["response"]
+                if not isinstance(prompt, str) or not isinstance(response, str):
+                    raise TypeError("prompt and response must be strings")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with string 'prompt' and 'response' ({e})") from None
+            p_ids = tok.encode_chat([{"role": "user", "content": prompt}]) if use_chat else tok.encode(prompt)
+            r_ids = tok.encode(response) + [end]
+            c = cfg.canvas_length
+            r_ids += [pad] * (-len(r_ids) % c)
+            examples.append(Example(p_ids, r_ids))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def collate(batch: list[Example], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Left-pad prompts, right-pad responses; returns (ids [B, P + R], prompt pad [B], P, R)."""
+    p_len = max(len(e.prompt) for e in batch)
+    r_len = max(len(e.response) for e in batch)
+    rows = [[pad] * (p_len - len(e.prompt)) + e.prompt + e.response + [pad] * (r_len - len(e.response)) for e in batch]
+    pads = torch.tensor([p_len - len(e.prompt) for e in batch])
+    return torch.tensor(rows, device=device), pads, p_len, r_len
+
+
+def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: int, r_len: int,
+           cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(autoregressive loss, diffusion loss) for one batch."""
+    mc = model.config
+    b, dev = ids.shape[0], ids.device
+    pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+    cache = TrainingKVCache(mc, b, dev, model.dtype, pads)
+    hidden = model.encode(ids, cache)
+    # AR: predict token i+1 from position i, over real (non left-pad, non tail-pad) targets.
+    logits = model.lm_head(hidden[:, :-1])
+    target = ids[:, 1:].clone()
+    slot = torch.arange(1, ids.shape[1], device=dev)
+    target[(slot[None, :] <= pads.to(dev)[:, None]) | (target == pad_id) & (slot[None, :] >= p_len)] = -100
+    ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+    c = mc.canvas_length
+    block = int(torch.randint(0, r_len // c, (1,), generator=gen))
+    clean = ids[:, p_len + block * c:p_len + (block + 1) * c]
+    t = cfg.t_min + (1 - cfg.t_min) * torch.rand(b, 1, generator=gen)
+    noisy = torch.where(torch.rand(b, c, generator=gen) < t, torch.randint(0, mc.vocab_size, (b, c), generator=gen),
+                        clean.cpu()).to(dev)
+    view = cache.prefix(p_len + block * c)
+    sc_mask = (torch.rand(b, generator=gen) < cfg.sc_prob).to(dev)
+    sc_logits = None
+    if bool(sc_mask.any()):
+        with torch.no_grad():
+            sc_logits = model.decode(noisy, view).detach()
+    out = model.lm_head(model.decode_hidden(noisy, view, sc_logits, sc_mask=sc_mask if sc_logits is not None else None))
+    diff = F.cross_entropy(out.reshape(-1, out.shape[-1]), clean.reshape(-1))
+    return ar, diff
+
+
+def state_dict_for_save(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    """Model weights under checkpoint names (LoRA adapters folded in, without touching the live model)."""
+    mods = lora_modules(model)
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        key_name = name.replace(".base.weight", ".weight")
+        mod = mods.get(key_name[: -len(".weight")])
+        tensor = mod.merged_weight() if mod is not None else p
+        out[checkpoint_key(key_name)] = tensor.detach()
+    return out
+
+
+def save_checkpoint(model: DiffusionGemma, base: Path, out: Path, config: TrainConfig) -> None:
+    extra = {}
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            extra[name] = (base / name).read_text(encoding="utf-8")
+    cfg_json = read_json(base / "config.json")
+    cfg_json["dtype"] = config.dtype
+    gen_file = base / "generation_config.json"
+    gen = read_json(gen_file) if gen_file.is_file() else None
+    write_checkpoint(out, cfg_json, state_dict_for_save(model), gen, None, extra, overwrite=True)
+    if lora_modules(model):
+        save_adapter(model, out / "adapter", str(base))
+
+
+def _save_state(out: Path, step: int, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator,
+                cfg: TrainConfig) -> None:
+    """Optimizer moments as safetensors plus a JSON state: resumable without pickle."""
+    tensors = {}
+    for p, name in names.items():
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"{name}.{k}"] = st[k].detach().cpu().contiguous()
+    tmp = out / "optimizer.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / "optimizer.safetensors")
+    state = {"step": step, "rng": gen.get_state().tolist(), "config": dataclasses.asdict(cfg),
+             "opt_step": {name: float(opt.state[p]["step"]) for p, name in names.items() if p in opt.state}}
+    (out / "trainer_state.json.tmp").write_text(json.dumps(state), encoding="utf-8")
+    (out / "trainer_state.json.tmp").replace(out / "trainer_state.json")
+
+
+def _load_state(out: Path, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator) -> int:
+    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(out / "optimizer.safetensors"))
+    for p, name in names.items():
+        if f"{name}.exp_avg" in tensors:
+            opt.state[p] = {"step": torch.tensor(state["opt_step"][name]),
+                            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device),
+                            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device)}
+    gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    return int(state["step"])
+
+
+def finetune(cfg: TrainConfig) -> dict:
+    """Run fine-tuning; returns a summary. Writes <out>/final (HF layout), <out>/train_log.jsonl and, with
+    LoRA, <out>/final/adapter (PEFT layout)."""
+    cfg.validate()
+    out, base = Path(cfg.out), Path(cfg.base)
+    device = resolve_device(cfg.device)
+    resume_from = out / "last"
+    start_dir = resume_from if cfg.resume and (resume_from / "trainer_state.json").is_file() else base
+    if cfg.resume and cfg.lora_rank and start_dir != base:
+        start_dir = base  # LoRA resumes from the base weights plus the saved adapter
+    model = load_model(start_dir, dtype=cfg.dtype, device=device)
+    examples = load_examples(model, Path(cfg.data), cfg.chat)
+    if cfg.lora_rank and cfg.resume and (resume_from / "adapter").is_dir():
+        load_adapter(model, resume_from / "adapter")
+    elif cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        model.requires_grad_(True)
+    if cfg.freeze_router:
+        for layer in model.layers:
+            layer.router.requires_grad_(False)
+    model.train()
+    params = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and (resume_from / "trainer_state.json").is_file():
+        step = _load_state(resume_from, opt, params, gen)
+    log_path = out / "train_log.jsonl"
+    pick = random.Random(cfg.seed + step)
+    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
+                        TimeRemainingColumn(), disable=not cfg.progress)
+    t0, tokens, last = time.perf_counter(), 0, {}
+    with progress, row_invariant(True), open(log_path, "a", encoding="utf-8") as log:
+        task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
+        while step < cfg.steps:
+            batch = [examples[pick.randrange(len(examples))] for _ in range(cfg.batch_size)]
+            ids, pads, p_len, r_len = collate(batch, pad, device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            ar, diff = losses(model, ids, pads, p_len, r_len, cfg, gen)
+            loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params), cfg.clip)
+            opt.step()
+            step += 1
+            tokens += int(ids.numel())
+            elapsed = time.perf_counter() - t0
+            last = {"step": step, "loss": loss.item(), "ar_loss": ar.item(), "diffusion_loss": diff.item(),
+                    "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
+                    "elapsed_s": elapsed}
+            progress.update(task, completed=step, loss=last["loss"], tps=last["tokens_per_s"])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                _snapshot(model, base, out, cfg, step, opt, params, gen)
+    _snapshot(model, base, out, cfg, step, opt, params, gen)
+    save_checkpoint(model, base, out / "final", cfg)
+    return {"steps": step, **last, "out": str(out / "final")}
+
+
+def _snapshot(model, base, out, cfg, step, opt, params, gen) -> None:
+    """<out>/last: a loadable checkpoint plus optimizer and RNG state for --resume."""
+    last = out / "last"
+    save_checkpoint(model, base, last, cfg)
+    _save_state(last, step, opt, params, gen, cfg)
+
