@@ -91,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sampler memory measurement at the real vocabulary")
     b.add_argument("--tokens-per-forward", type=float, default=16.0,
                    help="tokens per decoder pass for the stated tokens/s (default 16, the real model's)")
+    f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
+    f.add_argument("--model", required=True, help="base checkpoint directory")
+    f.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "response": ...} per line')
+    f.add_argument("--out", required=True, help="output directory (final/, last/, train_log.jsonl)")
+    from .train import TrainConfig
+
+    defaults = TrainConfig(base="", data="", out="")
+    for name in ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank",
+                 "lora_alpha", "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every",
+                 "seed"):
+        value = getattr(defaults, name)
+        f.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
+    f.add_argument("--freeze-router", action="store_true")
+    f.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    f.add_argument("--resume", action="store_true", help="continue from <out>/last")
     return p
 
 
@@ -110,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_random(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "finetune":
+            return cmd_finetune(args)
     except (ValueError, TypeError, FileExistsError, ConfigError) as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
@@ -223,6 +242,19 @@ def cmd_bench(args) -> int:
     render(result)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .train import TrainConfig, finetune
+
+    names = ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank", "lora_alpha",
+             "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every", "seed")
+    cfg = TrainConfig(base=args.model, data=args.data, out=args.out, freeze_router=args.freeze_router,
+                      chat=not args.no_chat, device=args.device, dtype=args.dtype, resume=args.resume,
+                      **{n: getattr(args, n) for n in names})
+    summary = finetune(cfg)
+    print(json.dumps(summary))
     return 0
 
 
