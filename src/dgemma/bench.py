@@ -281,27 +281,30 @@ class _PeakMemory:
         return False
 
 
-def sampler_memory(device: torch.device, vocab: int = REAL_VOCAB, canvas: int = REAL_CANVAS, seed: int = 0) -> dict:
-    """Peak extra memory and time of one sampler call on [1, canvas, vocab] fp32 logits, in MiB and as a multiple
-    of that logits tensor (which exists before the call and is not counted):
+def sampler_memory(device: torch.device, vocab: int = REAL_VOCAB, canvas: int = REAL_CANVAS, seed: int = 0,
+                   cap: float = 30.0) -> dict:
+    """Peak extra memory and time of one sampling step on [1, canvas, vocab] head outputs, in MiB and as a multiple
+    of one fp32 [1, canvas, vocab] tensor. The head output and the self-conditioning buffer exist before the call
+    (generate() holds them anyway) and are not counted; the buffer's size is reported as `persistent_mib`.
 
-    - fast: `fast_sample` as generate() calls it for non-fp32 weights (no probabilities kept);
-    - fast_fp32: `fast_sample` writing the probabilities into generate()'s persistent [1, C, V] buffer (fp32
-      weights); the buffer is allocated before the call and reported separately (`persistent_mib`);
-    - reference_rng: the ops of generate()'s rng="reference" path (temperature, softmax, multinomial, argmax,
-      entropy), which are the reference's own."""
+    - fast_fp32 / fast_bf16: `fast_sample` as generate()'s rng="fast" path calls it for fp32 / bf16 weights (raw
+      head output in the weight dtype, softcap + temperature + softmax + entropy + draw fused per chunk, the
+      softmax written into the [1, C, V] self-conditioning buffer of the weight dtype);
+    - reference_rng: the ops of generate()'s rng="reference" path, which are the reference's own (fp32 softcap,
+      temperature, softmax, multinomial, argmax, entropy)."""
     from .sampler import ReferenceRNG, accept_mask, entropy, fast_sample, temperature
 
     tensor_mib = canvas * vocab * 4 / MIB
     gen = torch.Generator(device=device).manual_seed(seed)
-    base_logits = torch.randn(1, canvas, vocab, generator=gen, device=device).mul_(4.0)
+    base = torch.randn(1, canvas, vocab, generator=gen, device=device).mul_(8.0)
     temp = temperature(8, 8, 0.4, 0.8)
     rows = torch.ones(1, dtype=torch.bool, device=device)
     u = torch.rand(1, canvas, generator=gen, device=device, dtype=torch.float64)
     out: dict[str, Any] = {"vocab": vocab, "canvas": canvas, "batch": 1, "logits_tensor_mib": tensor_mib}
 
-    def ref_path(logits):
+    def reference_path(raw, _buf):
         rand = ReferenceRNG(seed, device)
+        logits = torch.tanh(raw.float() / cap) * cap  # the head's softcap (model.lm_head)
         logits = logits / temp
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         sampled = rand.sample(probs.view(-1, vocab)).view(1, canvas)
@@ -310,28 +313,21 @@ def sampler_memory(device: torch.device, vocab: int = REAL_VOCAB, canvas: int = 
         h = entropy(logits)
         return sampled, argmax, accept_mask(h, 0.1)
 
-    def fast_path(logits):
-        return fast_sample(logits, temp, u, rows, None)
+    def fast_path(raw, buf):
+        return fast_sample(raw, cap, temp, u, rows, buf)
 
-    for name, fn in (("fast", fast_path), ("fast_fp32", None), ("reference_rng", ref_path)):
-        logits = base_logits.clone()
-        persistent = None
-        if name == "fast_fp32":
-            persistent = torch.zeros_like(logits)  # generate()'s [B, C, V] probabilities buffer, allocated once
-
-            def fn(lg, buf=persistent):
-                return fast_sample(lg, temp, u, rows, buf)
-
+    for name, dtype, fn in (("fast_fp32", torch.float32, fast_path), ("fast_bf16", torch.bfloat16, fast_path),
+                            ("reference_rng", torch.float32, reference_path)):
+        raw = base.to(dtype, copy=True)
+        buf = torch.zeros_like(raw) if fn is fast_path else None
         with _PeakMemory(device) as pm:
-            seconds, res = _timed(lambda: fn(logits), device)
-        del res, logits
-        entry = {"peak_extra_mib": pm.extra_mib, "seconds": seconds,
-                 "multiple_of_logits": pm.extra_mib / tensor_mib if pm.extra_mib is not None else None}
-        if persistent is not None:
-            entry["persistent_mib"] = persistent.numel() * persistent.element_size() / MIB
-            del persistent
-        out[name] = entry
-    del base_logits
+            seconds, res = _timed(lambda: fn(raw, buf), device)
+        del res, raw
+        out[name] = {"input_dtype": DTYPE_NAMES[dtype], "peak_extra_mib": pm.extra_mib, "seconds": seconds,
+                     "multiple_of_logits": pm.extra_mib / tensor_mib if pm.extra_mib is not None else None,
+                     "persistent_mib": buf.numel() * buf.element_size() / MIB if buf is not None else 0.0}
+        del buf
+    del base
     _trim()
     return out
 
@@ -533,6 +529,22 @@ def _compare_logits(model, ref, prompt: torch.Tensor, canvas: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------------------------
+def _git_state() -> dict | None:
+    """The commit (and whether the tree is dirty) of the source checkout this dgemma runs from, if it is one."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
 def machine_info(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -550,7 +562,7 @@ def machine_info(device: torch.device) -> dict:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": tver,
         "python": platform.python_version(), "platform": platform.platform(),
-        "device": str(device),
+        "device": str(device), "dgemma_source": _git_state(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -617,6 +629,9 @@ def run_bench(
 
 def _run_bench(preset, dtype_list, steps, prompt_len, seed, device, reference, repeats, min_time_s,
                tokens_per_forward, peak_budget_s, measure_sampler_memory, std, workdir) -> dict:
+    # Import the whole engine now, so the run uses one version of it (with dgemma_source recorded below).
+    from . import checkpoint, generate, model, sampler  # noqa: F401
+
     cfg = model_config(preset)
     canvas = cfg.canvas_length
     notes: list[str] = []
@@ -879,9 +894,10 @@ def render(result: dict, console=None) -> None:
     if sm:
         c.print(f"sampler at V={sm['vocab']}, canvas {sm['canvas']}, batch 1 (one fp32 logits tensor = "
                 f"{sm['logits_tensor_mib']:.0f} MiB):")
-        for name in ("fast", "fast_fp32", "reference_rng"):
+        for name in ("fast_fp32", "fast_bf16", "reference_rng"):
             e = sm[name]
-            extra = f" (+ persistent probs buffer {e['persistent_mib']:.0f} MiB)" if "persistent_mib" in e else ""
+            extra = (f" (+ the self-conditioning buffer it fills, {e['persistent_mib']:.0f} MiB)"
+                     if e["persistent_mib"] else "")
             c.print(f"  {name}: peak extra {_f(e['peak_extra_mib'], '{:.0f}')} MiB = "
                     f"{_f(e['multiple_of_logits'], '{:.2f}')}x the logits{extra}, {e['seconds'] * 1e3:.0f} ms")
     for n in result.get("notes", []):
