@@ -104,7 +104,7 @@ class FastRNG:
 def chunk_rows(vocab: int, device: torch.device) -> int:
     """Positions per chunk: cache-sized temporaries on CPU, large launches on GPU; never a whole canvas at
     V = 262144."""
-    budget = 1 << 19 if device.type == "cpu" else 1 << 25
+    budget = 1 << 17 if device.type == "cpu" else 1 << 25  # CPU: ~512 KiB temporaries stay in L2
     return max(1, budget // vocab)
 
 
