@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="cpu")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     f.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    s = sub.add_parser("sudoku", help="solve or evaluate Sudoku with a DiffusionGemma model")
+    ssub = s.add_subparsers(dest="sudoku_command", required=True)
+    so = ssub.add_parser("solve", help="solve puzzles from a file (81 chars per line, 0 or . for blanks)")
+    so.add_argument("--file", required=True)
+    so.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
+    so.add_argument("--json", action="store_true", help="one JSON object per line")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--device", default="cpu")
+    ev = ssub.add_parser("eval", help="solve rate etc. on held-out generated puzzles")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--n", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=424242)
+    ev.add_argument("--step-caps", default="", help="comma-separated max_denoising_steps values to sweep")
+    ev.add_argument("--out", default=None, help="write the results JSON here")
+    ev.add_argument("--device", default="cpu")
     return p
 
 
@@ -129,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "finetune":
             return cmd_finetune(args)
-    except (ValueError, TypeError, FileExistsError, ConfigError) as e:
+        if args.command == "sudoku":
+            from .tasks import sudoku_run
+
+            return sudoku_run.cmd_solve(args) if args.sudoku_command == "solve" else sudoku_run.cmd_eval(args)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConfigError) as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
