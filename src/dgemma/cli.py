@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=424242)
     ev.add_argument("--step-caps", default="", help="comma-separated max_denoising_steps values to sweep")
     ev.add_argument("--out", default=None, help="write the results JSON here")
+    ev.add_argument("--ar", action="store_true", help="decode left to right with the causal stack (AR baseline)")
     ev.add_argument("--device", default="cpu")
     return p
 
