@@ -23,16 +23,6 @@ GEN = dict(max_new_tokens=24, max_denoising_steps=7, entropy_bound=0.25, t_min=0
            stability_threshold=2, confidence_threshold=0.01)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core box (OpenMP spin-waits).
-    Both sides of every comparison run under the same setting; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny checkpoint (with vision weights, as save_pretrained always writes them), its tensors, and the

@@ -22,16 +22,6 @@ S, F = "sliding_attention", "full_attention"
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy 2-core box (OpenMP spin-waits).
-    Both sides of every comparison run under the same setting; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @dataclass
 class Case:
     text: dict[str, Any]
