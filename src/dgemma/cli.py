@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             from .tasks import sudoku_run
 
             return sudoku_run.cmd_solve(args) if args.sudoku_command == "solve" else sudoku_run.cmd_eval(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ConfigError) as e:
+    except (ValueError, TypeError, OSError, ConfigError) as e:  # OSError: missing/unreadable files
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

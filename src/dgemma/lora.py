@@ -20,7 +20,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoRALinear(nn.Module):
     """y = x W^T + (alpha / r) * x A^T B^T, with W frozen; B starts at zero so training starts from the base."""
 
-    def __init__(self, base: Linear, rank: int, alpha: float):
+    def __init__(self, base: Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
 
     @property
     def scale(self) -> float:
@@ -51,14 +51,16 @@ def _targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, str]]:
     return found
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS) -> list[str]:
-    """Freeze the model and wrap the target linear layers; returns the wrapped module names."""
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAULT_TARGETS,
+               generator: torch.Generator | None = None) -> list[str]:
+    """Freeze the model and wrap the target linear layers; returns the wrapped module names. `generator` makes the
+    adapters' initialisation reproducible."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     model.requires_grad_(False)
     names = []
     for parent, child_name, full in _targets(model, targets):
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha))
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha, generator))
         names.append(full)
     if not names:
         raise ValueError(f"no linear layers named {list(targets)} found")

@@ -232,7 +232,7 @@ def finetune(cfg: TrainConfig) -> dict:
     if cfg.lora_rank and cfg.resume and (resume_from / "adapter").is_dir():
         load_adapter(model, resume_from / "adapter")
     elif cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
     else:
         model.requires_grad_(True)
     if cfg.freeze_router:
@@ -247,18 +247,19 @@ def finetune(cfg: TrainConfig) -> dict:
     if cfg.resume and (resume_from / "trainer_state.json").is_file():
         step = _load_state(resume_from, opt, params, gen)
     log_path = out / "train_log.jsonl"
-    pick = random.Random(cfg.seed + step)
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
 
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
-                        TimeRemainingColumn(), disable=not cfg.progress)
+                        TimeRemainingColumn(), console=Console(stderr=True), disable=not cfg.progress)
     t0, tokens, last = time.perf_counter(), 0, {}
     with progress, row_invariant(True), open(log_path, "a", encoding="utf-8") as log:
         task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
         while step < cfg.steps:
+            pick = random.Random(cfg.seed * 1_000_003 + step)  # per step: a resumed run sees the same batches
             batch = [examples[pick.randrange(len(examples))] for _ in range(cfg.batch_size)]
             ids, pads, p_len, r_len = collate(batch, pad, device)
             for g in opt.param_groups:

@@ -48,7 +48,11 @@ def solve_batch(model, puzzles: list[str], seed: int = 0, batch_size: int = 16, 
 def read_puzzle_file(path: Path) -> list[tuple[int, str | None, str | None]]:
     """(line number, puzzle or None, error or None) per non-empty line."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -100,8 +104,8 @@ class GridView:
 def cmd_solve(args) -> int:
     from ..checkpoint import load_model
 
+    rows = read_puzzle_file(Path(args.file))  # before the (slower) model load
     model = load_model(args.model or default_model_path(), device=args.device)
-    rows = read_puzzle_file(Path(args.file))
     puzzles = [p for _, p, _ in rows if p is not None]
     animate = not args.json and sys.stdout.isatty()
     if animate:
@@ -109,8 +113,8 @@ def cmd_solve(args) -> int:
 
         solved = []
         with GridView(model, Console()) as view:
-            for p in puzzles:
-                solved += solve_batch(model, [p], seed=args.seed, on_event=view)
+            for i, p in enumerate(puzzles):  # the seeds --json uses too (puzzle i: seed + i)
+                solved += solve_batch(model, [p], seed=args.seed + i, on_event=view)
     else:
         solved = solve_batch(model, puzzles, seed=args.seed)
     it = iter(solved)
