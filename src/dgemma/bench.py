@@ -629,9 +629,6 @@ def run_bench(
 
 def _run_bench(preset, dtype_list, steps, prompt_len, seed, device, reference, repeats, min_time_s,
                tokens_per_forward, peak_budget_s, measure_sampler_memory, std, workdir) -> dict:
-    # Import the whole engine now, so the run uses one version of it (with dgemma_source recorded below).
-    from . import checkpoint, generate, model, sampler  # noqa: F401
-
     cfg = model_config(preset)
     canvas = cfg.canvas_length
     notes: list[str] = []
