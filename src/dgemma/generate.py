@@ -233,31 +233,16 @@ def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig,
             temp = temperature(step, n_steps, gen.t_min, gen.t_max) if gen.t_min is not None else None
             hidden = model.decode_hidden(canvas, cache, sc_logits, sc_probs if i > 0 else None)
             if fast:
-                # The fused sampler reads the raw head output and writes softmax(processed logits) straight into
-                # the self-conditioning buffer (rows that stopped keep theirs): no fp32 [B, C, V] temporaries.
-                raw = model.lm_head_raw(hidden)
-                rows = active.tolist()
-                live = [b for b in all_rows if rows[b]]
-                u = torch.zeros(batch, canvas_len, dtype=torch.float64, device=device)
-                u[live] = rand.uniform_rows(live, canvas_len)
                 if sc_probs is None:
-                    sc_probs = torch.zeros_like(raw)
-                sampled, new_argmax, h = fast_sample(raw, cfg.final_logit_softcapping, temp, u, active, sc_probs)
-                del raw
-                noise = canvas.clone()
-                noise[live] = rand.noise_rows(live, canvas_len, vocab)
+                    sc_probs = hidden.new_zeros(batch, canvas_len, vocab)
+                sampled, new_argmax, h, noise = _fast_step(model, hidden, canvas, active, temp, rand, sc_probs)
             else:
-                logits = model.lm_head(hidden)
-                if temp is not None:
-                    logits = logits / temp
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-                sampled = rand.sample(probs.view(-1, vocab)).view(batch, canvas_len)
-                del probs
-                new_argmax = logits.argmax(dim=-1)
-                h = entropy(logits)
+                sampled, new_argmax, h, logits = _reference_step(model, hidden, temp, rand)
+                noise = None
             accepted = accept_mask(h, gen.entropy_bound)
-            new_canvas = torch.where(accepted, sampled, canvas)
-            new_canvas = torch.where(accepted, new_canvas, noise if fast else rand.noise(batch, canvas_len, vocab, device))
+            if noise is None:  # the reference draws its re-noise ids after the samples, for every row
+                noise = rand.noise(batch, canvas_len, vocab, device)
+            new_canvas = torch.where(accepted, sampled, noise)  # accepted positions keep their sample
             # Rows already stopped keep their state (the fast path never touched them).
             frozen = done_den | finished_seq if fast else done_den
             if bool(frozen.any()):
@@ -310,6 +295,33 @@ def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig,
         text = model.tokenizer.decode(ids) if getattr(model, "tokenizer", None) is not None else None
         results.append(GenerationResult(ids, tpf, steps, seeds[min(b, len(seeds) - 1)], reason, t, text))
     yield Done(results)
+
+
+def _fast_step(model, hidden, canvas, active, temp, rand: FastRNG, sc_probs):
+    """Fused sampler on the raw head output; softmax(processed logits) goes straight into the self-conditioning
+    buffer (rows that stopped keep theirs), so no fp32 [B, C, V] temporary is made. Draws only for active rows."""
+    batch, canvas_len = canvas.shape
+    raw = model.lm_head_raw(hidden)
+    live = [b for b, on in enumerate(active.tolist()) if on]
+    u = torch.zeros(batch, canvas_len, dtype=torch.float64, device=canvas.device)
+    u[live] = rand.uniform_rows(live, canvas_len)
+    sampled, argmax, h = fast_sample(raw, model.config.final_logit_softcapping, temp, u, active, sc_probs)
+    noise = canvas.clone()
+    noise[live] = rand.noise_rows(live, canvas_len, raw.shape[-1])
+    return sampled, argmax, h, noise
+
+
+def _reference_step(model, hidden, temp, rand: ReferenceRNG):
+    """The reference's ops in its order: softcapped fp32 logits, temperature, softmax, multinomial, argmax,
+    Categorical entropy. Returns the processed logits too (the next step's self-conditioning input)."""
+    logits = model.lm_head(hidden)
+    if temp is not None:
+        logits = logits / temp
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    batch, canvas_len, vocab = logits.shape
+    sampled = rand.sample(probs.view(-1, vocab)).view(batch, canvas_len)
+    del probs
+    return sampled, logits.argmax(dim=-1), entropy(logits), logits
 
 
 def generate(model, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **kwargs):
