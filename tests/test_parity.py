@@ -97,7 +97,6 @@ CASES: dict[str, Case] = {
     ),
 }
 
-GEN_XFAIL: dict = {}
 
 
 def _legacy_rewrite(cfg: dict) -> None:
@@ -247,7 +246,7 @@ def ref_generate_default(ref, prompt, seed):
     return [new.tolist()], [r.tokens_per_forward.item()], r
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=GEN_XFAIL[n]) if n in GEN_XFAIL else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_generate_parity(zoo, name):
     case, ref, dm, _ = zoo.get(name)
     prompt = _prompt(case, 1)

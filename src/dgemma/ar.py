@@ -23,6 +23,13 @@ class ARResult:
     text: str | None = None
 
 
+def _eos_set(model: DiffusionGemma, eos_token_id) -> set[int]:
+    """The call's EOS ids, else the checkpoint's generation_config ones."""
+    if eos_token_id is None:
+        return set(model.generation_config.eos_ids)
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
 @torch.inference_mode()
 def ar_stream(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int = 256, eos_token_id=None,
               temperature: float = 0.0, seed: int = 0):
@@ -35,8 +42,7 @@ def ar_stream(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int 
     if total > model.config.max_position_embeddings:
         raise ValueError(f"prompt + max_new_tokens ({total}) exceeds the model's "
                          f"{model.config.max_position_embeddings} positions")
-    eos = set(model.generation_config.eos_ids if eos_token_id is None else
-              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    eos = _eos_set(model, eos_token_id)
     gen = torch.Generator().manual_seed(seed)
     cache = model.new_cache(1, total, scratch=1)
     ids = torch.tensor([prompt_ids], device=model.device)
@@ -58,8 +64,7 @@ def ar_generate(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: in
                 temperature: float = 0.0, seed: int = 0) -> ARResult:
     t0 = time.perf_counter()
     out = list(ar_stream(model, prompt_ids, max_new_tokens, eos_token_id, temperature, seed))
-    eos = set(model.generation_config.eos_ids if eos_token_id is None else
-              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    eos = _eos_set(model, eos_token_id)
     reason = "eos" if out and out[-1] in eos else "length"
     text = model.tokenizer.decode(out) if model.tokenizer is not None else None
     return ARResult(out, len(out), reason, {"total_s": time.perf_counter() - t0}, text)

@@ -8,7 +8,6 @@ Only safetensors is read: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -227,7 +226,3 @@ def _ckpt_name(name: str) -> str:
     if name in sc:
         return _DEC + "self_conditioning." + sc[name]
     return _DEC + name
-
-
-def save_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
