@@ -263,8 +263,9 @@ def test_format_grid():
 def test_encoding_round_trip():
     puzzle, solution = S.generate(11, 40)
     prompt = S.prompt_text(puzzle)
-    assert prompt == "Solve this sudoku. 0 marks an empty cell.\n" + puzzle
-    assert prompt.splitlines()[1] == puzzle and "<" not in prompt and ">" not in prompt
+    assert prompt == "Solve this sudoku. 0 marks an empty cell.\n" + S.CELLS + "\n" + puzzle
+    assert prompt.splitlines()[1] == S.CELLS and prompt.splitlines()[2] == puzzle
+    assert len(S.CELLS) == len(set(S.CELLS)) == 81 and not set(S.CELLS) & set("0123456789<> \n")
     response = S.answer_text(solution)
     assert response == solution and len(response) == 81
     assert S.parse_answer(response) == solution

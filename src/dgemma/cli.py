@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write the results JSON here")
     ev.add_argument("--ar", action="store_true", help="decode left to right with the causal stack (AR baseline)")
     ev.add_argument("--device", default="cpu")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live canvas visualizer")
+    sv.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    sv.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--max-tokens", type=int, default=4096, help="cap on a request's max_tokens")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: what the model's positions allow")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument("--max-batch", type=int, default=8, help="requests batched into one diffusion run")
     return p
 
 
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "finetune":
             return cmd_finetune(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "sudoku":
             from .tasks import sudoku_run
 
@@ -280,3 +294,28 @@ def cmd_finetune(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .checkpoint import load_model
+    from .serve import Limits, create_app
+    from .tasks.sudoku_run import default_model_path
+
+    for name in ("max_tokens", "max_body_bytes", "max_batch"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens <= 0:
+        raise ValueError("--max-prompt-tokens must be positive")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    path = Path(args.model) if args.model else default_model_path()
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens, max_batch=args.max_batch)
+    app = create_app(model, model_name=args.served_model_name or path.resolve().name, model_dir=path,
+                     api_key=args.api_key, limits=limits)
+    print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -37,13 +37,19 @@ from pathlib import Path
 from typing import TypedDict
 
 __all__ = [
-    "PROMPT", "MAX_BLANKS", "parse_grid", "format_grid", "solve", "count_solutions", "is_unique", "is_complete",
-    "generate", "generate_many", "dedupe", "check", "CheckResult", "prompt_text", "answer_text", "parse_answer",
+    "PROMPT", "CELLS", "MAX_BLANKS", "parse_grid", "format_grid", "solve", "count_solutions", "is_unique", "is_complete",
+    "generate", "generate_many", "dedupe", "check", "CheckResult", "prompt_text", "task_info", "answer_text", "parse_answer",
     "blank_count", "bucket", "write_jsonl", "read_jsonl",
 ]
 
 PROMPT = "Solve this sudoku. 0 marks an empty cell."
-"""The instruction line of `prompt_text`; the puzzle follows on the next line."""
+"""The instruction line of `prompt_text`; the cell names and then the puzzle follow on the next lines."""
+
+CELLS = "".join(c for c in map(chr, range(33, 127)) if c not in "0123456789<>\\")
+"""One distinct printable character per cell (row-major), written on its own line above the puzzle. A model without
+absolute position embeddings can then learn each cell's row, column and box from a token instead of having to infer
+them from relative positions: cell i of the puzzle and of the answer sit a fixed distance after its name."""
+assert len(CELLS) == 81 and len(set(CELLS)) == 81
 
 MAX_BLANKS = 64
 """No 9x9 puzzle with fewer than 17 givens has a unique solution, so at most 81 - 17 blanks."""
@@ -476,8 +482,16 @@ def check(puzzle: str, answer: object, solution: str | None = None) -> CheckResu
 
 
 def prompt_text(puzzle: str) -> str:
-    """The fine-tuning prompt: the `PROMPT` instruction, a newline, then the 81-digit puzzle (no chat template)."""
-    return f"{PROMPT}\n{parse_grid(puzzle)}"
+    """The fine-tuning prompt (no chat template): the `PROMPT` instruction, the `CELLS` line, then the 81-digit
+    puzzle, one per line."""
+    return f"{PROMPT}\n{CELLS}\n{parse_grid(puzzle)}"
+
+
+def task_info() -> dict:
+    """What `task.json` next to a Sudoku model holds: how to frame a puzzle as a prompt (the server and its
+    visualizer read it to draw the canvas as a 9x9 grid)."""
+    return {"task": "sudoku", "prompt_template": f"{PROMPT}\n{CELLS}\n{{puzzle}}",
+            "answer": "the 81 digits of the solved grid, row by row"}
 
 
 def answer_text(solution: str) -> str:
