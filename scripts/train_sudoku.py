@@ -84,6 +84,7 @@ def main(argv=None) -> int:
             shutil.rmtree(dest)
         shutil.copytree(out / "run" / "final", dest)
         shutil.copy(out / "run" / "train_log.jsonl", dest / "train_log.jsonl")
+        (dest / "task.json").write_text(json.dumps(sudoku.task_info(), indent=2) + "\n", encoding="utf-8")
         (dest / "TRAINING.md").write_text(
             "Trained by `python scripts/train_sudoku.py " + " ".join(argv or sys.argv[1:]) + "`.\n"
             "Base: random initialisation (shape in scripts/train_sudoku.py). Data: puzzles from "

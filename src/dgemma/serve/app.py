@@ -163,7 +163,9 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
     # -- routes ------------------------------------------------------------------------------------------------
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, "pending": engine.pending}
+        return {"status": "ok", "model": model_name, "queued": engine.pending, "running": len(engine._runs),
+                "runs_started": engine.runs_started, "largest_batch": engine.largest_batch,
+                "forward_passes": engine.forward_passes}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -313,7 +315,9 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
                 text = event.pop("text", "")
                 if etype == "draft":
                     yield chunk(None, dgemma={"event": "draft", **event})
-                elif text or "ids" in event:
+                elif etype == "text":
+                    yield chunk(text)
+                else:
                     yield chunk(text, dgemma={"event": etype, **event})
             yield b"data: [DONE]\n\n"
         finally:

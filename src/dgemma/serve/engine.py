@@ -151,7 +151,9 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._runs: list[_Run] = []
         self._closed = False
-        self.forward_passes = 0
+        self.forward_passes = 0  # run steps taken (one forward pass each, batched rows counted once)
+        self.runs_started = 0
+        self.largest_batch = 0
         self._thread = threading.Thread(target=self._work, name="dgemma-engine", daemon=True)
         self._thread.start()
 
@@ -226,7 +228,7 @@ class Engine:
         job.finished = True
         text = self.text_of(job.ids) if final_text is None else final_text
         if text.startswith(job.sent) and len(text) > len(job.sent):
-            job.emit({"type": "commit" if job.decoder == "diffusion" else "token", "text": text[len(job.sent):]})
+            job.emit({"type": "text", "text": text[len(job.sent):]})  # held-back text, no new tokens
             job.sent = text
         forwards = sum(job.steps)
         # float32 like GenerationResult.tokens_per_forward
@@ -266,6 +268,8 @@ class Engine:
     def _start(self, kind, jobs: list[Job]) -> None:
         try:
             self._runs.append(kind(self, jobs))
+            self.runs_started += 1
+            self.largest_batch = max(self.largest_batch, len(jobs))
         except Exception as e:  # settings were checked on submit; this is an engine fault
             log.exception("could not start a run")
             for job in jobs:
