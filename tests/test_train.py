@@ -229,6 +229,24 @@ def test_resume_without_state_starts_fresh(root, base, data):
     assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
+def test_log_is_fresh_per_run_and_trimmed_on_resume(root, base, data):
+    out = root / "log_trim"
+    finetune(config(base, data, out, steps=3, log_every=1))
+    finetune(config(base, data, out, steps=2, log_every=1))  # a new run in the same folder: a new log
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    # A log that ran past the saved state (a crash after step 4's checkpoint) is cut back before resuming.
+    finetune(config(base, data, out, steps=6, save_every=4, log_every=1))
+    state_file = out / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    assert state["step"] == 6
+    state_file.write_text(json.dumps({**state, "step": 4}), encoding="utf-8")
+    before = read_log(out)
+    finetune(config(base, data, out, steps=6, save_every=4, log_every=1, resume=True))
+    after = read_log(out)
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    assert after[:4] == before[:4] and after[4]["elapsed_s"] != before[4]["elapsed_s"]  # steps 5-6 were redone
+
+
 # -- the objective --------------------------------------------------------------------------------------------------
 def _batch(model, data: Path, n: int = 8):
     ex = load_examples(model, data, chat=True)[:n]

@@ -11,6 +11,7 @@ AdamW, linear warmup then cosine decay to lr * min_lr_ratio, gradient clipping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -187,6 +188,20 @@ def save_checkpoint(model: DiffusionGemma, base: Path, out: Path, config: TrainC
         save_adapter(model, out / "adapter", str(base))
 
 
+def _trim_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    if step > 0:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
+                if json.loads(line)["step"] <= step:
+                    keep.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.replace(path)
+
+
 def _save_state(out: Path, step: int, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator,
                 cfg: TrainConfig) -> None:
     """Optimizer moments as safetensors plus a JSON state: resumable without pickle."""
@@ -247,6 +262,7 @@ def finetune(cfg: TrainConfig) -> dict:
     if cfg.resume and (resume_from / "trainer_state.json").is_file():
         step = _load_state(resume_from, opt, params, gen)
     log_path = out / "train_log.jsonl"
+    _trim_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops entries it will redo
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
 
     from rich.console import Console
