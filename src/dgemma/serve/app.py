@@ -323,6 +323,13 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
         finally:
             job.cancel()  # the client went away (or we are done): stop spending passes on it
 
+    def encode(text: str, param: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON allows lone surrogates ("\\ud800"); tokenizers do not
+            raise APIError(400, f"{param} is not valid Unicode ({e.reason} at index {e.start})", param=param) from None
+        return model.tokenizer.encode(text)
+
     # -- endpoints ---------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -332,7 +339,7 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
         try:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]
-            ids = model.tokenizer.encode_chat(messages, add_generation_prompt=True)
+            ids = encode(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True), "messages")
         except (ValueError, TokenizerError) as e:
             raise APIError(400, str(e), param="messages") from None
         return await run(request, req, ids, "chat")
@@ -348,7 +355,7 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
         if isinstance(prompt, str):
             if model.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids as the prompt", param="prompt")
-            ids = model.tokenizer.encode(prompt)
+            ids = encode(prompt, "prompt")
         else:
             ids = list(prompt)
         return await run(request, req, ids, "completion")
