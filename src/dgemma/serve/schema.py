@@ -34,7 +34,7 @@ class DiffusionSettings(BaseModel):
     confidence_threshold: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
 
     def overrides(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True, exclude_none=True)
+        return self.model_dump(exclude_unset=True)  # an explicit null disables a feature, as in generation_config
 
 
 class _Common(BaseModel):
