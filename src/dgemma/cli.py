@@ -292,10 +292,6 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -319,3 +315,7 @@ def cmd_serve(args) -> int:
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
