@@ -1,8 +1,10 @@
 """The full Sudoku evaluation: base vs fine-tuned diffusion model (with a step-cap sweep) vs the autoregressive
 baseline, on the same held-out puzzles. Writes a JSON results file and a PNG plot of solve rate vs step cap.
 
-    python scripts/eval_sudoku.py --model src/dgemma/models/sudoku [--ar RUN/final] --n 1000 \
+    python scripts/eval_sudoku.py [--model DIR] [--ar RUN/final] --n 1000 \
         --out benchmarks/sudoku/results.json --plot benchmarks/sudoku/solve_rate_vs_steps.png
+
+`--parts diffusion,base` recomputes only those rows and keeps the rest of an existing --out file (same puzzles).
 
 The base is the training script's random initialisation (same shape and seed), rebuilt in a temporary folder.
 Plotting needs matplotlib (`pip install matplotlib`).
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_sudoku import write_base  # noqa: E402
 
 from dgemma.checkpoint import load_model  # noqa: E402
-from dgemma.tasks.sudoku_run import evaluate  # noqa: E402
+from dgemma.tasks.sudoku_run import default_model_path, evaluate  # noqa: E402
 
 CAPS = (2, 4, 8, 12, 16, 24, 32, 48)
 
@@ -34,29 +36,32 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name, style in (("diffusion", "o-"), ("base", "s--")):
-        r = results.get(name)
-        if r and r["step_caps"]:
-            caps = sorted(int(c) for c in r["step_caps"])
-            ax.plot(caps, [100 * r["step_caps"][str(c)]["solve_rate"] for c in caps], style, label=f"{name} (diffusion decoding)")
-    ar = results.get("autoregressive")
-    if ar:
-        ax.axhline(100 * ar["default"]["solve_rate"], color="gray", linestyle=":",
-                   label=f"autoregressive baseline (82 passes): {ar['default']['solve_rate']:.1%}")
-    ax.set_xlabel("max denoising steps per canvas (cap)")
-    ax.set_ylabel("puzzles solved (%)")
-    ax.set_title(f"Sudoku, {results['n']} held-out puzzles with {results['blanks'][0]}-{results['blanks'][1]} blanks")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, key, label in ((axes[0], "solve_rate", "puzzles solved (%)"),
+                           (axes[1], "cell_accuracy", "blank cells right (%)")):
+        for name, style in (("diffusion", "o-"), ("base", "s--")):
+            r = results.get(name)
+            if r and r["step_caps"]:
+                caps = sorted(int(c) for c in r["step_caps"])
+                ax.plot(caps, [100 * r["step_caps"][str(c)][key] for c in caps], style,
+                        label=f"{'fine-tuned' if name == 'diffusion' else 'base'} (diffusion decoding)")
+        ar = results.get("autoregressive")
+        if ar:
+            ax.axhline(100 * ar["default"][key], color="gray", linestyle=":",
+                       label=f"autoregressive baseline (82 passes): {ar['default'][key]:.1%}")
+        ax.set_xlabel("max denoising steps per canvas (cap)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(f"Sudoku: {results['n']} held-out puzzles with {results['blanks'][0]}-{results['blanks'][1]} blanks")
     fig.tight_layout()
     fig.savefig(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="the fine-tuned diffusion model")
+    ap.add_argument("--model", default=None, help="the fine-tuned diffusion model (default: the bundled one)")
     ap.add_argument("--ar", default=None, help="the autoregressive baseline (trained with --ar-only)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=424242)
@@ -65,25 +70,37 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parts", default="diffusion,base,autoregressive",
+                    help="which rows to (re)compute; the others are kept from an existing --out file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     caps = [int(c) for c in args.caps.split(",") if c]
+    parts = set(args.parts.split(","))
     t0 = time.time()
-    results: dict = {"n": args.n, "seed": args.seed, "blanks": [30, 50],
-                     "command": "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])}
-    model = load_model(args.model)
-    results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
-    print(f"diffusion: {results['diffusion']['default']['solve_rate']:.1%}", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = load_model(write_base(Path(tmp) / "base", args.base_seed))
-        results["base"] = evaluate(base, n=args.n, seed=args.seed, step_caps=[caps[-1]])
-    print(f"base: {results['base']['default']['solve_rate']:.1%}", file=sys.stderr)
-    if args.ar:
+    out = Path(args.out)
+    results: dict = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
+    if results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed):
+        results = {}  # a different puzzle set: nothing to keep
+    results.update({"n": args.n, "seed": args.seed, "blanks": [30, 50]})
+    results.setdefault("commands", {})
+    command = "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])
+    if "diffusion" in parts:
+        model = load_model(args.model or default_model_path())
+        results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
+        results["commands"]["diffusion"] = command
+        print(f"diffusion: {results['diffusion']['default']['solve_rate']:.1%}", file=sys.stderr)
+    if "base" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = load_model(write_base(Path(tmp) / "base", args.base_seed))
+            results["base"] = evaluate(base, n=args.n, seed=args.seed, step_caps=[caps[-1]])
+        results["commands"]["base"] = command
+        print(f"base: {results['base']['default']['solve_rate']:.1%}", file=sys.stderr)
+    if "autoregressive" in parts and args.ar:
         results["autoregressive"] = evaluate(load_model(args.ar), n=args.n, seed=args.seed, autoregressive=True)
+        results["commands"]["autoregressive"] = command
         print(f"autoregressive: {results['autoregressive']['default']['solve_rate']:.1%}", file=sys.stderr)
     results["seconds"] = time.time() - t0
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.plot:
