@@ -56,3 +56,20 @@ def test_reference_implementation_runs_the_bundle(model):
         assert rows[0] == ours.ids and tpf[0] == ours.tokens_per_forward
         answer = sudoku.parse_answer(model.tokenizer.decode(rows[0]))
         assert sudoku.check(puzzle, answer, solution)["givens_kept"]
+
+
+def test_solve_command_uses_the_bundle(tmp_path):
+    import subprocess
+    import sys
+
+    puzzles = [p for p, _ in sudoku.generate_many(2, seed=99, blanks=(30, 35))]
+    f = tmp_path / "p.txt"
+    f.write_text(f"{puzzles[0]}\nnot a puzzle\n{puzzles[1].replace('0', '.')}  # a comment\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "sudoku", "solve", "--file", str(f), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 3 and "error" in rows[1] and rows[1]["line"] == 2
+    for row, p in zip((rows[0], rows[2]), puzzles):
+        assert row["puzzle"] == p and len(row["solution"]) == 81 and row["solution"].isdigit()
+        assert 1 <= row["steps"] <= 48 and row["tokens_per_forward"] > 0
+        assert sudoku.check(p, row["solution"])["givens_kept"]
