@@ -13,10 +13,10 @@ from dgemma.checkpoint import load_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import BUNDLED, evaluate
 
-# Floors for 50 held-out puzzles (seed 777), a little under what the bundled model measured when it was bundled
-# (README, Sudoku): a regression guard. The target (>= 85% solved here) needs a better-trained model.
-SOLVE_FLOOR = 0.0
-CELL_FLOOR = 0.0
+# A regression guard on 50 held-out puzzles (seed 777), a little under what the bundled model measured when it was
+# bundled (50.0% of blank cells right, 0 of 50 solved; README, Sudoku). The project's target, >= 85% of these
+# puzzles solved, needs a better-trained model; when one is bundled this becomes a solve-rate floor.
+CELL_FLOOR = 0.45
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,6 @@ def test_bundle_layout():
 def test_bundled_model_quality(model):
     r = evaluate(model, n=50, seed=777)["default"]
     assert r["givens_kept"] == 1.0
-    assert r["solve_rate"] >= SOLVE_FLOOR, r
     assert r["cell_accuracy"] >= CELL_FLOOR, r
 
 
