@@ -217,7 +217,9 @@ def _read(handles, file: Path, key: str, shape, dtype: torch.dtype, device: torc
         raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
     if not t.is_floating_point():
         raise CheckpointError(f"{file}: tensor {key!r} has non-float dtype {t.dtype}")
-    return t.to(device=device, dtype=dtype)
+    # Always a private copy: safetensors hands out views of the mapped file at arbitrary (unaligned) offsets,
+    # and some CPUs' GEMM kernels round differently on unaligned weights, which breaks bitwise parity.
+    return t.to(device=device, dtype=dtype, copy=True)
 
 
 def _ckpt_name(name: str) -> str:

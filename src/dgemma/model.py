@@ -212,19 +212,20 @@ class Experts(nn.Module):
         the reference's arithmetic."""
         n_tok, top_k = idx.shape
         n_exp = self.gate_up_proj.shape[0]
-        expert, perm = torch.sort(idx.reshape(-1))
-        xs = x[perm // top_k]
-        counts = torch.histc(expert.float(), bins=n_exp, min=0, max=n_exp - 1)
+        flat = idx.reshape(-1)
+        expert, perm = torch.sort(flat)
+        counts = torch.bincount(flat, minlength=n_exp)
+        xs = x.index_select(0, perm // top_k)  # index_select, not x[...]: advanced indexing is slow on CPU
         if ROW_INVARIANT.get():
-            out = self._batched(xs, expert, counts.long())
+            out = self._batched(xs, expert, counts)
         else:
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             gate, up = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
             out = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offsets)
-        weighted = out * weights.reshape(-1)[perm].unsqueeze(-1)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
-        return weighted[inv].view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)
+        # fp32 product (what type promotion gives), in token order, then the k-sum and one rounding
+        weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
+        by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
+        return by_token.view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)
 
     def _batched(self, xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in two batched matmuls over [E, capacity, H] (each expert's tokens padded to the busiest
@@ -232,11 +233,11 @@ class Experts(nn.Module):
         n_exp, hidden = self.gate_up_proj.shape[0], xs.shape[1]
         cap = max(int(counts.max()), MIN_ROWS)
         rank = torch.arange(xs.shape[0], device=xs.device) - (torch.cumsum(counts, 0) - counts)[expert]
-        buf = xs.new_zeros(n_exp, cap, hidden)
-        buf[expert, rank] = xs
+        slot = expert * cap + rank  # row of each assignment in the flattened [E * cap] buffer
+        buf = xs.new_zeros(n_exp * cap, hidden).index_copy_(0, slot, xs).view(n_exp, cap, hidden)
         gate, up = torch.bmm(buf, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
         out = torch.bmm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))
-        return out[expert, rank]
+        return out.view(n_exp * cap, -1).index_select(0, slot)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
