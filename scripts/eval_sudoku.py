@@ -59,6 +59,31 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def markdown(results: dict) -> str:
+    """The README's table: one row per model / decoding / step cap."""
+    head = ("| model | decoding | step cap | solved | blank cells right | givens kept | mean steps per canvas "
+            "| tokens per forward |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+
+    def row(model: str, decoding: str, cap: str, r: dict) -> None:
+        rows.append(f"| {model} | {decoding} | {cap} | {r['solve_rate']:.1%} | {r['cell_accuracy']:.1%} | "
+                    f"{r['givens_kept']:.1%} | {r['mean_steps']:.1f} | {r['tokens_per_forward']:.2f} |")
+
+    for name, label in (("base", "base (before SFT)"), ("diffusion", "bundled (SFT)")):
+        r = results.get(name)
+        if not r:
+            continue
+        caps = sorted(int(c) for c in r.get("step_caps", {}))
+        for c in caps:
+            if c < 48:
+                row(label, "diffusion", str(c), r["step_caps"][str(c)])
+        row(label, "diffusion", "48 (default)", r["default"])
+    ar = results.get("autoregressive")
+    if ar:
+        row("autoregressive baseline", "left to right", "-", ar["default"])
+    return "\n".join([head, *rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="the fine-tuned diffusion model (default: the bundled one)")
@@ -71,7 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parts", default="diffusion,base,autoregressive",
-                    help="which rows to (re)compute; the others are kept from an existing --out file")
+                    help="which rows to (re)compute; the others are kept from an existing --out file ('' for none)")
+    ap.add_argument("--markdown", action="store_true", help="print the results as the README's table")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,9 +106,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     results: dict = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    if results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed):
-        results = {}  # a different puzzle set: nothing to keep
-    results.update({"n": args.n, "seed": args.seed, "blanks": [30, 50]})
+    computing = parts & {"diffusion", "base", "autoregressive"}
+    if computing:
+        if results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed):
+            results = {}  # a different puzzle set: nothing to keep
+        results.update({"n": args.n, "seed": args.seed, "blanks": [30, 50]})
     results.setdefault("commands", {})
     command = "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])
     if "diffusion" in parts:
@@ -100,9 +128,12 @@ def main(argv=None) -> int:
         results["autoregressive"] = evaluate(load_model(args.ar), n=args.n, seed=args.seed, autoregressive=True)
         results["commands"]["autoregressive"] = command
         print(f"autoregressive: {results['autoregressive']['default']['solve_rate']:.1%}", file=sys.stderr)
-    results["seconds"] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if computing:
+        results["seconds"] = time.time() - t0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        print(markdown(results))
     if args.plot:
         plot(results, Path(args.plot))
     return 0
