@@ -273,9 +273,9 @@ def cmd_bench(args) -> int:
     except MemoryError as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
-    render(result)
-    if args.json_out:
+    if args.json_out:  # before the table, so a closed pipe (`| head`) cannot lose the results
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    render(result)
     return 0
 
 
