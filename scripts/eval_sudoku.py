@@ -78,6 +78,8 @@ def markdown(results: dict) -> str:
             if c < 48:
                 row(label, "diffusion", str(c), r["step_caps"][str(c)])
         row(label, "diffusion", "48 (default)", r["default"])
+    if results.get("reference_rng"):
+        row("bundled (SFT)", 'diffusion, rng="reference"', "48 (default)", results["reference_rng"]["default"])
     ar = results.get("autoregressive")
     if ar:
         row("autoregressive baseline", "left to right", "-", ar["default"])
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--parts", default="diffusion,base,autoregressive",
+    ap.add_argument("--parts", default="diffusion,reference_rng,base,autoregressive",
                     help="which rows to (re)compute; the others are kept from an existing --out file ('' for none)")
     ap.add_argument("--markdown", action="store_true", help="print the results as the README's table")
     args = ap.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     results: dict = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    computing = parts & {"diffusion", "base", "autoregressive"}
+    computing = parts & {"diffusion", "reference_rng", "base", "autoregressive"}
     if computing:
         if results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed):
             results = {}  # a different puzzle set: nothing to keep
@@ -118,6 +120,11 @@ def main(argv=None) -> int:
         results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
         results["commands"]["diffusion"] = command
         print(f"diffusion: {results['diffusion']['default']['solve_rate']:.1%}", file=sys.stderr)
+    if "reference_rng" in parts:  # the same model with the reference's sampler: the fast one must match it
+        model = load_model(args.model or default_model_path())
+        results["reference_rng"] = evaluate(model, n=args.n, seed=args.seed, rng="reference")
+        results["commands"]["reference_rng"] = command
+        print(f"reference rng: {results['reference_rng']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "base" in parts:
         with tempfile.TemporaryDirectory() as tmp:
             base = load_model(write_base(Path(tmp) / "base", args.base_seed))
