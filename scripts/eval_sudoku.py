@@ -28,6 +28,7 @@ from dgemma.checkpoint import load_model  # noqa: E402
 from dgemma.tasks.sudoku_run import default_model_path, evaluate  # noqa: E402
 
 CAPS = (2, 4, 8, 12, 16, 24, 32, 48)
+DEFAULT_CAP = 48  # max_denoising_steps in the bundled model's generation_config.json: the "default" rows
 
 
 def plot(results: dict, path: Path) -> None:
@@ -41,9 +42,11 @@ def plot(results: dict, path: Path) -> None:
                            (axes[1], "cell_accuracy", "blank cells right (%)")):
         for name, style in (("diffusion", "o-"), ("base", "s--")):
             r = results.get(name)
-            if r and r["step_caps"]:
-                caps = sorted(int(c) for c in r["step_caps"])
-                ax.plot(caps, [100 * r["step_caps"][str(c)][key] for c in caps], style,
+            if r:
+                points = {int(c): v[key] for c, v in r["step_caps"].items()}
+                points[DEFAULT_CAP] = r["default"][key]
+                caps = sorted(points)
+                ax.plot(caps, [100 * points[c] for c in caps], style,
                         label=f"{'fine-tuned' if name == 'diffusion' else 'base'} (diffusion decoding)")
         ar = results.get("autoregressive")
         if ar:
@@ -75,11 +78,12 @@ def markdown(results: dict) -> str:
             continue
         caps = sorted(int(c) for c in r.get("step_caps", {}))
         for c in caps:
-            if c < 48:
+            if c < DEFAULT_CAP:
                 row(label, "diffusion", str(c), r["step_caps"][str(c)])
-        row(label, "diffusion", "48 (default)", r["default"])
+        row(label, "diffusion", f"{DEFAULT_CAP} (default)", r["default"])
     if results.get("reference_rng"):
-        row("bundled (SFT)", 'diffusion, rng="reference"', "48 (default)", results["reference_rng"]["default"])
+        row("bundled (SFT)", 'diffusion, rng="reference"', f"{DEFAULT_CAP} (default)",
+            results["reference_rng"]["default"])
     ar = results.get("autoregressive")
     if ar:
         row("autoregressive baseline", "left to right", "-", ar["default"])
