@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--parts", default="diffusion,reference_rng,base,autoregressive",
                     help="which rows to (re)compute; the others are kept from an existing --out file ('' for none)")
     ap.add_argument("--markdown", action="store_true", help="print the results as the README's table")
@@ -120,23 +121,24 @@ def main(argv=None) -> int:
     results.setdefault("commands", {})
     command = "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])
     if "diffusion" in parts:
-        model = load_model(args.model or default_model_path())
+        model = load_model(args.model or default_model_path(), device=args.device)
         results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
         results["commands"]["diffusion"] = command
         print(f"diffusion: {results['diffusion']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "reference_rng" in parts:  # the same model with the reference's sampler: the fast one must match it
-        model = load_model(args.model or default_model_path())
+        model = load_model(args.model or default_model_path(), device=args.device)
         results["reference_rng"] = evaluate(model, n=args.n, seed=args.seed, rng="reference")
         results["commands"]["reference_rng"] = command
         print(f"reference rng: {results['reference_rng']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "base" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            base = load_model(write_base(Path(tmp) / "base", args.base_seed))
+            base = load_model(write_base(Path(tmp) / "base", args.base_seed), device=args.device)
             results["base"] = evaluate(base, n=args.n, seed=args.seed, step_caps=[caps[-1]])
         results["commands"]["base"] = command
         print(f"base: {results['base']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "autoregressive" in parts and args.ar:
-        results["autoregressive"] = evaluate(load_model(args.ar), n=args.n, seed=args.seed, autoregressive=True)
+        ar = load_model(args.ar, device=args.device)
+        results["autoregressive"] = evaluate(ar, n=args.n, seed=args.seed, autoregressive=True)
         results["commands"]["autoregressive"] = command
         print(f"autoregressive: {results['autoregressive']['default']['solve_rate']:.1%}", file=sys.stderr)
     if computing:

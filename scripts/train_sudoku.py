@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--puzzles", type=int, default=60000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: --device cuda --dtype bfloat16)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--ar-only", action="store_true", help="train the autoregressive baseline (AR loss only)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bundle", default=None, help="copy the final model, log and command here")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         print(f"generated {len(rows)} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out / "run"), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, chat=False, save_every=250,
-                      log_every=25, seed=args.seed, resume=args.resume,
+                      log_every=25, seed=args.seed, resume=args.resume, device=args.device, dtype=args.dtype,
                       diffusion_weight=0.0 if args.ar_only else 1.0)
     summary = finetune(cfg)
     print(json.dumps(summary))
