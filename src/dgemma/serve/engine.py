@@ -8,6 +8,7 @@ decode and an autoregressive decode of the same prompt race pass for pass.
 
 from __future__ import annotations
 
+import abc
 import logging
 import queue
 import secrets
@@ -54,7 +55,7 @@ class Job:
         return (self.decoder, self.max_new_tokens, tuple(sorted(self.settings.items())))
 
 
-class _Run:
+class _Run(abc.ABC):
     """A generator of events for some jobs; `step()` advances it by one forward pass."""
 
     def __init__(self, engine: Engine, jobs: list[Job]):
@@ -81,8 +82,9 @@ class _Run:
         self.handle(event)
         return bool(self.live)
 
+    @abc.abstractmethod
     def handle(self, event) -> None:
-        raise NotImplementedError
+        """Deliver one stream event to the run's jobs."""
 
 
 class _DiffusionRun(_Run):
