@@ -120,13 +120,13 @@ def main(argv=None) -> int:
         results.update({"n": args.n, "seed": args.seed, "blanks": [30, 50]})
     results.setdefault("commands", {})
     command = "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])
+    fine_tuned = parts & {"diffusion", "reference_rng"}
+    model = load_model(args.model or default_model_path(), device=args.device) if fine_tuned else None
     if "diffusion" in parts:
-        model = load_model(args.model or default_model_path(), device=args.device)
         results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
         results["commands"]["diffusion"] = command
         print(f"diffusion: {results['diffusion']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "reference_rng" in parts:  # the same model with the reference's sampler: the fast one must match it
-        model = load_model(args.model or default_model_path(), device=args.device)
         results["reference_rng"] = evaluate(model, n=args.n, seed=args.seed, rng="reference")
         results["commands"]["reference_rng"] = command
         print(f"reference rng: {results['reference_rng']['default']['solve_rate']:.1%}", file=sys.stderr)
