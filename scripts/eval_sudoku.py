@@ -28,7 +28,6 @@ from dgemma.checkpoint import load_model  # noqa: E402
 from dgemma.tasks.sudoku_run import default_model_path, evaluate  # noqa: E402
 
 CAPS = (2, 4, 8, 12, 16, 24, 32, 48)
-DEFAULT_CAP = 48  # max_denoising_steps in the bundled model's generation_config.json: the "default" rows
 
 
 def plot(results: dict, path: Path) -> None:
@@ -44,7 +43,7 @@ def plot(results: dict, path: Path) -> None:
             r = results.get(name)
             if r:
                 points = {int(c): v[key] for c, v in r["step_caps"].items()}
-                points[DEFAULT_CAP] = r["default"][key]
+                points[r["default_steps"]] = r["default"][key]
                 caps = sorted(points)
                 ax.plot(caps, [100 * points[c] for c in caps], style,
                         label=f"{'fine-tuned' if name == 'diffusion' else 'base'} (diffusion decoding)")
@@ -78,12 +77,12 @@ def markdown(results: dict) -> str:
             continue
         caps = sorted(int(c) for c in r.get("step_caps", {}))
         for c in caps:
-            if c < DEFAULT_CAP:
+            if c < r["default_steps"]:
                 row(label, "diffusion", str(c), r["step_caps"][str(c)])
-        row(label, "diffusion", f"{DEFAULT_CAP} (default)", r["default"])
-    if results.get("reference_rng"):
-        row("bundled (SFT)", 'diffusion, rng="reference"', f"{DEFAULT_CAP} (default)",
-            results["reference_rng"]["default"])
+        row(label, "diffusion", f"{r['default_steps']} (default)", r["default"])
+    ref = results.get("reference_rng")
+    if ref:
+        row("bundled (SFT)", 'diffusion, rng="reference"', f"{ref['default_steps']} (default)", ref["default"])
     ar = results.get("autoregressive")
     if ar:
         row("autoregressive baseline", "left to right", "-", ar["default"])

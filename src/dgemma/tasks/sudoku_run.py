@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from ..generate import resolve_settings
 from . import sudoku
 
 # The project's own Sudoku model ships inside the package once trained (scripts/train_sudoku.py --bundle).
@@ -172,6 +173,7 @@ def evaluate(model, n: int = 1000, seed: int = 424242, blanks=(30, 50), step_cap
            "default": run()}
     if not autoregressive:
         out["rng"] = rng
+        out["default_steps"] = resolve_settings(model, None, {}).max_denoising_steps  # the cap of the "default" row
     out["step_caps"] = {} if autoregressive else {str(cap): run(max_denoising_steps=cap) for cap in step_caps}
     return out
 
