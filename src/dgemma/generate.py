@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationConfig
-from .model import row_invariant
+from .numerics import row_invariant
 from .sampler import FastRNG, ReferenceRNG, StableAndConfident, accept_mask, entropy, fast_sample, temperature
 
 RNG_MODES = ("fast", "reference")

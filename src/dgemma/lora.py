@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import Linear, linear
+from .model import Linear
+from .numerics import linear
 from .presets import checkpoint_key
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

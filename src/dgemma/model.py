@@ -9,15 +9,13 @@ logits agree to ~1e-6 and bf16 stays close.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig
 from .kv_cache import KVCache
+from .numerics import MIN_ROWS, ROW_INVARIANT, gelu_tanh, linear, softcap
 
 
 class RMSNorm(nn.Module):
@@ -61,42 +59,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(logits / cap) (identity when the config has no softcap)."""
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# CPU GEMM kernels switch algorithm below ~16 rows, which changes rounding. Padding small inputs up to that size
-# keeps every row's result independent of how many other rows share the call, so a prompt gives the same tokens
-# alone or in a batch (fp32). The reference does not pad, so exact-parity runs switch it off.
-MIN_ROWS = 16
-ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("row_invariant", default=False)
-
-
-@contextlib.contextmanager
-def row_invariant(enabled: bool = True):
-    token = ROW_INVARIANT.set(enabled)
-    try:
-        yield
-    finally:
-        ROW_INVARIANT.reset(token)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight[out, in].T; row-count independent on CPU inside `row_invariant()`."""
-    flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    if rows < MIN_ROWS and x.device.type == "cpu" and ROW_INVARIANT.get():
-        out = F.linear(F.pad(flat, (0, 0, 0, MIN_ROWS - rows)), weight)[:rows]
-    else:
-        out = F.linear(flat, weight)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Module):

@@ -28,7 +28,8 @@ from .checkpoint import load_model, resolve_device
 from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, save_adapter
-from .model import DiffusionGemma, row_invariant
+from .model import DiffusionGemma
+from .numerics import row_invariant
 from .presets import checkpoint_key, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
