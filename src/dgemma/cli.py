@@ -198,7 +198,7 @@ def cmd_generate(args) -> int:
         from .display import CanvasView
 
         # With --json the live view goes to stderr so stdout stays one JSON object.
-        view = CanvasView(tok, model.config.canvas_length, console=Console(stderr=args.json))
+        view = CanvasView(tok, console=Console(stderr=args.json))
     result = None
     pad = model.generation_config.pad_token_id
     streamed_ids: list[int] = []

@@ -19,23 +19,20 @@ def token_label(tok, token_id: int) -> str:
 
 
 class CanvasView:
-    def __init__(self, tokenizer, canvas_length: int, enabled: bool = True, console: Console | None = None):
+    """A live panel: the committed text, and below it the current canvas (redrawn after every step)."""
+
+    def __init__(self, tokenizer, console: Console | None = None):
         self.ids: list[int] = []
         self.tok = tokenizer
-        self.canvas_length = canvas_length
         self.committed = ""
-        self.console = console or Console(stderr=False)
-        self.live = Live(console=self.console, auto_refresh=False, transient=False) if enabled else None
-        self.last: Draft | None = None
+        self.live = Live(console=console or Console(), auto_refresh=False, transient=False)
 
     def __enter__(self):
-        if self.live is not None:
-            self.live.__enter__()
+        self.live.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
+        self.live.__exit__(*exc)
         return False
 
     def _render(self, title: str, body: Text) -> Panel:
@@ -43,7 +40,6 @@ class CanvasView:
         return Panel(Group(done, Text(""), body), title=title, subtitle="green: accepted  dim: re-noised")
 
     def draft(self, ev: Draft) -> None:
-        self.last = ev
         body = Text()
         for pos in range(ev.canvas.shape[1]):
             tid = int(ev.canvas[0, pos])
@@ -56,8 +52,7 @@ class CanvasView:
             body.append(" " if self.tok is None else "")
         n_acc = int(ev.accepted[0].sum())
         title = f"canvas {ev.canvas_index + 1} · step {ev.step} · accepted {n_acc}/{ev.canvas.shape[1]}"
-        if self.live is not None:
-            self.live.update(self._render(title, body), refresh=True)
+        self.live.update(self._render(title, body), refresh=True)
 
     def commit(self, ev: Commit) -> None:
         ids = [int(t) for t in ev.ids[0]]
@@ -67,5 +62,4 @@ class CanvasView:
         else:
             self.committed += " ".join(map(str, ids)) + " "
         title = f"canvas {ev.canvas_index + 1} committed after {ev.steps[0]} steps"
-        if self.live is not None:
-            self.live.update(self._render(title, Text("")), refresh=True)
+        self.live.update(self._render(title, Text("")), refresh=True)
