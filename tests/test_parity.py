@@ -304,7 +304,7 @@ def bf16_zoo(tmp_path_factory):
     out = {}
     for name, text in BF16_CASES.items():
         ref, ckpt = build(root, name, text, canvas_length=8, seed=2, dtype=torch.bfloat16)
-        out[name] = (ref, dgemma.load_model(ckpt), ckpt)
+        out[name] = (ref, dgemma.load_model(ckpt, dtype=torch.bfloat16), ckpt)  # bf16 even without native bf16
     return out
 
 

@@ -4,6 +4,11 @@ Layouts: one `model.safetensors`, or shards listed by `model.safetensors.index.j
 (decoder stack under `model.decoder.*`, encoder extras under `model.encoder.language_model.*`); encoder copies of the
 tied text weights and `lm_head.weight` may be present or absent. Vision weights are skipped (text use only).
 Only safetensors is read: nothing is ever unpickled.
+
+Quantized checkpoints (detected from `hf_quant_config.json` or config.json's `quantization_config`, see
+dgemma.quant.formats) keep their quantized linear layers and experts packed: those modules become QLinear /
+QExperts over QTensors; per-expert keys (`...experts.{e}.gate_proj.weight` etc.) are stacked into one
+[E, 2I, H] / [E, H, I] QTensor per layer. A GGUF file (or a directory holding one) is read by dgemma.quant.gguf.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
-from .model import DiffusionGemma
+from .hardware import default_compute_dtype
+from .model import DiffusionGemma, Linear
+from .quant.formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
+                            read_stacked, split_key)
+from .quant.modules import QExperts, QLinear
+from .quant.qtensor import QTensor, QuantError
 
 log = logging.getLogger("dgemma")
 
@@ -118,11 +128,17 @@ def _keys(file: Path) -> list[str]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> DiffusionGemma:
-    """Load config, weights, generation defaults and tokenizer from a checkpoint directory."""
+    """Load config, weights, generation defaults and tokenizer from a checkpoint directory (or a GGUF file)."""
     path = Path(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        from .quant.gguf import load_gguf
+
+        return load_gguf(gguf_file, dtype=dtype, device=device)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     try:
+        fmt = detect_quant(path)
         cfg = ModelConfig.from_file(path / "config.json")
         gen_file = path / "generation_config.json"
         gen = GenerationConfig.from_dict(read_json(gen_file), str(gen_file)) if gen_file.is_file() else GenerationConfig()
@@ -130,12 +146,17 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         raise CheckpointError(str(e)) from None
     target_dtype = resolve_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPES else None)
     device = resolve_device(device)
+    if dtype is None:  # no bf16 cliff: 16-bit weights compute in fp32 on CPUs without native bf16
+        target_dtype = default_compute_dtype(target_dtype, device)
 
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-
     files = weight_files(path)
+    try:
+        files, quantized = load_quantized(model, files, fmt, target_dtype, device)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     # Choose the source of every parameter: the decoder key wins, an encoder/lm_head copy fills in when absent.
     sources: dict[str, tuple[str, Path]] = {}
     tied: list[tuple[str, str, Path]] = []
@@ -170,6 +191,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
             key, file = sources[name]
             state[name] = _read(handles, file, key, shape, target_dtype, device)
         for name, key, file in tied:  # tied copies must at least have the right shape
+            if name in quantized:
+                continue
             got = _shape(handles, file, key)
             if got != expected[name]:
                 raise CheckpointError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(expected[name])}")
@@ -180,6 +203,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.eval()
     model.generation_config = gen
     model.source = str(path)
+    model.quant_format = fmt
     if vision:
         log.warning("%s: checkpoint has vision weights (%d tensors); they are skipped because image input is not "
                     "supported yet. Loaded for text use.", path, vision)
@@ -228,3 +252,158 @@ def _ckpt_name(name: str) -> str:
     if name in sc:
         return _DEC + "self_conditioning." + sc[name]
     return _DEC + name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+_EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+_FUSED_SCALE = re.compile(r"layers\.(\d+)\.experts\.(gate_up_proj|down_proj)_scale_inv$")
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file to load: `path` itself, or the only *.gguf in a directory without config.json."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise CheckpointError(f"{path}: several GGUF files ({', '.join(f.name for f in found)}); pass one")
+        return found[0] if found else None
+    return None
+
+
+def detect_quant(path: Path) -> QuantFormat | None:
+    """The checkpoint's quantized layout (None for a plain one); CheckpointError when it is unreadable/unknown."""
+    cfg_file = path / "config.json"
+    try:
+        raw = read_json(cfg_file) if cfg_file.is_file() else {}
+        return detect(path, raw)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantFormat | None, dtype: torch.dtype,
+                   device: torch.device) -> tuple[dict[str, Path], set[str]]:
+    """Read every quantized linear layer and every per-expert / fused-FP8 expert tensor of `files` into QTensors,
+    swap QLinear / QExperts into `model` (or fill its dense expert weights when per-expert keys are unquantized).
+    Returns the keys left for the dense loader and the dgemma names of the parameters replaced."""
+    reader = Reader(files)
+    linear: dict[str, dict[str, str]] = {}  # checkpoint module prefix -> {suffix: key}
+    experts: dict[int, dict[int, dict[str, dict[str, str]]]] = {}  # layer -> expert -> proj -> {suffix: key}
+    fused_scale: dict[tuple[int, str], str] = {}
+    consumed: set[str] = set()
+    for key in files:
+        if not key.startswith(_DEC):
+            continue
+        rest = key[len(_DEC):]
+        m = _FUSED_SCALE.fullmatch(rest)
+        if m:
+            fused_scale[(int(m.group(1)), m.group(2))] = key
+            continue
+        split = split_key(key)
+        if split is None:
+            continue
+        prefix, suffix = split
+        m = _EXPERT.fullmatch(prefix[len(_DEC):])
+        if m:
+            layer, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            experts.setdefault(layer, {}).setdefault(e, {}).setdefault(proj, {})[suffix] = key
+            consumed.add(key)
+        elif suffix != "weight" or reader.dtype(key) not in FLOAT_DTYPES:
+            linear.setdefault(prefix, {})
+    for key in files:  # the whole group of every quantized linear layer (its weight included)
+        split = split_key(key) if key.startswith(_DEC) else None
+        if split and split[0] in linear:
+            linear[split[0]][split[1]] = key
+            consumed.add(key)
+
+    replaced: set[str] = set()
+    modules = dict(model.named_modules())
+    for prefix, group in sorted(linear.items()):
+        kind, name = map_key(prefix + ".weight")
+        mod_name = name[: -len(".weight")] if name else None
+        if kind != "main" or mod_name not in modules or not isinstance(modules[mod_name], Linear):
+            raise QuantError(f"{reader.where(next(iter(group.values())))}: quantized tensor of no linear layer of "
+                             "this model")
+        out, inn = modules[mod_name].weight.shape
+        q = read_matrix(reader, group, out, inn, fmt, prefix, dtype, device)
+        _set_module(model, mod_name, QLinear(q) if isinstance(q, QTensor) else _dense_linear(q))
+        replaced.add(name)
+        reader.release()
+
+    cfg = model.config
+    for layer in sorted(set(experts) | {k[0] for k in fused_scale}):
+        if layer >= cfg.num_hidden_layers:
+            key = next(iter(fused_scale.values())) if layer not in experts else \
+                next(iter(next(iter(experts[layer].values())).values())).get("weight", "")
+            raise QuantError(f"{reader.where(key)}: layer {layer} does not exist (the config has "
+                             f"{cfg.num_hidden_layers} layers)")
+        e_, i_, h_ = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        if layer in experts:
+            per = experts[layer]
+            for e in range(e_):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    if proj not in per.get(e, {}):
+                        raise QuantError(f"{files[next(iter(files))].parent}: expert {e} {proj} of layer {layer} is "
+                                         f"missing (no {_DEC}layers.{layer}.experts.{e}.{proj}.* tensors)")
+            extra = sorted(set(per) - set(range(e_)))
+            if extra:
+                key = next(iter(per[extra[0]]["gate_proj"].values())) if "gate_proj" in per[extra[0]] else ""
+                raise QuantError(f"{reader.where(key)}: expert {extra[0]} of layer {layer} does not exist (the "
+                                 f"config has {e_} experts)")
+            gate_up = read_stacked(reader, [[per[e]["gate_proj"], per[e]["up_proj"]] for e in range(e_)],
+                                   [i_, i_], h_, fmt, "experts", dtype, device)
+            down = read_stacked(reader, [[per[e]["down_proj"]] for e in range(e_)], [h_], i_, fmt, "experts",
+                                dtype, device)
+        else:
+            gate_up = _fused_fp8(reader, files, layer, "gate_up_proj", (e_, 2 * i_, h_), fused_scale, fmt, consumed,
+                                 device)
+            down = _fused_fp8(reader, files, layer, "down_proj", (e_, h_, i_), fused_scale, fmt, consumed, device)
+        if isinstance(gate_up, QTensor) != isinstance(down, QTensor):
+            raise QuantError(f"layer {layer}: experts gate_up and down must both be quantized or both dense")
+        block = model.layers[layer]
+        if isinstance(gate_up, QTensor):
+            block.experts = QExperts(gate_up, down)
+        else:
+            block.experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+            block.experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
+        replaced.update({f"layers.{layer}.experts.gate_up_proj", f"layers.{layer}.experts.down_proj"})
+        reader.release()
+    reader.release()
+    return {k: f for k, f in files.items() if k not in consumed}, replaced
+
+
+def _fused_fp8(reader: Reader, files: dict[str, Path], layer: int, proj: str, shape: tuple[int, int, int],
+               fused_scale: dict, fmt: QuantFormat | None, consumed: set[str], device: torch.device) -> QTensor:
+    """A fused [E, out, in] FP8 expert tensor with its `{proj}_scale_inv` block scales (HF fine-grained FP8)."""
+    key = f"{_DEC}layers.{layer}.experts.{proj}"
+    skey = fused_scale.get((layer, proj))
+    if key not in files:
+        raise QuantError(f"{reader.where(skey)}: block scales without the tensor {key!r}")
+    if skey is None:
+        raise QuantError(f"{reader.where(key)}: the matching {proj}_scale_inv tensor is missing")
+    check_kind("fp8-block", fmt, reader.where(key))
+    bo, bi = fmt.block if fmt is not None and fmt.block else (128, 128)
+    e_, out, inn = shape
+    for k, want, dts in ((key, shape, ("F8_E4M3",)), (skey, (e_, -(-out // bo), -(-inn // bi)), ("F32",))):
+        if reader.shape(k) != want:
+            raise QuantError(f"{reader.where(k)}: shape {list(reader.shape(k))}, expected {list(want)}")
+        if reader.dtype(k) not in dts:
+            raise QuantError(f"{reader.where(k)}: dtype {reader.dtype(k)}, expected {dts[0]}")
+    weight = reader.get(key).to(device, copy=True)
+    scale_inv = reader.get(skey).to(device, copy=True)
+    consumed.update({key, skey})
+    return FP8BlockTensor(weight, scale_inv, (torch.arange(out) // bo).to(device), bi, shape=shape)
+
+
+def _dense_linear(weight: torch.Tensor) -> Linear:
+    with torch.device("meta"):
+        lin = Linear(weight.shape[1], weight.shape[0])
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return lin
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
