@@ -292,3 +292,68 @@ def is_quantized_linear(name: str) -> bool:
 
 __all__ = ["Int8Tensor", "Int4Tensor", "Dense16Tensor", "quantize_int8", "quantize_int4", "keep_16bit_storage",
            "parse_config", "read_qtensor", "DgemmaQuant", "weight_keys", "is_quantized_linear"]
+
+
+def load_into(model: torch.nn.Module, files: dict, q: DgemmaQuant, device: torch.device) -> tuple[dict, set[str]]:
+    """Swap QLinear / QExperts into `model` for every weight stored in dgemma's int8/int4 layout. Returns the
+    checkpoint keys left for the dense loader and the dgemma parameter names replaced (the loader's contract)."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..model import Linear
+    from ..presets import checkpoint_key
+    from .modules import QExperts, QLinear
+
+    meta: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in sorted(set(files.values())):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise QuantError(f"{f}: not a readable safetensors file ({e})") from None
+
+    def where(key: str) -> str:
+        return f"{files.get(key, q.source)}: tensor {key!r}"
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        if key not in meta:
+            raise KeyError(key)
+        return meta[key][0]
+
+    def get(key: str) -> torch.Tensor:
+        with safe_open(str(files[key]), framework="pt") as h:  # re-opened per tensor: no pile-up of mapped pages
+            return h.get_tensor(key).clone()
+
+    consumed: set[str] = set()
+    replaced: set[str] = set()
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, Linear) or not is_quantized_linear(full + ".weight"):
+                continue
+            base = checkpoint_key(full + ".weight")
+            codes, scale = weight_keys(q.scheme, base)
+            if base[: -len(".weight")] in q.ignore or (codes not in meta and scale not in meta):
+                continue
+            if q.scheme == "int8" and meta.get(codes, ((), ""))[1] != "I8" and scale not in meta:
+                continue  # a dense weight under the same key
+            out, inn = child.weight.shape
+            setattr(mod, child_name, QLinear(read_qtensor(get, shape_of, lambda k: meta[k][1], where, q, base,
+                                                          (out, inn), device)))
+            consumed.update((codes, scale))
+            replaced.add(full + ".weight")
+    cfg = model.config
+    for i, layer in enumerate(model.layers):
+        bases = [checkpoint_key(f"layers.{i}.experts.{p}") for p in ("gate_up_proj", "down_proj")]
+        present = [weight_keys(q.scheme, b)[1] in meta for b in bases]
+        if not any(present):
+            continue
+        e, n_i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        gu = read_qtensor(get, shape_of, lambda k: meta[k][1], where, q, bases[0], (e, 2 * n_i, h), device)
+        dn = read_qtensor(get, shape_of, lambda k: meta[k][1], where, q, bases[1], (e, h, n_i), device)
+        layer.experts = QExperts(gu, dn)
+        for b in bases:
+            consumed.update(weight_keys(q.scheme, b))
+        replaced.update({f"layers.{i}.experts.gate_up_proj", f"layers.{i}.experts.down_proj"})
+    return {k: f for k, f in files.items() if k not in consumed}, replaced
