@@ -91,6 +91,11 @@ def variants(ckpt, tmp_path_factory) -> dict[str, Path]:
     bad_cfg = root / "bad_config"
     shutil.copytree(ckpt, bad_cfg)
     (bad_cfg / "config.json").write_text('{"model_type": "diffusion_gemma", "text_config": {', encoding="utf-8")
+    no_hidden = root / "no_hidden_size"  # valid JSON, a required shape key missing
+    shutil.copytree(ckpt, no_hidden)
+    cfg = json.loads((no_hidden / "config.json").read_text(encoding="utf-8"))
+    del cfg["text_config"]["hidden_size"]
+    (no_hidden / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     no_template = root / "no_template"
     shutil.copytree(ckpt, no_template)
     (no_template / "chat_template.jinja").unlink()
@@ -100,7 +105,8 @@ def variants(ckpt, tmp_path_factory) -> dict[str, Path]:
     occupied = root / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("precious\n", encoding="utf-8")
-    return {"no_tokenizer": no_tok, "no_template": no_template, "bad_config": bad_cfg, "occupied": occupied,
+    return {"no_tokenizer": no_tok, "no_template": no_template, "bad_config": bad_cfg, "no_hidden": no_hidden,
+            "occupied": occupied,
             "bf16": root / "bf16",
             "missing": root / "does-not-exist"}
 
@@ -129,6 +135,9 @@ def error_cases(ckpt: Path, v: dict[str, Path]) -> dict[str, tuple[list, str]]:
                                   "no chat template"),
         "info_missing_dir": (["info", "--model", v["missing"]], "does-not-exist"),
         "info_bad_config": (["info", "--model", v["bad_config"]], "not valid JSON"),
+        "missing_shape_key": (["generate", "--model", v["no_hidden"], "--prompt-ids", PROMPT_ARG],
+                              "text_config.hidden_size is missing"),
+        "info_missing_shape_key": (["info", "--model", v["no_hidden"]], "text_config.hidden_size is missing"),
         "random_bad_preset": (["random-checkpoint", v["missing"], "--preset", "huge"], "huge"),
     }
 
@@ -432,7 +441,7 @@ def run_main(argv) -> subprocess.CompletedProcess:
 
 
 ALL_ERRORS = sorted(error_cases(Path("ckpt"), {k: Path(k) for k in ("missing", "bad_config", "no_tokenizer",
-                                                                       "no_template")}))
+                                                                       "no_template", "no_hidden")}))
 ARGPARSE_ERRORS = {"non_int_ids", "empty_ids", "random_bad_preset"}
 EITHER_FORMAT = {"bad_rng"}  # an argparse choice or a ValueError from generate, both fine
 

@@ -9,8 +9,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+DEFAULT_MAX_NEW_TOKENS = 256
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+# The reference's defaults for keys a config.json may leave out (the 10 shape keys of REQUIRED_KEYS have none).
+SLIDING_PER_FULL = 5  # 5 sliding layers, then a full one
+DEFAULT_ROPE: dict[str, dict[str, Any]] = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+DEFAULT_GLOBAL_HEAD_DIM = 512  # head_dim of full layers in the older layout without per_layer_config
+REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size",
+)
+
+
+def default_layer_types(num_layers: int) -> list[str]:
+    """The 5:1 sliding/full pattern; the last layer is always full (the reference forces it)."""
+    types = [FULL if (i + 1) % (SLIDING_PER_FULL + 1) == 0 else SLIDING for i in range(num_layers)]
+    types[-1] = FULL
+    return types
 
 
 class ConfigError(ValueError):
@@ -47,23 +67,16 @@ class ModelConfig:
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     num_experts: int
     top_k_experts: int
     moe_intermediate_size: int
     sliding_window: int
-    layer_types: list[str]
-    layers: list[LayerSpec]
+    layers: list[LayerSpec]  # per layer: kind, head_dim, KV heads, RoPE (text_config's head_dim etc. folded in)
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = 30.0
     max_position_embeddings: int = 131072
     canvas_length: int = 256
-    pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
-    bos_token_id: int | None = 2
-    hidden_activation: str = "gelu_pytorch_tanh"
-    has_vision: bool = False
     torch_dtype: str | None = None
 
     @property
@@ -88,6 +101,52 @@ class ModelConfig:
         inactive = (self.num_experts - self.top_k_experts) * 3 * self.moe_intermediate_size * self.hidden_size
         return self.num_params - inactive * self.num_hidden_layers
 
+    def decoder_flops(self, cached: int, canvas: int | None = None, self_conditioning: bool = True,
+                      batch: int = 1) -> dict[str, int]:
+        """FLOPs (2 x multiply-accumulates) of one denoising forward over a canvas, by component.
+
+        Counted: every projection for the canvas tokens (q, k, v on sliding layers only since full layers reuse K
+        as V, o), attention QK^T and PV over [cache ; canvas] keys (sliding layers see at most sliding_window - 1
+        cached positions), the dense MLP (gate, up, down), the router, the top-k experts (gate_up + down per chosen
+        expert), self-conditioning (softmax(logits) [C x V] @ [V x H] and its MLP, only when `self_conditioning`),
+        and the tied lm_head. Not counted: norms, RoPE, softmaxes, GELU, the softcap and the sampler (elementwise,
+        O(C x V))."""
+        c = (canvas if canvas is not None else self.canvas_length) * batch
+        h, i, v, nh = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_attention_heads
+        mac = dict.fromkeys(("attn_proj", "attn_scores", "dense_mlp", "router", "experts", "sc_soft_embed",
+                             "sc_mlp", "lm_head"), 0)
+        for spec in self.layers:
+            q, kv = nh * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            mac["attn_proj"] += c * h * (q + kv * (2 if spec.has_v_proj else 1)) + c * q * h
+            keys = (min(cached, self.sliding_window - 1) if spec.sliding else cached) + c // batch
+            mac["attn_scores"] += 2 * c * nh * keys * spec.head_dim  # QK^T and PV
+            mac["dense_mlp"] += 3 * c * h * i
+            mac["router"] += c * h * self.num_experts
+            mac["experts"] += 3 * c * self.top_k_experts * self.moe_intermediate_size * h
+        if self_conditioning:
+            mac["sc_soft_embed"] = c * v * h
+            mac["sc_mlp"] = 3 * c * h * i
+        mac["lm_head"] = c * h * v
+        out = {k: 2 * n for k, n in mac.items()}
+        out["total"] = sum(out.values())
+        return out
+
+    def prefill_flops(self, length: int, batch: int = 1) -> int:
+        """FLOPs of the encoder pass over a prompt: projections, dense MLP, router, top-k experts, and causal
+        attention (query j sees j + 1 keys, at most sliding_window on sliding layers). No lm_head (prefill only
+        fills the cache)."""
+        h, i, nh = self.hidden_size, self.intermediate_size, self.num_attention_heads
+        total = 0
+        for spec in self.layers:
+            q, kv = nh * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            total += length * h * (q + kv * (2 if spec.has_v_proj else 1)) + length * q * h
+            w = self.sliding_window if spec.sliding else length
+            keys = sum(min(j + 1, w) for j in range(length))
+            total += 2 * nh * keys * spec.head_dim
+            total += 3 * length * h * i + length * h * self.num_experts
+            total += 3 * length * self.top_k_experts * self.moe_intermediate_size * h
+        return 2 * total * batch
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         model_type = raw.get("model_type")
@@ -98,15 +157,11 @@ class ModelConfig:
         text = raw.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: 'text_config' is missing or not an object")
-        required = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size",
-        ]
-        defaults = {"vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
-                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
         vals: dict[str, Any] = {}
-        for key in required:
-            v = text.get(key, defaults.get(key))
+        for key in REQUIRED_KEYS:
+            if key not in text:
+                raise ConfigError(f"{source}: text_config.{key} is missing (the model's shape has no default)")
+            v = text[key]
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{source}: text_config.{key} must be a positive integer, got {v!r}")
             vals[key] = v
@@ -114,22 +169,17 @@ class ModelConfig:
             raise ConfigError(f"{source}: top_k_experts ({vals['top_k_experts']}) > num_experts ({vals['num_experts']})")
         n_layers = vals["num_hidden_layers"]
         layer_types = text.get("layer_types")
-        if layer_types is None:
-            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
-        layer_types = list(layer_types)
+        layer_types = list(layer_types) if layer_types is not None else default_layer_types(n_layers)
         if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
             raise ConfigError(f"{source}: layer_types must list {n_layers} of {SLIDING!r}/{FULL!r}")
         layer_types[-1] = FULL  # the reference forces the last layer to full attention
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError(f"{source}: use_bidirectional_attention='all' is not supported")
 
-        rope = text.get("rope_parameters") or {
-            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        }
+        rope = text.get("rope_parameters") or DEFAULT_ROPE
         per_layer = text.get("per_layer_config")
         if per_layer is None:  # older layout: global_* keys describe the full layers
-            override: dict[str, Any] = {"head_dim": text.get("global_head_dim", 512)}
+            override: dict[str, Any] = {"head_dim": text.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)}
             if text.get("num_global_key_value_heads") is not None:
                 override["num_key_value_heads"] = text["num_global_key_value_heads"]
             per_layer = {str(i): override for i, t in enumerate(layer_types) if t == FULL}
@@ -160,19 +210,14 @@ class ModelConfig:
         if not isinstance(canvas, int) or canvas <= 0:
             raise ConfigError(f"{source}: canvas_length must be a positive integer, got {canvas!r}")
         return cls(
-            **vals,
+            **{k: v for k, v in vals.items() if k not in ("num_key_value_heads", "head_dim")},
             sliding_window=int(text.get("sliding_window", 512)),
-            layer_types=layer_types,
             layers=layers,
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
             max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
             canvas_length=canvas,
-            pad_token_id=text.get("pad_token_id", 0),
             eos_token_id=text.get("eos_token_id", 1),
-            bos_token_id=text.get("bos_token_id", 2),
-            hidden_activation=act,
-            has_vision=raw.get("vision_config") is not None,
             torch_dtype=raw.get("dtype", raw.get("torch_dtype")),
         )
 
@@ -185,8 +230,8 @@ class ModelConfig:
 class GenerationConfig:
     """Sampler settings; names follow generation_config.json (entropy_bound flattens sampler_config)."""
 
-    max_new_tokens: int = 256
-    max_length: int | None = None
+    max_new_tokens: int | None = None  # None: up to max_length when that is set, else DEFAULT_MAX_NEW_TOKENS
+    max_length: int | None = None  # prompt + generated tokens
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
     t_min: float | None = 0.4
@@ -231,7 +276,7 @@ class GenerationConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens <= 0):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
@@ -258,6 +303,13 @@ class GenerationConfig:
             raise ValueError(f"eos_token_id must be an integer or a non-empty list of integers, got {eos!r}")
         if self.pad_token_id is not None and not is_int(self.pad_token_id):
             raise ValueError(f"pad_token_id must be an integer, got {self.pad_token_id!r}")
+
+    def new_tokens(self, prompt_len: int) -> int:
+        """Tokens to generate after a prompt: max_new_tokens when set (it takes precedence, as in the reference),
+        else what max_length leaves, else the default."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return self.max_length - prompt_len if self.max_length else DEFAULT_MAX_NEW_TOKENS
 
     @property
     def eos_ids(self) -> list[int]:

@@ -1,19 +1,22 @@
-"""Named model shapes, and writing random checkpoints in the save_pretrained layout (loadable by dgemma and by
-the reference implementation alike)."""
+"""Named model shapes and random weights: random checkpoints in the save_pretrained layout (loadable by dgemma and
+by the reference implementation alike), and the same random models built directly in memory."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .config import FULL, SLIDING, ModelConfig
+from .config import DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_ROPE, FULL, SLIDING, GenerationConfig, ModelConfig, \
+    default_layer_types
 
 # text_config fields per preset; `canvas_length` is a top-level field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,10 +60,9 @@ def config_dict(preset: str | dict[str, Any], dtype: str = "float32", **override
         spec = dict(preset)
     spec.update(overrides)
     canvas = spec.pop("canvas_length", 256)
-    n = spec["num_hidden_layers"]
-    layer_types = list(spec.pop("layer_types", None) or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
+    layer_types = list(spec.pop("layer_types", None) or default_layer_types(spec["num_hidden_layers"]))
     layer_types[-1] = FULL
-    global_override = {"head_dim": spec.pop("global_head_dim", 512)}
+    global_override = {"head_dim": spec.pop("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)}
     kv = spec.pop("num_global_key_value_heads", None)
     if kv is not None:
         global_override["num_key_value_heads"] = kv
@@ -69,10 +71,7 @@ def config_dict(preset: str | dict[str, Any], dtype: str = "float32", **override
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
         "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": None,
         "initializer_range": 0.02,
-        "rope_parameters": {
-            SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
-            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
+        "rope_parameters": json.loads(json.dumps(DEFAULT_ROPE)),  # a deep copy
         **spec,
         "layer_types": layer_types,
         "per_layer_config": {str(i): dict(global_override) for i, t in enumerate(layer_types) if t == FULL},
@@ -97,22 +96,73 @@ def generation_config_dict(**overrides: Any) -> dict[str, Any]:
     return gen
 
 
-def random_state_dict(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Random weights under their save_pretrained names: N(0, std) matrices, norms and scales at 1."""
+def preset_config(preset: str | dict[str, Any], dtype: str = "float32", **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a preset (or of a dict of text_config fields), with overrides."""
+    return ModelConfig.from_dict(config_dict(preset, dtype=dtype, **overrides), f"preset {preset!r}")
+
+
+def _random_parameters(cfg: ModelConfig, seed: int, std: float, dtype: torch.dtype,
+                       device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dgemma parameter name, random value) in parameter order: matrices N(0, std) drawn in fp32 from one
+    generator seeded with `seed` and then cast, every 1-D weight (norms, scales, layer scalars) 1. Only one fp32
+    temporary exists at a time, so a model that fits in `dtype` can be built."""
     from .model import DiffusionGemma
 
-    g = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in DiffusionGemma(cfg).named_parameters()}
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
+        shapes = [(n, tuple(p.shape)) for n, p in DiffusionGemma(cfg).named_parameters()]
+    for name, shape in shapes:
         if len(shape) == 1:
-            t = torch.ones(shape, dtype=dtype, device=device)
+            yield name, torch.ones(shape, dtype=dtype, device=device)
         else:
-            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g)
-        out[checkpoint_key(name)] = t
-    return out
+            t = torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen)
+            if dtype != torch.float32:
+                t = t.to(dtype)  # drops the fp32 draw before the next one
+            yield name, t
+
+
+def random_state_dict(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights under their save_pretrained names (see `_random_parameters`)."""
+    return {checkpoint_key(n): t for n, t in _random_parameters(cfg, seed, std, dtype, device)}
+
+
+def random_model(preset: str | dict[str, Any] = "tiny", dtype: str | torch.dtype = "float32",
+                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02, **overrides: Any):
+    """A `DiffusionGemma` with random weights, built directly in memory on `device` (no checkpoint on disk).
+
+    The weights are those of `random_state_dict`: on CPU this is exactly the model that
+    `load_model(write_random_checkpoint(dir, preset, seed=seed, std=std), dtype=dtype)` returns."""
+    from .checkpoint import resolve_dtype
+    from .model import DiffusionGemma
+
+    dtype, device = resolve_dtype(dtype), torch.device(device)
+    cfg = preset_config(preset, str(dtype).removeprefix("torch."), **overrides)
+    _check_fits(cfg, dtype, device)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    model.load_state_dict(dict(_random_parameters(cfg, seed, std, dtype, device)), assign=True, strict=True)
+    model.requires_grad_(False)
+    model.eval()
+    model.generation_config = GenerationConfig.from_dict(generation_config_dict())
+    model.source = f"random:{preset if isinstance(preset, str) else 'custom'}"
+    return model
+
+
+def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """A clear MemoryError instead of the OOM killer (26b-a4b in fp32 on a laptop)."""
+    need = cfg.num_params * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
+    else:
+        try:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        except OSError:
+            m = None
+        free, where = (int(m.group(1)) * 1024 if m else 0), "available host memory"
+    if free and need > 0.9 * free:
+        raise MemoryError(f"{cfg.num_params / 1e9:.2f} G parameters need {need / 2**30:.1f} GiB in "
+                          f"{str(dtype).removeprefix('torch.')}, more than the {free / 2**30:.1f} GiB of {where}")
 
 
 def checkpoint_key(name: str) -> str:
