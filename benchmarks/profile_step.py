@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--preset small-moe] [--dtype float32] [--rng fast] [--threads 1] [--top 15]
 
-The model has random weights built in memory (dgemma.bench.random_model). Generation runs through
+The model has random weights built in memory (dgemma.presets.random_model). Generation runs through
 `model.stream()`: the first Draft event (prefill + step 1, which has no self-conditioning input) is consumed
 before the profiler starts, so the profile holds exactly step 2, a steady-state step with self-conditioning.
 """
@@ -15,7 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dgemma.bench import random_model
+from dgemma.presets import random_model
 from dgemma.generate import Draft
 
 

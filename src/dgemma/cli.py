@@ -87,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per mode at least, best counts (default 3)")
     b.add_argument("--min-time-s", type=float, default=1.0,
                    help="keep repeating a mode until this many seconds are spent on it (default 1)")
-    b.add_argument("--no-sampler-memory", action="store_true",
-                   help="skip the sampler memory measurement at the real vocabulary")
     b.add_argument("--tokens-per-forward", type=float, default=16.0,
                    help="tokens per decoder pass for the stated tokens/s (default 16, the real model's)")
     f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
@@ -262,14 +260,13 @@ def cmd_random(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import render, run_bench
+    from .bench import BenchOptions, render, run_bench
 
+    opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
+                        seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
+                        repeats=args.repeats, min_time_s=args.min_time_s, tokens_per_forward=args.tokens_per_forward)
     try:
-        result = run_bench(args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
-                           seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
-                           repeats=args.repeats, min_time_s=args.min_time_s,
-                           tokens_per_forward=args.tokens_per_forward,
-                           measure_sampler_memory=not args.no_sampler_memory)
+        result = run_bench(opts)
     except MemoryError as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
