@@ -146,17 +146,25 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         raise CheckpointError(str(e)) from None
     target_dtype = resolve_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPES else None)
     device = resolve_device(device)
-    if dtype is None:  # no bf16 cliff: 16-bit weights compute in fp32 on CPUs without native bf16
-        target_dtype = default_compute_dtype(target_dtype, device)
+    # No bf16 cliff: 16-bit weights compute in fp32 on CPUs without native bf16. A quantized checkpoint's dense
+    # 16-bit linear layers stay 16-bit in memory (expanded per matmul), so the model still fits where it was meant to.
+    compute_dtype = default_compute_dtype(target_dtype, device) if dtype is None else target_dtype
+    if fmt is None:
+        target_dtype = compute_dtype
 
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     files = weight_files(path)
     try:
-        files, quantized = load_quantized(model, files, fmt, target_dtype, device)
+        if fmt is not None and fmt.producer == "dgemma":
+            from .quant.lowbit import load_into, parse_config
+
+            files, quantized = load_into(model, files, parse_config(fmt.raw, fmt.source), device)
+        else:
+            files, quantized = load_quantized(model, files, fmt, target_dtype, device)
     except QuantError as e:
         raise CheckpointError(str(e)) from None
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name not in quantized}
     # Choose the source of every parameter: the decoder key wins, an encoder/lm_head copy fills in when absent.
     sources: dict[str, tuple[str, Path]] = {}
     tied: list[tuple[str, str, Path]] = []
@@ -165,6 +173,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         kind, name = map_key(key)
         if kind == "vision":
             vision += 1
+        elif kind == "tied" and _tied_to_quantized(key, quantized):
+            continue
         elif kind == "unknown" or name not in expected:
             unexpected.append(key)
         elif kind == "main":
@@ -184,21 +194,29 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     handles: dict[Path, object] = {}
     state: dict[str, torch.Tensor] = {}
     try:
-        for name, shape in expected.items():
+        # File by file, each closed before the next: pages already copied out do not stay mapped (and counted).
+        by_file = sorted(expected, key=lambda n: str(sources[n][1]) if n in sources else "")
+        for name in by_file:
+            shape = expected[name]
             if name not in sources:  # encoder layer scalar absent: the reference starts it at 1
                 state[name] = torch.ones(shape, dtype=target_dtype, device=device)
                 continue
             key, file = sources[name]
+            if file not in handles:
+                handles.clear()
             state[name] = _read(handles, file, key, shape, target_dtype, device)
+        state.update({n: p for n, p in model.named_parameters() if n in quantized})  # dense per-expert stacks
         for name, key, file in tied:  # tied copies must at least have the right shape
-            if name in quantized:
-                continue
             got = _shape(handles, file, key)
             if got != expected[name]:
                 raise CheckpointError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(expected[name])}")
     finally:
         handles.clear()
     model.load_state_dict(state, assign=True, strict=True)
+    if compute_dtype != target_dtype:
+        from .quant.lowbit import keep_16bit_storage
+
+        keep_16bit_storage(model, compute_dtype)
     model.requires_grad_(False)
     model.eval()
     model.generation_config = gen
@@ -288,6 +306,10 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
     """Read every quantized linear layer and every per-expert / fused-FP8 expert tensor of `files` into QTensors,
     swap QLinear / QExperts into `model` (or fill its dense expert weights when per-expert keys are unquantized).
     Returns the keys left for the dense loader and the dgemma names of the parameters replaced."""
+    if fmt is not None and fmt.producer == "dgemma":  # dgemma's own int8 / int4 layout
+        from .quant.lowbit import load_into, parse_config
+
+        return load_into(model, files, parse_config(fmt.raw, fmt.source), device)
     reader = Reader(files)
     linear: dict[str, dict[str, str]] = {}  # checkpoint module prefix -> {suffix: key}
     experts: dict[int, dict[int, dict[str, dict[str, str]]]] = {}  # layer -> expert -> proj -> {suffix: key}
@@ -372,6 +394,16 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
         reader.release()
     reader.release()
     return {k: f for k, f in files.items() if k not in consumed}, replaced
+
+
+def _tied_to_quantized(key: str, quantized: set[str]) -> bool:
+    """An encoder copy of a weight that the decoder stores quantized (or as per-expert tensors)."""
+    rest = key[len(_ENC):] if key.startswith(_ENC) else ""
+    m = re.match(r"layers\.(\d+)\.experts\.", rest)
+    if m:
+        return f"layers.{m.group(1)}.experts.gate_up_proj" in quantized
+    split = split_key(key)
+    return split is not None and map_key(split[0] + ".weight")[1] in quantized
 
 
 def _fused_fp8(reader: Reader, files: dict[str, Path], layer: int, proj: str, shape: tuple[int, int, int],
