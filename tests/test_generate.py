@@ -30,14 +30,33 @@ def test_batch_matches_solo_runs(model):
     assert len({tuple(s.ids) for s in solo}) == 3
 
 
+def _eos_set_ending_rows_apart(canvases: list[list[set[int]]]) -> list[int]:
+    """EOS ids (one or two tokens) under which every row ends, not all in the same canvas."""
+    tokens = sorted(set().union(*(c for row in canvases for c in row)))
+    for i, t in enumerate(tokens):
+        for eos in ([t], *([t, u] for u in tokens[i + 1:])):
+            ends = [next((k for k, c in enumerate(row) if c & set(eos)), None) for row in canvases]
+            if None not in ends and len(set(ends)) > 1:
+                return eos
+    raise AssertionError(f"no EOS set ends the rows in different canvases: {canvases}")
+
+
 def test_batch_with_early_stopping_rows(model):
     """Rows finish at different times (adaptive stopping, EOS); the others are unaffected."""
     kw = dict(max_new_tokens=48, max_denoising_steps=12, entropy_bound=1.0, confidence_threshold=1.5,
-              stability_threshold=0, eos_token_id=[1, 5, 40, 77])
-    solo = [model.generate(p, seed=50 + i, **kw) for i, p in enumerate(PROMPTS)]
-    batch = model.generate(PROMPTS, seed=50, **kw)
-    for s, b in zip(solo, batch):
+              stability_threshold=0)
+    # A row's tokens do not depend on the EOS ids up to its first EOS, so EOS ids are picked from a run without
+    # EOS (a random model's tokens depend on the CPU's rounding): every row then ends, at different canvases.
+    free = [[e.ids[0].tolist() for e in model.stream(p, seed=50 + i, eos_token_id=None, **kw)
+             if isinstance(e, dgemma.Commit)] for i, p in enumerate(PROMPTS)]
+    eos = _eos_set_ending_rows_apart([[set(c) for c in row] for row in free])
+    solo = [model.generate(p, seed=50 + i, eos_token_id=eos, **kw) for i, p in enumerate(PROMPTS)]
+    batch = model.generate(PROMPTS, seed=50, eos_token_id=eos, **kw)
+    for s, b, f in zip(solo, batch, free):
         assert s.ids == b.ids and s.steps == b.steps
+        flat = [t for c in f for t in c]
+        end = next(i for i, t in enumerate(flat) if t in eos)
+        assert s.ids == [t for t in flat[:end + 1] if t != model.generation_config.pad_token_id]
     # the settings really exercise both paths: rows stop early at different steps, and some row ends at EOS
     # after fewer canvases than another
     steps = [st for s in solo for st in s.steps]

@@ -16,7 +16,7 @@ import torch
 
 from .config import GenerationConfig
 from .numerics import row_invariant
-from .sampler import FastRNG, ReferenceRNG, StableAndConfident, accept_mask, entropy, fast_sample, temperature
+from .sampler import CanvasSampler, FastSampler, ReferenceSampler, StableAndConfident, accept_mask, temperature
 
 RNG_MODES = ("fast", "reference")
 
@@ -146,17 +146,15 @@ def stream(
     pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
     prompt, pad, _ = _as_batch(prompt_ids, cfg.vocab_size, pad_id, model.device)
     seeds = _seeds(seed, prompt.shape[0], rng)
-    return _run(model, prompt, pad, gen, seeds, rng)
+    sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
+    return _run(model, prompt, pad, gen, sampler, seeds)
 
 
-def _plan(cfg, gen: GenerationConfig, prompt_len: int) -> int:
-    """Number of canvases (max_length counts only when max_new_tokens is left at 256, as in the reference)."""
-    if gen.max_length and gen.max_new_tokens == 256:
-        max_new = gen.max_length - prompt_len
-        if max_new <= 0:
-            raise ValueError(f"max_length {gen.max_length} leaves no room after a {prompt_len}-token prompt")
-    else:
-        max_new = gen.max_new_tokens
+def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
+    """Number of canvases for a prompt; errors when the prompt leaves no room."""
+    max_new = gen.new_tokens(prompt_len)
+    if max_new <= 0:
+        raise ValueError(f"max_length {gen.max_length} leaves no room after a {prompt_len}-token prompt")
     n = math.ceil(max_new / cfg.canvas_length)
     if prompt_len + n * cfg.canvas_length > cfg.max_position_embeddings:
         raise ValueError(
@@ -166,13 +164,11 @@ def _plan(cfg, gen: GenerationConfig, prompt_len: int) -> int:
     return n
 
 
-def _run(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig, seeds: list[int],
-         rng: str) -> Iterator[Draft | Commit | Done]:
-    # Fast mode makes each row's arithmetic independent of its batch neighbours; reference mode matches the
-    # reference bit for bit instead. The context is re-entered around each resume of the generator.
-    gen_iter = _loop(model, prompt, pad, gen, seeds, rng)
+def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Draft | Commit | Done]:
+    # The contexts are re-entered around each resume of the generator, so they never leak to the consumer.
+    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds)
     while True:
-        with torch.inference_mode(), row_invariant(rng == "fast"):
+        with torch.inference_mode(), row_invariant(sampler.row_invariant):
             try:
                 event = next(gen_iter)
             except StopIteration:
@@ -180,148 +176,91 @@ def _run(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig, 
         yield event
 
 
-def _loop(model, prompt: torch.Tensor, pad: torch.Tensor, gen: GenerationConfig, seeds: list[int],
-          rng: str) -> Iterator[Draft | Commit | Done]:
-    cfg = model.config
-    device = model.device
+def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Draft | Commit | Done]:
+    """prefill -> per canvas: denoise steps -> commit (the canvas is encoded into the cache before the next)."""
     batch, prompt_len = prompt.shape
-    canvas_len, vocab = cfg.canvas_length, cfg.vocab_size
-    n_canvases = _plan(cfg, gen, prompt_len)
-    fast = rng == "fast"
-    rand = FastRNG(seeds, device) if fast else ReferenceRNG(seeds[0], device)
-    eos = torch.tensor(gen.eos_ids, device=device, dtype=torch.long) if gen.eos_ids else None
-    stopper = (
-        StableAndConfident(gen.stability_threshold, gen.confidence_threshold)
-        if gen.stability_threshold is not None and gen.confidence_threshold is not None
-        else None
-    )
-    all_rows = list(range(batch))
+    n_canvases = plan_canvases(model.config, gen, prompt_len)
     timings = {"prefill_s": 0.0, "commit_s": 0.0, "denoise_s": 0.0}
     t_start = time.perf_counter()
-
-    cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * canvas_len, pad)
+    cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * model.config.canvas_length, pad)
     model.encode(prompt, cache)
     timings["prefill_s"] = time.perf_counter() - t_start
 
-    finished_seq = torch.zeros(batch, dtype=torch.bool, device=device)
-    passes = torch.zeros(batch, dtype=torch.int32, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)  # rows that produced EOS
+    passes = torch.zeros(batch, dtype=torch.int32, device=model.device)
     committed: list[torch.Tensor] = []
-    steps_per_canvas: list[list[int]] = []
+    steps: list[list[int]] = []
     for ci in range(n_canvases):
         if ci > 0:
             t0 = time.perf_counter()
             model.encode(committed[-1], cache)
             timings["commit_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        active_rows = [b for b in all_rows if not finished_seq[b]] if fast else all_rows
-        canvas = torch.zeros(batch, canvas_len, dtype=torch.long, device=device)
-        if fast:
-            canvas[active_rows] = rand.noise_rows(active_rows, canvas_len, vocab)
-        else:
-            canvas = rand.noise(batch, canvas_len, vocab, device)
-        argmax = canvas
-        sc_logits = sc_probs = None
-        done_den = torch.zeros(batch, dtype=torch.bool, device=device)
-        canvas_passes = torch.zeros(batch, dtype=torch.int32, device=device)
-        if stopper is not None:
-            stopper.history = None
-        n_steps = gen.max_denoising_steps
-        for i, step in enumerate(range(n_steps, 0, -1)):
-            active = ~(done_den | finished_seq)
-            passes += active
-            canvas_passes += active
-            temp = temperature(step, n_steps, gen.t_min, gen.t_max) if gen.t_min is not None else None
-            hidden = model.decode_hidden(canvas, cache, sc_logits, sc_probs if i > 0 else None)
-            if fast:
-                if sc_probs is None:
-                    sc_probs = hidden.new_zeros(batch, canvas_len, vocab)
-                sampled, new_argmax, h, noise = _fast_step(model, hidden, canvas, active, temp, rand, sc_probs)
-            else:
-                sampled, new_argmax, h, logits = _reference_step(model, hidden, temp, rand)
-                noise = None
-            accepted = accept_mask(h, gen.entropy_bound)
-            if noise is None:  # the reference draws its re-noise ids after the samples, for every row
-                noise = rand.noise(batch, canvas_len, vocab, device)
-            new_canvas = torch.where(accepted, sampled, noise)  # accepted positions keep their sample
-            # Rows already stopped keep their state (the fast path never touched them).
-            frozen = done_den | finished_seq if fast else done_den
-            if bool(frozen.any()):
-                new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
-                new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
-                if not fast:
-                    logits = torch.where(frozen[:, None, None], sc_logits, logits)
-            if stopper is not None:
-                done_den = done_den | stopper(new_argmax, h.mean(dim=-1))
-            if not fast:
-                sc_logits = logits.to(model.dtype)
-                del logits
-            canvas, argmax = new_canvas, new_argmax
-            yield Draft(ci, i + 1, step, canvas.cpu(), argmax.cpu(), accepted.cpu(), h.float().cpu(), done_den.cpu())
-            if bool(done_den.all()) or (fast and bool((done_den | finished_seq).all())):
-                break
+        argmax, canvas_passes = yield from _denoise(model, cache, gen, sampler, finished, ci)
         timings["denoise_s"] += time.perf_counter() - t0
-        del sc_logits, sc_probs
-
-        commit = argmax.clone()
-        has_eos = torch.isin(commit, eos).any(dim=-1) if eos is not None else torch.zeros_like(finished_seq)
-        prev = finished_seq
-        finished_seq = prev | has_eos
-        if gen.pad_token_id is not None and bool(finished_seq.any()):
-            commit[prev] = gen.pad_token_id
-            if eos is not None and bool(has_eos.any()):
-                is_eos = torch.isin(commit, eos)
-                run = is_eos.cumsum(dim=-1)
-                commit[(run > 0) & ~((run == 1) & is_eos)] = gen.pad_token_id
-        committed.append(commit)
-        steps_per_canvas.append(canvas_passes.tolist())
-        yield Commit(ci, commit.cpu(), canvas_passes.tolist(), finished_seq.cpu())
-        if bool(finished_seq.all()):
+        passes += canvas_passes
+        ids, finished = commit_canvas(argmax, finished, gen)
+        committed.append(ids)
+        steps.append(canvas_passes.tolist())
+        yield Commit(ci, ids.cpu(), steps[-1], finished.cpu())
+        if bool(finished.all()):
             break
-
     timings["total_s"] = time.perf_counter() - t_start
-    out = torch.cat(committed, dim=1)
+    yield Done(_results(model, torch.cat(committed, dim=1), steps, passes, finished, gen, seeds, timings))
+
+
+def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finished: torch.Tensor, ci: int):
+    """Denoise one canvas, yielding a Draft per step. Returns (argmax canvas, decoder passes per row)."""
+    stopper = StableAndConfident.from_config(gen)
+    stopped = torch.zeros_like(finished)  # rows whose denoising stopped early (stable and confident)
+    canvas = argmax = sampler.init_canvas(sampler.live(stopped, finished))
+    passes = torch.zeros(finished.shape[0], dtype=torch.int32, device=finished.device)
+    n = gen.max_denoising_steps
+    for i, remaining in enumerate(range(n, 0, -1)):
+        live = sampler.live(stopped, finished)
+        passes += ~(stopped | finished)
+        temp = temperature(remaining, n, gen.t_min, gen.t_max) if gen.t_min is not None else None
+        hidden = model.decode_hidden(canvas, cache, **sampler.self_conditioning())
+        step = sampler.step(hidden, canvas, live, temp)
+        accepted = accept_mask(step.entropy, gen.entropy_bound)
+        # accepted positions keep their sample, the rest are re-noised; rows that are not live keep their state
+        canvas = torch.where(live[:, None], torch.where(accepted, step.sampled, step.noise), canvas)
+        argmax = torch.where(live[:, None], step.argmax, argmax)
+        if stopper is not None:
+            stopped = stopped | stopper(argmax, step.entropy.mean(dim=-1))
+        yield Draft(ci, i + 1, remaining, canvas.cpu(), argmax.cpu(), accepted.cpu(), step.entropy.float().cpu(),
+                    stopped.cpu())
+        if not bool(sampler.live(stopped, finished).any()):
+            break
+    return argmax, passes
+
+
+def commit_canvas(argmax: torch.Tensor, finished: torch.Tensor, gen: GenerationConfig):
+    """The ids a canvas commits and the rows finished after it. With a pad id, rows that had finished commit only
+    pad, and in a row that ends here everything after its first EOS becomes pad (the EOS itself stays)."""
+    ids = argmax.clone()
+    eos = torch.tensor(gen.eos_ids, dtype=torch.long, device=ids.device) if gen.eos_ids else None
+    has_eos = torch.isin(ids, eos).any(dim=-1) if eos is not None else torch.zeros_like(finished)
+    if gen.pad_token_id is not None and bool((finished | has_eos).any()):
+        ids[finished] = gen.pad_token_id
+        if eos is not None:
+            is_eos = torch.isin(ids, eos)
+            ids[is_eos.cumsum(dim=-1) - is_eos.int() > 0] = gen.pad_token_id  # after the first EOS
+    return ids, finished | has_eos
+
+
+def _results(model, out, steps, passes, finished, gen: GenerationConfig, seeds, timings) -> list[GenerationResult]:
     results = []
-    for b in range(batch):
-        row = out[b]
-        if gen.pad_token_id is not None:
-            row = row[row != gen.pad_token_id]
+    for b in range(out.shape[0]):
+        row = out[b] if gen.pad_token_id is None else out[b][out[b] != gen.pad_token_id]
         ids = row.tolist()
         tpf = (torch.tensor(len(ids)) / passes[b].cpu()).item()
-        # Rows that stopped earlier still ran (batched) canvases; only their own steps count.
-        steps = [s[b] for s in steps_per_canvas if s[b] > 0]
-        t = dict(timings)
-        t["tokens_per_s"] = len(ids) / t["total_s"] if t["total_s"] > 0 else 0.0
-        reason = "eos" if bool(finished_seq[b]) else "length"
+        t = dict(timings, tokens_per_s=len(ids) / timings["total_s"] if timings["total_s"] > 0 else 0.0)
         text = model.tokenizer.decode(ids) if getattr(model, "tokenizer", None) is not None else None
-        results.append(GenerationResult(ids, tpf, steps, seeds[min(b, len(seeds) - 1)], reason, t, text))
-    yield Done(results)
-
-
-def _fast_step(model, hidden, canvas, active, temp, rand: FastRNG, sc_probs):
-    """Fused sampler on the raw head output; softmax(processed logits) goes straight into the self-conditioning
-    buffer (rows that stopped keep theirs), so no fp32 [B, C, V] temporary is made. Draws only for active rows."""
-    batch, canvas_len = canvas.shape
-    raw = model.lm_head_raw(hidden)
-    live = [b for b, on in enumerate(active.tolist()) if on]
-    u = torch.zeros(batch, canvas_len, dtype=torch.float64, device=canvas.device)
-    u[live] = rand.uniform_rows(live, canvas_len)
-    sampled, argmax, h = fast_sample(raw, model.config.final_logit_softcapping, temp, u, active, sc_probs)
-    noise = canvas.clone()
-    noise[live] = rand.noise_rows(live, canvas_len, raw.shape[-1])
-    return sampled, argmax, h, noise
-
-
-def _reference_step(model, hidden, temp, rand: ReferenceRNG):
-    """The reference's ops in its order: softcapped fp32 logits, temperature, softmax, multinomial, argmax,
-    Categorical entropy. Returns the processed logits too (the next step's self-conditioning input)."""
-    logits = model.lm_head(hidden)
-    if temp is not None:
-        logits = logits / temp
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    batch, canvas_len, vocab = logits.shape
-    sampled = rand.sample(probs.view(-1, vocab)).view(batch, canvas_len)
-    del probs
-    return sampled, logits.argmax(dim=-1), entropy(logits), logits
+        # rows that stopped earlier still ran (batched) canvases; only their own steps count
+        results.append(GenerationResult(ids, tpf, [s[b] for s in steps if s[b] > 0], seeds[min(b, len(seeds) - 1)],
+                                        "eos" if bool(finished[b]) else "length", t, text))
+    return results
 
 
 def generate(model, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **kwargs):

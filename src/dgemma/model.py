@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig
+from .generate import generate, stream
 from .kv_cache import KVCache
 from .numerics import MIN_ROWS, ROW_INVARIANT, gelu_tanh, linear, softcap
 
@@ -99,9 +100,11 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache,
         layer: int,
-        write: bool,
-        mask: torch.Tensor | None,
+        *,
+        write_cache: bool,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """write_cache: append this pass's K/V to the cache (encoder); else read it, K/V in scratch (decoder)."""
         b, length, _ = x.shape
         cos, sin = rope
         q = apply_rope(self.q_norm(self.q_proj(x).view(b, length, -1, self.head_dim)), cos, sin)
@@ -111,7 +114,7 @@ class Attention(nn.Module):
         v = self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         qstart = cache.length  # the first query's absolute slot (the canvas follows the cache)
-        k, v, kstart = cache.write(layer, k, v) if write else cache.read(layer, k, v)
+        k, v, kstart = cache.write(layer, k, v) if write_cache else cache.read(layer, k, v)
         if cache.pad_list is None:
             out = self._sdpa(q, k, v, mask)
         else:  # padded batch: each row attends over its own keys only, with the shapes it would have alone
@@ -231,16 +234,17 @@ class Layer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1))
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
 
-    def forward(self, x, rope, cache: KVCache, layer: int, write: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache, layer: int, *, write_cache: bool, encoder_scalar: bool,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), rope, cache, layer, write, mask)
+            self.self_attn(self.input_layernorm(x), rope, cache, layer, write_cache=write_cache, mask=mask)
         )
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])
         weights, idx = self.router(flat)
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).reshape(h.shape)
         out = h + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
-        return out * (self.encoder_layer_scalar if write else self.layer_scalar)
+        return out * (self.encoder_layer_scalar if encoder_scalar else self.layer_scalar)
 
 
 class DiffusionGemma(nn.Module):
@@ -307,7 +311,7 @@ class DiffusionGemma(nn.Module):
                 if spec.sliding:
                     allowed &= qslot[:, None] - kslot[None, :] < self.config.sliding_window
                 masks[key] = allowed
-            x = layer(x, ropes[spec.kind], cache, i, True, masks[key])
+            x = layer(x, ropes[spec.kind], cache, i, write_cache=True, encoder_scalar=True, mask=masks[key])
         cache.advance(length)
         return self.norm(x)
 
@@ -333,7 +337,7 @@ class DiffusionGemma(nn.Module):
         dev, length = canvas.device, canvas.shape[1]
         ropes = self._ropes(cache.positions(cache.length, length, dev), x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, ropes[self.config.layers[i].kind], cache, i, False, None)
+            x = layer(x, ropes[self.config.layers[i].kind], cache, i, write_cache=False, encoder_scalar=False)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_tokens: int, pad: torch.Tensor | None = None,
@@ -364,17 +368,13 @@ class DiffusionGemma(nn.Module):
         self.encode(prompt_ids, cache)
         return self.decode(canvas_ids, cache, self_conditioning_logits)
 
-    def generate(self, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **overrides):
+    def generate(self, prompt_ids, **kwargs):
         """Block-diffusion generation; see dgemma.generate.generate."""
-        from .generate import generate
+        return generate(self, prompt_ids, **kwargs)
 
-        return generate(self, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, **overrides)
-
-    def stream(self, prompt_ids, *, max_new_tokens: int | None = None, seed: int | None = None, **overrides):
+    def stream(self, prompt_ids, **kwargs):
         """Yields Draft events after every denoising step and a Commit per canvas; see dgemma.generate.stream."""
-        from .generate import stream
-
-        return stream(self, prompt_ids, max_new_tokens=max_new_tokens, seed=seed, **overrides)
+        return stream(self, prompt_ids, **kwargs)
 
 
 def _check_ids(ids, name: str, vocab: int, device: torch.device) -> torch.Tensor:

@@ -1,41 +1,18 @@
-"""The entropy-bound sampler: temperature schedule, sampling, acceptance, re-noising, adaptive stopping.
+"""The entropy-bound sampler: temperature schedule, sampler strategies, acceptance, adaptive stopping.
 
-Random numbers come from a `CanvasRNG`. `ReferenceRNG` draws exactly what the reference draws after
-`torch.manual_seed(seed)` (same calls, shapes and order), which makes fp32 generations token-identical.
+A `CanvasSampler` strategy owns a generation's random stream and self-conditioning state and proposes each step's
+samples; the loop in `generate.py` accepts, re-noises, freezes and commits. `FastSampler` (default) draws per row
+with a fused sampler; `ReferenceSampler` draws exactly what the reference draws after `torch.manual_seed(seed)`
+(same calls, shapes and order), which makes fp32 generations token-identical. A constrained or infill decoder is a
+third strategy, or a wrapper that edits a strategy's `Step`.
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
-
-
-class CanvasRNG(abc.ABC):
-    """Source of the two random draws the sampler needs."""
-
-    @abc.abstractmethod
-    def noise(self, batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """Uniform random token ids [batch, length] (canvas init and re-noising)."""
-
-    @abc.abstractmethod
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        """One categorical draw per row of probs [N, V] -> [N]."""
-
-
-class ReferenceRNG(CanvasRNG):
-    """torch.randint / torch.multinomial on a private generator seeded like torch.manual_seed(seed)."""
-
-    def __init__(self, seed: int, device: torch.device):
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.device = device
-
-    def noise(self, batch, length, vocab, device):
-        return torch.randint(0, vocab, (batch, length), generator=self.generator, device=self.device).to(device)
-
-    def sample(self, probs):
-        return torch.multinomial(probs.to(self.device), num_samples=1, generator=self.generator).squeeze(-1).to(probs.device)
 
 
 def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -67,6 +44,13 @@ class StableAndConfident:
         self.confidence = confidence
         self.history: torch.Tensor | None = None
 
+    @classmethod
+    def from_config(cls, gen) -> StableAndConfident | None:
+        """A fresh stopper for one canvas, or None when the generation config disables adaptive stopping."""
+        if gen.stability_threshold is None or gen.confidence_threshold is None:
+            return None
+        return cls(gen.stability_threshold, gen.confidence_threshold)
+
     def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> torch.Tensor:
         if self.stability == 0:
             stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
@@ -77,28 +61,6 @@ class StableAndConfident:
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = argmax
         return stable & (mean_entropy < self.confidence)
-
-
-class FastRNG:
-    """One generator per row, drawn only while the row is active, so a row's tokens do not depend on its batch
-    neighbours: batched and solo runs with the same seed agree. Sampling uses one uniform per position."""
-
-    def __init__(self, seeds: list[int], device: torch.device):
-        self.generators = []
-        for s in seeds:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(s)
-            self.generators.append(g)
-        self.device = device
-
-    def noise_rows(self, rows: list[int], length: int, vocab: int) -> torch.Tensor:
-        """[len(rows), length] uniform ids for the given rows."""
-        out = torch.stack([torch.randint(0, vocab, (length,), generator=self.generators[r]) for r in rows])
-        return out.to(self.device)
-
-    def uniform_rows(self, rows: list[int], length: int) -> torch.Tensor:
-        out = torch.stack([torch.rand(length, generator=self.generators[r], dtype=torch.float64) for r in rows])
-        return out.to(self.device)
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
@@ -171,3 +133,119 @@ def fast_sample(
             draw = torch.searchsorted(cdf, target, right=True).squeeze(-1)
             sampled[r, s:s + step] = draw.clamp_(max=v - 1)
     return sampled, argmax, ent
+
+
+@dataclass
+class Step:
+    """One denoising step's proposal, each [B, C]."""
+
+    sampled: torch.Tensor  # one draw per position from the step's distribution
+    argmax: torch.Tensor
+    entropy: torch.Tensor  # of the temperature-scaled distribution (acceptance and stopping read it)
+    noise: torch.Tensor  # ids for the positions that are not accepted
+
+
+class CanvasSampler(abc.ABC):
+    """A sampling strategy for one generation. Rows outside `live` keep their previous state."""
+
+    row_invariant: bool  # run the model so that a row's arithmetic does not depend on its batch neighbours
+
+    def __init__(self, model):
+        self.model = model
+
+    @abc.abstractmethod
+    def live(self, stopped: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """Rows [B] this strategy still denoises, given rows that stopped this canvas / finished the sequence."""
+
+    @abc.abstractmethod
+    def init_canvas(self, live: torch.Tensor) -> torch.Tensor:
+        """A fresh uniformly random canvas [B, C]; resets the self-conditioning state."""
+
+    @abc.abstractmethod
+    def step(self, hidden: torch.Tensor, canvas: torch.Tensor, live: torch.Tensor, temp) -> Step:
+        """Propose from the decoder's final hidden states [B, C, H]; keep what the next pass conditions on."""
+
+    @abc.abstractmethod
+    def self_conditioning(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of `model.decode_hidden` for the next pass (none on a canvas's first step)."""
+
+
+class FastSampler(CanvasSampler):
+    """One generator per row, drawn only while the row is live (neither stopped nor finished), so batched and solo
+    runs with the same seed agree. The fused sampler draws from one uniform per position and writes the softmax
+    straight into the self-conditioning buffer, so no fp32 [B, C, V] temporary is made."""
+
+    row_invariant = True
+
+    def __init__(self, model, seeds: list[int]):
+        super().__init__(model)
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.probs: torch.Tensor | None = None
+
+    def _draw(self, live: torch.Tensor, out: torch.Tensor, draw) -> torch.Tensor:
+        rows = live.nonzero().flatten().tolist()
+        if rows:
+            out[rows] = torch.stack([draw(self.generators[r]) for r in rows]).to(out.device)
+        return out
+
+    def live(self, stopped, finished):
+        return ~(stopped | finished)
+
+    def init_canvas(self, live):
+        self.probs = None
+        b, c, v = len(self.generators), self.model.config.canvas_length, self.model.config.vocab_size
+        canvas = torch.zeros(b, c, dtype=torch.long, device=self.model.device)
+        return self._draw(live, canvas, lambda g: torch.randint(0, v, (c,), generator=g))
+
+    def step(self, hidden, canvas, live, temp):
+        raw = self.model.lm_head_raw(hidden)
+        b, c, v = raw.shape
+        if self.probs is None:
+            self.probs = hidden.new_zeros(b, c, v)
+        u = torch.zeros(b, c, dtype=torch.float64, device=raw.device)
+        self._draw(live, u, lambda g: torch.rand(c, generator=g, dtype=torch.float64))
+        sampled, argmax, h = fast_sample(raw, self.model.config.final_logit_softcapping, temp, u, live, self.probs)
+        noise = self._draw(live, canvas.clone(), lambda g: torch.randint(0, v, (c,), generator=g))
+        return Step(sampled, argmax, h, noise)
+
+    def self_conditioning(self):
+        return {} if self.probs is None else {"sc_probs": self.probs}
+
+
+class ReferenceSampler(CanvasSampler):
+    """The reference's ops and draws: softcapped fp32 logits, temperature, softmax, `torch.multinomial`, argmax,
+    Categorical entropy, then `torch.randint` re-noise ids for every row, all from one generator; the processed
+    logits are the next step's self-conditioning input. Every row is computed until it stops, as in the reference."""
+
+    row_invariant = False
+
+    def __init__(self, model, seed: int):
+        super().__init__(model)
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.logits: torch.Tensor | None = None
+
+    def _noise(self) -> torch.Tensor:
+        b, c, v = self.batch, self.model.config.canvas_length, self.model.config.vocab_size
+        return torch.randint(0, v, (b, c), generator=self.generator, device=self.model.device)
+
+    def live(self, stopped, finished):
+        return ~stopped
+
+    def init_canvas(self, live):
+        self.logits, self.batch = None, live.shape[0]
+        return self._noise()
+
+    def step(self, hidden, canvas, live, temp):
+        logits = self.model.lm_head(hidden)
+        if temp is not None:
+            logits = logits / temp
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        sampled = torch.multinomial(probs.flatten(0, 1), num_samples=1, generator=self.generator).view(canvas.shape)
+        del probs
+        out = Step(sampled, logits.argmax(dim=-1), entropy(logits), self._noise())
+        new = logits.to(self.model.dtype)
+        self.logits = new if self.logits is None else torch.where(live[:, None, None], new, self.logits)
+        return out
+
+    def self_conditioning(self):
+        return {} if self.logits is None else {"sc_logits": self.logits}
