@@ -277,3 +277,140 @@ def _edit_config(path: Path, fn) -> None:
     cfg = json.loads((path / "config.json").read_text())
     fn(cfg)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+# -- GGUF (llama.cpp `diffusion-gemma` conversion) ----------------------------------------------------------------
+# HF key (after model.decoder.) -> GGUF tensor name, from the conversion's tensor table.
+GGUF_GLOBAL = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+               "self_conditioning.pre_norm.weight": "self_cond_pre_norm.weight",
+               "self_conditioning.gate_proj.weight": "self_cond_gate.weight",
+               "self_conditioning.up_proj.weight": "self_cond_up.weight",
+               "self_conditioning.down_proj.weight": "self_cond_down.weight"}
+GGUF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight",
+              "post_attention_layernorm.weight": "post_attention_norm.weight",
+              "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+              "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+              "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+              "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+              "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight", "router.proj.weight": "ffn_gate_inp.weight",
+              "router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale",
+              "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
+              "layer_scalar": "layer_output_scale.weight"}
+
+# fp16 positions (byte offsets in a block) of the scale fields of each block type, per the ggml block structs
+F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2),
+              "IQ4_NL": (0,), "IQ3_S": (0,), "Q4_0": (0,)}
+
+
+def random_blocks(qtype_name: str, rows_shape: tuple[int, ...], n_values: int, seed: int) -> "np.ndarray":
+    """Raw bytes of valid blocks of a GGUF quant type: random payload, finite small fp16 scales."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    n_blocks = int(np.prod(rows_shape)) * (n_values // block)
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype_name]:
+        d = (rng.uniform(0.002, 0.02, n_blocks) * rng.choice([-1, 1], n_blocks)).astype(np.float16)
+        if off == 2 and qtype_name in ("Q4_K", "Q5_K"):  # dmin: keep it positive like the quantizer does
+            d = np.abs(d)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return raw.reshape(*rows_shape, n_values // block * size)
+
+
+def write_gguf(src: Path, dst: Path, twin: Path, types: dict[str, str], gen: dict | None = None,
+               tokenizer: dict | None = None) -> None:
+    """A GGUF of the plain checkpoint `src` with the given quant type per GGUF tensor suffix (e.g.
+    {"ffn_gate_up_exps.weight": "Q4_K"}; others F32), K-quant blocks drawn at random (gguf-py cannot quantize
+    them) and simple types quantized by gguf.quants.quantize; the twin holds gguf.quants.dequantize of every tensor."""
+    import gguf
+    import numpy as np
+
+    cfg = json.loads((src / "config.json").read_text())
+    tc = cfg["text_config"]
+    t = load_file(str(src / "model.safetensors"))
+    tw = dict(t)
+    w = gguf.GGUFWriter(str(dst), "diffusion-gemma")
+    a = "diffusion-gemma."
+    n = tc["num_hidden_layers"]
+    types_l = tc["layer_types"]
+    full = next(v for i, v in sorted(tc["per_layer_config"].items()) if types_l[int(i)] == "full_attention")
+    tc = {**tc, "global_head_dim": full["head_dim"], "num_global_key_value_heads": full["num_key_value_heads"],
+          "final_logit_softcapping": tc.get("final_logit_softcapping") or 30.0}
+    w.add_uint32(a + "block_count", n)
+    w.add_uint32(a + "context_length", tc["max_position_embeddings"])
+    w.add_uint32(a + "embedding_length", tc["hidden_size"])
+    w.add_uint32(a + "feed_forward_length", tc["intermediate_size"])
+    w.add_uint32(a + "attention.head_count", tc["num_attention_heads"])
+    w.add_array(a + "attention.head_count_kv", [tc["num_key_value_heads"] if x == "sliding_attention"
+                                               else tc["num_global_key_value_heads"] for x in types_l])
+    w.add_uint32(a + "attention.key_length", tc["global_head_dim"])
+    w.add_uint32(a + "attention.value_length", tc["global_head_dim"])
+    w.add_uint32(a + "attention.key_length_swa", tc["head_dim"])
+    w.add_uint32(a + "attention.value_length_swa", tc["head_dim"])
+    w.add_uint32(a + "attention.sliding_window", tc["sliding_window"])
+    w.add_array(a + "attention.sliding_window_pattern", [x == "sliding_attention" for x in types_l])
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", tc["rms_norm_eps"])
+    w.add_float32(a + "rope.freq_base", tc["rope_parameters"]["full_attention"]["rope_theta"])
+    w.add_float32(a + "rope.freq_base_swa", tc["rope_parameters"]["sliding_attention"]["rope_theta"])
+    w.add_uint32(a + "rope.dimension_count", tc["global_head_dim"])
+    w.add_uint32(a + "rope.dimension_count_swa", tc["head_dim"])
+    w.add_uint32(a + "expert_count", tc["num_experts"])
+    w.add_uint32(a + "expert_used_count", tc["top_k_experts"])
+    w.add_uint32(a + "expert_feed_forward_length", tc["moe_intermediate_size"])
+    w.add_float32(a + "final_logit_softcapping", tc["final_logit_softcapping"])
+    w.add_bool(a + "attention.causal", False)
+    w.add_uint32("diffusion.canvas_length", cfg["canvas_length"])
+    for key, value in (gen or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)("diffusion." + key, value)
+    if tokenizer:
+        w.add_string("tokenizer.ggml.model", tokenizer.get("model", "llama"))
+        w.add_array("tokenizer.ggml.tokens", tokenizer["tokens"])
+        w.add_array("tokenizer.ggml.scores", tokenizer["scores"])
+        w.add_array("tokenizer.ggml.token_type", tokenizer["types"])
+        for k in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id"):
+            if k in tokenizer:
+                w.add_uint32("tokenizer.ggml." + k, tokenizer[k])
+        if "chat_template" in tokenizer:
+            w.add_string("tokenizer.chat_template", tokenizer["chat_template"])
+    # rope_freqs: 1 for the rotated pairs of a full layer (partial_rotary_factor), 1e30 for the rest
+    hd = tc["global_head_dim"]
+    rot = int(hd * tc["rope_parameters"]["full_attention"]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rot + [1e30] * (hd // 2 - rot), dtype=np.float32))
+    seed = 0
+    for key in sorted(t):
+        if not (key.startswith(DEC) or (key.startswith(ENC) and key.endswith("layer_scalar"))):
+            continue
+        if key.startswith(ENC):
+            layer = key[len(ENC):].split(".")[1]
+            name = f"blk.{layer}.enc_layer_output_scale.weight"
+        else:
+            rest = key[len(DEC):]
+            m = re.fullmatch(r"layers\.(\d+)\.(.+)", rest)
+            name = f"blk.{m.group(1)}.{GGUF_LAYER[m.group(2)]}" if m else GGUF_GLOBAL[rest]
+        arr = t[key].float().numpy()
+        qname = next((q for suffix, q in types.items() if name.endswith(suffix)), "F32")
+        if qname == "F32":
+            w.add_tensor(name, arr)
+            continue
+        qtype = gguf.GGMLQuantizationType[qname]
+        if qname in ("Q8_0", "Q5_0", "Q5_1", "Q4_0"):
+            raw = gguf.quants.quantize(arr, qtype)
+        else:
+            seed += 1
+            raw = random_blocks(qname, arr.shape[:-1], arr.shape[-1], seed)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+        tw[key] = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy()).reshape(t[key].shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _copy_side_files(src, twin)
+    _save(tw, twin / "model.safetensors")

@@ -1,0 +1,494 @@
+"""GGUF files of the llama.cpp `diffusion-gemma` conversion: config, generation settings and tokenizer from the
+metadata, weights kept in their GGUF blocks.
+
+Quantized linear layers and experts stay as raw GGUF blocks (a GGUFTensor per matrix, or per layer for the experts)
+and are dequantized one matrix / one expert at a time by the `gguf` package's own `gguf.quants.dequantize`; the tied
+embedding and the small tensors (norms, scales) are dequantized once at load. Tensor bytes are read straight from
+the file into their final buffers (no mapping of the whole file stays resident).
+
+Tensor names (llama.cpp's conversion of DiffusionGemmaForBlockDiffusion): `token_embd`, `output_norm`, `rope_freqs`
+(full layers' proportional RoPE: 1.0 for rotated pairs, 1e30 for unrotated ones), `self_cond_{pre_norm,gate,up,down}`,
+and per layer `blk.N.` + `attn_norm`, `attn_{q,k,v,output}`, `attn_{q,k}_norm`, `post_attention_norm`, `ffn_norm`,
+`post_ffw_norm`, `pre_ffw_norm_2`, `post_ffw_norm_1`, `post_ffw_norm_2`, `ffn_{gate,up,down}` (dense MLP),
+`ffn_gate_inp` (router; `.scale` its input scale), `ffn_gate_up_exps` ([E, 2I, H], gate first; or separate
+`ffn_gate_exps` / `ffn_up_exps`), `ffn_down_exps` (`.scale`: the per-expert scale), `layer_output_scale`,
+`enc_layer_output_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .qtensor import QTensor, QuantError, register
+
+ARCH = "diffusion-gemma"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+_GLOBAL = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "self_cond_pre_norm.weight": "sc_pre_norm.weight",
+    "self_cond_gate.weight": "sc_mlp.gate_proj.weight",
+    "self_cond_up.weight": "sc_mlp.up_proj.weight",
+    "self_cond_down.weight": "sc_mlp.down_proj.weight",
+}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "router.proj.weight",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "layer_output_scale.weight": "layer_scalar",
+    "enc_layer_output_scale.weight": "encoder_layer_scalar",
+}
+_EXPERT_TENSORS = ("ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+_IGNORED = ("rope_freqs.weight", "output.weight")  # rope_freqs feeds the config; the LM head is tied
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:  # a runtime dependency; say so clearly if it is missing
+        raise QuantError(f"reading GGUF files needs the 'gguf' package ({e}); pip install gguf") from None
+    return gguf
+
+
+@register("gguf-*")
+@dataclass
+class GGUFTensor(QTensor):
+    """data uint8 [..., rows, bytes per row]: the file's blocks, untouched; qtype: a GGMLQuantizationType value.
+    dequantize() runs gguf.quants.dequantize on the matrix (or expert) asked for."""
+
+    data: torch.Tensor
+    qtype: int = 0
+    scheme: str = "gguf"
+    shape: tuple[int, ...] = ()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
+        gguf = _gguf()
+        raw = (self.data if index is None else self.data[index]).cpu().numpy()
+        dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(self.qtype))
+        return torch.from_numpy(np.ascontiguousarray(dense)).to(device=self.data.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class GGUFFile:
+    """A parsed GGUF: metadata values and tensor infos (name -> ReaderTensor)."""
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(key, default)
+
+    def need(self, key: str) -> Any:
+        if key not in self.meta:
+            raise QuantError(f"{self.path}: GGUF metadata key {key!r} is missing")
+        return self.meta[key]
+
+    def type_name(self, name: str) -> str:
+        return _gguf().GGMLQuantizationType(int(self.tensors[name].tensor_type)).name
+
+
+def _value(field) -> Any:
+    from gguf import GGUFValueType
+
+    v = field.contents()
+    if field.types and field.types[-1] == GGUFValueType.FLOAT32:  # fp32 metadata: shortest decimal that round-trips
+        v = [float(str(np.float32(x))) for x in v] if isinstance(v, list) else float(str(np.float32(v)))
+    return v
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError / struct errors / OSError for bad files
+        raise QuantError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            meta[name] = _value(field)
+        except Exception as e:
+            raise QuantError(f"{path}: GGUF metadata key {name!r} cannot be read ({e})") from None
+    return GGUFFile(path, meta, {t.name: t for t in reader.tensors})
+
+
+def model_config(g: GGUFFile) -> dict[str, Any]:
+    """config.json (HF layout, model_type diffusion_gemma) equivalent of the GGUF metadata, for ModelConfig."""
+    arch = g.need("general.architecture")
+    if arch != ARCH:
+        raise QuantError(f"{g.path}: general.architecture is {arch!r}; dgemma runs {ARCH!r} GGUF files")
+    a = ARCH + "."
+    n_layers = int(g.need(a + "block_count"))
+    pattern = g.need(a + "attention.sliding_window_pattern")
+    if not isinstance(pattern, list) or len(pattern) != n_layers:
+        raise QuantError(f"{g.path}: {a}attention.sliding_window_pattern must list {n_layers} booleans")
+    layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
+    kv = g.need(a + "attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * n_layers
+    if len(kv) != n_layers:
+        raise QuantError(f"{g.path}: {a}attention.head_count_kv lists {len(kv)} values for {n_layers} layers")
+    head_dim = int(g.get(a + "attention.key_length_swa", g.need(a + "attention.key_length")))
+    global_head_dim = int(g.need(a + "attention.key_length"))
+    ff = g.need(a + "feed_forward_length")
+    ff = ff[0] if isinstance(ff, list) else ff
+    sliding_kv = next((kv[i] for i, t in enumerate(layer_types) if t == "sliding_attention"), kv[0])
+    full_theta = float(g.get(a + "rope.freq_base", 1_000_000.0))
+    swa_theta = float(g.get(a + "rope.freq_base_swa", 10_000.0))
+    swa_factor = int(g.get(a + "rope.dimension_count_swa", head_dim)) / head_dim
+    embd = g.tensors.get("token_embd.weight")
+    if embd is None:
+        raise QuantError(f"{g.path}: tensor 'token_embd.weight' is missing")
+    text = {
+        "vocab_size": int(embd.shape[-1] if len(embd.shape) == 2 else 0) or None,
+        "hidden_size": int(g.need(a + "embedding_length")),
+        "intermediate_size": int(ff),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": int(g.need(a + "attention.head_count")),
+        "num_key_value_heads": int(sliding_kv),
+        "head_dim": head_dim,
+        "num_experts": int(g.need(a + "expert_count")),
+        "top_k_experts": int(g.need(a + "expert_used_count")),
+        "moe_intermediate_size": int(g.need(a + "expert_feed_forward_length")),
+        "sliding_window": int(g.need(a + "attention.sliding_window")),
+        "layer_types": layer_types,
+        "per_layer_config": {str(i): {"head_dim": global_head_dim, "num_key_value_heads": int(kv[i])}
+                             for i, t in enumerate(layer_types) if t == "full_attention"},
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": swa_theta,
+                                  "partial_rotary_factor": swa_factor},
+            "full_attention": {"rope_type": "proportional", "rope_theta": full_theta,
+                               "partial_rotary_factor": _full_rotary_factor(g, global_head_dim)},
+        },
+        "rms_norm_eps": float(g.get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "final_logit_softcapping": g.get(a + "final_logit_softcapping"),
+        "max_position_embeddings": int(g.get(a + "context_length", 131072)),
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id", 0),
+        "eos_token_id": eos_ids(g) or 1,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id", 2),
+    }
+    return {"model_type": "diffusion_gemma", "canvas_length": int(g.need("diffusion.canvas_length")),
+            "text_config": text}
+
+
+def _full_rotary_factor(g: GGUFFile, head_dim: int) -> float:
+    """rope_freqs holds one factor per rotation pair of a full layer: 1 where it rotates, 1e30 where it does not."""
+    t = g.tensors.get("rope_freqs.weight")
+    if t is None:
+        return 0.25  # the DiffusionGemma default
+    freqs = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    if freqs.size != head_dim // 2:
+        raise QuantError(f"{g.path}: tensor 'rope_freqs.weight' has {freqs.size} values, expected {head_dim // 2}")
+    return 2 * int((freqs < 1e10).sum()) / head_dim
+
+
+def eos_ids(g: GGUFFile) -> list[int]:
+    ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        v = g.get(key)
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    for v in g.get("tokenizer.ggml.eog_token_ids", []) or []:
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
+    return ids
+
+
+def generation_settings(g: GGUFFile) -> dict[str, Any]:
+    """generation_config.json fields from the `diffusion.eb_*` metadata (absent keys keep the defaults)."""
+    names = {"diffusion.eb_max_steps": "max_denoising_steps", "diffusion.eb_t_min": "t_min",
+             "diffusion.eb_t_max": "t_max", "diffusion.eb_entropy_bound": "entropy_bound",
+             "diffusion.eb_stability_threshold": "stability_threshold",
+             "diffusion.eb_confidence_threshold": "confidence_threshold"}
+    out: dict[str, Any] = {field: g.meta[key] for key, field in names.items() if key in g.meta}
+    if eos_ids(g):
+        out["eos_token_id"] = eos_ids(g)
+    if isinstance(g.get("tokenizer.ggml.padding_token_id"), int):
+        out["pad_token_id"] = g.get("tokenizer.ggml.padding_token_id")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------------------------
+def dgemma_name(name: str) -> str | None:
+    """GGUF tensor name -> dgemma parameter name (None: not a parameter: experts, rope_freqs, untied output)."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def _byte_shape(g: GGUFFile, name: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(logical numpy shape, stored byte shape [..., rows, bytes per row], qtype) of a tensor."""
+    gguf = _gguf()
+    t = g.tensors[name]
+    qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+    logical = tuple(int(d) for d in reversed(t.shape.tolist()))
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if logical[-1] % block:
+        raise QuantError(f"{g.path}: tensor {name!r} ({qtype.name}) has rows of {logical[-1]} values, not a "
+                         f"multiple of its block size {block}")
+    return logical, (*logical[:-1], logical[-1] // block * type_size), int(qtype)
+
+
+def read_raw(g: GGUFFile, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored bytes of a tensor as uint8 [..., rows, bytes per row], read from the file into `out` (or a new
+    tensor): no whole-file mapping stays resident."""
+    _, byte_shape, _ = _byte_shape(g, name)
+    t = g.tensors[name]
+    buf = out if out is not None else torch.empty(byte_shape, dtype=torch.uint8)
+    if tuple(buf.shape) != byte_shape or not buf.is_contiguous():
+        raise ValueError(f"read_raw {name}: buffer {list(buf.shape)} != {list(byte_shape)}")
+    with open(g.path, "rb") as f:
+        f.seek(int(t.data_offset))
+        got = f.readinto(memoryview(buf.numpy()).cast("B"))
+    if got != buf.numel():
+        raise QuantError(f"{g.path}: tensor {name!r} is truncated ({got} of {buf.numel()} bytes)")
+    return buf
+
+
+def dequantize_rows(g: GGUFFile, name: str, dtype: torch.dtype, chunk_rows: int = 8192) -> torch.Tensor:
+    """A whole tensor dequantized into `dtype`, chunk by chunk along its rows (bounded temporaries)."""
+    gguf = _gguf()
+    logical, _, qtype = _byte_shape(g, name)
+    raw = read_raw(g, name)
+    flat = raw.reshape(-1, raw.shape[-1])
+    out = torch.empty(flat.shape[0], logical[-1], dtype=dtype)
+    for start in range(0, flat.shape[0], chunk_rows):
+        part = gguf.quants.dequantize(flat[start:start + chunk_rows].numpy(), gguf.GGMLQuantizationType(qtype))
+        out[start:start + chunk_rows] = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+    return out.view(logical)
+
+
+def gguf_qtensor(g: GGUFFile, names: list[str], shape: tuple[int, ...]) -> GGUFTensor:
+    """Raw blocks of one matrix, or of several stacked along the rows (separate gate and up experts)."""
+    qtypes = set()
+    parts = []
+    for name in names:
+        logical, byte_shape, qtype = _byte_shape(g, name)
+        parts.append((name, logical, byte_shape))
+        qtypes.add(qtype)
+    if len(qtypes) != 1:
+        raise QuantError(f"{g.path}: tensors {names} must share one quant type to be fused, got "
+                         f"{[g.type_name(n) for n in names]}")
+    rows = sum(p[1][-2] for p in parts)
+    if (*parts[0][1][:-2], rows, parts[0][1][-1]) != tuple(shape):
+        got = [list(p[1]) for p in parts]
+        raise QuantError(f"{g.path}: tensor(s) {names} have shape {got}, expected {list(shape)} in total")
+    qtype = qtypes.pop()
+    if len(parts) == 1:
+        data = read_raw(g, names[0])
+    else:  # gate [E, I, b] then up [E, I, b] -> [E, 2I, b], read expert by expert into place
+        data = torch.empty((*shape[:-1], parts[0][2][-1]), dtype=torch.uint8)
+        off = 0
+        for name, logical, byte_shape in parts:
+            tmp = read_raw(g, name)
+            data[..., off: off + logical[-2], :] = tmp
+            off += logical[-2]
+            del tmp
+    name = _gguf().GGMLQuantizationType(qtype).name
+    return GGUFTensor(data, qtype, scheme=f"gguf-{name}", shape=tuple(shape))
+
+
+def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """A DiffusionGemma from a GGUF file: config, generation settings and tokenizer from its metadata."""
+    from ..checkpoint import CheckpointError, resolve_device, resolve_dtype
+    from ..config import ConfigError, GenerationConfig, ModelConfig
+    from ..hardware import default_compute_dtype
+    from ..model import DiffusionGemma, Linear
+    from .modules import QExperts, QLinear
+
+    path = Path(path)
+    try:
+        g = open_gguf(path)
+        raw_cfg = model_config(g)
+        cfg = ModelConfig.from_dict(raw_cfg, str(path))
+        gen = GenerationConfig.from_dict(generation_settings(g), f"{path} (diffusion.* metadata)")
+    except (QuantError, ConfigError) as e:
+        raise CheckpointError(str(e)) from None
+    target = resolve_dtype(dtype, "bfloat16")
+    device = resolve_device(device)
+    if dtype is None:
+        target = default_compute_dtype(target, device)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    try:
+        unknown = [n for n in g.tensors if dgemma_name(n) is None and n not in _IGNORED
+                   and not any(n == f"blk.{i}.{e}" for i in range(cfg.num_hidden_layers) for e in _EXPERT_TENSORS)]
+        if unknown:
+            raise QuantError(f"{path}: {len(unknown)} tensor(s) of no DiffusionGemma weight: {', '.join(unknown[:8])}")
+        for name in g.tensors:
+            pname = dgemma_name(name)
+            if pname is None:
+                continue
+            if pname not in params:
+                raise QuantError(f"{path}: tensor {name!r} ({pname}) does not exist in this config")
+            want = params[pname]
+            logical, _, _ = _byte_shape(g, name)
+            if math.prod(logical) != math.prod(want) or (len(want) == 2 and logical != want):
+                raise QuantError(f"{path}: tensor {name!r} has shape {list(logical)}, expected {list(want)}")
+            qname = g.type_name(name)
+            mod_name = pname[: -len(".weight")] if pname.endswith(".weight") else None
+            if qname not in FLOAT_TYPES and mod_name in modules and isinstance(modules[mod_name], Linear):
+                _set(model, mod_name, QLinear(gguf_qtensor(g, [name], want).to(device)))
+                continue
+            state[pname] = dequantize_rows(g, name, target).reshape(want).to(device)
+        for i in range(cfg.num_hidden_layers):
+            e, i2, h = cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size
+            fused = f"blk.{i}.ffn_gate_up_exps.weight"
+            gate_up_names = [fused] if fused in g.tensors else [f"blk.{i}.ffn_gate_exps.weight",
+                                                                 f"blk.{i}.ffn_up_exps.weight"]
+            down_name = f"blk.{i}.ffn_down_exps.weight"
+            for n in gate_up_names + [down_name]:
+                if n not in g.tensors:
+                    raise QuantError(f"{path}: tensor {n!r} is missing")
+            types = {g.type_name(n) for n in gate_up_names + [down_name]}
+            if types <= set(FLOAT_TYPES):
+                gu = torch.cat([dequantize_rows(g, n, target) for n in gate_up_names], dim=-2)
+                dn = dequantize_rows(g, down_name, target)
+                for pname, t, want in ((f"layers.{i}.experts.gate_up_proj", gu, (e, i2, h)),
+                                       (f"layers.{i}.experts.down_proj", dn, (e, h, i2 // 2))):
+                    if tuple(t.shape) != want:
+                        raise QuantError(f"{path}: layer {i} experts have shape {list(t.shape)}, expected {list(want)}")
+                    state[pname] = t.to(device)
+            else:
+                model.layers[i].experts = QExperts(gguf_qtensor(g, gate_up_names, (e, i2, h)).to(device),
+                                                   gguf_qtensor(g, [down_name], (e, h, i2 // 2)).to(device))
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+    expected = {n for n, _ in model.named_parameters()}
+    missing = sorted(n for n in expected - set(state) if not n.endswith("encoder_layer_scalar"))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weight(s) missing from the GGUF: {', '.join(missing[:8])}")
+    for n in expected - set(state):  # no encoder scalar stored: the reference starts it at 1
+        state[n] = torch.ones(params[n], dtype=target, device=device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    model.eval()
+    model.generation_config = gen
+    model.source = str(path)
+    from .formats import QuantFormat
+
+    model.quant_format = QuantFormat("gguf", "gguf", str(path), raw={"file_type": g.get("general.file_type")})
+    try:
+        model.tokenizer = tokenizer_from_gguf(g)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # llama.cpp token types
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece BPE vocabulary: every split of a piece into two pieces of the vocabulary, the
+    merge producing the higher-scored piece first (SentencePiece merges by piece score)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for i, piece in enumerate(tokens):
+        if types[i] in (CONTROL, USER_DEFINED, BYTE) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                found.append((-scores[i], i, ids[left], ids[right], left, right))
+    found.sort()
+    return [(f[4], f[5]) for f in found]
+
+
+def tokenizer_from_gguf(g: GGUFFile):
+    """dgemma Tokenizer from `tokenizer.ggml.*` metadata (None when the file has no vocabulary). SentencePiece-style
+    vocabularies (`llama`, `gemma4`: "▁" for spaces, <0xNN> byte fallback; merges stored or derived from the
+    scores) and byte-level BPE (`gpt2`)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from ..tokenizer import Tokenizer
+
+    tokens = g.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    kind = g.get("tokenizer.ggml.model", "llama")
+    n = len(tokens)
+    types = g.get("tokenizer.ggml.token_type") or [1] * n
+    scores = g.get("tokenizer.ggml.scores") or [0.0] * n
+    if len(types) != n or len(scores) != n:
+        raise QuantError(f"{g.path}: tokenizer.ggml.token_type / scores do not match the {n} tokens")
+    merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges") or [] if " " in m]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    unk = g.get("tokenizer.ggml.unknown_token_id")
+    if kind in ("llama", "gemma4", "gemma"):
+        if not merges:
+            merges = sentencepiece_merges(tokens, scores, types)
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if isinstance(unk, int) else None,
+                           byte_fallback=True, fuse_unk=True)
+        tok = HFTokenizer(model)
+        norm = [normalizers.Replace(" ", "▁")]
+        dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if g.get("tokenizer.ggml.add_space_prefix", False):
+            norm.insert(0, normalizers.Prepend("▁"))
+            dec.append(decoders.Strip(" ", 1, 0))
+        tok.normalizer = normalizers.Sequence(norm)
+        tok.decoder = decoders.Sequence(dec)
+    elif kind == "gpt2":
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        raise QuantError(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported (llama, gemma4, gpt2)")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+    def name(key: str) -> str | None:
+        i = g.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < n else None
+
+    config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+              "pad_token": name("tokenizer.ggml.padding_token_id"), "unk_token": name("tokenizer.ggml.unknown_token_id"),
+              "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False))}
+    return Tokenizer(tok, config, g.get("tokenizer.chat_template"))
+
+
+def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
