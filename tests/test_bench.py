@@ -192,9 +192,9 @@ def test_memory_instrument():
     with mem.PeakMemory() as pm:
         pass
     assert pm.extra_mib < 4
-    r = mem.sampler_memory(vocab=65536, canvas=64)  # logits 16 MiB
-    assert r["logits_tensor_mib"] == 16
-    assert r["fast_fp32"]["self_conditioning_mib"] == 16 and r["fast_bf16"]["self_conditioning_mib"] == 8
+    r = mem.sampler_memory(vocab=131072, canvas=64)  # logits 32 MiB: well above the allocator's noise
+    assert r["logits_tensor_mib"] == 32
+    assert r["fast_fp32"]["self_conditioning_mib"] == 32 and r["fast_bf16"]["self_conditioning_mib"] == 16
     # The reference's ops make several full [1, C, V] fp32 tensors (softcap, temperature, softmax, entropy).
     assert r["reference_rng"]["multiple_of_logits"] > 2
     assert r["fast_fp32"]["multiple_of_logits"] < 0.5 and r["fast_bf16"]["multiple_of_logits"] < 0.5
