@@ -3,6 +3,7 @@ by the reference implementation alike), and the same random models built directl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -71,7 +72,7 @@ def config_dict(preset: str | dict[str, Any], dtype: str = "float32", **override
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
         "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": None,
         "initializer_range": 0.02,
-        "rope_parameters": json.loads(json.dumps(DEFAULT_ROPE)),  # a deep copy
+        "rope_parameters": copy.deepcopy(DEFAULT_ROPE),
         **spec,
         "layer_types": layer_types,
         "per_layer_config": {str(i): dict(global_override) for i, t in enumerate(layer_types) if t == FULL},
