@@ -244,3 +244,16 @@ def test_refuses_two_gguf_files_in_one_directory(gg, tmp_path):
     shutil.copy(gg["path"], d / "a.gguf")
     shutil.copy(gg["path"], d / "b.gguf")
     _refused(d, "a.gguf", "b.gguf")
+
+
+def test_info_reports_gguf_types_and_bits_per_weight(gg):
+    from dgemma.info import describe
+
+    info = describe(gg["path"])
+    assert info["format"].startswith("GGUF (Q4_K") and "Q5_0" in info["format"]
+    # gate_up in Q4_K (4.5 bits), down in Q5_0 (5.5 bits), per-expert scales in F32
+    e, i, h = 4, 32, 256
+    experts = info["parts"]["experts"]
+    assert experts["weights"] == 4 * (e * 3 * i * h + e)
+    assert experts["bytes"] == 4 * (e * 2 * i * h * 144 // 256 + e * h * i * 22 // 32 + 4 * e)
+    assert describe(gg["path"].parent)["parts"] == info["parts"]

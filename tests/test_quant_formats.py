@@ -309,3 +309,25 @@ def test_qtensor_interface(written):
     with pytest.raises(ValueError):
         gu.linear(x)
     assert torch.equal(gu.dequantize(torch.bfloat16, index=2), gu.dequantize(torch.float32, index=2).bfloat16())
+
+
+def test_info_reports_format_and_bits_per_weight(written):
+    from dgemma.info import describe
+
+    nv = describe(written["modelopt-nvfp4"][0])
+    assert nv["format"] == "NVFP4 (modelopt)"
+    # e2m1 codes (4 bits) + one fp8 scale per 16 (0.5 bit) + fp32 global and input scales per expert matrix
+    experts = nv["parts"]["experts"]
+    assert experts["weights"] == 4 * 4 * 3 * 32 * 64
+    assert experts["bits_per_weight"] == round(8 * (experts["weights"] * (0.5 + 1 / 16) + 4 * 4 * 3 * 8)
+                                               / experts["weights"], 3)
+    assert nv["parts"]["attention"]["bits_per_weight"] == 32.0
+    fp8 = describe(written["ct-fp8-channel"][0])
+    assert fp8["format"] == "FP8 per-channel (compressed-tensors)"
+    # a bf16 scale per row: gate/up rows have 64 inputs, down rows 32
+    assert fp8["parts"]["experts"]["bits_per_weight"] == round((2 * 32 * 64 * (8 + 16 / 64) + 64 * 32 * (8 + 16 / 32))
+                                                               / (3 * 32 * 64), 3)
+    blk = describe(written["fp8-block-24x16"][0])
+    assert blk["format"] == "FP8 blocks 24x16 (fp8)"
+    assert blk["stored_bytes"] == sum(p["bytes"] for p in blk["parts"].values())
+    assert describe(written["ct-nvfp4"][0])["parts"]["dense MLP"]["bits_per_weight"] < 5

@@ -156,12 +156,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         model = DiffusionGemma(cfg)
     files = weight_files(path)
     try:
-        if fmt is not None and fmt.producer == "dgemma":
-            from .quant.lowbit import load_into, parse_config
-
-            files, quantized = load_into(model, files, parse_config(fmt.raw, fmt.source), device)
-        else:
-            files, quantized = load_quantized(model, files, fmt, target_dtype, device)
+        files, quantized = load_quantized(model, files, fmt, target_dtype, device)
     except QuantError as e:
         raise CheckpointError(str(e)) from None
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if name not in quantized}

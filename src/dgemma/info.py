@@ -1,27 +1,84 @@
-"""`dgemma info`: what a checkpoint holds, read from its config and safetensors headers (weights are not loaded)."""
+"""`dgemma info`: what a checkpoint holds, read from its config and safetensors headers, or from a GGUF file's
+metadata and tensor table (weights are not loaded): shapes, the quantized format, bytes and bits per weight of
+each part of the model."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, map_key, weight_files
+from .checkpoint import CheckpointError, detect_quant, find_gguf, map_key, weight_files
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
+from .quant.qtensor import QuantError
 
 # Bytes per parameter; NVFP4 adds one FP8 scale per 16 values.
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}
+# Bytes per element of each safetensors dtype.
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I16": 2,
+                 "I32": 4, "I64": 8, "BOOL": 1}
+PARTS = ("experts", "attention", "dense MLP", "router", "embedding", "self-conditioning", "norms and scalars",
+         "vision")
+# Tensors that only carry scales: bytes, but no weights of their own.
+_SCALE_SUFFIXES = ("_scale", "_scale_2", "_scale_inv", "_global_scale", "input_scale")
+
+
+def part_of(key: str) -> str:
+    """The part of the model a checkpoint key (safetensors or GGUF name) belongs to."""
+    if "vision" in key:
+        return "vision"
+    if "exps" in key or ".experts." in key:
+        return "experts"
+    if "self_attn" in key or ".attn_" in key:
+        return "attention"
+    if ".mlp." in key or re.search(r"\.ffn_(gate|up|down)\.", key):
+        return "dense MLP"
+    if "router" in key or "ffn_gate_inp" in key:
+        return "router"
+    if "embed_tokens" in key or "lm_head" in key or "token_embd" in key:
+        return "embedding"
+    if "self_conditioning" in key or "self_cond" in key:
+        return "self-conditioning"
+    return "norms and scalars"
+
+
+def _weights_in(key: str, dtype: str, n: int) -> int:
+    """Logical weights a stored tensor holds: two per byte of packed 4-bit codes, none for a quantization scale."""
+    if key.endswith(_SCALE_SUFFIXES) and not key.endswith("per_expert_scale"):
+        return 0
+    return 2 * n if dtype == "U8" else n
+
+
+def _add(parts: dict, part: str, weights: int, nbytes: int) -> None:
+    p = parts.setdefault(part, {"weights": 0, "bytes": 0})
+    p["weights"] += weights
+    p["bytes"] += nbytes
+
+
+def _finish(parts: dict) -> dict:
+    out = {}
+    for name in PARTS:
+        if name in parts:
+            p = parts[name]
+            out[name] = {**p, "bits_per_weight": round(8 * p["bytes"] / p["weights"], 3) if p["weights"] else None}
+    return out
 
 
 def describe(path: Path) -> dict:
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return describe_gguf(gguf_file)
     try:
         cfg = ModelConfig.from_file(path / "config.json")
         gen_file = path / "generation_config.json"
         gen = GenerationConfig.from_dict(read_json(gen_file), str(gen_file)) if gen_file.is_file() else None
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    fmt = detect_quant(path)
     files = weight_files(path)
     stored: dict[str, int] = {}
+    parts: dict[str, dict[str, int]] = {}
     text_params = vision_params = 0
     for file in sorted(set(files.values())):
         with safe_open(str(file), framework="pt") as f:
@@ -30,11 +87,45 @@ def describe(path: Path) -> dict:
                 n = 1
                 for d in sl.get_shape():
                     n *= d
-                stored[sl.get_dtype()] = stored.get(sl.get_dtype(), 0) + n
+                dt = sl.get_dtype()
+                stored[dt] = stored.get(dt, 0) + n
+                _add(parts, part_of(key), _weights_in(key, dt, n), n * ELEMENT_BYTES.get(dt, 1))
                 if map_key(key)[0] == "vision":
                     vision_params += n
                 else:
                     text_params += n
+    return _summary(path, cfg, gen, fmt.label if fmt else None, parts, stored, text_params, vision_params,
+                    (path / "tokenizer.json").is_file(), _has_chat_template(path))
+
+
+def describe_gguf(path: Path) -> dict:
+    """The same summary for a GGUF file, from its metadata and tensor table."""
+    from .quant import gguf as G
+
+    try:
+        g = G.open_gguf(path)
+        cfg = ModelConfig.from_dict(G.model_config(g), str(path))
+        gen = GenerationConfig.from_dict(G.generation_settings(g), f"{path} (diffusion.* metadata)")
+    except (QuantError, ConfigError) as e:
+        raise CheckpointError(str(e)) from None
+    parts: dict[str, dict[str, int]] = {}
+    stored: dict[str, int] = {}
+    n_params = 0
+    for name, t in g.tensors.items():
+        qname = g.type_name(name)
+        stored[qname] = stored.get(qname, 0) + int(t.n_elements)
+        if name != "rope_freqs.weight":
+            _add(parts, part_of(name), int(t.n_elements), int(t.n_bytes))
+            n_params += int(t.n_elements)
+    types = ", ".join(f"{k} {v / max(1, n_params):.0%}" for k, v in sorted(stored.items(), key=lambda kv: -kv[1]))
+    file_type = g.get("general.file_type")
+    label = f"GGUF ({types})" + (f", file type {file_type}" if file_type is not None else "")
+    return _summary(path, cfg, gen, label, parts, stored, n_params, 0, bool(g.get("tokenizer.ggml.tokens")),
+                    isinstance(g.get("tokenizer.chat_template"), str))
+
+
+def _summary(path: Path, cfg: ModelConfig, gen, quant: str | None, parts: dict, stored: dict, text_params: int,
+             vision_params: int, tokenizer: bool, chat_template: bool) -> dict:
     layers = [
         {"index": i, "type": s.kind, "head_dim": s.head_dim, "kv_heads": s.num_kv_heads, "v_proj": s.has_v_proj,
          "rope": s.rope_type, "rope_theta": s.rope_theta, "partial_rotary_factor": s.partial_rotary_factor}
@@ -43,6 +134,9 @@ def describe(path: Path) -> dict:
     total = cfg.num_params
     return {
         "path": str(path),
+        "format": quant or "unquantized",
+        "parts": _finish(parts),
+        "stored_bytes": sum(p["bytes"] for p in parts.values()),
         "parameters": total,
         "active_parameters_per_token": cfg.active_params,
         "stored_text_parameters": text_params,
@@ -61,8 +155,8 @@ def describe(path: Path) -> dict:
         "final_logit_softcapping": cfg.final_logit_softcapping,
         "layers": layers,
         "generation_config": gen.to_dict() if gen else None,
-        "tokenizer": (path / "tokenizer.json").is_file(),
-        "chat_template": _has_chat_template(path),
+        "tokenizer": tokenizer,
+        "chat_template": chat_template,
     }
 
 
@@ -102,6 +196,14 @@ def render(info: dict) -> None:
         c.print(f"vision weights: {_human(info['stored_vision_parameters'])} parameters (image input not supported yet)")
     c.print("bytes: " + ", ".join(f"{k} {_human(v)}B" for k, v in info["bytes"].items())
             + " | stored: " + ", ".join(f"{k} {_human(v)}" for k, v in info["stored_dtypes"].items()))
+    c.print(f"format: {info['format']}, {_human(info['stored_bytes'])}B stored")
+    pt = Table(title="stored, by part")
+    for col in ("part", "weights", "bytes", "bits/weight"):
+        pt.add_column(col, justify="left" if col == "part" else "right")
+    for name, p in info["parts"].items():
+        bpw = "-" if p["bits_per_weight"] is None else f"{p['bits_per_weight']:.2f}"
+        pt.add_row(name, _human(p["weights"]), f"{_human(p['bytes'])}B", bpw)
+    c.print(pt)
     t = Table(title="layers")
     for col in ("#", "type", "head_dim", "kv heads", "v_proj", "rope"):
         t.add_column(col)

@@ -130,8 +130,12 @@ class QuantFormat:
 
     @property
     def label(self) -> str:
-        return {"nvfp4": "NVFP4", "fp8-channel": "FP8 per-channel", "fp8-block": "FP8 128x128 blocks",
-                "gguf": "GGUF", "int8": "int8 per-channel", "int4": "int4 group-wise"}.get(self.kind, self.kind) + f" ({self.producer})"
+        names = {"nvfp4": "NVFP4", "fp8-channel": "FP8 per-channel", "fp8-block": "FP8 blocks", "gguf": "GGUF",
+                 "int8": "int8 per-channel", "int4": "int4 group-wise"}
+        kind = " + ".join(names.get(k, k) for k in self.kind.split("+"))
+        if self.block:
+            kind += f" {self.block[0]}x{self.block[1]}"
+        return f"{kind} ({self.producer})"
 
 
 def detect(path: Path, config: dict[str, Any]) -> QuantFormat | None:
@@ -170,8 +174,6 @@ def detect(path: Path, config: dict[str, Any]) -> QuantFormat | None:
                              "(only block-wise fine-grained FP8 is supported)")
         ignore = qc.get("modules_to_not_convert") or []
         return QuantFormat("fp8-block", "fp8", src, block=(block[0], block[1]), ignore=list(ignore), raw=qc)
-    if method == "dgemma":  # dgemma's own int8 / int4 layout (dgemma.quant.lowbit reads it)
-        return QuantFormat(str(qc.get("scheme")), "dgemma", src, ignore=list(qc.get("ignore") or []), raw=qc)
     raise QuantError(f"{src}: unsupported quantization_config.quant_method {method!r}; dgemma reads modelopt "
                      "(NVFP4), compressed-tensors (FP8 per-channel, NVFP4), fp8 (128x128 blocks) and dgemma "
                      "(int8, int4)")
