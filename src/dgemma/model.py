@@ -19,6 +19,9 @@ from .kv_cache import KVCache
 from .numerics import MIN_ROWS, ROW_INVARIANT, gelu_tanh, linear, softcap
 
 
+PREFILL_CHUNK = 1024  # prompt tokens per encoder pass: bounds activations and attention masks on long prompts
+
+
 class RMSNorm(nn.Module):
     """x * (mean(x^2) + eps)^-0.5 * w, computed in fp32; the weight multiplies directly (no 1 + w)."""
 
@@ -262,6 +265,7 @@ class DiffusionGemma(nn.Module):
         self.sc_post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
         self.generation_config = None  # set by the loader
         self.tokenizer = None  # set by the loader when the checkpoint has one
+        self.prefill_chunk = PREFILL_CHUNK
         self._inv_freq: dict[str, torch.Tensor] = {}
         for spec in cfg.layers:
             self._inv_freq.setdefault(spec.kind, rope_inv_freq(spec))
@@ -294,24 +298,31 @@ class DiffusionGemma(nn.Module):
         return softcap(self.lm_head_raw(hidden).float(), self.config.final_logit_softcapping)
 
     # -- roles --------------------------------------------------------------------------------------------------
-    def encode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Causal pass over new tokens [B, L]; appends to the cache. Returns final-normed hidden states."""
+    def encode(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+        """Causal pass over new tokens [B, L], `chunk` (default `self.prefill_chunk`) tokens at a time; appends to
+        the cache. Each chunk attends to itself and to the cache, so memory grows with chunk x cached keys, never
+        with L x L. Returns the final-normed hidden states."""
+        chunk = chunk or self.prefill_chunk
+        out = [self._encode_chunk(ids[:, s:s + chunk], cache) for s in range(0, ids.shape[1], chunk)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def _encode_chunk(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         length, start, dev = ids.shape[1], cache.length, ids.device
         x = self.embed(ids)
         ropes = self._ropes(cache.positions(start, length, dev), x.dtype)
         qslot = torch.arange(start, start + length, device=dev)
         masks: dict[tuple[str, int], torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            spec = self.config.layers[i]
-            key = (spec.kind, cache.stored(i))
-            if key not in masks:
-                n = cache.stored(i)
+            spec, n = self.config.layers[i], cache.stored(i)
+            if (spec.kind, n) not in masks:
                 kslot = torch.arange(cache.start[i], cache.start[i] + n + length, device=dev)
                 allowed = kslot[None, :] <= qslot[:, None]
                 if spec.sliding:
                     allowed &= qslot[:, None] - kslot[None, :] < self.config.sliding_window
-                masks[key] = allowed
-            x = layer(x, ropes[spec.kind], cache, i, write_cache=True, encoder_scalar=True, mask=masks[key])
+                # additive, built once per layer kind (SDPA would convert a boolean mask in every layer)
+                masks[spec.kind, n] = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill_(
+                    ~allowed, float("-inf"))
+            x = layer(x, ropes[spec.kind], cache, i, write_cache=True, encoder_scalar=True, mask=masks[spec.kind, n])
         cache.advance(length)
         return self.norm(x)
 
