@@ -20,7 +20,6 @@ import gc
 import math
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import hardware
 from .checkpoint import load_model, resolve_dtype
 from .config import ModelConfig
 from .presets import PRESETS, preset_config, random_model, write_random_checkpoint
@@ -378,11 +378,7 @@ def _git_state() -> dict | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if m:
-            cpu = m.group(1).strip()
+    hw = hardware.describe()  # CPU model, the matmul-relevant flags, native bf16 or not
     try:
         import transformers
 
@@ -390,7 +386,7 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         tver = None
     info = {
-        "cpu": cpu, "logical_cpus": os.cpu_count(),
+        "cpu": hw["cpu"], "cpu_flags": hw["flags"], "native_bf16": hw["native_bf16"], "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": tver,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -699,3 +695,12 @@ def _agreement_rows(ag: dict) -> list[tuple[str, str, str]]:
                          f"bf16 max {_f(d16['max_abs_diff'])} mean {_f(d16['mean_abs_diff'])} "
                          f"(mean |logit| {sc['mean_abs_logit']:.3g})", ""))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `dgemma bench --quantize SCHEME`: one quantized model against the roofline (the work is in dgemma.quant.fullbench)
+# ---------------------------------------------------------------------------------------------------------------
+def run_quantized_bench(args) -> int:
+    from .quant.fullbench import run
+
+    return run(args)

@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--std", type=float, default=0.02, help="weight init standard deviation")
     r.add_argument("--force", action="store_true", help="replace an existing directory")
+    r.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8", "nvfp4"],
+                   help="write the weights directly in this quantized layout (no dense copy is built)")
+    r.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128; default 64)")
+
+    qz = sub.add_parser("quantize", help="quantize a checkpoint, streaming tensor by tensor")
+    qz.add_argument("input", help="plain (fp32/bf16/fp16) checkpoint directory")
+    qz.add_argument("output", help="output directory (must not exist or be empty, unless --force)")
+    qz.add_argument("--scheme", required=True, choices=["int8", "int4", "fp8", "nvfp4"],
+                    help="int8/int4: dgemma's layout; fp8: compressed-tensors per channel; nvfp4: ModelOpt, experts")
+    qz.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128; default 64)")
+    qz.add_argument("--force", action="store_true", help="replace an existing directory")
+    qz.add_argument("--no-progress", action="store_true", help="no progress bar")
+
 
     b = sub.add_parser("bench", help="benchmark dgemma against the transformers reference on random weights")
     b.add_argument("--preset", default="small-moe", choices=sorted(PRESETS))
@@ -89,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep repeating a mode until this many seconds are spent on it (default 1)")
     b.add_argument("--tokens-per-forward", type=float, default=16.0,
                    help="tokens per decoder pass for the stated tokens/s (default 16, the real model's)")
+    b.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8", "nvfp4"],
+                   help="time one quantized model of the preset (written under --model-dir) against the roofline")
+    b.add_argument("--model-dir", default=None, help="with --quantize: where the checkpoint is (written if absent)")
     f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
     f.add_argument("--model", required=True, help="base checkpoint directory")
     f.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "response": ...} per line')
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "random-checkpoint":
             return cmd_random(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
         if args.command == "bench":
             return cmd_bench(args)
         if args.command == "finetune":
@@ -253,15 +271,40 @@ def cmd_info(args) -> int:
 def cmd_random(args) -> int:
     from .presets import write_random_checkpoint
 
+    if args.quantize:
+        from .quant.quantize import random_quantized_checkpoint
+
+        out = random_quantized_checkpoint(args.out, args.preset, args.quantize, seed=args.seed, dtype=args.dtype,
+                                          std=args.std, group=args.group_size, overwrite=args.force,
+                                          progress=sys.stderr.isatty())
+        print(f"wrote random {args.preset} checkpoint ({args.quantize}) to {out}")
+        return 0
     out = write_random_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, std=args.std,
                                   overwrite=args.force)
     print(f"wrote random {args.preset} checkpoint to {out}")
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quant.qtensor import QuantError
+    from .quant.quantize import quantize_checkpoint
+
+    try:
+        out = quantize_checkpoint(args.input, args.output, args.scheme, group=args.group_size, overwrite=args.force,
+                                  progress=not args.no_progress and sys.stderr.isatty())
+    except QuantError as e:
+        raise ValueError(str(e)) from None
+    print(f"wrote {args.scheme} checkpoint to {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import BenchOptions, render, run_bench
 
+    if args.quantize:
+        from .bench import run_quantized_bench
+
+        return run_quantized_bench(args)
     opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
                         seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
                         repeats=args.repeats, min_time_s=args.min_time_s, tokens_per_forward=args.tokens_per_forward)

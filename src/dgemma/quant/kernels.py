@@ -47,7 +47,8 @@ def dequant_int4(packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: 
     return out
 
 
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 [N, K] with per-row scale [N] -> W [N, K] = q * scale[n]."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
     return out.copy_(q).mul_(scale.to(dtype).unsqueeze(-1))
@@ -116,7 +117,8 @@ def int4_to_kernel_layout(packed: torch.Tensor, scales: torch.Tensor) -> tuple[t
     return kernel_weight, torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
 
 
-def int4_linear_pack(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> torch.Tensor:
+def int4_linear_pack(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: torch.Tensor,
+                     group: int) -> torch.Tensor:
     flat, rows = _rows(x)
     act = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)
     out = torch._weight_int4pack_mm_for_cpu(act.contiguous(), kernel_weight, group, scale_zeros)
@@ -126,4 +128,5 @@ def int4_linear_pack(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: 
 
 def int4_pack_supported(n: int, k: int, group: int) -> bool:
     """torch's CPU int4pack kernel needs N % 16 == 0 and whole groups."""
-    return n % 16 == 0 and k % group == 0 and group in (32, 64, 128, 256) and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    return (n % 16 == 0 and k % group == 0 and group in (32, 64, 128, 256)
+            and hasattr(torch, "_weight_int4pack_mm_for_cpu"))

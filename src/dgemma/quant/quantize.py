@@ -85,20 +85,49 @@ def encode_nvfp4(w: torch.Tensor, global_amax: torch.Tensor | None = None) -> di
 
 
 # -- random fields for random-checkpoint --quantize (no dense intermediate) -----------------------------------------
+class Pool:
+    """Random bytes and N(0, 1) values drawn once, handed out as windows at random offsets: torch draws uint8 at
+    ~10 MB/s on a small CPU, far too slow for 15 GB of codes, while copying windows runs at memory speed. The
+    weights are still random (each window starts at its own seeded offset); they are just not independent."""
+
+    def __init__(self, seed: int, size: int = 4 << 20):
+        g = torch.Generator().manual_seed(seed)
+        self.bytes = torch.randint(-(2**62), 2**62, (size,), dtype=torch.int64, generator=g).view(torch.uint8)
+        self.normal = torch.empty(size).normal_(0.0, 1.0, generator=g)
+
+    @staticmethod
+    def _windows(pool: torch.Tensor, numel: int, g: torch.Generator) -> torch.Tensor:
+        out = torch.empty(numel, dtype=pool.dtype)
+        pos, half = 0, pool.numel() // 2
+        while pos < numel:
+            n = min(numel - pos, half)
+            off = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=g))
+            out[pos:pos + n] = pool[off:off + n]
+            pos += n
+        return out
+
+    def uint8(self, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+        return self._windows(self.bytes, math.prod(shape), g).view(shape)
+
+    def randn(self, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+        return self._windows(self.normal, math.prod(shape), g).view(shape)
+
+
 def random_encoded(scheme: str, rows: int, inn: int, std: float, g: torch.Generator, group: int,
-                   scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   scale_dtype: torch.dtype, pool: Pool) -> dict[str, torch.Tensor]:
     """Random codes whose dequantized values have standard deviation ~std (uniform codes, one scale)."""
     if scheme == "int8":
-        q = torch.randint(-lowbit.INT8_MAX, lowbit.INT8_MAX + 1, (rows, inn), dtype=torch.int8, generator=g)
-        return {"weight": q, "scale": torch.full((rows,), std / 73.3)}
-    if scheme == "int4":
-        packed = torch.randint(0, 256, (rows, inn // 2), dtype=torch.uint8, generator=g)
-        return {"packed": packed, "scale": torch.full((rows, inn // group), std / 4.64, dtype=torch.bfloat16)}
+        q = pool.uint8((rows, inn), g).view(torch.int8)
+        q[q == -128] = -127
+        return {"weight": q, "scale": torch.full((rows,), std / 73.6)}
+    if scheme == "int4":  # uniform codes -8..7 have rms 4.64
+        return {"packed": pool.uint8((rows, inn // 2), g),
+                "scale": torch.full((rows, inn // group), std / 4.64, dtype=torch.bfloat16)}
     if scheme == "fp8":
-        q = torch.empty(rows, inn).normal_(0.0, 1.0, generator=g).to(FP8)
-        return {"weight": q, "weight_scale": torch.full((rows, 1), std, dtype=scale_dtype)}
+        return {"weight": pool.randn((rows, inn), g).to(FP8),
+                "weight_scale": torch.full((rows, 1), std, dtype=scale_dtype)}
     if scheme == "nvfp4":  # uniform e2m1 codes have rms 2.93
-        return {"weight": torch.randint(0, 256, (rows, inn // 2), dtype=torch.uint8, generator=g),
+        return {"weight": pool.uint8((rows, inn // 2), g),
                 "weight_scale": torch.ones(rows, inn // NVFP4_GROUP).to(FP8),
                 "weight_scale_2": torch.tensor(std / 2.93), "input_scale": torch.tensor(1.0)}
     raise ValueError(scheme)
@@ -168,6 +197,7 @@ class RandomSource(Source):
             model = DiffusionGemma(cfg)
         self.shapes = {checkpoint_key(n): tuple(p.shape) for n, p in model.named_parameters()}
         self.seed, self.std, self._dtype = seed, std, dtype
+        self.pool = Pool(seed)
 
     def keys(self) -> list[str]:
         return list(self.shapes)
@@ -185,7 +215,7 @@ class RandomSource(Source):
         shape = self.shapes[key] if index is None else self.shapes[key][1:]
         if len(shape) == 1:
             return torch.ones(shape, dtype=self._dtype)
-        return torch.empty(shape, dtype=self._dtype).normal_(0.0, self.std, generator=self.generator(key, index))
+        return self.pool.randn(shape, self.generator(key, index)).mul_(self.std).to(self._dtype)
 
 
 # -- the output ------------------------------------------------------------------------------------------------------
@@ -309,13 +339,13 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
     if kind == "linear":
         out, inn = shape
         if scheme in ("int8", "int4"):
-            f = (random_encoded(scheme, out, inn, src.std, src.generator(key), opt.group, dt) if src.random
+            f = (random_encoded(scheme, out, inn, src.std, src.generator(key), opt.group, dt, src.pool) if src.random
                  else _int_fields(scheme, src.get(key), opt.group))
             codes, scale = lowbit.weight_keys(scheme, key)
             put(codes, f["weight"] if scheme == "int8" else f["packed"])
             put(scale, f["scale"])
         else:  # fp8
-            f = (random_encoded("fp8", out, inn, src.std, src.generator(key), opt.group, dt) if src.random
+            f = (random_encoded("fp8", out, inn, src.std, src.generator(key), opt.group, dt, src.pool) if src.random
                  else encode_fp8(src.get(key), dt))
             prefix = key[: -len(".weight")]
             put(prefix + ".weight", f["weight"])
@@ -328,7 +358,7 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
     if scheme in ("int8", "int4"):
         fields: dict[str, torch.Tensor] = {}
         for e in range(n_exp):
-            f = (random_encoded(scheme, out, inn, src.std, src.generator(key, e), opt.group, dt) if src.random
+            f = (random_encoded(scheme, out, inn, src.std, src.generator(key, e), opt.group, dt, src.pool) if src.random
                  else _int_fields(scheme, src.get(key, e), opt.group))
             for name, t in f.items():
                 if name not in fields:
@@ -342,7 +372,8 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
         pieces = [("gate_proj", 0, out // 2), ("up_proj", out // 2, out)] if proj == "gate_up_proj" \
             else [("down_proj", 0, out)]
         if src.random:
-            per = {name: random_encoded(scheme, b - a, inn, src.std, src.generator(f"{key}.{name}", e), opt.group, dt)
+            per = {name: random_encoded(scheme, b - a, inn, src.std, src.generator(f"{key}.{name}", e), opt.group, dt,
+                                         src.pool)
                    for name, a, b in pieces}
         else:
             w = src.get(key, e).float()
@@ -355,7 +386,8 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
 
 
 # -- configs ---------------------------------------------------------------------------------------------------------
-def quant_files(scheme: str, config: dict[str, Any], keys: list[str], group: int) -> tuple[dict[str, Any], dict[str, str]]:
+def quant_files(scheme: str, config: dict[str, Any], keys: list[str],
+                group: int) -> tuple[dict[str, Any], dict[str, str]]:
     """The config.json to write and any extra JSON files, for `scheme`."""
     config = json.loads(json.dumps(config))
     config.pop("quantization_config", None)
@@ -435,7 +467,8 @@ def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_fro
             (tmp / name).write_text(text, encoding="utf-8")
         if copy_from is not None:  # generation config, tokenizer, task files: everything but weights and config
             for f in copy_from.iterdir():
-                if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "hf_quant_config.json"):
+                skip = f.name.startswith("model") or f.name in ("config.json", "hf_quant_config.json")
+                if f.is_file() and not skip:
                     shutil.copy2(f, tmp / f.name)
         umask = os.umask(0)
         os.umask(umask)

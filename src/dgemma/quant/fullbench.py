@@ -1,0 +1,108 @@
+"""`dgemma bench --preset P --quantize SCHEME`: one quantized model, timed against this machine's limits.
+
+Writes (once) a random checkpoint of the preset directly in the scheme's layout, measures the machine first (fp32
+matmul peak at the model's shapes, memory read bandwidth), then loads the model with default settings and runs one
+canvas at a fixed number of denoising steps. Reports seconds per step and tokens/s next to
+- the compute roofline: 2 x active parameters x canvas tokens per step at the measured matmul peak (the issue's
+  "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
+- the memory-bandwidth floor: every stored weight byte read once per step (a 256-token canvas routes to nearly all
+  experts) at the measured bandwidth;
+and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import hardware
+
+
+def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s: the best of `repeats` sums over a `gib` GiB fp32 tensor."""
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    n = a.numel() * 4
+    del a
+    return n / best / 1e9
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run(args) -> int:
+    from ..bench import _Clock, _run_dgemma, measure_peak
+    from ..checkpoint import load_model
+    from ..config import ModelConfig
+    from ..presets import config_dict
+    from .quantize import random_quantized_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scheme, preset = args.quantize, args.preset
+    model_dir = Path(args.model_dir or f"/tmp/dgemma-bench/{preset}-{scheme}")
+    if not (model_dir / "config.json").is_file():
+        group = 32 if preset == "tiny" else 64
+        random_quantized_checkpoint(model_dir, preset, scheme, seed=args.seed, dtype="bfloat16", group=group,
+                                    progress=sys.stderr.isatty())
+    cfg = ModelConfig.from_dict(config_dict(preset))
+    device = torch.device(args.device)
+    machine = hardware.describe()
+    peak = measure_peak(cfg, torch.float32, device)
+    bandwidth = measure_bandwidth()
+
+    t0 = time.perf_counter()
+    model = load_model(model_dir, device=device)
+    load_s = time.perf_counter() - t0
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    clock = _Clock(device)
+    res = _run_dgemma(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
+    timing = clock.record()
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+    canvas = cfg.canvas_length
+    issue_flops = 2 * cfg.active_params * canvas
+    full_flops = sum(cfg.decoder_flops(args.prompt_len, canvas).values())
+    stored = weight_bytes(model_dir)
+    step_s = timing["step_s"]
+    roofline_s = issue_flops / (peak["gflops"] * 1e9)
+    floor_s = stored / (bandwidth * 1e9)
+    result = {
+        "preset": preset, "scheme": scheme, "model_dir": str(model_dir), "machine": machine,
+        "matmul_peak_gflops": peak["gflops"], "peak_gemm": peak["best_gemm"], "read_bandwidth_gbs": bandwidth,
+        "weights_gb": stored / 1e9, "load_s": load_s, "peak_rss_gib_after_load": rss_after_load,
+        "peak_rss_gib": rss_peak, "prefill_s": timing["prefill_s"], "first_step_s": timing["first_step_s"],
+        "step_s": step_s, "steps": args.steps,
+        "tokens_per_s_at_16_per_step": args.tokens_per_forward / step_s,
+        "roofline_flops_per_step": issue_flops, "counted_flops_per_step": full_flops,
+        "roofline_step_s": roofline_s, "bandwidth_floor_step_s": floor_s,
+        "step_vs_roofline": step_s / roofline_s, "achieved_gflops": full_flops / step_s / 1e9,
+        "generated_ids": len(res.ids),
+    }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"{preset} {scheme}: {machine['cpu']} ({', '.join(machine['flags'])}), {torch.get_num_threads()} threads")
+    print(f"  weights {stored / 1e9:.2f} GB, load {load_s:.1f} s, peak RSS {rss_peak:.2f} GiB "
+          f"(after load {rss_after_load:.2f} GiB)")
+    print(f"  machine: fp32 matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['best_gemm']}), "
+          f"read bandwidth {bandwidth:.1f} GB/s")
+    print(f"  prefill {args.prompt_len} tokens {timing['prefill_s']:.2f} s; denoising step {step_s:.2f} s "
+          f"(first {timing['first_step_s']:.2f} s); {args.tokens_per_forward / step_s:.2f} tokens/s at "
+          f"{args.tokens_per_forward:g} tokens per step")
+    print(f"  compute roofline {roofline_s:.2f} s/step (2 x {cfg.active_params / 1e9:.2f} G active x {canvas}) -> "
+          f"{step_s / roofline_s:.2f}x of it; all counted matmuls {full_flops / 1e12:.2f} TFLOP/step run at "
+          f"{full_flops / step_s / 1e9:.1f} GFLOP/s")
+    print(f"  memory-bandwidth floor {floor_s:.2f} s/step (all {stored / 1e9:.1f} GB read once)")
+    return 0

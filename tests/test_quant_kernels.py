@@ -1,0 +1,153 @@
+"""int8 / int4 QTensors and their CPU kernels: layouts, exact dequantization, every compute path against the
+dequantized weight, row invariance, 16-bit storage with fp32 compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma.quant.lowbit as L
+from dgemma.numerics import linear as dense_linear
+from dgemma.numerics import row_invariant
+from dgemma.quant import kernels as K
+
+
+@pytest.fixture
+def exact_mode():
+    L.MODE["kernel"] = "dequant"
+    yield
+    L.MODE["kernel"] = "auto"
+
+
+def _w(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def test_int4_nibble_order():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    packed = K.pack_int4(codes)
+    assert packed.tolist() == [[0x21, 0x0F]]  # element 2k in the low nibble
+    assert torch.equal(K.unpack_int4(packed), codes)
+    every = torch.arange(256, dtype=torch.uint8).view(1, 256)
+    assert torch.equal(K.pack_int4(K.unpack_int4(every)), every)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_quantize_error_bound(group):
+    w = _w(48, 256)
+    packed, scale = L.quantize_int4(w, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128)
+    assert scale.dtype == torch.bfloat16 and scale.shape == (48, 256 // group)
+    t = L.Int4Tensor(packed, scale, group, False, shape=(48, 256))
+    err = (t.dequantize() - w).abs().view(48, -1, group)
+    s = scale.float().unsqueeze(-1)
+    # half a step, plus the bf16 rounding of the scale at the group's extreme (|code| <= 8)
+    assert (err <= 0.5 * s + 8 * s * 2.0**-8 + 1e-9).all()
+    codes = K.unpack_int4(packed).view(48, -1, group).int() - 8
+    assert codes.min() >= -8 and codes.max() <= 7
+
+
+def test_int8_quantize_error_bound():
+    w = _w(40, 96)
+    q, s = L.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (40,) and q.abs().max() <= 127
+    t = L.Int8Tensor(q, s, shape=(40, 96))
+    assert ((t.dequantize() - w).abs() <= 0.5 * s.unsqueeze(-1) + 1e-9).all()
+    assert torch.equal(q.abs().amax(dim=-1), torch.full((40,), 127, dtype=torch.int8))  # each row uses its range
+
+
+def test_zero_rows_quantize_to_zero():
+    w = torch.zeros(16, 64)
+    assert L.Int8Tensor(*L.quantize_int8(w), shape=(16, 64)).dequantize().abs().max() == 0
+    assert L.Int4Tensor(*L.quantize_int4(w, 32), 32, False, shape=(16, 64)).dequantize().abs().max() == 0
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (3, 48, 64), (2816 // 44, 704)])
+def test_int4_kernel_layout_round_trip(shape):
+    packed, scale = L.quantize_int4(_w(*shape), 32)
+    t = L.Int4Tensor.from_nibbles(packed, scale, 32, shape)
+    assert t.kernel_layout == K.int4_pack_supported(shape[-2], shape[-1], 32)
+    assert torch.equal(t.nibbles(), packed)
+    plain = L.Int4Tensor(packed, scale, 32, False, shape=shape)
+    assert torch.equal(t.dequantize(), plain.dequantize())
+    if len(shape) == 3:
+        assert torch.equal(t.dequantize(index=1), plain.dequantize()[1])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 100])
+def test_linear_paths_match_the_dequantized_weight(rows):
+    w = _w(64, 128, seed=1)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(2))
+    for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(64, 128)),
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128)),
+              L.Int4Tensor(*L.quantize_int4(w, 32), 32, False, shape=(64, 128))):
+        want = x @ t.dequantize().t()
+        got = t.linear(x)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # fused kernels take bf16 activations: relative error ~2^-8 of the row's scale
+        tol = 2e-2 * want.abs().max().item()
+        assert (got - want).abs().max().item() <= tol, type(t).__name__
+
+
+def test_exact_mode_is_the_models_matmul(exact_mode):
+    w = _w(2, 64, 96, seed=3)
+    x = torch.randn(7, 96)
+    for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(2, 64, 96)),
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (2, 64, 96))):
+        assert torch.equal(t.linear(x, index=1), dense_linear(x, t.dequantize(index=1)))
+        with pytest.raises(ValueError, match="index"):
+            t.linear(x)
+
+
+def test_fused_index_selects_the_expert():
+    w = _w(3, 32, 64, seed=4)
+    x = torch.randn(4, 64)
+    for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(3, 32, 64)),
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (3, 32, 64))):
+        outs = [t.linear(x, index=e) for e in range(3)]
+        for e in range(3):
+            want = x @ t.dequantize(index=e).t()
+            assert (outs[e] - want).abs().max() <= 2e-2 * want.abs().max()
+        assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_row_invariant_inside_row_invariant(kind):
+    w = _w(48, 64, seed=5)
+    t = L.Int8Tensor(*L.quantize_int8(w), shape=(48, 64)) if kind == "int8" else \
+        L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (48, 64))
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6))
+    with row_invariant():
+        alone = t.linear(x[3:4])
+        batch = t.linear(x)
+    assert torch.equal(alone[0], batch[3])
+
+
+def test_dense16_computes_in_fp32_from_16bit_storage():
+    w = _w(32, 64).bfloat16()
+    t = L.Dense16Tensor(w, shape=(32, 64))
+    x = torch.randn(5, 64)
+    assert torch.equal(t.linear(x), dense_linear(x, w.float()))
+    assert t.nbytes == 32 * 64 * 2 and t.bits_per_weight == 16
+    xb = x.bfloat16()
+    assert t.linear(xb).dtype == torch.bfloat16
+
+
+def test_keep_16bit_storage_wraps_linears():
+    from dgemma.model import DiffusionGemma
+    from dgemma.presets import config_dict
+    from dgemma.config import ModelConfig
+    from dgemma.quant.modules import QLinear
+
+    cfg = ModelConfig.from_dict(config_dict("tiny"))
+    torch.manual_seed(0)
+    model = DiffusionGemma(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    model = model.to(torch.bfloat16)
+    n = keep = L.keep_16bit_storage(model, torch.float32)
+    assert n == keep > 0
+    assert isinstance(model.layers[0].self_attn.q_proj, QLinear)
+    assert model.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.layers[0].self_attn.q_proj.qweight.weight.dtype == torch.bfloat16
