@@ -64,7 +64,7 @@ class NVFP4Tensor(QTensor):
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         packed, scale, gs = _pick(self.packed, index), _pick(self.scale, index), _pick(self.global_scale, index)
         out, half = packed.shape[-2:]
-        vals = F.embedding(packed.reshape(-1).long(), _BYTES.to(packed.device))  # [n, 2], exact
+        vals = F.embedding(packed.reshape(-1).int(), _BYTES.to(packed.device))  # [n, 2], exact
         vals = vals.view(*packed.shape[:-1], half * 2 // NVFP4_GROUP, NVFP4_GROUP)
         w = (vals * scale.float().unsqueeze(-1)).view(*packed.shape[:-1], half * 2)  # exact: few mantissa bits
         gs = gs.unsqueeze(-1)
