@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
 import time
 from pathlib import Path
 
-import uvicorn
-
 from dgemma.checkpoint import load_model
 from dgemma.presets import write_random_checkpoint
-from dgemma.serve import Limits, create_app
+from dgemma.serve import ConnectionLimits, Limits, create_app, make_server
 from dgemma.tasks import sudoku
 
 
@@ -30,13 +29,14 @@ def sudoku_shaped_checkpoint(path: Path) -> Path:
 
 
 class LiveServer:
-    def __init__(self, model_dir: Path, name: str = "tiny", api_key: str | None = None, limits: Limits | None = None):
+    def __init__(self, model_dir: Path, name: str = "tiny", api_key: str | None = None, limits: Limits | None = None,
+                 connections: ConnectionLimits | None = None, allowed_hosts: tuple[str, ...] = ()):
         self.model = load_model(model_dir)
         self.app = create_app(self.model, model_name=name, model_dir=model_dir, api_key=api_key,
-                              limits=limits or Limits(max_tokens=256))
+                              limits=limits or Limits(max_tokens=256), host="127.0.0.1", allowed_hosts=allowed_hosts)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = make_server(self.app, "127.0.0.1", self.port, connections)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -46,6 +46,7 @@ class LiveServer:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
+        gc.freeze()  # as `dgemma serve` does: startup objects stay out of full collections
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -142,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes (also: the "
+                    "DGEMMA_API_KEY environment variable, --api-key-file)")
+    sv.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host name clients may use besides the bound address (repeatable; '*': any)")
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     sv.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     sv.add_argument("--device", default="cpu")
@@ -150,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: what the model's positions allow")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--max-batch", type=int, default=8, help="requests batched into one diffusion run")
+    sv.add_argument("--max-prompt-chars", type=int, default=None,
+                    help="prompt characters, checked before tokenizing (default: 16 per allowed prompt token)")
+    sv.add_argument("--max-denoising-steps", type=int, default=256, help="cap on diffusion.max_denoising_steps")
+    sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped (408)")
+    sv.add_argument("--max-running", type=int, default=16, help="requests decoded at once")
+    sv.add_argument("--max-pending", type=int, default=64, help="requests waiting beyond --max-running (then 429)")
+    sv.add_argument("--max-connections", type=int, default=256, help="open connections (beyond: 503)")
+    sv.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send a whole request")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections close after")
     return p
 
 
@@ -332,28 +347,52 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
+def _api_key(args) -> str | None:
+    """--api-key, else --api-key-file, else $DGEMMA_API_KEY (a key on the command line shows in the process list)."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    key = args.api_key
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {e}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+    if key is None:
+        key = os.environ.get("DGEMMA_API_KEY") or None
+    return key
 
+
+def cmd_serve(args) -> int:
     from .checkpoint import load_model
-    from .serve import Limits, create_app
+    from .serve import ConnectionLimits, Limits, create_app, make_server
     from .tasks.sudoku_run import default_model_path
 
-    for name in ("max_tokens", "max_body_bytes", "max_batch"):
+    for name in ("max_tokens", "max_body_bytes", "max_batch", "max_denoising_steps", "max_running", "max_pending",
+                 "max_connections", "request_timeout", "read_timeout", "keep_alive_timeout"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens <= 0:
-        raise ValueError("--max-prompt-tokens must be positive")
+    for name in ("max_prompt_tokens", "max_prompt_chars"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    api_key = _api_key(args)
     path = Path(args.model) if args.model else default_model_path()
     model = load_model(path, dtype=args.dtype, device=args.device)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, max_batch=args.max_batch)
+                    max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
+                    max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
+                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending)
     app = create_app(model, model_name=args.served_model_name or path.resolve().name, model_dir=path,
-                     api_key=args.api_key, limits=limits)
+                     api_key=api_key, limits=limits, host=args.host, allowed_hosts=args.allowed_host)
+    connections = ConnectionLimits(max_connections=args.max_connections, read_timeout=args.read_timeout,
+                                   keep_alive_timeout=args.keep_alive_timeout)
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    gc.freeze()  # startup objects (torch, the model) stay out of full collections: a big request cannot stall them
+    make_server(app, args.host, args.port, connections).run()
     return 0
 
 

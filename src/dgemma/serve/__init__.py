@@ -2,5 +2,6 @@
 
 from .app import Limits, create_app
 from .engine import Engine, Job
+from .server import ConnectionLimits, make_server
 
-__all__ = ["Engine", "Job", "Limits", "create_app"]
+__all__ = ["ConnectionLimits", "Engine", "Job", "Limits", "create_app", "make_server"]

@@ -4,15 +4,21 @@ Jobs that arrive together with the same settings share one batched diffusion run
 arithmetic independent of its neighbours, so a seeded request gives the same tokens alone or under load). Runs are
 advanced one forward pass at a time, round-robin, so a long request never blocks a short one and a diffusion
 decode and an autoregressive decode of the same prompt race pass for pass.
+
+Work is bounded: at most `max_running` jobs are decoded at once (the rest wait, up to `max_pending`, then submit
+refuses), and a job past its deadline is stopped with an error event.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import logging
+import math
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,16 +26,23 @@ from typing import Any
 import torch
 
 from ..ar import ar_stream
-from ..generate import Commit, Done, Draft, _plan, resolve_settings, stream
+from ..generate import Commit, Done, Draft, plan_canvases, resolve_settings, stream
 
 log = logging.getLogger(__name__)
 
 DECODERS = ("diffusion", "autoregressive")
 
 
+class EngineBusy(Exception):
+    """The engine's queue is full; the client should retry later."""
+
+
 @dataclass
 class Job:
-    """One request. `emit` receives event dicts from the worker thread (it must be thread-safe)."""
+    """One request. `emit` receives event dicts from the worker thread (it must be thread-safe).
+
+    `max_new_tokens` is a hard cap on the returned tokens: diffusion runs whole canvases and the job keeps at most
+    this many of their tokens (finish reason "length" when it cut)."""
 
     prompt_ids: list[int]
     max_new_tokens: int
@@ -39,6 +52,7 @@ class Job:
     decoder: str = "diffusion"
     drafts: bool = False
     stop: list[str] = field(default_factory=list)
+    deadline: float | None = None  # time.monotonic() after which the job is stopped
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Progress, owned by the worker.
     ids: list[int] = field(default_factory=list)
@@ -50,9 +64,18 @@ class Job:
         self.cancelled.set()
 
     @property
+    def active(self) -> bool:
+        return not self.finished and not self.cancelled.is_set()
+
+    @property
     def key(self) -> tuple:
         """Jobs with equal keys can share a batch."""
         return (self.decoder, self.max_new_tokens, tuple(sorted(self.settings.items())))
+
+
+def finite_or_none(values: list[float], digits: int = 4) -> list[float | None]:
+    """Rounded floats for JSON, with None where a value is not finite (NaN is not JSON)."""
+    return [round(x, digits) if math.isfinite(x) else None for x in values]
 
 
 class _Run(abc.ABC):
@@ -64,7 +87,7 @@ class _Run(abc.ABC):
 
     @property
     def live(self) -> list[Job]:
-        return [j for j in self.jobs if not j.finished and not j.cancelled.is_set()]
+        return [j for j in self.jobs if j.active]
 
     def step(self) -> bool:
         """Advance once; False when the run is over."""
@@ -91,49 +114,60 @@ class _DiffusionRun(_Run):
     def __init__(self, engine: Engine, jobs: list[Job]):
         super().__init__(engine, jobs)
         first = jobs[0]
-        self.pad = engine.settings_for(first).pad_token_id
+        gen = engine.settings_for(first)
+        self.pad, self.eos = gen.pad_token_id, set(gen.eos_ids)
         self.events = stream(engine.model, [j.prompt_ids for j in jobs], max_new_tokens=first.max_new_tokens,
                              seed=[j.seed for j in jobs], rng="fast", **first.settings)
 
     def handle(self, event) -> None:
         eng = self.engine
         if isinstance(event, Draft):
+            eng.forward_passes += 1  # one decoder pass for the whole batch
             for b, job in enumerate(self.jobs):
-                if job.drafts and not job.finished and not job.cancelled.is_set():
+                if job.drafts and job.active:
                     ids = event.argmax[b].tolist()
                     job.emit({"type": "draft", "canvas_index": event.canvas_index, "step": event.step,
                               "ids": ids, "tokens": eng.token_strings(ids),
                               "accepted": event.accepted[b].tolist(),
-                              "entropy": [round(x, 4) for x in event.entropy[b].tolist()],
+                              "entropy": finite_or_none(event.entropy[b].tolist()),
                               "finished": bool(event.finished[b])})
         elif isinstance(event, Commit):
             for b, job in enumerate(self.jobs):
-                if job.finished or job.cancelled.is_set() or event.steps[b] == 0:
-                    continue
-                row = event.ids[b].tolist()
-                new = [t for t in row if t != self.pad] if self.pad is not None else row
-                job.ids.extend(new)
-                job.steps.append(event.steps[b])
-                info = {"canvas_index": event.canvas_index, "ids": row, "tokens": eng.token_strings(row),
-                        "steps": event.steps[b]}
-                eng.advance(job, info)
-                if not job.finished and bool(event.finished[b]):
-                    eng.finish(job, "stop")
+                if job.active and event.steps[b] > 0:
+                    self._commit(job, event.ids[b].tolist(), event.steps[b], event.canvas_index,
+                                 bool(event.finished[b]))
         elif isinstance(event, Done):
             for job in self.live:
                 eng.finish(job, "length")
+
+    def _commit(self, job: Job, row: list[int], steps: int, canvas_index: int, row_finished: bool) -> None:
+        new = [t for t in row if t != self.pad] if self.pad is not None else row
+        room = job.max_new_tokens - len(job.ids)
+        kept = new[:room]  # whole canvases were generated; the client gets at most max_tokens of them
+        job.ids.extend(kept)
+        job.steps.append(steps)
+        info = {"canvas_index": canvas_index, "ids": row, "tokens": self.engine.token_strings(row), "steps": steps}
+        self.engine.advance(job, info)
+        if job.finished:  # a stop string
+            return
+        if row_finished and any(t in self.eos for t in kept):
+            self.engine.finish(job, "stop")
+        elif len(job.ids) >= job.max_new_tokens:
+            self.engine.finish(job, "length")
 
 
 class _ARRun(_Run):
     def __init__(self, engine: Engine, jobs: list[Job]):
         super().__init__(engine, jobs)
         (job,) = jobs
-        eos = engine.settings_for(job).eos_token_id
-        self.eos = set(engine.settings_for(job).eos_ids)
-        self.events = ar_stream(engine.model, job.prompt_ids, job.max_new_tokens, eos_token_id=eos, seed=job.seed)
+        gen = engine.settings_for(job)
+        self.eos = set(gen.eos_ids)
+        self.events = ar_stream(engine.model, job.prompt_ids, job.max_new_tokens, eos_token_id=gen.eos_token_id,
+                                seed=job.seed)
 
     def handle(self, token: int) -> None:
         (job,) = self.jobs
+        self.engine.forward_passes += 1
         job.ids.append(token)
         job.steps.append(1)
         self.engine.advance(job, {"forwards": len(job.steps), "ids": [token],
@@ -143,17 +177,21 @@ class _ARRun(_Run):
 
 
 class Engine:
-    """Owns the model and its worker thread. `submit` is thread-safe; events go to each job's `emit`."""
+    """Owns the model and its worker thread. `submit` is thread-safe; events go to each job's `emit`.
 
-    def __init__(self, model, max_batch: int = 8, max_pending: int = 256):
+    max_running: jobs decoded at once (rows of all runs); max_pending: jobs waiting beyond those."""
+
+    def __init__(self, model, max_batch: int = 8, max_pending: int = 64, max_running: int = 16):
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.max_running = max_running
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: collections.deque[Job] = collections.deque()  # taken off the queue, not yet running
         self._runs: list[_Run] = []
         self._closed = False
-        self.forward_passes = 0  # run steps taken (one forward pass each, batched rows counted once)
+        self.forward_passes = 0  # decoder passes (a batched pass counts once); prefill and commits not counted
         self.runs_started = 0
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._work, name="dgemma-engine", daemon=True)
@@ -169,20 +207,27 @@ class Engine:
             raise ValueError(f"decoder must be one of {DECODERS}, got {job.decoder!r}")
         gen = self.settings_for(job)
         if job.decoder == "diffusion":
-            _plan(self.model.config, gen, len(job.prompt_ids))
+            plan_canvases(self.model.config, gen, len(job.prompt_ids))
         elif len(job.prompt_ids) + job.max_new_tokens > self.model.config.max_position_embeddings:
             raise ValueError(f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_new_tokens}) exceeds "
                              f"the model's {self.model.config.max_position_embeddings} positions")
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Jobs submitted and not yet running."""
+        return self._queue.qsize() + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Jobs being decoded now (a cancelled one counts until its run lets go of it)."""
+        return sum(1 for run in list(self._runs) for job in run.jobs if not job.finished)
 
     def submit(self, job: Job) -> None:
         if self._closed:
             raise RuntimeError("the engine is shut down")
-        if self._queue.qsize() >= self.max_pending:
-            raise OverflowError(f"too many pending requests ({self.max_pending}); retry later")
+        if self.pending >= self.max_pending:
+            raise EngineBusy(f"the server is busy ({self.max_running} requests running, {self.max_pending} "
+                             "waiting); retry later")
         self._queue.put(job)
 
     def close(self) -> None:
@@ -240,22 +285,43 @@ class Engine:
                   "forward_passes": forwards, "tokens_per_forward": tpf, "steps": list(job.steps),
                   "seed": job.seed, "decoder": job.decoder})
 
+    @staticmethod
+    def fail(job: Job, message: str, status: int = 500, code: str | None = None) -> None:
+        job.finished = True
+        job.emit({"type": "error", "message": message, "status": status, "code": code})
+
+    def _expire(self, now: float) -> None:
+        """Stop every job past its deadline, waiting or running."""
+        for job in [j for j in self._waiting if j.deadline is not None and now > j.deadline]:
+            self._waiting.remove(job)
+            self.fail(job, "the request ran past the server's time limit", 408, "deadline_exceeded")
+        for run in self._runs:
+            for job in run.live:
+                if job.deadline is not None and now > job.deadline:
+                    self.fail(job, "the request ran past the server's time limit", 408, "deadline_exceeded")
+
     def _admit(self, block: bool) -> bool:
-        """Move queued jobs into runs (batching equal settings). False when the engine is shutting down."""
-        jobs: list[Job] = []
+        """Move queued jobs into runs (batching equal settings) while fewer than max_running run. False when the
+        engine is shutting down."""
         try:
-            item = self._queue.get(block=block)
+            item = self._queue.get(block=block and not self._waiting, timeout=0.5 if block else None)
             while True:
                 if item is None:
                     return False
-                jobs.append(item)
+                if not item.cancelled.is_set():
+                    self._waiting.append(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
+        self._expire(time.monotonic())
+        room = self.max_running - self.running
+        admitted: list[Job] = []
+        while self._waiting and len(admitted) < room:
+            job = self._waiting.popleft()
+            if not job.cancelled.is_set():
+                admitted.append(job)
         groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            if job.cancelled.is_set():
-                continue
+        for job in admitted:
             if job.decoder == "autoregressive":
                 self._start(_ARRun, [job])
                 continue
@@ -275,8 +341,7 @@ class Engine:
         except Exception as e:  # settings were checked on submit; this is an engine fault
             log.exception("could not start a run")
             for job in jobs:
-                job.finished = True
-                job.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                self.fail(job, f"{type(e).__name__}: {e}")
 
     def _work(self) -> None:
         torch.set_grad_enabled(False)
@@ -286,16 +351,12 @@ class Engine:
             for run in list(self._runs):
                 try:
                     alive = run.step()
-                    self.forward_passes += 1
                 except Exception as e:
                     log.exception("generation failed")
                     alive = False
                     for job in run.live:
-                        job.finished = True
-                        job.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+                        self.fail(job, f"{type(e).__name__}: {e}")
                 if not alive:
                     self._runs.remove(run)
-        for run in self._runs:
-            for job in run.live:
-                job.finished = True
-                job.emit({"type": "error", "message": "the server is shutting down"})
+        for job in [*self._waiting, *(j for run in self._runs for j in run.live)]:
+            self.fail(job, "the server is shutting down", 503, "shutting_down")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 # OpenAI fields that are valid but have no effect here (the diffusion sampler has its own temperature schedule).
 IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -21,17 +21,28 @@ Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # JSON true/false would pass as 1.0/0.0 in pydantic's lax float mode
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
+def Number(**bounds: float) -> Any:  # noqa: N802 (a type alias with bounds)
+    """A finite number (an integer is fine, a boolean is not) within `bounds` (pydantic's gt/ge/le)."""
+    return Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False, **bounds)]
+
+
 class DiffusionSettings(BaseModel):
     """Per-request denoising settings (names as in generation_config.json); unset fields keep the model's."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
-    t_min: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
-    t_max: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    entropy_bound: Number(gt=0, le=1e6) | None = None
+    t_min: Number(ge=0, le=100) | None = None
+    t_max: Number(gt=0, le=100) | None = None
     stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] | None = None
+    confidence_threshold: Number(gt=0, le=1e6) | None = None
 
     def overrides(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True)  # an explicit null disables a feature, as in generation_config
@@ -69,7 +80,8 @@ class _Common(BaseModel):
     def ignored(self) -> list[str]:
         """Fields the request set that dgemma accepts but does not act on."""
         sent = set(self.model_fields_set) | set(self.model_extra or {})
-        return sorted(f for f in sent if f in IGNORED or f in (self.model_extra or {}))
+        moot = ("diffusion", "stream_drafts") if self.decoder == "autoregressive" else ()
+        return sorted(f for f in sent if f in IGNORED or f in moot or f in (self.model_extra or {}))
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
