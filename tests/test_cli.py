@@ -120,6 +120,7 @@ def error_cases(ckpt: Path, v: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "ids_out_of_vocab": ([*gen, f"5,{TINY_VOCAB}"], "outside the vocabulary"),
         "negative_id": ([*gen, "5,-1"], "outside the vocabulary"),
         "zero_new_tokens": ([*gen, PROMPT_ARG, "--max-new-tokens", "0"], "max_new_tokens"),
+        "zero_prefill_chunk": ([*gen, PROMPT_ARG, "--prefill-chunk", "0"], "--prefill-chunk"),
         "too_many_new_tokens": ([*gen, PROMPT_ARG, "--max-new-tokens", "100000"], "positions"),
         "negative_entropy_bound": ([*gen, PROMPT_ARG, "--entropy-bound", "-1"], "entropy_bound"),
         "t_max_below_t_min": ([*gen, PROMPT_ARG, "--t-min", "0.9", "--t-max", "0.5"], "t_max must be > t_min"),

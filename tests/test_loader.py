@@ -331,7 +331,7 @@ def test_missing_generation_config_uses_reference_defaults(ckpt):
     (ckpt / "generation_config.json").unlink()
     gc = dgemma.load_model(ckpt).generation_config
     # the reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params)
-    assert (gc.max_new_tokens, gc.max_denoising_steps, gc.entropy_bound) == (256, 48, 0.1)
+    assert (gc.new_tokens(prompt_len=10), gc.max_denoising_steps, gc.entropy_bound) == (256, 48, 0.1)
     assert (gc.t_min, gc.t_max, gc.stability_threshold, gc.confidence_threshold) == (0.4, 0.8, 1, 0.005)
 
 

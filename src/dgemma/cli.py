@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast (default): fused sampler, per-row streams; reference: draws exactly as transformers")
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per encoder pass (default 1024; memory grows with chunk x prompt)")
     for flag, (_, typ) in GEN_FLAGS.items():
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--eos-token-id", type=_eos, default=None, help="EOS id(s), comma-separated")
@@ -87,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128; default 64)")
     qz.add_argument("--force", action="store_true", help="replace an existing directory")
     qz.add_argument("--no-progress", action="store_true", help="no progress bar")
-
 
     b = sub.add_parser("bench", help="benchmark dgemma against the transformers reference on random weights")
     b.add_argument("--preset", default="small-moe", choices=sorted(PRESETS))
@@ -126,20 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from <out>/last")
     s = sub.add_parser("sudoku", help="solve or evaluate Sudoku with a DiffusionGemma model")
     ssub = s.add_subparsers(dest="sudoku_command", required=True)
-    so = ssub.add_parser("solve", help="solve puzzles from a file (81 chars per line, 0 or . for blanks)")
+    so = ssub.add_parser("solve", help="solve puzzles from a file (16, 36 or 81 chars per line, 0 or . for blanks)")
     so.add_argument("--file", required=True)
-    so.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
+    so.add_argument("--model", default=None,
+                    help="checkpoint directory (default: the bundled Sudoku model for each puzzle's size)")
     so.add_argument("--json", action="store_true", help="one JSON object per line")
     so.add_argument("--seed", type=int, default=0)
     so.add_argument("--device", default="cpu")
     ev = ssub.add_parser("eval", help="solve rate etc. on held-out generated puzzles")
     ev.add_argument("--model", default=None)
+    ev.add_argument("--size", type=int, default=None, choices=(4, 6, 9),
+                    help="grid side of the bundled model to evaluate (default 9; a --model's task.json decides)")
     ev.add_argument("--n", type=int, default=1000)
     ev.add_argument("--seed", type=int, default=424242)
     ev.add_argument("--step-caps", default="", help="comma-separated max_denoising_steps values to sweep")
     ev.add_argument("--out", default=None, help="write the results JSON here")
     ev.add_argument("--ar", action="store_true", help="decode left to right with the causal stack (AR baseline)")
     ev.add_argument("--device", default="cpu")
+    de = ssub.add_parser("demo", help="solve a 6x6 and a 9x9 puzzle with the bundled models, animated")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--delay", type=float, default=0.15, help="seconds to show each denoising step")
+    de.add_argument("--no-animation", action="store_true", help="print only the puzzles and answers")
+    de.add_argument("--device", default="cpu")
+    de.set_defaults(model=None)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live canvas visualizer")
     sv.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -193,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sudoku":
             from .tasks import sudoku_run
 
-            return sudoku_run.cmd_solve(args) if args.sudoku_command == "solve" else sudoku_run.cmd_eval(args)
+            run = {"solve": sudoku_run.cmd_solve, "eval": sudoku_run.cmd_eval, "demo": sudoku_run.cmd_demo}
+            return run[args.sudoku_command](args)
     except (ValueError, TypeError, OSError, ConfigError) as e:  # OSError: missing/unreadable files
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +218,10 @@ def cmd_generate(args) -> int:
     from .generate import Commit, Done, Draft, stream
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk <= 0:
+            raise ValueError(f"--prefill-chunk must be a positive integer, got {args.prefill_chunk}")
+        model.prefill_chunk = args.prefill_chunk
     tok = model.tokenizer
     if args.prompt is not None:
         if tok is None:
