@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,13 +12,15 @@ import httpx
 import pytest
 from live_server import free_port
 
+from dgemma.cli import main
 from dgemma.presets import write_random_checkpoint
 
 
-def start(*args: str) -> tuple[subprocess.Popen, str]:
+def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -36,23 +40,35 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_serve_bundled_model_by_default():
-    proc, url = start()
+def test_serve_bundled_model_by_default_key_from_env():
+    proc, url = start(env={"DGEMMA_API_KEY": "from-env"})
     try:
-        card = httpx.get(url + "/v1/models").json()["data"][0]
+        assert httpx.get(url + "/v1/models").status_code == 401
+        card = httpx.get(url + "/v1/models", headers={"authorization": "Bearer from-env"}).json()["data"][0]
         assert card["id"] == "sudoku" and card["dgemma"]["task"] == "sudoku"
         assert "<title>" in httpx.get(url + "/").text
+        assert "from-env" not in " ".join(proc.args)
     finally:
         stop(proc)
 
 
-def test_serve_model_name_and_key(tmp_path):
+def test_serve_model_name_key_file_and_hosts(tmp_path):
     model = write_random_checkpoint(tmp_path / "m", "tiny", seed=1)
-    proc, url = start("--model", str(model), "--served-model-name", "mine", "--api-key", "k")
+    (tmp_path / "key").write_text("k\n")
+    proc, url = start("--model", str(model), "--served-model-name", "mine", "--api-key-file", str(tmp_path / "key"),
+                      "--allowed-host", "my.box", "--read-timeout", "1")
     try:
         assert httpx.get(url + "/v1/models").status_code == 401
-        r = httpx.get(url + "/v1/models", headers={"authorization": "Bearer k"})
+        r = httpx.get(url + "/v1/models", headers={"authorization": "bearer k"})
         assert r.json()["data"][0]["id"] == "mine"
+        assert httpx.get(url + "/health", headers={"host": "my.box"}).status_code == 200
+        assert httpx.get(url + "/health", headers={"host": "localhost"}).status_code == 200
+        assert httpx.get(url + "/health", headers={"host": "rebound.example"}).status_code == 400
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # --read-timeout reaches the server
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            sock.settimeout(5)
+            assert sock.recv(100) == b""
     finally:
         stop(proc)
 
@@ -61,8 +77,10 @@ def test_serve_model_name_and_key(tmp_path):
     (["--port", "0"], "--port"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--model", "/does/not/exist"], "does/not/exist"),
+    (["--api-key", "a", "--api-key-file", "f"], "not both"),
+    (["--api-key-file", "/no/such/key"], "/no/such/key"),
+    (["--request-timeout", "0"], "--request-timeout"),
 ])
-def test_serve_bad_flags(args, needle):
-    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", *args], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2 and needle in r.stderr
+def test_serve_bad_flags(args, needle, capsys):
+    assert main(["serve", *args]) == 2  # in-process: refused before any model is loaded or port bound
+    assert needle in capsys.readouterr().err
