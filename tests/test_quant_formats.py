@@ -155,10 +155,11 @@ def test_fp8_blocks_straddle_the_gate_up_boundary(tmp_path):
         q, s = tensors[key + "gate_up_proj"], tensors[key + "gate_up_proj_scale_inv"]
         assert s.shape == (4, 2, 1)
         gu = model.layers[layer].experts.gate_up
-        for e in range(4):
-            want = torch.stack([torch.stack([q[e, r, c].float() * s[e, r // 128, c // 128] for c in range(64)])
-                                for r in range(160)])
+        r, c = torch.arange(160)[:, None], torch.arange(64)[None, :]
+        for e in range(4):  # W[r, c] = q[r, c] * s[r // 128, c // 128], rows 0-127 of gate AND up in one block
+            want = q[e].float() * s[e][r // 128, c // 128]
             assert torch.equal(gu.dequantize(torch.float32, index=e), want)
+            assert torch.equal(gu.dequantize(torch.float32, index=e)[79:81], q[e, 79:81].float() * s[e, 0, 0])
         down = model.layers[layer].experts.down
         assert torch.equal(down.dequantize(torch.float32), qw.dequant_fp8_block(tensors[key + "down_proj"],
                                                                                  tensors[key + "down_proj_scale_inv"]))
