@@ -468,7 +468,7 @@ LONG = {"max_denoising_steps": 400, "stability_threshold": None, "confidence_thr
 def test_running_cap_queue_and_deadline(model_dir):
     """One request runs, one waits, the next is refused (429); the running one and the waiting one are stopped at
     the deadline (a stream gets an error event, a plain request a 408) and the engine is idle again."""
-    limits = Limits(max_tokens=96, max_running=1, max_pending=1, request_timeout=2.0, max_denoising_steps=400)
+    limits = Limits(max_tokens=96, max_running=1, max_pending=1, request_timeout=3.0, max_denoising_steps=400)
     with LiveServer(model_dir, limits=limits) as s:
         body = {"prompt": "Hello", "max_tokens": 96, "seed": 1, "diffusion": LONG}
         first: list = []
