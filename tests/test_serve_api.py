@@ -602,6 +602,19 @@ def test_oversized_headers_refused(strict_server):
         assert sock.recv(4096).startswith(b"HTTP/1.1 400")
 
 
+def test_connection_cap(model_dir):
+    with LiveServer(model_dir, connections=ConnectionLimits(max_connections=3, read_timeout=5.0)) as s:
+        held = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(s.url + "/health").status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
 def test_half_closed_client_gets_response(strict_server):
     body = json.dumps({"prompt": "Hi", "max_tokens": 8, "seed": 1, "diffusion": FAST}).encode()
     with socket.create_connection(("127.0.0.1", strict_server.port)) as sock:
