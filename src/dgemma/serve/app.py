@@ -432,7 +432,8 @@ class Reply:
                 "dgemma": extension(done, ignored)}
 
 
-async def collect(request: Request, job: Job, events: asyncio.Queue, reply: Reply, ignored: list[str]):
+async def collect(request: Request, job: Job, events: asyncio.Queue, reply: Reply,
+                  ignored: list[str]) -> JSONResponse:
     try:
         while True:
             try:
@@ -444,7 +445,7 @@ async def collect(request: Request, job: Job, events: asyncio.Queue, reply: Repl
             if event["type"] == "error":
                 raise engine_error(event)
             if event["type"] == "done":
-                return reply.whole(event, ignored)
+                return JSONResponse(reply.whole(event, ignored))  # allow_nan=False: never NaN on the wire
     finally:
         job.cancel()  # no-op when finished; stops the work when the handler is torn down early
 
@@ -476,7 +477,7 @@ async def stream_events(job: Job, events: asyncio.Queue, reply: Reply, ignored: 
         job.cancel()  # the client went away (or we are done): stop spending passes on it
 
 
-async def run(state: ServerState, request: Request, req, prompt_ids: list[int], chat: bool):
+async def run(state: ServerState, request: Request, req, prompt_ids: list[int], chat: bool) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict] = asyncio.Queue()
 
