@@ -1,8 +1,10 @@
 """The full Sudoku evaluation: base vs fine-tuned diffusion model (with a step-cap sweep) vs the autoregressive
 baseline, on the same held-out puzzles. Writes a JSON results file and a PNG plot of solve rate vs step cap.
 
-    python scripts/eval_sudoku.py [--model DIR] [--ar RUN/final] --n 1000 \
+    python scripts/eval_sudoku.py [--size 9] [--model DIR] [--ar RUN/final] --n 1000 \
         --out benchmarks/sudoku/results.json --plot benchmarks/sudoku/solve_rate_vs_steps.png
+
+`--size` picks the grid (and the bundled model for it); the puzzles have `sudoku.default_blanks(size)` blanks.
 
 `--parts diffusion,base` recomputes only those rows and keeps the rest of an existing --out file (same puzzles).
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_sudoku import write_base  # noqa: E402
 
 from dgemma.checkpoint import load_model  # noqa: E402
+from dgemma.tasks import sudoku  # noqa: E402
 from dgemma.tasks.sudoku_run import default_model_path, evaluate  # noqa: E402
 
 CAPS = (2, 4, 8, 12, 16, 24, 32, 48)
@@ -49,14 +52,17 @@ def plot(results: dict, path: Path) -> None:
                         label=f"{'fine-tuned' if name == 'diffusion' else 'base'} (diffusion decoding)")
         ar = results.get("autoregressive")
         if ar:
+            passes = results.get("size", 9) ** 2 + 1
             ax.axhline(100 * ar["default"][key], color="gray", linestyle=":",
-                       label=f"autoregressive baseline (82 passes): {ar['default'][key]:.1%}")
+                       label=f"autoregressive baseline ({passes} passes): {ar['default'][key]:.1%}")
         ax.set_xlabel("max denoising steps per canvas (cap)")
         ax.set_ylabel(label)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"Sudoku: {results['n']} held-out puzzles with {results['blanks'][0]}-{results['blanks'][1]} blanks")
+    n = results.get("size", 9)
+    fig.suptitle(f"Sudoku {n}x{n}: {results['n']} held-out puzzles with {results['blanks'][0]}-{results['blanks'][1]}"
+                 " blanks")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -91,6 +97,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=9, choices=(4, 6, 9), help="grid side (default 9)")
     ap.add_argument("--model", default=None, help="the fine-tuned diffusion model (default: the bundled one)")
     ap.add_argument("--ar", default=None, help="the autoregressive baseline (trained with --ar-only)")
     ap.add_argument("--n", type=int, default=1000)
@@ -114,13 +121,15 @@ def main(argv=None) -> int:
     results: dict = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     computing = parts & {"diffusion", "reference_rng", "base", "autoregressive"}
     if computing:
-        if results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed):
+        if (results.get("n") not in (None, args.n) or results.get("seed") not in (None, args.seed)
+                or results.get("size", 9) != args.size):
             results = {}  # a different puzzle set: nothing to keep
-        results.update({"n": args.n, "seed": args.seed, "blanks": [30, 50]})
+        results.update({"n": args.n, "seed": args.seed, "size": args.size,
+                        "blanks": list(sudoku.default_blanks(args.size))})
     results.setdefault("commands", {})
     command = "python scripts/eval_sudoku.py " + " ".join(argv or sys.argv[1:])
     fine_tuned = parts & {"diffusion", "reference_rng"}
-    model = load_model(args.model or default_model_path(), device=args.device) if fine_tuned else None
+    model = load_model(args.model or default_model_path(args.size), device=args.device) if fine_tuned else None
     if "diffusion" in parts:
         results["diffusion"] = evaluate(model, n=args.n, seed=args.seed, step_caps=caps)
         results["commands"]["diffusion"] = command
@@ -131,7 +140,7 @@ def main(argv=None) -> int:
         print(f"reference rng: {results['reference_rng']['default']['solve_rate']:.1%}", file=sys.stderr)
     if "base" in parts:
         with tempfile.TemporaryDirectory() as tmp:
-            base = load_model(write_base(Path(tmp) / "base", args.base_seed), device=args.device)
+            base = load_model(write_base(Path(tmp) / "base", args.size, args.base_seed), device=args.device)
             results["base"] = evaluate(base, n=args.n, seed=args.seed, step_caps=[caps[-1]])
         results["commands"]["base"] = command
         print(f"base: {results['base']['default']['solve_rate']:.1%}", file=sys.stderr)

@@ -1,16 +1,21 @@
-"""Train the bundled Sudoku model: a small DiffusionGemma (MoE, sliding + full layers) fine-tuned from random
+"""Train a bundled Sudoku model: a small DiffusionGemma (MoE, sliding + full layers) trained from random
 initialisation with dgemma's DiffusionGemma objective on generated puzzles.
 
-    python scripts/train_sudoku.py --out runs/sudoku --steps 6000 --threads 1
+    OMP_NUM_THREADS=1 python scripts/train_sudoku.py --size 6 --out runs/sudoku6 --threads 1
+    python scripts/train_sudoku.py --size 9 --out runs/sudoku9 --device cuda       # the same run on a GPU
 
-Writes <out>/base (the random-init base model), <out>/train.jsonl, <out>/run (finetune output, train_log.jsonl)
-and, with --bundle DIR, copies the final model plus its log and this command there.
+Writes <out>/base (the random-init base model), <out>/train.jsonl, <out>/run (finetune output: train_log.jsonl,
+<out>/run/last for --resume, <out>/run/final) and, with --bundle DIR, copies the final model plus its log, a
+task.json and a TRAINING.md holding this command there. `--ar-only` trains the autoregressive baseline (AR loss
+only, same shape and budget). `--init DIR` starts from another checkpoint of the same shape instead of random
+weights (to continue a model under a new schedule).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import time
@@ -24,75 +29,124 @@ from dgemma.tasks import sudoku
 from dgemma.tokenizer import build_byte_tokenizer
 from dgemma.train import TrainConfig, finetune
 
-# Small enough to train on a laptop CPU, with every DiffusionGemma feature: MoE + dense MLP, sliding and full
-# layers (K-as-V, proportional RoPE), self-conditioning. The canvas holds the 81 digits and the end-of-turn token.
-SUDOKU_SHAPE = dict(
-    vocab_size=262, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1, num_experts=4,
-    top_k_experts=2, moe_intermediate_size=128, sliding_window=256, max_position_embeddings=1024,
-    layer_types=["sliding_attention", "full_attention"] * 3, canvas_length=82,
+# Small enough to train on one CPU thread, with every DiffusionGemma feature: MoE + dense MLP, sliding and full
+# layers (K-as-V, proportional RoPE), self-conditioning. The canvas holds the n*n digits and the end-of-turn token.
+_COMMON = dict(
+    vocab_size=262, num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, num_experts=4,
+    top_k_experts=2, sliding_window=256, max_position_embeddings=1024,
 )
-GENERATION = dict(max_new_tokens=82, max_denoising_steps=48, entropy_bound=0.1)
+SHAPES = {
+    4: dict(_COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+            moe_intermediate_size=64, layer_types=["sliding_attention", "full_attention"] * 2, canvas_length=17),
+    6: dict(_COMMON, hidden_size=128, intermediate_size=256, num_hidden_layers=4, head_dim=32, global_head_dim=64,
+            moe_intermediate_size=128, layer_types=["sliding_attention", "full_attention"] * 2, canvas_length=37),
+    9: dict(_COMMON, hidden_size=128, intermediate_size=256, num_hidden_layers=6, head_dim=32, global_head_dim=64,
+            moe_intermediate_size=128, layer_types=["sliding_attention", "full_attention"] * 3, canvas_length=82),
+}
+GENERATION = {
+    4: dict(max_new_tokens=17, max_denoising_steps=16, entropy_bound=0.1),
+    6: dict(max_new_tokens=37, max_denoising_steps=24, entropy_bound=0.1),
+    9: dict(max_new_tokens=82, max_denoising_steps=48, entropy_bound=0.1),
+}
+TRAIN_SEED_BASE = 1000  # training puzzles use seeds 1000+; evaluation uses 424242 and 777
 
 
-def write_base(out: Path, seed: int) -> Path:
-    cfg = config_dict(SUDOKU_SHAPE)
+def write_base(out: Path, size: int, seed: int) -> Path:
+    cfg = config_dict(SHAPES[size])
     state = random_state_dict(ModelConfig.from_dict(cfg), seed=seed, std=0.02)
-    return write_checkpoint(out, cfg, state, generation_config_dict(**GENERATION), build_byte_tokenizer(),
+    return write_checkpoint(out, cfg, state, generation_config_dict(**GENERATION[size]), build_byte_tokenizer(),
                             overwrite=True)
 
 
+def write_data(path: Path, size: int, n: int, seed: int) -> None:
+    t0 = time.time()
+    pairs = sudoku.generate_many(n, seed=TRAIN_SEED_BASE + seed, size=size)
+    rows = [{"prompt": sudoku.prompt_text(p), "response": sudoku.answer_text(s)} for p, s in pairs]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    print(f"generated {len(rows)} {size}x{size} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/sudoku")
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--puzzles", type=int, default=60000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=9, choices=sorted(SHAPES), help="grid side (default 9)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/sudoku<size>)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--puzzles", type=int, default=100000)
+    ap.add_argument("--ar-targets", default="response", choices=["all", "response", "none"],
+                    help="what the next-token loss covers (default: the response; the givens are random)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: --device cuda --dtype bfloat16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--ar-only", action="store_true", help="train the autoregressive baseline (AR loss only)")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None, help="start from this checkpoint instead of a random initialisation")
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true", help="continue <out>/run from its last snapshot")
     ap.add_argument("--bundle", default=None, help="copy the final model, log and command here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out or f"runs/sudoku{args.size}")
     out.mkdir(parents=True, exist_ok=True)
-    base = out / "base"
-    if not (base / "model.safetensors").is_file():
-        write_base(base, args.seed)
+    base = Path(args.init) if args.init else out / "base"
+    if not args.init and not (base / "model.safetensors").is_file():
+        write_base(base, args.size, args.seed)
     data = out / "train.jsonl"
     if not data.is_file():
-        t0 = time.time()
-        pairs = sudoku.generate_many(args.puzzles, seed=1000 + args.seed, blanks=(30, 50))
-        rows = [{"prompt": sudoku.prompt_text(p), "response": sudoku.answer_text(s)} for p, s in pairs]
-        tmp = data.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(data)
-        print(f"generated {len(rows)} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
+        write_data(data, args.size, args.puzzles, args.seed)
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out / "run"), steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, chat=False, save_every=250,
-                      log_every=25, seed=args.seed, resume=args.resume, device=args.device, dtype=args.dtype,
+                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                      chat=False, save_every=args.save_every, log_every=10, seed=args.seed, resume=args.resume,
+                      device=args.device, dtype=args.dtype, ar_targets="response" if args.ar_only else args.ar_targets,
                       diffusion_weight=0.0 if args.ar_only else 1.0)
+    print(f"training {args.size}x{args.size} on {cpu_name() if args.device == 'cpu' else args.device}, "
+          f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     summary = finetune(cfg)
     print(json.dumps(summary))
     if args.bundle:
-        dest = Path(args.bundle)
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(out / "run" / "final", dest)
-        shutil.copy(out / "run" / "train_log.jsonl", dest / "train_log.jsonl")
-        (dest / "task.json").write_text(json.dumps(sudoku.task_info(), indent=2) + "\n", encoding="utf-8")
-        (dest / "TRAINING.md").write_text(
-            "Trained by `python scripts/train_sudoku.py " + " ".join(argv or sys.argv[1:]) + "`.\n"
-            "Base: random initialisation (shape in scripts/train_sudoku.py). Data: puzzles from "
-            "dgemma.tasks.sudoku.generate_many (30-50 blanks). Objective: dgemma.train (AR + diffusion, "
-            "self-conditioning p=0.5). Log: train_log.jsonl.\n", encoding="utf-8")
+        bundle(out, Path(args.bundle), args.size, argv if argv is not None else sys.argv[1:])
     return 0
+
+
+def bundle(out: Path, dest: Path, size: int, argv) -> None:
+    """Copy <out>/run/final plus its log, task.json and TRAINING.md to `dest` (replacing it)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(out / "run" / "final", dest)
+    shutil.copy(out / "run" / "train_log.jsonl", dest / "train_log.jsonl")
+    (dest / "task.json").write_text(json.dumps(sudoku.task_info(size), indent=2) + "\n", encoding="utf-8")
+    log = [json.loads(x) for x in (dest / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    last = log[-1] if log else {}
+    (dest / "TRAINING.md").write_text(
+        f"# The bundled {size}x{size} Sudoku model\n\n"
+        f"Trained by `python scripts/train_sudoku.py {' '.join(argv)}` on {cpu_name()} "
+        f"({torch.get_num_threads()} thread(s)), {last.get('elapsed_s', 0) / 60:.0f} minutes, "
+        f"{last.get('examples', 0)} examples.\n\n"
+        f"- Shape: `SHAPES[{size}]` in scripts/train_sudoku.py (random initialisation), canvas {SHAPES[size]['canvas_length']}"
+        f" (the {size * size} digits and the end-of-turn token), the byte-level tokenizer.\n"
+        f"- Data: `dgemma.tasks.sudoku.generate_many(seed={TRAIN_SEED_BASE}, size={size})` (blanks "
+        f"{sudoku.default_blanks(size)}), prompt `sudoku.prompt_text` (a line naming the cells, then the puzzle), "
+        f"response the solution. Evaluation puzzles come from other seeds (424242, 777).\n"
+        f"- Objective: `dgemma.train` (next-token loss on the response, canvas cross-entropy under uniform "
+        f"corruption, self-conditioning p = 0.5), AdamW, warmup then cosine, gradient clipping 1.0.\n"
+        f"- Log: `train_log.jsonl`. `task.json` tells `dgemma sudoku` and `dgemma serve` the grid size and prompt.\n",
+        encoding="utf-8")
 
 
 if __name__ == "__main__":

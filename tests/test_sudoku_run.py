@@ -351,3 +351,62 @@ def test_cli_eval_writes_json(model_dir, tmp_path):
 def test_cli_solve_file_is_a_directory(model_dir, tmp_path, capsys):
     assert cli_main(["sudoku", "solve", "--file", str(tmp_path), "--json", "--model", str(model_dir)]) == 2
     assert capsys.readouterr().err.startswith("dgemma: error")
+
+
+# -- other grid sizes -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model6_dir(tmp_path_factory) -> Path:
+    """A random 6x6 model: canvas 37 (36 digits + end token) and a task.json naming the grid."""
+    out = tmp_path_factory.mktemp("sudoku_model6") / "tiny37"
+    write_random_checkpoint(out, "tiny", seed=1, canvas_length=37)
+    (out / "task.json").write_text(json.dumps(sudoku.task_info(6)), encoding="utf-8")
+    return out
+
+
+def test_task_spec(model, model6_dir):
+    assert sudoku_run.task_spec(model) == sudoku_run.TaskSpec(9, sudoku.task_info(9)["prompt_template"])
+    m6 = dgemma.load_model(model6_dir)
+    spec = sudoku_run.task_spec(m6)
+    p = sudoku.generate_many(1, seed=1, size=6)[0][0]
+    assert spec.size == 6 and spec.prompt(p) == sudoku.prompt_text(p)
+    with pytest.raises(ValueError, match="36 cells"):
+        spec.prompt(EASY)
+    # The bundled 9x9 model keeps the prompt it was trained with.
+    if (sudoku_run.BUNDLED / "task.json").is_file():
+        legacy = sudoku_run.task_spec(dgemma.load_model(sudoku_run.BUNDLED))
+        assert legacy.size == 9 and legacy.prompt(EASY) == sudoku.legacy_prompt_text(EASY)
+
+
+def test_bad_task_file(tmp_path, model6_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model6_dir, broken)
+    (broken / "task.json").write_text('{"task": "sudoku", "size": 7, "prompt_template": "{puzzle}"}')
+    with pytest.raises(ValueError, match="task.json: not a valid Sudoku task file"):
+        sudoku_run.task_spec(dgemma.load_model(broken))
+
+
+def test_cli_solve_6x6_with_one_model(model6_dir, tmp_path):
+    """With --model, puzzles of another size are per-line errors; 6x6 answers are 36 digits."""
+    six = [p for p, _ in sudoku.generate_many(2, seed=8, size=6)]
+    f = tmp_path / "mixed.txt"
+    f.write_text(f"{six[0]}\n{EASY}\n{six[1].replace('0', '.')}\n", encoding="utf-8")
+    proc = ok(run_cli("sudoku", "solve", "--file", f, "--json", "--model", model6_dir))
+    recs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(recs) == 3 and set(recs[1]) == {"line", "error"} and recs[1]["line"] == 2
+    assert "6x6" in recs[1]["error"] and "got 81 cells" in recs[1]["error"]
+    for rec, p in zip((recs[0], recs[2]), six):
+        assert set(rec) == VALID_KEYS and rec["puzzle"] == p
+        assert rec["solution"] == "" or (len(rec["solution"]) == 36 and rec["solution"].isdigit())
+        assert 1 <= rec["steps"] <= MAX_STEPS
+    m6 = dgemma.load_model(model6_dir)
+    assert [r for r in recs if "error" not in r] == sudoku_run.solve_batch(m6, six, seed=0)
+
+
+def test_evaluate_6x6_buckets(model6_dir):
+    out = sudoku_run.evaluate(dgemma.load_model(model6_dir), n=4, step_caps=())
+    assert out["size"] == 6 and out["blanks"] == list(sudoku.default_blanks(6))
+    edges = sudoku.bucket_edges(6)
+    assert set(out["default"]["buckets"]) <= {sudoku.bucket(b, edges) for b in range(edges[0], edges[-1] + 1)}
+    assert sum(b["count"] for b in out["default"]["buckets"].values()) == 4

@@ -133,19 +133,6 @@ def test_held_out_split_is_disjoint():
     assert shifted[:2] == first[1:] and shifted[2] not in first
 
 
-def test_dedupe():
-    a, b, c = S.generate_many(3, seed=4, blanks=35)
-    assert S.dedupe([a, b, a, c, b]) == [a, b, c]
-    assert S.dedupe([a, b, c], exclude=[b]) == [a, c]
-    assert S.dedupe([a, b, c], exclude=[c[0]]) == [a, b]
-    assert S.dedupe([a, b, c], exclude=[a[1]], by="solution") == [b, c]
-    same_grid = (a[1][:5] + "0" + a[1][6:], a[1])  # another puzzle with a's solution
-    assert S.dedupe([a, same_grid]) == [a, same_grid]
-    assert S.dedupe([a, same_grid], by="solution") == [a]
-    with pytest.raises(ValueError):
-        S.dedupe([a], by="prompt")
-
-
 # ------------------------------------------------------------------------------------------------------- validator
 
 
@@ -263,8 +250,8 @@ def test_format_grid():
 def test_encoding_round_trip():
     puzzle, solution = S.generate(11, 40)
     prompt = S.prompt_text(puzzle)
-    assert prompt == "Solve this sudoku. 0 marks an empty cell.\n" + S.CELLS + "\n" + puzzle
-    assert prompt.splitlines()[1] == S.CELLS and prompt.splitlines()[2] == puzzle
+    assert prompt == S.CELLS + "\n" + puzzle
+    assert S.legacy_prompt_text(puzzle) == "Solve this sudoku. 0 marks an empty cell.\n" + prompt
     assert len(S.CELLS) == len(set(S.CELLS)) == 81 and not set(S.CELLS) & set("0123456789<> \n")
     response = S.answer_text(solution)
     assert response == solution and len(response) == 81
@@ -348,3 +335,91 @@ def test_cli_main(tmp_path, capsys):
     assert all(35 <= S.blank_count(p) <= 40 for p, _ in test_pairs + train_pairs)
     assert not {s for _, s in test_pairs} & {s for _, s in train_pairs}
     assert "wrote 5 puzzles" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ other box shapes
+# A 6x6 grid with boxes of 2 rows by 3 columns, and a 4x4 one with 2x2 boxes (checked by hand).
+SIX_SOLUTION = "123456456123231564564231312645645312"
+FOUR_SOLUTION = "1234341221434321"
+
+
+def _units(n: int, br: int, bc: int) -> list[list[int]]:
+    rows = [[r * n + c for c in range(n)] for r in range(n)]
+    cols = [[r * n + c for r in range(n)] for c in range(n)]
+    boxes = [[(R + r) * n + C + c for r in range(br) for c in range(bc)] for R in range(0, n, br)
+             for C in range(0, n, bc)]
+    return rows + cols + boxes
+
+
+def test_shapes():
+    assert S.shape_of(36) == S.shape_of(6) == S.shape_of("0" * 36) == S.Shape(2, 3)
+    assert (S.shape_of(16).n, S.shape_of(81).n) == (4, 9)
+    assert S.shape_of(6).box_rows == 2 and S.shape_of(6).box_cols == 3
+    with pytest.raises(ValueError, match="unsupported sudoku size 25"):
+        S.shape_of(25)
+
+
+@pytest.mark.parametrize("grid,n,br,bc", [(SIX_SOLUTION, 6, 2, 3), (FOUR_SOLUTION, 4, 2, 2)])
+def test_small_grids_complete(grid, n, br, bc):
+    assert S.is_complete(grid)
+    # Swapping two columns of different stacks keeps rows and columns but breaks the boxes.
+    swapped = "".join(row[:bc - 1] + row[bc] + row[bc - 1] + row[bc + 1:] for row in
+                      (grid[r * n:(r + 1) * n] for r in range(n)))
+    assert all(len({swapped[i] for i in u}) == n for u in _units(n, br, bc)[:2 * n])
+    assert not S.is_complete(swapped)
+    assert S.solve(grid) == [grid]
+
+
+def test_six_by_six_boxes_are_two_rows_by_three_columns():
+    # Digit 1 at (row 1, column 1) and (row 2, column 3): same 2x3 box, so the grid is invalid.
+    with pytest.raises(ValueError, match="duplicate digit 1 in box 1"):
+        S.parse_grid("1" + "0" * 7 + "1" + "0" * 27)
+    # ... but (row 3, column 1) is in the next box down.
+    S.parse_grid("1" + "0" * 13 + "1" + "0" * 21)
+
+
+@pytest.mark.parametrize("size", [4, 6])
+def test_generate_small_unique(size):
+    shape = S.shape_of(size)
+    pairs = S.generate_many(30, seed=3, size=size)
+    assert len({p for p, _ in pairs}) == 30
+    lo, hi = S.default_blanks(size)
+    for p, s in pairs:
+        assert len(p) == len(s) == shape.cells
+        assert lo <= S.blank_count(p) <= hi
+        assert S.is_complete(s) and S.solve(p) == [s]
+        assert all(len({s[i] for i in u}) == size for u in _units(size, shape.box_rows, shape.box_cols))
+        assert S.check(p, s)["solved"]
+    assert S.generate_many(30, seed=3, size=size) == pairs  # deterministic
+    assert S.generate_many(5, seed=4, size=size) != pairs[:5]
+    # The 9x9 streams are unchanged by the other sizes.
+    assert S.generate_many(2, seed=3) == [S.generate(__import__("random").Random(f"dgemma.sudoku:3:{k}"))
+                                         for k in range(2)]
+
+
+def test_small_grid_errors_and_format():
+    with pytest.raises(ValueError, match="invalid character '7' at cell 3"):
+        S.parse_grid("0007" + "0" * 32)  # 7 is not a 6x6 digit
+    with pytest.raises(ValueError, match="36 cells, got 81"):
+        S.parse_grid("0" * 81, size=6)
+    with pytest.raises(ValueError, match="at most|<= 28"):
+        S.generate(0, blanks=30, size=6)
+    assert S.format_grid(SIX_SOLUTION, rules=True).splitlines() == [
+        "1 2 3 | 4 5 6", "4 5 6 | 1 2 3", "------+------", "2 3 1 | 5 6 4", "5 6 4 | 2 3 1", "------+------",
+        "3 1 2 | 6 4 5", "6 4 5 | 3 1 2"]
+    assert S.format_grid(FOUR_SOLUTION).splitlines()[0] == "1 2 | 3 4"
+
+
+def test_small_grid_encoding_and_check():
+    p = "0" + SIX_SOLUTION[1:]
+    assert S.prompt_text(p) == S.CELLS[:36] + "\n" + p
+    assert S.parse_answer(" ".join(SIX_SOLUTION) + "<end>", 6) == SIX_SOLUTION
+    assert S.parse_answer(SIX_SOLUTION[:35], 6) == ""
+    r = S.check(p, SIX_SOLUTION)
+    assert r["solved"] and r["n_blank"] == 1 and r["cell_accuracy"] == 1.0
+    assert not S.check(p, "2" + SIX_SOLUTION[1:])["solved"]
+    assert not S.check(p, SIX_SOLUTION + "1")["well_formed"]
+    info = S.task_info(6)
+    assert (info["size"], info["box_rows"], info["box_cols"]) == (6, 2, 3)
+    assert info["prompt_template"].replace("{puzzle}", p) == S.prompt_text(p)
+    assert S.bucket(S.blank_count(p), S.bucket_edges(6)).startswith("<")

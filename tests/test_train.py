@@ -83,7 +83,8 @@ def test_full_finetune_lowers_the_loss(full_run):
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(5, 61, 5))
     for r in log:
-        assert {"loss", "ar_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+        assert {"loss", "ar_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s", "examples_per_s"} <= set(r)
+        assert r["examples"] == 8 * r["step"]
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "ar_loss", "diffusion_loss", "grad_norm"))
         assert r["loss"] == pytest.approx(r["ar_loss"] + r["diffusion_loss"], rel=1e-5)
     first = sum(r["loss"] for r in log[:2]) / 2
@@ -364,6 +365,55 @@ def test_ar_loss_ignores_padding(model):
     assert ar_loss(rows[::-1]) == pytest.approx(want, rel=1e-4)
 
 
+def test_ar_targets(model):
+    """"response" is the "all" loss restricted to the response's targets (their token-weighted mean); "none" skips
+    the AR loss and encodes only the prompt, which leaves the diffusion loss as it was (the encoder is causal)."""
+    tok = model.tokenizer
+    end, pad = tok.token_to_id("<end_of_turn>"), model.generation_config.pad_token_id
+
+    def example(prompt: str, response: str) -> Example:
+        r = tok.encode(response) + [end]
+        return Example(tok.encode(prompt), r + [pad] * (-len(r) % CANVAS))
+
+    rows = [example("copy abc", "abc"), example("copy dcb", "dcb")]  # no left padding
+    ids, pads, p_len, r_len = collate(rows, pad, model.device)
+
+    def run(targets: str):
+        with torch.no_grad():
+            return losses(model, ids, pads, p_len, r_len, _obj_cfg(ar_targets=targets),
+                          torch.Generator().manual_seed(0))
+
+    ar_all, d_all = run("all")
+    ar_resp, d_resp = run("response")
+    ar_none, d_none = run("none")
+    assert float(ar_none) == 0.0 and float(ar_resp) > 0
+    assert torch.equal(d_all, d_resp)
+    assert float(d_none) == pytest.approx(float(d_all), rel=1e-5)
+    # The response-only loss from per-token losses of the full pass.
+    with torch.no_grad():
+        from dgemma.kv_cache import TrainingKVCache
+
+        cache = TrainingKVCache(model.config, len(rows), model.device, model.dtype, pads)
+        logits = model.lm_head(model.encode(ids, cache))[:, :-1]
+        per = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    real = ids[:, 1:] != pad
+    prompt_part = per[:, :p_len - 1][real[:, :p_len - 1]]
+    response_part = per[:, p_len - 1:][real[:, p_len - 1:]]
+    assert float(ar_resp) == pytest.approx(float(response_part.mean()), rel=1e-4)
+    assert float(ar_all) == pytest.approx(float(torch.cat([prompt_part, response_part]).mean()), rel=1e-4)
+
+
+def test_ar_only_skips_the_decoder(model, monkeypatch):
+    tok, pad = model.tokenizer, model.generation_config.pad_token_id
+    ex = [Example(tok.encode("copy ab"), tok.encode("ab") + [1] + [pad] * (CANVAS - 3))]
+    ids, pads, p_len, r_len = collate(ex, pad, model.device)
+    monkeypatch.setattr(model, "decode_hidden", lambda *a, **k: pytest.fail("decoder ran"))
+    with torch.no_grad():
+        ar, diff = losses(model, ids, pads, p_len, r_len, _obj_cfg(diffusion_weight=0.0, ar_targets="response"),
+                          torch.Generator().manual_seed(0))
+    assert float(ar) > 0 and float(diff) == 0.0
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------
 def test_missing_response_names_the_line(root, base):
     bad = root / "bad.jsonl"
@@ -394,6 +444,8 @@ def test_load_examples_errors(model, tmp_path, text, fragment):
     ({"t_min": 1.0}, "t_min"),
     ({"lr": 0.0}, "lr"),
     ({"lora_rank": -1}, "lora_rank"),
+    ({"ar_targets": "prompt"}, "ar_targets"),
+    ({"ar_targets": "none", "diffusion_weight": 0.0}, "nothing to train"),
 ])
 def test_bad_config(root, base, data, kw, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -77,7 +77,8 @@ def peft_prefix(name: str) -> str:
     return "base_model.model." + checkpoint_key(name + ".weight")[: -len(".weight")]
 
 
-def save_adapter(model: nn.Module, out: Path, base_path: str = "", targets=DEFAULT_TARGETS) -> None:
+def save_adapter(model: nn.Module, out: Path, base_path: str = "") -> None:
+    """Write the attached adapters in PEFT layout; the target modules are the ones that carry an adapter."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters")

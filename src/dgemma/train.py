@@ -1,7 +1,10 @@
 """Fine-tuning with the DiffusionGemma objective (full or LoRA) on a JSONL of {"prompt", "response"} pairs.
 
 Per batch (DESIGN.md section 3):
-- encoder: one causal pass over the clean prompt + response, autoregressive cross-entropy (weight `ar_weight`);
+- encoder: one causal pass over the clean prompt + response, autoregressive cross-entropy (weight `ar_weight`)
+  over the targets `ar_targets` names: "all" (prompt and response), "response" (the head runs on response
+  positions only: a prompt that is random, such as a puzzle's givens, is noise to predict) or "none" (no AR loss;
+  the encoder then runs only over what the decoder attends to);
 - decoder: one canvas of the response, each position replaced by a uniform random token with probability
   t ~ U(t_min, 1), attending to the encoder's cache up to that canvas; unweighted cross-entropy over the canvas
   (weight `diffusion_weight`);
@@ -29,7 +32,6 @@ from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, save_adapter
 from .model import DiffusionGemma
-from .numerics import row_invariant
 from .presets import checkpoint_key, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -54,6 +56,7 @@ class TrainConfig:
     sc_prob: float = 0.5
     t_min: float = 1e-3
     ar_weight: float = 1.0
+    ar_targets: str = "all"  # "all", "response" or "none" (see the module docstring)
     diffusion_weight: float = 1.0
     chat: bool = True  # wrap prompts in the checkpoint's chat template when it has one
     save_every: int = 0  # 0: only at the end
@@ -72,6 +75,10 @@ class TrainConfig:
             raise ValueError("sc_prob must be in [0, 1] and t_min in (0, 1)")
         if self.lr <= 0 or self.warmup < 0 or self.lora_rank < 0:
             raise ValueError("lr must be positive; warmup and lora_rank non-negative")
+        if self.ar_targets not in ("all", "response", "none"):
+            raise ValueError(f"ar_targets must be 'all', 'response' or 'none', got {self.ar_targets!r}")
+        if self.ar_targets == "none" and self.diffusion_weight == 0:
+            raise ValueError("ar_targets='none' with diffusion_weight=0 leaves nothing to train")
 
 
 @dataclass
@@ -131,21 +138,29 @@ def collate(batch: list[Example], pad: int, device) -> tuple[torch.Tensor, torch
 
 def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: int, r_len: int,
            cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(autoregressive loss, diffusion loss) for one batch."""
+    """(autoregressive loss, diffusion loss) for one batch; a loss whose weight is 0 is not computed (0.0)."""
     mc = model.config
     b, dev = ids.shape[0], ids.device
     pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
-    cache = TrainingKVCache(mc, b, dev, model.dtype, pads)
-    hidden = model.encode(ids, cache)
-    # AR: predict token i+1 from position i, over real (non left-pad, non tail-pad) targets.
-    logits = model.lm_head(hidden[:, :-1])
-    target = ids[:, 1:].clone()
-    slot = torch.arange(1, ids.shape[1], device=dev)
-    target[(slot[None, :] <= pads.to(dev)[:, None]) | (target == pad_id) & (slot[None, :] >= p_len)] = -100
-    ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-
     c = mc.canvas_length
     block = int(torch.randint(0, r_len // c, (1,), generator=gen))
+    need_ar = cfg.ar_targets != "none" and cfg.ar_weight != 0
+    zero = torch.zeros((), device=dev)
+    cache = TrainingKVCache(mc, b, dev, model.dtype, pads)
+    # Without an AR loss the encoder only has to cover what the decoder attends to.
+    hidden = model.encode(ids if need_ar else ids[:, :p_len + block * c], cache)
+    ar = zero
+    if need_ar:
+        # Predict token i+1 from position i, over real (non left-pad, non tail-pad) targets.
+        first = 1 if cfg.ar_targets == "all" else p_len  # first target slot
+        logits = model.lm_head(hidden[:, first - 1:-1])
+        target = ids[:, first:].clone()
+        slot = torch.arange(first, ids.shape[1], device=dev)
+        target[(slot[None, :] <= pads.to(dev)[:, None]) | (target == pad_id) & (slot[None, :] >= p_len)] = -100
+        ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+    if cfg.diffusion_weight == 0:
+        return ar, zero
+
     clean = ids[:, p_len + block * c:p_len + (block + 1) * c]
     t = cfg.t_min + (1 - cfg.t_min) * torch.rand(b, 1, generator=gen)
     noisy = torch.where(torch.rand(b, c, generator=gen) < t, torch.randint(0, mc.vocab_size, (b, c), generator=gen),
@@ -201,6 +216,16 @@ def _trim_log(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(keep), encoding="utf-8")
     tmp.replace(path)
+
+
+def _logged_elapsed(path: Path) -> float:
+    """The training time recorded by the last entry of a log (0 for a fresh one)."""
+    if not path.is_file():
+        return 0.0
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError, IndexError):
+        return float(json.loads(lines[-1])["elapsed_s"])
+    return 0.0
 
 
 def _save_state(out: Path, step: int, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator,
@@ -272,8 +297,11 @@ def finetune(cfg: TrainConfig) -> dict:
     progress = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
                         TimeRemainingColumn(), console=Console(stderr=True), disable=not cfg.progress)
-    t0, tokens, last = time.perf_counter(), 0, {}
-    with progress, row_invariant(True), open(log_path, "a", encoding="utf-8") as log:
+    t0, tokens, seen, last = time.perf_counter(), 0, 0, {}
+    elapsed_before = _logged_elapsed(log_path)  # a resumed run's clock continues
+    # No row_invariant(): padding small GEMMs buys batch-independent inference, not better training, and its
+    # padded expert matmuls cost time.
+    with progress, open(log_path, "a", encoding="utf-8") as log:
         task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
         while step < cfg.steps:
             pick = random.Random(cfg.seed * 1_000_003 + step)  # per step: a resumed run sees the same batches
@@ -291,10 +319,12 @@ def finetune(cfg: TrainConfig) -> dict:
             opt.step()
             step += 1
             tokens += int(ids.numel())
+            seen += ids.shape[0]
             elapsed = time.perf_counter() - t0
             last = {"step": step, "loss": loss.item(), "ar_loss": ar.item(), "diffusion_loss": diff.item(),
                     "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
-                    "elapsed_s": elapsed}
+                    "examples_per_s": seen / elapsed, "examples": step * cfg.batch_size,
+                    "elapsed_s": elapsed_before + elapsed}
             progress.update(task, completed=step, loss=last["loss"], tps=last["tokens_per_s"])
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.write(json.dumps(last) + "\n")

@@ -1,23 +1,25 @@
-"""Sudoku as a denoising task: puzzles and solutions are 81-digit canvases.
+"""Sudoku of any box shape as a denoising task: n x n grids with r x c boxes (4x4 with 2x2 boxes, 6x6 with boxes of
+2 rows by 3 columns, 9x9 with 3x3).
 
-A grid is an 81-character string of ASCII digits in row-major order, `0` for an empty cell. Everything here is
-pure Python (standard library only) and deterministic for a given seed.
+A grid is a string of n*n ASCII digits in row-major order, `0` for an empty cell; its size is read from its length
+(16, 36 or 81 cells, see `SHAPES`). Everything here is pure Python (standard library only) and deterministic for a
+given seed.
 
+- `Shape` / `SHAPES` / `shape_of`: the grid sizes and their boxes.
 - `parse_grid` / `format_grid`: read a grid (`0` or `.` for blanks; text after the first whitespace is ignored)
   with clear errors, and print one for humans.
 - `solve` / `count_solutions` / `is_unique`: exact solver (bitmask constraint propagation with naked and hidden
-  singles, then minimum-remaining-values backtracking over cells and unit/digit places); the hardest known puzzles
-  take milliseconds.
-- `generate` / `generate_many` / `dedupe`: puzzles with a unique solution and a requested number of blanks, and
-  training / held-out splits that share no puzzle (or, with ``by="solution"``, no solution grid).
+  singles, then minimum-remaining-values backtracking over cells and unit/digit places); the hardest known 9x9
+  puzzles take milliseconds.
+- `generate` / `generate_many`: puzzles with a unique solution and a requested number of blanks, and training /
+  held-out splits that share no puzzle (or, with ``by="solution"``, no solution grid).
 - `check`: score a model's answer (`valid`, `givens_kept`, `solved`, `cell_accuracy`); never raises on a
   malformed answer.
-- `prompt_text` / `answer_text` / `parse_answer`: the fine-tuning text encoding (no chat-template tokens; the
-  caller applies the template).
+- `prompt_text` / `answer_text` / `parse_answer`: the fine-tuning text encoding (no chat-template tokens).
 - `blank_count` / `bucket`: per-difficulty reporting.
 - `write_jsonl` / `read_jsonl`: ``{"prompt", "response", "puzzle", "solution"}`` per line, written atomically.
 
-Command line: ``python -m dgemma.tasks.sudoku --n 1000 --seed 0 --blanks 30 50 --out train.jsonl
+Command line: ``python -m dgemma.tasks.sudoku --n 1000 --seed 0 --size 6 --blanks 10 24 --out train.jsonl
 [--exclude test.jsonl] [--by solution]``.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import operator
 import os
@@ -33,138 +36,212 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
 __all__ = [
-    "PROMPT", "CELLS", "MAX_BLANKS", "parse_grid", "format_grid", "solve", "count_solutions", "is_unique", "is_complete",
-    "generate", "generate_many", "dedupe", "check", "CheckResult", "prompt_text", "task_info", "answer_text", "parse_answer",
-    "blank_count", "bucket", "write_jsonl", "read_jsonl",
+    "Shape", "SHAPES", "shape_of", "PROMPT", "CELLS", "MAX_BLANKS", "parse_grid", "format_grid", "solve",
+    "count_solutions", "is_unique", "is_complete", "generate", "generate_many", "check", "CheckResult",
+    "prompt_text", "legacy_prompt_text", "task_info", "answer_text", "parse_answer", "blank_count", "bucket",
+    "default_blanks", "write_jsonl", "read_jsonl",
 ]
 
 PROMPT = "Solve this sudoku. 0 marks an empty cell."
-"""The instruction line of `prompt_text`; the cell names and then the puzzle follow on the next lines."""
+"""The instruction line of `legacy_prompt_text` (the first bundled 9x9 model's prompt); newer prompts drop it."""
 
 CELLS = "".join(c for c in map(chr, range(33, 127)) if c not in "0123456789<>\\")
-"""One distinct printable character per cell (row-major), written on its own line above the puzzle. A model without
-absolute position embeddings can then learn each cell's row, column and box from a token instead of having to infer
-them from relative positions: cell i of the puzzle and of the answer sit a fixed distance after its name."""
+"""One distinct printable character per cell (row-major; the first n*n are used), written on its own line above
+the puzzle. A model without absolute position embeddings can then learn each cell's row, column and box from a
+token instead of having to infer them from relative positions: cell i of the puzzle and of the answer sit a fixed
+distance after its name."""
 assert len(CELLS) == 81 and len(set(CELLS)) == 81
 
-MAX_BLANKS = 64
+_DIGITS = frozenset("0123456789")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An n x n grid with boxes of `box_rows` rows by `box_cols` columns (n = box_rows * box_cols)."""
+
+    box_rows: int
+    box_cols: int
+
+    @property
+    def n(self) -> int:
+        return self.box_rows * self.box_cols
+
+    @property
+    def cells(self) -> int:
+        return self.n * self.n
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}x{self.n}"
+
+    @property
+    def max_blanks(self) -> int:
+        """An upper bound on blanks with a unique solution (the known minimum number of givens: 4, 8, 17)."""
+        return self.cells - {4: 4, 6: 8, 9: 17}[self.n]
+
+
+SHAPES: dict[int, Shape] = {16: Shape(2, 2), 36: Shape(2, 3), 81: Shape(3, 3)}
+"""Supported grids by cell count: 4x4 (2x2 boxes), 6x6 (boxes of 2 rows by 3 columns), 9x9 (3x3)."""
+
+MAX_BLANKS = SHAPES[81].max_blanks
 """No 9x9 puzzle with fewer than 17 givens has a unique solution, so at most 81 - 17 blanks."""
 
-_DIGITS = frozenset("0123456789")
-_ALL = 0x1FF  # bit d-1 set <=> digit d
-_ROW = tuple(i // 9 for i in range(81))
-_COL = tuple(i % 9 for i in range(81))
-_BOX = tuple((i // 27) * 3 + (i % 9) // 3 for i in range(81))
-_UNITS: tuple[tuple[int, ...], ...] = (
-    tuple(tuple(r * 9 + c for c in range(9)) for r in range(9))
-    + tuple(tuple(r * 9 + c for r in range(9)) for c in range(9))
-    + tuple(tuple(i for i in range(81) if _BOX[i] == b) for b in range(9))
-)
-_UNIT_NAMES = tuple(f"{kind} {k + 1}" for kind in ("row", "column", "box") for k in range(9))
-_POP = tuple(bin(m).count("1") for m in range(512))
-_BITS = tuple(tuple(1 << d for d in range(9) if m >> d & 1) for m in range(512))
-_BIT_CHAR = {1 << d: str(d + 1) for d in range(9)}
-_BIT_CHAR[0] = "0"
-_CHAR_BIT = {str(d + 1): 1 << d for d in range(9)}
-_CHAR_BIT["0"] = 0
+
+def shape_of(size: int | str | Shape) -> Shape:
+    """The `Shape` for a side length (4, 6, 9), a cell count (16, 36, 81), a grid string, or a `Shape`."""
+    if isinstance(size, Shape):
+        return size
+    if isinstance(size, str):
+        size = len(size)
+    for cells, shape in SHAPES.items():
+        if size in (cells, shape.n):
+            return shape
+    sizes = ", ".join(f"{s.name} ({c} cells)" for c, s in SHAPES.items())
+    raise ValueError(f"unsupported sudoku size {size}: expected {sizes}")
+
+
+class _Geometry:
+    """Lookup tables for one shape: each cell's row, column and box, the units (rows, columns, boxes) and the
+    bit-mask helpers (bit d-1 set <=> digit d)."""
+
+    def __init__(self, shape: Shape):
+        n, br, bc = shape.n, shape.box_rows, shape.box_cols
+        self.shape, self.n, self.cells = shape, n, n * n
+        self.all = (1 << n) - 1
+        self.row = tuple(i // n for i in range(n * n))
+        self.col = tuple(i % n for i in range(n * n))
+        self.box = tuple((i // n) // br * br + (i % n) // bc for i in range(n * n))
+        self.units: tuple[tuple[int, ...], ...] = (
+            tuple(tuple(r * n + c for c in range(n)) for r in range(n))
+            + tuple(tuple(r * n + c for r in range(n)) for c in range(n))
+            + tuple(tuple(i for i in range(n * n) if self.box[i] == b) for b in range(n))
+        )
+        self.unit_names = tuple(f"{kind} {k + 1}" for kind in ("row", "column", "box") for k in range(n))
+        self.pop = tuple(bin(m).count("1") for m in range(1 << n))
+        self.bits = tuple(tuple(1 << d for d in range(n) if m >> d & 1) for m in range(1 << n))
+        self.bit_char = {1 << d: str(d + 1) for d in range(n)}
+        self.bit_char[0] = "0"
+        self.char_bit = {str(d + 1): 1 << d for d in range(n)}
+        self.char_bit["0"] = 0
+        self.digits = frozenset("0123456789"[:n + 1])
+
+
+@functools.cache
+def _geometry(shape: Shape) -> _Geometry:
+    return _Geometry(shape)
+
+
+def _geo(size: int | str | Shape) -> _Geometry:
+    return _geometry(shape_of(size))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Representation
 
 
-def parse_grid(text: str) -> str:
-    """Return the canonical 81-digit form (`0` for blanks) of `text`.
+def parse_grid(text: str, size: int | None = None) -> str:
+    """Return the canonical form (`0` for blanks) of `text`, a 16-, 36- or 81-cell grid.
 
     Accepts digits with `0` or `.` for blanks; leading whitespace is skipped and everything from the first
-    whitespace after the grid on is ignored (so ``"<grid> # comment"`` and ``"<grid>\\n"`` are fine). Raises
-    `ValueError` naming the problem: an empty input, a wrong length, a bad character (with its row and column), or a
-    digit given twice in a row, column or box.
+    whitespace after the grid on is ignored (so ``"<grid> # comment"`` and ``"<grid>\\n"`` are fine). The size comes
+    from the length unless `size` (side or cell count) is given. Raises `ValueError` naming the problem: an empty
+    input, a wrong length, a bad character (with its row and column), or a digit given twice in a row, column or box.
     """
     if not isinstance(text, str):
         raise ValueError(f"sudoku grid must be a string, got {type(text).__name__}")
     parts = text.split(maxsplit=1)
     if not parts:
-        raise ValueError("empty sudoku grid: expected 81 cells")
+        raise ValueError("empty sudoku grid: expected 16, 36 or 81 cells")
     s = parts[0]
-    if len(s) != 81:
-        raise ValueError(f"sudoku grid must have 81 cells, got {len(s)}")
+    if size is not None:
+        shape = shape_of(size)
+        if len(s) != shape.cells:
+            raise ValueError(f"sudoku grid must have {shape.cells} cells, got {len(s)}")
+    elif len(s) not in SHAPES:
+        raise ValueError(f"sudoku grid must have 16, 36 or 81 cells, got {len(s)} (4x4, 6x6 or 9x9 grids)")
+    g = _geo(len(s))
     s = s.replace(".", "0")
     for i, ch in enumerate(s):
-        if ch not in _DIGITS:
-            raise ValueError(f"invalid character {ch!r} at cell {i} (row {i // 9 + 1}, column {i % 9 + 1}); "
-                             "expected a digit, or 0 or . for a blank")
-    for name, unit in zip(_UNIT_NAMES, _UNITS):
+        if ch not in g.digits:
+            raise ValueError(f"invalid character {ch!r} at cell {i} (row {i // g.n + 1}, column {i % g.n + 1}); "
+                             f"expected a digit 1-{g.n}, or 0 or . for a blank")
+    for name, unit in zip(g.unit_names, g.units):
         seen: dict[str, int] = {}
         for i in unit:
             ch = s[i]
             if ch == "0":
                 continue
             if ch in seen:
-                j = seen[ch]
-                raise ValueError(f"duplicate digit {ch} in {name} (cells {j} and {i})")
+                raise ValueError(f"duplicate digit {ch} in {name} (cells {seen[ch]} and {i})")
             seen[ch] = i
     return s
 
 
 def format_grid(s: str, *, rules: bool = False) -> str:
-    """A human-readable grid: 9 lines such as ``5 3 . | . 7 . | . . .`` (blanks shown as `.`).
+    """A human-readable grid: one line per row such as ``5 3 . | . 7 . | . . .`` (blanks shown as `.`).
 
-    With ``rules=True`` a ``------+-------+------`` line separates the bands (11 lines). `s` must be 81 characters
-    (`0` or `.` for blanks) but is otherwise not validated, so a wrong answer can be shown too.
+    With ``rules=True`` a ``------+-------+------`` line separates the bands of boxes. `s` must have 16, 36 or 81
+    characters (`0` or `.` for blanks) but is otherwise not validated, so a wrong answer can be shown too.
     """
-    if len(s) != 81:
-        raise ValueError(f"sudoku grid must have 81 cells, got {len(s)}")
+    if len(s) not in SHAPES:
+        raise ValueError(f"sudoku grid must have 16, 36 or 81 cells, got {len(s)}")
+    shape = SHAPES[len(s)]
+    n, br, bc = shape.n, shape.box_rows, shape.box_cols
     lines = []
-    for r in range(9):
-        cells = ["." if ch in "0." else ch for ch in s[r * 9:r * 9 + 9]]
-        lines.append(" | ".join(" ".join(cells[k:k + 3]) for k in (0, 3, 6)))
-        if rules and r in (2, 5):
-            lines.append("------+-------+------")
+    for r in range(n):
+        cells = ["." if ch in "0." else ch for ch in s[r * n:r * n + n]]
+        lines.append(" | ".join(" ".join(cells[k:k + bc]) for k in range(0, n, bc)))
+        if rules and r % br == br - 1 and r < n - 1:
+            lines.append("+".join("-" * (2 * bc + (0 if k in (0, n - bc) else 1)) for k in range(0, n, bc)))
     return "\n".join(lines)
 
 
 def is_complete(s: str) -> bool:
-    """True when `s` is 81 digits forming a full, correct grid: every row, column and box a permutation of 1-9."""
-    if not isinstance(s, str) or len(s) != 81 or "0" in s or not set(s) <= _DIGITS:
+    """True when `s` is a full, correct grid (16, 36 or 81 digits): every row, column and box a permutation."""
+    if not isinstance(s, str) or len(s) not in SHAPES:
         return False
-    return all(len({s[i] for i in unit}) == 9 for unit in _UNITS)
+    g = _geo(len(s))
+    if "0" in s or not set(s) <= g.digits:
+        return False
+    return all(len({s[i] for i in unit}) == g.n for unit in g.units)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Solver. State: `grid` is 81 bit masks (0 = empty, else the single bit of the digit); `rows`, `cols`, `boxes` hold
-# the digits used in each unit. `_search` mutates its arguments, so callers pass copies.
+# Solver. State: `grid` is n*n bit masks (0 = empty, else the single bit of the digit); `rows`, `cols`, `boxes`
+# hold the digits used in each unit. `_search` mutates its arguments, so callers pass copies.
 
 
-def _masks(grid: list[int]) -> tuple[list[int], list[int], list[int]]:
-    rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
+def _masks(g: _Geometry, grid: list[int]) -> tuple[list[int], list[int], list[int]]:
+    rows, cols, boxes = [0] * g.n, [0] * g.n, [0] * g.n
     for i, bit in enumerate(grid):
         if bit:
-            rows[_ROW[i]] |= bit
-            cols[_COL[i]] |= bit
-            boxes[_BOX[i]] |= bit
+            rows[g.row[i]] |= bit
+            cols[g.col[i]] |= bit
+            boxes[g.box[i]] |= bit
     return rows, cols, boxes
 
 
-def _search(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], out: list[str], limit: int,
-            rng: random.Random | None) -> bool:
+def _search(g: _Geometry, grid: list[int], rows: list[int], cols: list[int], boxes: list[int], out: list[str],
+            limit: int, rng: random.Random | None) -> bool:
     """Append solutions of the state to `out`; True once `out` holds `limit` (stop searching)."""
-    cand = [0] * 81
+    ROW, COL, BOX, POP, ALL, N = g.row, g.col, g.box, g.pop, g.all, g.cells
+    cand = [0] * N
     while True:
         # Naked singles, dead ends, and the empty cell with the fewest candidates.
-        best, best_n, progress = -1, 10, False
-        for i in range(81):
+        best, best_n, progress = -1, g.n + 1, False
+        for i in range(N):
             if grid[i]:
                 continue
-            r, c, b = _ROW[i], _COL[i], _BOX[i]
-            m = _ALL & ~(rows[r] | cols[c] | boxes[b])
+            r, c, b = ROW[i], COL[i], BOX[i]
+            m = ALL & ~(rows[r] | cols[c] | boxes[b])
             if not m:
                 return False
-            n = _POP[m]
+            n = POP[m]
             if n == 1:
                 grid[i] = m
                 rows[r] |= m
@@ -177,14 +254,14 @@ def _search(grid: list[int], rows: list[int], cols: list[int], boxes: list[int],
         if progress:
             continue
         if best < 0:
-            out.append("".join([_BIT_CHAR[bit] for bit in grid]))
+            out.append("".join([g.bit_char[bit] for bit in grid]))
             return len(out) >= limit
         # Hidden singles: a digit with exactly one possible cell in a unit. `cand` may be stale (a superset of the
         # truth) after placements in this pass, so each placement is re-checked against the unit masks. Also note a
         # digit with exactly two places in a unit (`bu`, `bd`): if every cell has 3+ candidates, branching there is
         # narrower (this removes the heavy tail on puzzles such as Norvig's "hard1").
         bu, bd, bn = -1, 0, best_n
-        for u, unit in enumerate(_UNITS):
+        for u, unit in enumerate(g.units):
             once = twice = thrice = placed = 0
             for i in unit:
                 bit = grid[i]
@@ -195,7 +272,7 @@ def _search(grid: list[int], rows: list[int], cols: list[int], boxes: list[int],
                     thrice |= twice & m
                     twice |= once & m
                     once |= m
-            if (once | placed) != _ALL:
+            if (once | placed) != ALL:
                 return False  # some digit has nowhere to go in this unit
             singles = once & ~twice & ~placed
             if not singles:
@@ -212,7 +289,7 @@ def _search(grid: list[int], rows: list[int], cols: list[int], boxes: list[int],
                     continue
                 if bit & (bit - 1):
                     return False  # one cell is the only place for two digits
-                r, c, b = _ROW[i], _COL[i], _BOX[i]
+                r, c, b = ROW[i], COL[i], BOX[i]
                 if (rows[r] | cols[c] | boxes[b]) & bit:
                     return False
                 grid[i] = bit
@@ -223,41 +300,41 @@ def _search(grid: list[int], rows: list[int], cols: list[int], boxes: list[int],
         if progress:
             continue
         if bu >= 0:  # branch on the two places of digit `bd` in unit `bu`
-            cells = [i for i in _UNITS[bu] if not grid[i] and cand[i] & bd]
+            cells = [i for i in g.units[bu] if not grid[i] and cand[i] & bd]
             if rng is not None:
                 rng.shuffle(cells)
             for i in cells:
-                r, c, b = _ROW[i], _COL[i], _BOX[i]
-                g = grid[:]
-                g[i] = bd
+                r, c, b = ROW[i], COL[i], BOX[i]
+                gr = grid[:]
+                gr[i] = bd
                 rs, cs, bs = rows[:], cols[:], boxes[:]
                 rs[r] |= bd
                 cs[c] |= bd
                 bs[b] |= bd
-                if _search(g, rs, cs, bs, out, limit, rng):
+                if _search(g, gr, rs, cs, bs, out, limit, rng):
                     return True
             return False
         # Otherwise branch on the cell with the fewest candidates.
-        bits = list(_BITS[cand[best]])
+        bits = list(g.bits[cand[best]])
         if rng is not None:
             rng.shuffle(bits)
-        r, c, b = _ROW[best], _COL[best], _BOX[best]
+        r, c, b = ROW[best], COL[best], BOX[best]
         for bit in bits:
-            g = grid[:]
-            g[best] = bit
+            gr = grid[:]
+            gr[best] = bit
             rs, cs, bs = rows[:], cols[:], boxes[:]
             rs[r] |= bit
             cs[c] |= bit
             bs[b] |= bit
-            if _search(g, rs, cs, bs, out, limit, rng):
+            if _search(g, gr, rs, cs, bs, out, limit, rng):
                 return True
         return False
 
 
-def _solve_bits(grid: list[int], limit: int, rng: random.Random | None = None) -> list[str]:
+def _solve_bits(g: _Geometry, grid: list[int], limit: int, rng: random.Random | None = None) -> list[str]:
     out: list[str] = []
-    rows, cols, boxes = _masks(grid)
-    _search(grid[:], rows, cols, boxes, out, limit, rng)
+    rows, cols, boxes = _masks(g, grid)
+    _search(g, grid[:], rows, cols, boxes, out, limit, rng)
     return out
 
 
@@ -269,7 +346,8 @@ def solve(puzzle: str, limit: int = 2) -> list[str]:
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     p = parse_grid(puzzle)
-    return _solve_bits([_CHAR_BIT[ch] for ch in p], limit)
+    g = _geo(p)
+    return _solve_bits(g, [g.char_bit[ch] for ch in p], limit)
 
 
 def count_solutions(puzzle: str, limit: int = 2) -> int:
@@ -290,80 +368,90 @@ def _rng(rng: random.Random | int) -> random.Random:
     return rng if isinstance(rng, random.Random) else random.Random(rng)
 
 
-def _random_full_grid(rng: random.Random) -> list[int]:
+def _random_full_grid(g: _Geometry, rng: random.Random) -> list[int]:
     """A random complete grid: randomised backtracking fill, then a random relabelling and row/column/band/stack
-    permutations (and a transpose half the time), all of which preserve validity."""
-    sol = _solve_bits([0] * 81, 1, rng)[0]
-    relabel = list("123456789")
+    permutations (and, for square boxes, a transpose half the time), all of which preserve validity."""
+    sol = _solve_bits(g, [0] * g.cells, 1, rng)[0]
+    digits = [str(d + 1) for d in range(g.n)]
+    relabel = digits[:]
     rng.shuffle(relabel)
-    table = dict(zip("123456789", relabel))
+    table = dict(zip(digits, relabel))
 
-    def order() -> list[int]:
-        groups = [0, 1, 2]
+    def order(size: int) -> list[int]:  # groups of `size` lines, shuffled, and the lines within each group
+        groups = list(range(g.n // size))
         rng.shuffle(groups)
         out = []
-        for g in groups:
-            within = [0, 1, 2]
+        for grp in groups:
+            within = list(range(size))
             rng.shuffle(within)
-            out.extend(g * 3 + k for k in within)
+            out.extend(grp * size + k for k in within)
         return out
 
-    rows, cols = order(), order()
-    transpose = rng.random() < 0.5
+    n = g.n
+    rows, cols = order(g.shape.box_rows), order(g.shape.box_cols)
+    transpose = g.shape.box_rows == g.shape.box_cols and rng.random() < 0.5
     cells = []
-    for r in range(9):
-        for c in range(9):
+    for r in range(n):
+        for c in range(n):
             rr, cc = (rows[c], cols[r]) if transpose else (rows[r], cols[c])
-            cells.append(_CHAR_BIT[table[sol[rr * 9 + cc]]])
+            cells.append(g.char_bit[table[sol[rr * n + cc]]])
     return cells
 
 
-def _other_solution(puzzle: list[int], i: int, bit: int) -> bool:
+def _other_solution(g: _Geometry, puzzle: list[int], i: int, bit: int) -> bool:
     """True when `puzzle` (cell `i` blank, known solution has `bit` there) has a solution with another digit at i."""
-    rows, cols, boxes = _masks(puzzle)
-    r, c, b = _ROW[i], _COL[i], _BOX[i]
-    alternatives = _ALL & ~(rows[r] | cols[c] | boxes[b] | bit)
-    for alt in _BITS[alternatives]:
-        g = puzzle[:]
-        g[i] = alt
+    rows, cols, boxes = _masks(g, puzzle)
+    r, c, b = g.row[i], g.col[i], g.box[i]
+    for alt in g.bits[g.all & ~(rows[r] | cols[c] | boxes[b] | bit)]:
+        gr = puzzle[:]
+        gr[i] = alt
         rs, cs, bs = rows[:], cols[:], boxes[:]
         rs[r] |= alt
         cs[c] |= alt
         bs[b] |= alt
-        if _search(g, rs, cs, bs, [], 1, None):
+        if _search(g, gr, rs, cs, bs, [], 1, None):
             return True
     return False
 
 
-def _blank_range(blanks: int | tuple[int, int]) -> tuple[int, int]:
+def default_blanks(size: int | str | Shape = 9) -> tuple[int, int]:
+    """The blank-count range used for training and evaluation: 30-50 for 9x9; for smaller grids the full range
+    that random removal reaches reliably while keeping a unique solution (4x4: 4-11, 6x6: 8-24)."""
+    return {4: (4, 11), 6: (8, 24), 9: (30, 50)}[shape_of(size).n]
+
+
+def _blank_range(blanks: int | tuple[int, int], shape: Shape) -> tuple[int, int]:
     if isinstance(blanks, (tuple, list)):
         lo, hi = (operator.index(x) for x in blanks)
     else:
         lo = hi = operator.index(blanks)
-    if not 0 <= lo <= hi <= MAX_BLANKS:
-        raise ValueError(f"blanks must be an int or a (lo, hi) range with 0 <= lo <= hi <= {MAX_BLANKS}, "
-                         f"got {blanks!r}")
+    if not 0 <= lo <= hi <= shape.max_blanks:
+        raise ValueError(f"blanks must be an int or a (lo, hi) range with 0 <= lo <= hi <= {shape.max_blanks} "
+                         f"for {shape.name}, got {blanks!r}")
     return lo, hi
 
 
-def generate(rng: random.Random | int, blanks: int | tuple[int, int] = (30, 50), *,
+def generate(rng: random.Random | int, blanks: int | tuple[int, int] | None = None, *, size: int = 9,
              max_attempts: int = 100) -> tuple[str, str]:
-    """A random puzzle with a unique solution, as ``(puzzle, solution)``.
+    """A random `size` x `size` puzzle with a unique solution, as ``(puzzle, solution)``.
 
-    `blanks` is an exact count or an inclusive ``(lo, hi)`` range (the count is drawn uniformly). Cells are removed
-    in random order, skipping any whose removal would allow a second solution, until the count is reached; if a
-    grid runs out of removable cells first, a new grid is tried (up to `max_attempts`, then `RuntimeError`). Random
-    removal stalls at 54-59 blanks (mostly 56-57), so up to 56 is quick, 57-59 slower, and 60+ practically fails.
+    `blanks` is an exact count or an inclusive ``(lo, hi)`` range (the count is drawn uniformly; default
+    `default_blanks(size)`). Cells are removed in random order, skipping any whose removal would allow a second
+    solution, until the count is reached; if a grid runs out of removable cells first, a new grid is tried (up to
+    `max_attempts`, then `RuntimeError`). For 9x9, random removal stalls at 54-59 blanks (mostly 56-57), so up to 56
+    is quick, 57-59 slower, and 60+ practically fails.
 
     Deterministic for a given integer seed (or `random.Random` state).
     """
-    lo, hi = _blank_range(blanks)
+    shape = shape_of(size)
+    g = _geometry(shape)
+    lo, hi = _blank_range(default_blanks(shape) if blanks is None else blanks, shape)
     rng = _rng(rng)
     target = rng.randint(lo, hi)
     for _ in range(max_attempts):
-        solution = _random_full_grid(rng)
+        solution = _random_full_grid(g, rng)
         puzzle = solution[:]
-        order = list(range(81))
+        order = list(range(g.cells))
         rng.shuffle(order)
         removed = 0
         for i in order:
@@ -371,57 +459,40 @@ def generate(rng: random.Random | int, blanks: int | tuple[int, int] = (30, 50),
                 break
             bit = puzzle[i]
             puzzle[i] = 0
-            if _other_solution(puzzle, i, bit):
+            if _other_solution(g, puzzle, i, bit):
                 puzzle[i] = bit
             else:
                 removed += 1
         if removed == target:
-            return "".join(_BIT_CHAR[b] for b in puzzle), "".join(_BIT_CHAR[b] for b in solution)
-    raise RuntimeError(f"could not make a unique puzzle with {target} blanks in {max_attempts} attempts")
+            return "".join(g.bit_char[b] for b in puzzle), "".join(g.bit_char[b] for b in solution)
+    raise RuntimeError(f"could not make a unique {shape.name} puzzle with {target} blanks in {max_attempts} attempts")
 
 
-def dedupe(pairs: Iterable[tuple[str, str]], exclude: Iterable[str | tuple[str, str]] = (), *,
-           by: str = "puzzle") -> list[tuple[str, str]]:
-    """`pairs` in order without repeats and without anything in `exclude`.
-
-    `by="puzzle"` compares puzzles; `by="solution"` compares solution grids (stricter: a held-out puzzle then never
-    shares its filled grid with a training one). `exclude` holds pairs or bare strings of the compared kind.
-    """
-    if by not in ("puzzle", "solution"):
-        raise ValueError(f"by must be 'puzzle' or 'solution', got {by!r}")
-    k = 0 if by == "puzzle" else 1
-    seen = {x if isinstance(x, str) else x[k] for x in exclude}
-    out = []
-    for pair in pairs:
-        key = pair[k]
-        if key not in seen:
-            seen.add(key)
-            out.append(pair)
-    return out
-
-
-def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] = (30, 50), *,
+def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = None, *, size: int = 9,
                   exclude: Iterable[str | tuple[str, str]] = (), by: str = "puzzle") -> list[tuple[str, str]]:
     """`n` distinct ``(puzzle, solution)`` pairs, none of them in `exclude` (compared `by` puzzle or solution).
 
-    Puzzle k is drawn from its own stream seeded by ``(seed, k)``, so the result for a given seed is deterministic
-    and a longer list extends a shorter one. For a held-out split use another seed and pass the training pairs (or
-    the held-out ones, whichever is made second) as `exclude`, e.g.::
+    Puzzle k is drawn from its own stream seeded by ``(size, seed, k)``, so the result for a given seed is
+    deterministic and a longer list extends a shorter one. For a held-out split use another seed and pass the
+    training pairs (or the held-out ones, whichever is made second) as `exclude`, e.g.::
 
-        test = generate_many(500, seed=1)
-        train = generate_many(100_000, seed=0, exclude=test, by="solution")
+        test = generate_many(500, seed=1, size=6)
+        train = generate_many(100_000, seed=0, size=6, exclude=test, by="solution")
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if by not in ("puzzle", "solution"):
         raise ValueError(f"by must be 'puzzle' or 'solution', got {by!r}")
-    _blank_range(blanks)
+    shape = shape_of(size)
+    blanks = default_blanks(shape) if blanks is None else blanks
+    _blank_range(blanks, shape)
     k = 0 if by == "puzzle" else 1
     seen = {x if isinstance(x, str) else x[k] for x in exclude}
+    stream = "dgemma.sudoku" if shape.n == 9 else f"dgemma.sudoku{shape.n}"  # 9x9 keeps its original streams
     out: list[tuple[str, str]] = []
     index = 0
     while len(out) < n:
-        pair = generate(random.Random(f"dgemma.sudoku:{seed}:{index}"), blanks)
+        pair = generate(random.Random(f"{stream}:{seed}:{index}"), blanks, size=shape.n)
         index += 1
         if pair[k] not in seen:
             seen.add(pair[k])
@@ -436,7 +507,7 @@ def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] = (30, 50
 class CheckResult(TypedDict):
     """The result of `check`."""
 
-    well_formed: bool  # exactly 81 ASCII digits
+    well_formed: bool  # exactly n*n ASCII digits, as many as the puzzle has cells
     valid: bool  # a complete, correct grid
     givens_kept: bool  # every given digit unchanged
     solved: bool  # valid and givens_kept
@@ -456,13 +527,13 @@ def check(puzzle: str, answer: object, solution: str | None = None) -> CheckResu
     """
     p = parse_grid(puzzle)
     a = answer if isinstance(answer, str) else ""
-    well_formed = len(a) == 81 and set(a) <= _DIGITS
+    well_formed = len(a) == len(p) and set(a) <= _DIGITS
     valid = well_formed and is_complete(a)
     n = len(a)
     givens_kept = all(i < n and a[i] == ch for i, ch in enumerate(p) if ch != "0")
     solved = valid and givens_kept
     if solution is not None:
-        ref = parse_grid(solution)
+        ref = parse_grid(solution, len(p))
     elif solved:
         ref = a
     else:
@@ -482,30 +553,40 @@ def check(puzzle: str, answer: object, solution: str | None = None) -> CheckResu
 
 
 def prompt_text(puzzle: str) -> str:
-    """The fine-tuning prompt (no chat template): the `PROMPT` instruction, the `CELLS` line, then the 81-digit
+    """The fine-tuning prompt (no chat template, no instruction): the first n*n `CELLS` naming the cells, then the
     puzzle, one per line."""
-    return f"{PROMPT}\n{CELLS}\n{parse_grid(puzzle)}"
+    p = parse_grid(puzzle)
+    return f"{CELLS[:len(p)]}\n{p}"
 
 
-def task_info() -> dict:
-    """What `task.json` next to a Sudoku model holds: how to frame a puzzle as a prompt (the server and its
-    visualizer read it to draw the canvas as a 9x9 grid)."""
-    return {"task": "sudoku", "prompt_template": f"{PROMPT}\n{CELLS}\n{{puzzle}}",
-            "answer": "the 81 digits of the solved grid, row by row"}
+def legacy_prompt_text(puzzle: str) -> str:
+    """The first bundled 9x9 model's prompt: the `PROMPT` instruction, the `CELLS` line, then the puzzle."""
+    return f"{PROMPT}\n{CELLS}\n{parse_grid(puzzle, 9)}"
+
+
+def task_info(size: int = 9) -> dict:
+    """What `task.json` next to a Sudoku model holds: the grid (size, box rows and columns) and how to frame a
+    puzzle as a prompt (`dgemma sudoku` and the server's visualizer read it)."""
+    shape = shape_of(size)
+    return {"task": "sudoku", "size": shape.n, "box_rows": shape.box_rows, "box_cols": shape.box_cols,
+            "prompt_template": f"{CELLS[:shape.cells]}\n{{puzzle}}",
+            "answer": f"the {shape.cells} digits of the solved grid, row by row"}
 
 
 def answer_text(solution: str) -> str:
-    """The fine-tuning response: exactly the 81 digits of the solution (which must be a complete, correct grid)."""
+    """The fine-tuning response: exactly the digits of the solution (which must be a complete, correct grid)."""
     s = parse_grid(solution)
     if not is_complete(s):
         raise ValueError("solution must be a complete grid (no blanks)")
     return s
 
 
-def parse_answer(text: str) -> str:
-    """The first 81 ASCII digits in `text`, joined (other characters are skipped); '' if there are fewer."""
-    digits = [ch for ch in text if ch in _DIGITS][:81]
-    return "".join(digits) if len(digits) == 81 else ""
+def parse_answer(text: str, size: int = 9) -> str:
+    """The first n*n ASCII digits in `text` for an n x n grid, joined (other characters are skipped); '' if there
+    are fewer."""
+    cells = shape_of(size).cells
+    digits = [ch for ch in text if ch in _DIGITS][:cells]
+    return "".join(digits) if len(digits) == cells else ""
 
 
 def blank_count(puzzle: str) -> int:
@@ -532,6 +613,11 @@ def bucket(blanks: int, edges: Sequence[int] = (30, 35, 40, 45, 50)) -> str:
     return f"{edges[-2]}-{edges[-1]}"
 
 
+def bucket_edges(size: int = 9) -> tuple[int, ...]:
+    """The blank-count bucket edges reported for a grid size (four buckets over `default_blanks`)."""
+    return {4: (4, 6, 8, 10, 11), 6: (8, 12, 16, 20, 24), 9: (30, 35, 40, 45, 50)}[shape_of(size).n]
+
+
 def write_jsonl(path: str | os.PathLike[str], pairs: Iterable[tuple[str, str]]) -> int:
     """Write ``{"prompt", "response", "puzzle", "solution"}`` per pair to `path`, atomically; return the count.
 
@@ -547,7 +633,7 @@ def write_jsonl(path: str | os.PathLike[str], pairs: Iterable[tuple[str, str]]) 
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for puzzle, solution in pairs:
                 p, s = parse_grid(puzzle), answer_text(solution)
-                if any(pc != "0" and pc != sc for pc, sc in zip(p, s)):
+                if len(p) != len(s) or any(pc != "0" and pc != sc for pc, sc in zip(p, s)):
                     raise ValueError(f"solution does not keep the givens of puzzle {p}")
                 f.write(json.dumps({"prompt": prompt_text(p), "response": s, "puzzle": p, "solution": s}) + "\n")
                 count += 1
@@ -578,12 +664,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Generate a JSONL split: ``python -m dgemma.tasks.sudoku --n N --seed S --blanks LO HI --out PATH``."""
+    """Generate a JSONL split: ``python -m dgemma.tasks.sudoku --n N --seed S --size 6 --out PATH``."""
     ap = argparse.ArgumentParser(prog="python -m dgemma.tasks.sudoku", description="Generate a Sudoku JSONL split.")
     ap.add_argument("--n", type=int, required=True, help="number of puzzles")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--blanks", type=int, nargs=2, default=(30, 50), metavar=("LO", "HI"),
-                    help="inclusive range of blank cells (default 30 50)")
+    ap.add_argument("--size", type=int, default=9, choices=(4, 6, 9), help="grid side (default 9)")
+    ap.add_argument("--blanks", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="inclusive range of blank cells (default: default_blanks(size), 30 50 for 9x9)")
     ap.add_argument("--out", required=True, help="output .jsonl path")
     ap.add_argument("--exclude", action="append", default=[], metavar="JSONL",
                     help="a split to stay disjoint from (repeatable)")
@@ -592,7 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exclude = [pair for p in args.exclude for pair in read_jsonl(p)]
     t0 = time.perf_counter()
-    pairs = generate_many(args.n, args.seed, tuple(args.blanks), exclude=exclude, by=args.by)
+    blanks = tuple(args.blanks) if args.blanks else None
+    pairs = generate_many(args.n, args.seed, blanks, size=args.size, exclude=exclude, by=args.by)
     dt = time.perf_counter() - t0
     count = write_jsonl(args.out, pairs)
     print(f"wrote {count} puzzles to {args.out} in {dt:.1f}s ({count / dt if dt else 0.0:.1f}/s)", file=sys.stderr)

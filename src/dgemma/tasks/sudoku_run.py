@@ -1,4 +1,8 @@
-"""Solving and evaluating Sudoku with a DiffusionGemma checkpoint (`dgemma sudoku solve|eval`)."""
+"""Solving and evaluating Sudoku with a DiffusionGemma checkpoint (`dgemma sudoku solve|eval|demo`).
+
+A Sudoku model carries a `task.json` (`sudoku.task_info`): the grid size and the prompt template. The bundled
+models (one per grid size, `BUNDLED_MODELS`) ship inside the package; `solve` picks the one for each puzzle's size.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,74 @@ import json
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..generate import resolve_settings
 from . import sudoku
 
-# The project's own Sudoku model ships inside the package once trained (scripts/train_sudoku.py --bundle).
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+BUNDLED = MODELS / "sudoku"  # the 9x9 model (also `dgemma serve`'s default)
+BUNDLED_MODELS = {9: BUNDLED, 6: MODELS / "sudoku6"}
+DEMO_SEED = 2026  # demo puzzles: held-out seeds the training script never uses
 
 
-def default_model_path() -> Path:
-    if not (BUNDLED / "config.json").is_file():
-        raise ValueError(f"no bundled Sudoku model at {BUNDLED}; pass --model DIR "
+def default_model_path(size: int = 9) -> Path:
+    """The bundled model for an n x n grid (`ValueError` naming --model when there is none)."""
+    path = BUNDLED if size == 9 else BUNDLED_MODELS.get(size)
+    if path is None or not (path / "config.json").is_file():
+        where = f" at {path}" if path is not None else ""
+        raise ValueError(f"no bundled {size}x{size} Sudoku model{where}; pass --model DIR "
                          "(train one with scripts/train_sudoku.py)")
-    return BUNDLED
+    return path
 
 
-def _prompt_ids(model, puzzle: str) -> list[int]:
-    return model.tokenizer.encode(sudoku.prompt_text(puzzle))
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a model frames a puzzle: the grid side and the prompt template (``{puzzle}`` is replaced)."""
+
+    size: int
+    template: str
+
+    def prompt(self, puzzle: str) -> str:
+        p = sudoku.parse_grid(puzzle, self.size)
+        return self.template.replace("{puzzle}", p)
+
+
+def task_spec(model) -> TaskSpec:
+    """The model's `task.json` when it has one; otherwise the grid whose digits (plus an end token) fill its canvas
+    (9x9 when none does) with `sudoku.prompt_text`'s layout."""
+    source = getattr(model, "source", None)  # the checkpoint directory (load_model), or a "random:..." label
+    info_file = Path(source) / "task.json" if isinstance(source, str) and source else None
+    if info_file is not None and info_file.is_file():
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+            size = int(info.get("size", 9))
+            template = info["prompt_template"]
+            if not isinstance(template, str) or "{puzzle}" not in template:
+                raise ValueError("prompt_template must be a string holding {puzzle}")
+            sudoku.shape_of(size)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{info_file}: not a valid Sudoku task file ({e})") from None
+        return TaskSpec(size, template)
+    cells = model.config.canvas_length - 1
+    size = sudoku.SHAPES[cells].n if cells in sudoku.SHAPES else 9
+    return TaskSpec(size, sudoku.task_info(size)["prompt_template"])
+
+
+def _prompt_ids(model, puzzle: str, spec: TaskSpec | None = None) -> list[int]:
+    return model.tokenizer.encode((spec or task_spec(model)).prompt(puzzle))
 
 
 def solve_batch(model, puzzles: list[str], seed: int = 0, batch_size: int = 16, on_event=None, **overrides) -> list[dict]:
-    """Solve puzzles (81-char strings, 0 = blank); one result dict per puzzle."""
+    """Solve puzzles (strings of the model's grid size, 0 = blank); one result dict per puzzle. Row i of the list
+    is seeded with seed + i whatever the batching."""
     out = []
+    spec = task_spec(model)
     canvas = model.config.canvas_length
     for i in range(0, len(puzzles), batch_size):
         chunk = puzzles[i:i + batch_size]
-        prompts = [_prompt_ids(model, p) for p in chunk]
+        prompts = [_prompt_ids(model, p, spec) for p in chunk]
         results = None
         for ev in model.stream(prompts, max_new_tokens=canvas, seed=seed + i, **overrides):
             if on_event is not None:
@@ -40,7 +85,7 @@ def solve_batch(model, puzzles: list[str], seed: int = 0, batch_size: int = 16, 
             if type(ev).__name__ == "Done":
                 results = ev.results
         for puzzle, res in zip(chunk, results):
-            answer = sudoku.parse_answer(res.text or "")
+            answer = sudoku.parse_answer(res.text or "", spec.size)
             out.append({"puzzle": puzzle, "solution": answer, "steps": res.steps[0] if res.steps else 0,
                         "tokens_per_forward": res.tokens_per_forward})
     return out
@@ -63,13 +108,39 @@ def read_puzzle_file(path: Path) -> list[tuple[int, str | None, str | None]]:
     return rows
 
 
-class GridView:
-    """Terminal animation: the 9x9 grid as it denoises (givens bold, accepted cells green, re-noised dim)."""
+def grid_text(puzzle: str, cells: list[str], accepted: list[bool] | None = None, title: str = ""):
+    """A rich Text of the grid: givens bold, accepted cells green, the rest dim red; box rules between bands and
+    stacks."""
+    from rich.text import Text
 
-    def __init__(self, model, console):
+    shape = sudoku.shape_of(puzzle)
+    n, br, bc = shape.n, shape.box_rows, shape.box_cols
+    text = Text(f"{title}\n" if title else "")
+    for r in range(n):
+        for c in range(n):
+            i = r * n + c
+            if c and c % bc == 0:
+                text.append("| ", style="dim")
+            if puzzle[i] != "0":
+                text.append(puzzle[i] + " ", style="bold")
+            elif accepted is None or accepted[i]:
+                text.append(cells[i] + " ", style="bold green")
+            else:
+                text.append(cells[i] + " ", style="dim red")
+        text.append("\n")
+        if r % br == br - 1 and r < n - 1:
+            text.append("+".join("-" * (2 * bc + (0 if k in (0, n - bc) else 1)) for k in range(0, n, bc)) + "\n",
+                        style="dim")
+    return text
+
+
+class GridView:
+    """Terminal animation: the grid as it denoises (givens bold, accepted cells green, re-noised dim)."""
+
+    def __init__(self, model, console, title: str = "", delay: float = 0.0):
         from rich.live import Live
 
-        self.model, self.console = model, console
+        self.model, self.console, self.title, self.delay = model, console, title, delay
         self.live = Live(console=console, auto_refresh=False)
 
     def __enter__(self):
@@ -81,58 +152,105 @@ class GridView:
         return False
 
     def __call__(self, ev, puzzles) -> None:
-        from rich.text import Text
-
         if type(ev).__name__ != "Draft":
             return
         tok, puzzle = self.model.tokenizer, puzzles[0]
-        text = Text(f"step {ev.step}\n")
-        for cell in range(81):
-            tid = int(ev.canvas[0, cell])
-            ch = tok.decode([tid], skip_special_tokens=False) if tok else "?"
-            ch = ch if len(ch) == 1 and ch.isdigit() else "·"
-            if puzzle[cell] != "0":
-                text.append(puzzle[cell] + " ", style="bold")
-            elif bool(ev.accepted[0, cell]):
-                text.append(ch + " ", style="bold green")
-            else:
-                text.append(ch + " ", style="dim red")
-            if cell % 9 == 8:
-                text.append("\n")
-        self.live.update(text, refresh=True)
+        cells = []
+        for cell in range(len(puzzle)):
+            ch = tok.decode([int(ev.canvas[0, cell])], skip_special_tokens=False) if tok else "?"
+            cells.append(ch if len(ch) == 1 and ch.isdigit() else "·")
+        accepted = [bool(ev.accepted[0, cell]) for cell in range(len(puzzle))]
+        title = f"{self.title}step {ev.step}"
+        self.live.update(grid_text(puzzle, cells, accepted, title), refresh=True)
+        if self.delay:
+            time.sleep(self.delay)
+
+
+def _load(args, size: int, cache: dict):
+    """The model for a grid size: --model for every size when given, else the bundled one (loaded once)."""
+    from ..checkpoint import load_model
+
+    key = "model" if args.model else size
+    if key not in cache:
+        cache[key] = load_model(args.model or default_model_path(size), device=args.device)
+    return cache[key]
 
 
 def cmd_solve(args) -> int:
-    from ..checkpoint import load_model
-
     rows = read_puzzle_file(Path(args.file))  # before the (slower) model load
-    model = load_model(args.model or default_model_path(), device=args.device)
-    puzzles = [p for _, p, _ in rows if p is not None]
+    models: dict = {}
+    if args.model:
+        spec = task_spec(_load(args, 9, models))
+        for k, (n, p, err) in enumerate(rows):  # with one model, a puzzle of another size is that line's error
+            if p is not None and len(p) != spec.size ** 2:
+                rows[k] = (n, None, f"this model solves {spec.size}x{spec.size} puzzles ({spec.size ** 2} cells), "
+                                    f"got {len(p)} cells")
+    by_size: dict[int, list[int]] = defaultdict(list)  # grid side -> indexes into rows
+    for k, (_, p, _) in enumerate(rows):
+        if p is not None:
+            by_size[sudoku.shape_of(p).n].append(k)
     animate = not args.json and sys.stdout.isatty()
-    if animate:
-        from rich.console import Console
+    results: dict[int, dict] = {}
+    for size, ks in by_size.items():
+        model = _load(args, size, models)
+        puzzles = [rows[k][1] for k in ks]
+        if animate:
+            from rich.console import Console
 
-        solved = []
-        with GridView(model, Console()) as view:
-            for i, p in enumerate(puzzles):  # the seeds --json uses too (puzzle i: seed + i)
-                solved += solve_batch(model, [p], seed=args.seed + i, on_event=view)
-    else:
-        solved = solve_batch(model, puzzles, seed=args.seed)
-    it = iter(solved)
-    for n, puzzle, error in rows:
-        if error is not None:
-            rec = {"line": n, "error": error}
+            solved = []
+            with GridView(model, Console()) as view:
+                for i, p in enumerate(puzzles):  # the seeds --json uses too (puzzle i of a size: seed + i)
+                    solved += solve_batch(model, [p], seed=args.seed + i, on_event=view)
         else:
-            rec = next(it)
+            solved = solve_batch(model, puzzles, seed=args.seed)
+        results.update(zip(ks, solved))
+    for k, (n, puzzle, error) in enumerate(rows):
+        rec = {"line": n, "error": error} if error is not None else results[k]
         if args.json:
             print(json.dumps(rec))
         elif error is not None:
             print(f"line {n}: error: {error}")
         else:
-            print(sudoku.format_grid(rec["solution"]) if len(rec["solution"]) == 81 else rec["solution"])
-            ok = sudoku.check(rec["puzzle"], rec["solution"])["solved"]
+            sol = rec["solution"]
+            print(sudoku.format_grid(sol, rules=True) if len(sol) == len(puzzle) else sol)
+            ok = sudoku.check(rec["puzzle"], sol)["solved"]
             print(f"[{'solved' if ok else 'not solved'}; {rec['steps']} steps, "
                   f"{rec['tokens_per_forward']:.1f} tokens/forward]\n")
+    return 0
+
+
+def demo_puzzles() -> list[tuple[str, str]]:
+    """The demo's puzzles: a 6x6 and a 9x9 one with many blanks, from held-out seeds."""
+    six = sudoku.generate_many(1, seed=DEMO_SEED, blanks=(20, 22), size=6)[0]
+    nine = sudoku.generate_many(1, seed=DEMO_SEED, blanks=(40, 44), size=9)[0]
+    return [six, nine]
+
+
+def cmd_demo(args) -> int:
+    """Solve a 6x6 and a 9x9 puzzle with the bundled models, animating the grid as it denoises."""
+    from rich.console import Console
+
+    console = Console()
+    animate = console.is_terminal and not args.no_animation
+    models: dict = {}
+    for puzzle, solution in demo_puzzles():
+        size = sudoku.shape_of(puzzle).n
+        model = _load(args, size, models)
+        blanks = puzzle.count("0")
+        console.print(f"[bold]{size}x{size} puzzle[/bold] ({blanks} blanks), model {default_model_path(size).name}:")
+        console.print(grid_text(puzzle, list(puzzle)))
+        if animate:
+            with GridView(model, console, title=f"{size}x{size} denoising: ", delay=args.delay) as view:
+                rec = solve_batch(model, [puzzle], seed=args.seed, on_event=view)[0]
+        else:
+            rec = solve_batch(model, [puzzle], seed=args.seed)[0]
+        answer = rec["solution"]
+        result = sudoku.check(puzzle, answer, solution)
+        if len(answer) == len(puzzle):
+            console.print(grid_text(puzzle, list(answer), title="answer:"))
+        verdict = "[bold green]solved[/bold green]" if result["solved"] else "[bold red]not solved[/bold red]"
+        console.print(f"{verdict}: {result['n_correct']}/{blanks} blanks right in {rec['steps']} denoising steps "
+                      f"({rec['tokens_per_forward']:.1f} tokens per forward pass)\n")
     return 0
 
 
@@ -140,21 +258,26 @@ def solve_ar(model, puzzles: list[str]) -> list[dict]:
     """The autoregressive baseline: greedy left-to-right decoding with the causal stack, one token per pass."""
     from ..ar import ar_generate
 
+    spec = task_spec(model)
     out = []
     for p in puzzles:
-        res = ar_generate(model, _prompt_ids(model, p), max_new_tokens=model.config.canvas_length)
-        out.append({"puzzle": p, "solution": sudoku.parse_answer(res.text or ""), "steps": res.forwards,
+        res = ar_generate(model, _prompt_ids(model, p, spec), max_new_tokens=model.config.canvas_length)
+        out.append({"puzzle": p, "solution": sudoku.parse_answer(res.text or "", spec.size), "steps": res.forwards,
                     "tokens_per_forward": 1.0})
     return out
 
 
-def evaluate(model, n: int = 1000, seed: int = 424242, blanks=(30, 50), step_caps=(), batch_size: int = 32,
+def evaluate(model, n: int = 1000, seed: int = 424242, blanks=None, step_caps=(), batch_size: int = 32,
              autoregressive: bool = False, rng: str = "fast") -> dict:
     """Exact solve rate, cell accuracy, givens kept, steps and tokens/forward, overall and per blank bucket, on
-    held-out generated puzzles (a seed range the training script never uses). `autoregressive` decodes left to
-    right with the causal stack instead (the AR baseline); `rng` picks the diffusion sampler's random stream."""
-    pairs = sudoku.generate_many(n, seed=seed, blanks=blanks)
+    held-out generated puzzles of the model's grid size (a seed range the training script never uses; blanks:
+    `sudoku.default_blanks`). `autoregressive` decodes left to right with the causal stack instead (the AR
+    baseline); `rng` picks the diffusion sampler's random stream."""
+    size = task_spec(model).size
+    blanks = tuple(blanks) if blanks is not None else sudoku.default_blanks(size)
+    pairs = sudoku.generate_many(n, seed=seed, blanks=blanks, size=size)
     puzzles = [p for p, _ in pairs]
+    edges = sudoku.bucket_edges(size)
 
     def run(**overrides) -> dict:
         t0 = time.perf_counter()
@@ -164,13 +287,13 @@ def evaluate(model, n: int = 1000, seed: int = 424242, blanks=(30, 50), step_cap
             res = solve_batch(model, puzzles, batch_size=batch_size, rng=rng, **overrides)
         stats, buckets = _score(pairs, res), defaultdict(list)
         for (p, s), r in zip(pairs, res):
-            buckets[sudoku.bucket(sudoku.blank_count(p))].append(((p, s), r))
+            buckets[sudoku.bucket(sudoku.blank_count(p), edges)].append(((p, s), r))
         stats["buckets"] = {k: _score([x for x, _ in v], [y for _, y in v]) for k, v in sorted(buckets.items())}
         stats["seconds"] = time.perf_counter() - t0
         return stats
 
-    out = {"n": n, "seed": seed, "blanks": list(blanks), "decoding": "autoregressive" if autoregressive else "diffusion",
-           "default": run()}
+    out = {"n": n, "seed": seed, "size": size, "blanks": list(blanks),
+           "decoding": "autoregressive" if autoregressive else "diffusion", "default": run()}
     if not autoregressive:
         out["rng"] = rng
         out["default_steps"] = resolve_settings(model, None, {}).max_denoising_steps  # the cap of the "default" row
@@ -186,27 +309,28 @@ def _score(pairs, results) -> dict:
         "cell_accuracy": sum(c["n_correct"] for c in checks) / max(1, sum(c["n_blank"] for c in checks)),
         "givens_kept": sum(c["givens_kept"] for c in checks) / n,
         "mean_steps": sum(r["steps"] for r in results) / n,
+        "mean_blanks": sum(c["n_blank"] for c in checks) / n,
         "tokens_per_forward": sum(r["tokens_per_forward"] for r in results) / n,
         "count": len(checks),
     }
 
 
 def cmd_eval(args) -> int:
-    from ..checkpoint import load_model
-
-    model = load_model(args.model or default_model_path(), device=args.device)
+    size = getattr(args, "size", None) or 9
+    path = args.model or default_model_path(size)
+    model = _load(args, size, {})
     caps = [int(c) for c in args.step_caps.split(",") if c] if args.step_caps else []
     result = evaluate(model, n=args.n, seed=args.seed, step_caps=caps, autoregressive=args.ar)
-    result["model"] = str(args.model or default_model_path())
+    result["model"] = str(path)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     d = result["default"]
     print(f"solve rate {d['solve_rate']:.1%}  cell accuracy {d['cell_accuracy']:.1%}  givens kept "
-          f"{d['givens_kept']:.1%}  mean steps {d['mean_steps']:.1f}  tokens/forward {d['tokens_per_forward']:.1f}")
+          f"{d['givens_kept']:.1%}  mean steps {d['mean_steps']:.1f} (mean blanks {d['mean_blanks']:.1f})  "
+          f"tokens/forward {d['tokens_per_forward']:.1f}")
     for k, b in d["buckets"].items():
         print(f"  blanks {k}: solve {b['solve_rate']:.1%}, cells {b['cell_accuracy']:.1%}, steps {b['mean_steps']:.1f}"
               f" (n={b['count']})")
     for cap, s in result["step_caps"].items():
         print(f"  step cap {cap}: solve {s['solve_rate']:.1%}, cells {s['cell_accuracy']:.1%}")
     return 0
-
