@@ -257,3 +257,19 @@ def test_info_reports_gguf_types_and_bits_per_weight(gg):
     assert experts["weights"] == 4 * (e * 3 * i * h + e)
     assert experts["bytes"] == 4 * (e * 2 * i * h * 144 // 256 + e * h * i * 22 // 32 + 4 * e)
     assert describe(gg["path"].parent)["parts"] == info["parts"]
+
+
+def test_header_parser_agrees_with_the_gguf_package(gg):
+    from dgemma.quant.gguf import open_gguf
+
+    ours = open_gguf(gg["path"])
+    theirs = gguf.GGUFReader(str(gg["path"]))
+    assert set(ours.tensors) == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.offset, list(mine.shape), mine.tensor_type, mine.n_bytes) == \
+            (t.data_offset, t.shape.tolist(), int(t.tensor_type), t.n_bytes)
+    for name, field in theirs.fields.items():
+        if not name.startswith("GGUF."):
+            value = field.contents()
+            assert ours.meta[name] == (pytest.approx(value, rel=1e-7) if isinstance(value, float) else value), name
