@@ -270,6 +270,36 @@ def test_refuses_fused_fp8_without_block_scales(copy_of):
     _refused(d, "model.decoder.layers.1.experts.down_proj", "down_proj_scale_inv")
 
 
+def test_refuses_fused_fp8_experts_without_any_scales(copy_of):
+    d = copy_of("fp8-block")
+    _edit_tensors(d, lambda t: [t.pop(f"model.decoder.layers.3.experts.{p}_scale_inv") for p in ("gate_up_proj",
+                                                                                                 "down_proj")])
+    _refused(d, "model.decoder.layers.3.experts.gate_up_proj", "gate_up_proj_scale_inv")
+
+
+def test_refuses_experts_of_a_layer_that_does_not_exist(copy_of):
+    d = copy_of("modelopt-nvfp4")
+    _edit_tensors(d, lambda t: t.update({k.replace("layers.2.", "layers.7."): v.clone() for k, v in list(t.items())
+                                         if k.startswith("model.decoder.layers.2.experts.")}))
+    _refused(d, "model.decoder.layers.7.experts", "config has 4 layers")
+
+
+def test_modelopt_nested_and_mixed_precision_configs(copy_of, written, base):
+    want = dgemma.load_model(written["modelopt-nvfp4"][0], dtype=torch.float32).canvas_logits(*base["inputs"])
+    d = copy_of("modelopt-nvfp4")
+    hf = json.loads((d / "hf_quant_config.json").read_text())
+    (d / "hf_quant_config.json").unlink()
+    qw._edit_config(d, lambda c: c.update(quantization_config={"quant_method": "modelopt", **hf}))
+    assert torch.equal(dgemma.load_model(d, dtype=torch.float32).canvas_logits(*base["inputs"]), want)
+    mixed = {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
+        f"model.decoder.layers.0.experts.{e}.gate_proj": {"quant_algo": "NVFP4", "group_size": 16} for e in range(4)}}
+    (d / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": mixed}))
+    assert torch.equal(dgemma.load_model(d, dtype=torch.float32).canvas_logits(*base["inputs"]), want)
+    mixed["quantized_layers"]["model.decoder.layers.0.self_attn.q_proj"] = {"quant_algo": "FP8"}
+    (d / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": mixed}))
+    _refused(d, "hf_quant_config.json", "MIXED_PRECISION", "FP8")
+
+
 def test_refuses_wrong_block_scale_shape(copy_of):
     d = copy_of("fp8-block-24x16")
     key = "model.decoder.layers.0.self_attn.o_proj.weight_scale_inv"

@@ -252,8 +252,9 @@ def _read(handles, file: Path, key: str, shape, dtype: torch.dtype, device: torc
         t = _handle(handles, file).get_tensor(key)
     except SafetensorError as e:
         raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
-    if not t.is_floating_point():
-        raise CheckpointError(f"{file}: tensor {key!r} has non-float dtype {t.dtype}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, not a float16/bfloat16/float32 weight "
+                              "(a quantized tensor without its scales, or a layout dgemma does not read)")
     # Always a private copy: safetensors hands out views of the mapped file at arbitrary (unaligned) offsets,
     # and some CPUs' GEMM kernels round differently on unaligned weights, which breaks bitwise parity.
     return t.to(device=device, dtype=dtype, copy=True)
@@ -271,6 +272,7 @@ def _ckpt_name(name: str) -> str:
 # quantized checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 _EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+_FUSED = re.compile(r"layers\.(\d+)\.experts\.(gate_up_proj|down_proj)$")
 _FUSED_SCALE = re.compile(r"layers\.(\d+)\.experts\.(gate_up_proj|down_proj)_scale_inv$")
 
 
@@ -309,6 +311,7 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
     linear: dict[str, dict[str, str]] = {}  # checkpoint module prefix -> {suffix: key}
     experts: dict[int, dict[int, dict[str, dict[str, str]]]] = {}  # layer -> expert -> proj -> {suffix: key}
     fused_scale: dict[tuple[int, str], str] = {}
+    fused_layers: set[int] = set()
     consumed: set[str] = set()
     for key in files:
         if not key.startswith(_DEC):
@@ -317,6 +320,10 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
         m = _FUSED_SCALE.fullmatch(rest)
         if m:
             fused_scale[(int(m.group(1)), m.group(2))] = key
+            continue
+        m = _FUSED.fullmatch(rest)
+        if m and reader.dtype(key) not in FLOAT_DTYPES:  # quantized fused experts: their scales must be there
+            fused_layers.add(int(m.group(1)))
             continue
         split = split_key(key)
         if split is None:
@@ -350,12 +357,10 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
         reader.release()
 
     cfg = model.config
-    for layer in sorted(set(experts) | {k[0] for k in fused_scale}):
+    for layer in sorted(set(experts) | {k[0] for k in fused_scale} | fused_layers):
         if layer >= cfg.num_hidden_layers:
-            key = next(iter(fused_scale.values())) if layer not in experts else \
-                next(iter(next(iter(experts[layer].values())).values())).get("weight", "")
-            raise QuantError(f"{reader.where(key)}: layer {layer} does not exist (the config has "
-                             f"{cfg.num_hidden_layers} layers)")
+            raise QuantError(f"{next(iter(files.values())).parent}: tensors {_DEC}layers.{layer}.experts.* for a "
+                             f"layer that does not exist (the config has {cfg.num_hidden_layers} layers)")
         e_, i_, h_ = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         if layer in experts:
             per = experts[layer]
@@ -413,13 +418,13 @@ def _fused_fp8(reader: Reader, files: dict[str, Path], layer: int, proj: str, sh
     check_kind("fp8-block", fmt, reader.where(key))
     bo, bi = fmt.block if fmt is not None and fmt.block else (128, 128)
     e_, out, inn = shape
-    for k, want, dts in ((key, shape, ("F8_E4M3",)), (skey, (e_, -(-out // bo), -(-inn // bi)), ("F32",))):
+    for k, want, dts in ((key, shape, ("F8_E4M3",)), (skey, (e_, -(-out // bo), -(-inn // bi)), FLOAT_DTYPES)):
         if reader.shape(k) != want:
             raise QuantError(f"{reader.where(k)}: shape {list(reader.shape(k))}, expected {list(want)}")
         if reader.dtype(k) not in dts:
             raise QuantError(f"{reader.where(k)}: dtype {reader.dtype(k)}, expected {dts[0]}")
     weight = reader.get(key).to(device, copy=True)
-    scale_inv = reader.get(skey).to(device, copy=True)
+    scale_inv = reader.get(skey).to(device, dtype=torch.float32, copy=True)
     consumed.update({key, skey})
     return FP8BlockTensor(weight, scale_inv, (torch.arange(out) // bo).to(device), bi, shape=shape)
 

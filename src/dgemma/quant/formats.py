@@ -180,7 +180,17 @@ def detect(path: Path, config: dict[str, Any]) -> QuantFormat | None:
 
 
 def _modelopt(q: dict[str, Any], src: str) -> QuantFormat:
+    if "quant_algo" not in q and isinstance(q.get("quantization"), dict):  # hf_quant_config.json nested in config
+        q = q["quantization"]
     algo = q.get("quant_algo")
+    if algo == "MIXED_PRECISION":  # per-layer algorithms: fine when every quantized layer is NVFP4
+        layers = q.get("quantized_layers") or {}
+        algos = {v.get("quant_algo") for v in layers.values() if isinstance(v, dict)}
+        if algos == {"NVFP4"}:
+            algo = "NVFP4"
+        else:
+            raise QuantError(f"{src}: MIXED_PRECISION with quant_algo(s) {sorted(map(str, algos))}; dgemma reads "
+                             "ModelOpt 'NVFP4' layers only")
     if algo != "NVFP4":
         raise QuantError(f"{src}: unsupported quant_algo {algo!r}; dgemma reads ModelOpt 'NVFP4'")
     group = q.get("group_size", NVFP4_GROUP)
@@ -325,9 +335,9 @@ def _scalar(r: Reader, key: str) -> torch.Tensor:
     got = r.shape(key)
     if len(got) > 1 or (got and got[0] != 1):
         raise QuantError(f"{r.where(key)}: shape {list(got)}, expected a scalar ([] or [1])")
-    if r.dtype(key) != "F32":
-        raise QuantError(f"{r.where(key)}: dtype {r.dtype(key)}, expected F32")
-    return r.get(key).reshape(())
+    if r.dtype(key) not in FLOAT_DTYPES:
+        raise QuantError(f"{r.where(key)}: dtype {r.dtype(key)}, expected a float scalar (F32)")
+    return r.get(key).reshape(()).float()
 
 
 def read_parts(r: Reader, group: dict[str, str], kind: str, out: int, inn: int, fmt: QuantFormat | None,
@@ -371,8 +381,8 @@ def read_parts(r: Reader, group: dict[str, str], kind: str, out: int, inn: int, 
         _check(r, wkey, (out, inn), ("F8_E4M3",))
         bo, bi = fmt.block if fmt is not None and fmt.block else (128, 128)
         skey = group["weight_scale_inv"]
-        _check(r, skey, (-(-out // bo), -(-inn // bi)), ("F32",))
-        return {"weight": r.get(wkey), "scale_inv": r.get(skey)}
+        _check(r, skey, (-(-out // bo), -(-inn // bi)), FLOAT_DTYPES)
+        return {"weight": r.get(wkey), "scale_inv": r.get(skey).float()}
     raise QuantError(f"{what}: unknown layout {kind!r}")
 
 
