@@ -62,7 +62,14 @@ def test_zero_rows_quantize_to_zero():
     assert L.Int4Tensor(*L.quantize_int4(w, 32), 32, False, shape=(16, 64)).dequantize().abs().max() == 0
 
 
-@pytest.mark.parametrize("shape", [(32, 128), (3, 48, 64), (2816 // 44, 704)])
+@pytest.mark.parametrize("n, k", [(64, 32), (128, 256), (192, 704)])
+def test_fast_repack_matches_torchs_int4pack(n, k):
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(K.unpack_int4(packed).to(torch.int32), 1)
+    assert torch.equal(K.repack_int4_blocks(packed), want)
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (3, 48, 64), (2816 // 44, 704), (2, 128, 64)])
 def test_int4_kernel_layout_round_trip(shape):
     packed, scale = L.quantize_int4(_w(*shape), 32)
     t = L.Int4Tensor.from_nibbles(packed, scale, 32, shape)

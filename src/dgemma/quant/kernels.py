@@ -111,10 +111,25 @@ def int4_linear_dequant(x: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
 def int4_to_kernel_layout(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dgemma's int4 layout -> (torch's CPU int4pack weight, its [K/group, N, 2] scale-and-zero table in bf16).
     torch's formula is (q - 8) * scale + zero, so zero = 0 reproduces ours exactly."""
-    codes = unpack_int4(packed).to(torch.int32)
-    kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    if packed.shape[0] % 64 == 0:
+        kernel_weight = repack_int4_blocks(packed)
+    else:
+        kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
     s = scales.t().to(torch.bfloat16)
     return kernel_weight, torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+
+
+def repack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """dgemma's nibble order -> torch 2.13's CPU int4pack order for N % 64 == 0, with byte operations only (what
+    `_convert_weight_to_int4pack_for_cpu` produces, ~10x faster; tests compare the two). That order takes blocks of
+    64 rows; within a block, for each input column k, 32 bytes whose byte i holds row i (low nibble) and row i + 32
+    (high nibble)."""
+    n, half = packed.shape
+    blocks = packed.view(n // 64, 2, 32, half)
+    a, b = blocks[:, 0], blocks[:, 1]  # rows i and i + 32 of each block: [blocks, 32, K/2]
+    even = (a & 0xF) | (b << 4)  # column 2j
+    odd = (a >> 4) | (b & 0xF0)  # column 2j + 1
+    return torch.stack([even, odd], dim=2).permute(0, 3, 2, 1).contiguous().view(n, half)
 
 
 def int4_linear_pack(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: torch.Tensor,
