@@ -362,3 +362,26 @@ def test_info_reports_format_and_bits_per_weight(written):
     assert blk["format"] == "FP8 blocks 24x16 (fp8)"
     assert blk["stored_bytes"] == sum(p["bytes"] for p in blk["parts"].values())
     assert describe(written["ct-nvfp4"][0])["parts"]["dense MLP"]["bits_per_weight"] < 5
+
+
+def test_qexperts_rows_do_not_depend_on_their_neighbours(written):
+    """Inside row_invariant() a token's expert output is the same alone or in a batch (small row counts padded)."""
+    from dgemma.numerics import row_invariant
+
+    model = dgemma.load_model(written["ct-nvfp4"][0], dtype=torch.float32)
+    layer = model.layers[0]
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    weights, idx = layer.router(x)
+    with row_invariant():
+        together = layer.experts(x, weights, idx)
+        alone = torch.cat([layer.experts(x[i:i + 1], weights[i:i + 1], idx[i:i + 1]) for i in range(40)])
+        assert torch.equal(together, alone)
+        assert torch.equal(layer.self_attn.q_proj(x)[:3], layer.self_attn.q_proj(x[:3]))
+    # and it is the dense computation with the dequantized experts
+    from dgemma.model import Experts
+
+    with torch.device("meta"):
+        dense = Experts(model.config)
+    dense.gate_up_proj = torch.nn.Parameter(layer.experts.gate_up.dequantize(torch.float32))
+    dense.down_proj = torch.nn.Parameter(layer.experts.down.dequantize(torch.float32))
+    torch.testing.assert_close(layer.experts(x, weights, idx), dense(x, weights, idx), atol=1e-5, rtol=0)
