@@ -1,0 +1,154 @@
+"""Image preprocessing against the reference's Gemma 4 image processor (Pillow variant), plus bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+from dgemma.images import ImageError, ImageProcessorConfig, aspect_preserving_size, preprocess_images
+
+
+def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    arr = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    # A smooth gradient on top of the noise, so resampling errors show up in more than the noise floor.
+    arr = (arr // 2 + (np.arange(width)[None, :, None] * 127 // max(width - 1, 1))).astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode)
+
+
+def _reference(images, **kwargs):
+    out = Gemma4ImageProcessorPil(**kwargs)(images, return_tensors="np")
+    return out["pixel_values"], out["image_position_ids"], list(out["num_soft_tokens_per_image"])
+
+
+def _assert_same(ours, ref):
+    px, pos, n = ref
+    assert ours["pixel_values"].dtype == torch.float32
+    assert ours["pixel_values"].shape == px.shape
+    np.testing.assert_allclose(ours["pixel_values"].numpy(), px, rtol=0, atol=1e-6)
+    assert torch.equal(ours["image_position_ids"], torch.from_numpy(np.asarray(pos)).long())
+    assert ours["num_soft_tokens"] == n
+
+
+@pytest.mark.parametrize("size,mode", [
+    ((640, 480), "RGB"),     # downscaled landscape
+    ((300, 700), "RGB"),     # portrait
+    ((50, 37), "RGB"),       # tiny: upscaled
+    ((1000, 20), "RGB"),     # extreme aspect: the short side rounds to zero -> one block
+    ((16, 900), "RGB"),      # extreme portrait
+    ((200, 120), "RGBA"),    # alpha composited onto white
+    ((123, 77), "L"),        # grayscale
+    ((96, 48), "LA"),        # grayscale + alpha
+])
+@pytest.mark.parametrize("max_soft_tokens", [70, 280])
+def test_matches_reference(size, mode, max_soft_tokens):
+    img = _noise(*size, mode=mode, seed=size[0])
+    ours = preprocess_images([img], max_soft_tokens=max_soft_tokens)
+    _assert_same(ours, _reference([img], max_soft_tokens=max_soft_tokens))
+    n = ours["num_soft_tokens"][0]
+    assert 0 < n <= max_soft_tokens
+    valid = (ours["image_position_ids"][0] >= 0).all(-1)
+    assert int(valid.sum()) == n * 9
+    assert float(ours["pixel_values"].min()) >= 0 and float(ours["pixel_values"].max()) <= 1
+
+
+def test_exact_size_not_resized_and_batch_of_mixed_sizes():
+    exact = _noise(480, 336, seed=3)  # exactly the 70-token budget: not resized at 70
+    imgs = [exact, _noise(333, 222, seed=4), _noise(64, 640, "L", seed=5)]
+    for mst in (70, 140, 560, 1120):
+        _assert_same(preprocess_images(imgs, max_soft_tokens=mst), _reference(imgs, max_soft_tokens=mst))
+
+
+def test_small_patch_size_matches_reference():
+    # The test checkpoints use patch 4 (blocks of 12 pixels); the processor follows the checkpoint's patch size.
+    imgs = [_noise(50, 30, seed=6), _noise(7, 90, "RGBA", seed=7)]
+    cfg = ImageProcessorConfig(max_soft_tokens=70, patch_size=4)
+    ours = preprocess_images(imgs, config=cfg)
+    _assert_same(ours, _reference(imgs, max_soft_tokens=70, patch_size=4))
+    assert ours["pixel_values"].shape == (2, 70 * 9, 4 * 4 * 3)
+
+
+def test_patch_layout_and_positions():
+    # 336x480 pixels = 7x10 blocks of 48 = exactly the 70-token budget: no resize. Patch k covers rows 16*y..,
+    # cols 16*x.., values laid out (py, px, c); positions are (x = column, y = row), row-major.
+    arr = np.random.default_rng(1).integers(0, 256, size=(336, 480, 3), dtype=np.uint8)
+    out = preprocess_images(Image.fromarray(arr), max_soft_tokens=70)
+    pos = out["image_position_ids"][0]
+    assert out["num_soft_tokens"] == [70]
+    assert pos.tolist() == [[x, y] for y in range(21) for x in range(30)]
+    for x, y in ((0, 0), (17, 13), (29, 20)):
+        want = arr[16 * y:16 * y + 16, 16 * x:16 * x + 16].astype(np.float64).reshape(-1) / 255
+        np.testing.assert_allclose(out["pixel_values"][0, y * 30 + x].numpy(), want, atol=1e-7)
+    # A smaller budget pads: zero pixels, position (-1, -1) after the real patches.
+    small = preprocess_images(Image.fromarray(arr[:48, :96]), max_soft_tokens=140)
+    n = small["num_soft_tokens"][0] * 9
+    assert (small["image_position_ids"][0, n:] == -1).all() and (small["pixel_values"][0, n:] == 0).all()
+    assert (small["image_position_ids"][0, :n] >= 0).all() and n < 140 * 9
+
+
+def test_inputs_path_bytes_and_first_frame(tmp_path):
+    img = _noise(120, 90, seed=2)
+    path = tmp_path / "a.png"
+    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    a = preprocess_images([img, str(path), path, buf.getvalue()], max_soft_tokens=70)
+    for i in (1, 2, 3):
+        assert torch.equal(a["pixel_values"][i], a["pixel_values"][0])
+    # An animated GIF uses its first frame.
+    frames = [Image.new("RGB", (60, 60), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    first = preprocess_images(frames[0], max_soft_tokens=70)
+    assert torch.equal(preprocess_images(gif.getvalue(), max_soft_tokens=70)["pixel_values"], first["pixel_values"])
+
+
+def test_aspect_size_rules():
+    for h in range(1, 400, 37):
+        for w in range(1, 2000, 113):
+            for mst in (70, 280):
+                th, tw = aspect_preserving_size(h, w, 16, mst * 9, 3)
+                assert th % 48 == 0 and tw % 48 == 0 and th > 0 and tw > 0
+                assert (th // 16) * (tw // 16) <= mst * 9
+
+
+def test_processor_config_from_dir(tmp_path):
+    assert ImageProcessorConfig.from_dir(tmp_path) == ImageProcessorConfig()
+    (tmp_path / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 560, "patch_size": 16}}')
+    assert ImageProcessorConfig.from_dir(tmp_path).max_soft_tokens == 560
+    (tmp_path / "processor_config.json").write_text('{"image_processor": {"max_soft_tokens": 300}}')
+    with pytest.raises(ValueError, match="max_soft_tokens"):
+        ImageProcessorConfig.from_dir(tmp_path)
+    (tmp_path / "processor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="processor_config.json"):
+        ImageProcessorConfig.from_dir(tmp_path)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ImageError, match="not an image"):
+        preprocess_images(b"definitely not an image")
+    buf = io.BytesIO()
+    _noise(300, 300, seed=9).save(buf, format="PNG")
+    with pytest.raises(ImageError, match="image 1: .*cannot decode"):
+        preprocess_images([_noise(20, 20), buf.getvalue()[: len(buf.getvalue()) // 2]])
+    with pytest.raises(ImageError, match="no such image file"):
+        preprocess_images(tmp_path / "missing.png")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(ImageError, match="x.txt: not an image"):
+        preprocess_images(str(tmp_path / "x.txt"))
+    with pytest.raises(ImageError, match="empty image"):
+        preprocess_images(Image.new("RGB", (0, 10)))
+    with pytest.raises(ImageError, match="exceed the limit"):
+        preprocess_images(_noise(100, 100), max_pixels=99 * 100)
+    with pytest.raises(ImageError, match="unsupported image input"):
+        preprocess_images([np.zeros((4, 4, 3))])
+    with pytest.raises(ImageError, match="no images"):
+        preprocess_images([])
+    with pytest.raises(ValueError, match="max_soft_tokens"):
+        preprocess_images(_noise(10, 10), max_soft_tokens=100)
