@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -307,10 +308,9 @@ F16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q5_
               "IQ4_NL": (0,), "IQ3_S": (0,), "Q4_0": (0,)}
 
 
-def random_blocks(qtype_name: str, rows_shape: tuple[int, ...], n_values: int, seed: int) -> "np.ndarray":
+def random_blocks(qtype_name: str, rows_shape: tuple[int, ...], n_values: int, seed: int) -> np.ndarray:
     """Raw bytes of valid blocks of a GGUF quant type: random payload, finite small fp16 scales."""
     import gguf
-    import numpy as np
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -331,7 +331,6 @@ def write_gguf(src: Path, dst: Path, twin: Path, types: dict[str, str], gen: dic
     {"ffn_gate_up_exps.weight": "Q4_K"}; others F32), K-quant blocks drawn at random (gguf-py cannot quantize
     them) and simple types quantized by gguf.quants.quantize; the twin holds gguf.quants.dequantize of every tensor."""
     import gguf
-    import numpy as np
 
     cfg = json.loads((src / "config.json").read_text())
     tc = cfg["text_config"]

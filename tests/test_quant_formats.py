@@ -142,6 +142,20 @@ def test_fp8_channel_every_fp8_value(base, tmp_path):
     assert torch.equal(q.dequantize(torch.float32), want)
 
 
+def test_fp8_per_tensor_scale_and_weight_without_scales(base, tmp_path, copy_of):
+    d, t = tmp_path / "q", tmp_path / "t"
+    qw.write_fp8_channel(base["ckpt"], d, t)
+    tensors = load_file(str(d / "model.safetensors"))
+    key = "model.decoder.layers.1.mlp.down_proj"
+    tensors[key + ".weight_scale"] = torch.tensor([0.125], dtype=torch.bfloat16)  # strategy "tensor"
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    q = dgemma.load_model(d, dtype=torch.float32).layers[1].mlp.down_proj.qweight
+    assert torch.equal(q.dequantize(torch.float32), tensors[key + ".weight"].float() * 0.125)
+    bad = copy_of("ct-fp8-channel")
+    _edit_tensors(bad, lambda t: t.pop(f"{EXP}.gate_proj.weight"))
+    _refused(bad, f"{EXP}.gate_proj.weight_scale", "no weight")
+
+
 def test_fp8_blocks_straddle_the_gate_up_boundary(tmp_path):
     """moe_intermediate 80: 2I = 160 rows, so the first 128-row block holds all of gate and 48 rows of up; hidden
     64 and I = 80 leave partial column blocks."""

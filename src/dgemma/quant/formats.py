@@ -299,7 +299,8 @@ def matrix_kind(r: Reader, group: dict[str, str], what: str) -> str:
     """The layout of one linear layer's tensors: "nvfp4", "fp8-channel", "fp8-block" or "dense"."""
     wkey = group.get("weight_packed", group.get("weight"))
     if wkey is None:
-        raise QuantError(f"{what}: has {sorted(group)} but no weight / weight_packed tensor")
+        raise QuantError(f"{r.where(next(iter(group.values())))}: {what} has {sorted(group)} but no weight / "
+                         "weight_packed tensor")
     dt = r.dtype(wkey)
     if "weight_packed" in group or dt == "U8":
         return "nvfp4"
