@@ -273,3 +273,17 @@ def test_header_parser_agrees_with_the_gguf_package(gg):
         if not name.startswith("GGUF."):
             value = field.contents()
             assert ours.meta[name] == (pytest.approx(value, rel=1e-7) if isinstance(value, float) else value), name
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "Q5_K", "IQ4_NL"])
+def test_block_dequantizers_agree_with_the_gguf_package(qtype):
+    """dgemma's torch dequantizers (Q8_0, Q5_0, Q4_K, Q6_K; the others go through gguf.quants) give exactly the
+    gguf package's floats, rows and experts alike."""
+    from dgemma.quant.gguf import dequantize_blocks
+
+    raw = qw.random_blocks(qtype, (3, 16), 512, seed=11)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    got = dequantize_blocks(torch.from_numpy(raw), int(gguf.GGMLQuantizationType[qtype]))
+    assert got.shape == (3, 16, 512) and np.array_equal(got.numpy(), want)
+    assert np.array_equal(dequantize_blocks(torch.from_numpy(raw[1]), int(gguf.GGMLQuantizationType[qtype])).numpy(),
+                          want[1])
