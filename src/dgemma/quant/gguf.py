@@ -441,7 +441,6 @@ def read_raw(g: GGUFFile, name: str, out: torch.Tensor | None = None) -> torch.T
 
 def dequantize_rows(g: GGUFFile, name: str, dtype: torch.dtype, chunk_rows: int = 8192) -> torch.Tensor:
     """A whole tensor dequantized into `dtype`, chunk by chunk along its rows (bounded temporaries)."""
-    gguf = _gguf()
     logical, _, qtype = _byte_shape(g, name)
     raw = read_raw(g, name)
     flat = raw.reshape(-1, raw.shape[-1])
