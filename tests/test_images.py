@@ -61,8 +61,10 @@ def test_matches_reference(size, mode, max_soft_tokens):
 def test_exact_size_not_resized_and_batch_of_mixed_sizes():
     exact = _noise(480, 336, seed=3)  # exactly the 70-token budget: not resized at 70
     imgs = [exact, _noise(333, 222, seed=4), _noise(64, 640, "L", seed=5)]
-    for mst in (70, 140, 560, 1120):
+    for mst in (70, 140, 560):
         _assert_same(preprocess_images(imgs, max_soft_tokens=mst), _reference(imgs, max_soft_tokens=mst))
+    small = [imgs[2]]  # the largest budget on one image keeps the test fast
+    _assert_same(preprocess_images(small, max_soft_tokens=1120), _reference(small, max_soft_tokens=1120))
 
 
 def test_small_patch_size_matches_reference():
