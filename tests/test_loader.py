@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dgemma
+import dgemma.hardware
 from dgemma import CheckpointError
 
 from refmodels import build, edit_json
@@ -298,11 +299,15 @@ def test_bad_dtype(base):
         dgemma.load_model(base["ckpt"], dtype="int8")
 
 
-def test_checkpoint_dtype_is_the_default(tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_checkpoint_dtype_is_the_default_where_the_cpu_computes_it_natively(tmp_path, monkeypatch, native):
     _, ckpt = build(tmp_path, "half", dict(num_hidden_layers=2, layer_types=None), canvas_length=4, seed=0,
                     dtype=torch.float16)
-    assert dgemma.load_model(ckpt).dtype == torch.float16
+    flags = {"avx512f", "avx512_fp16"} if native else {"avx2", "avx512_bf16"}  # bf16 flags do not make fp16 fast
+    monkeypatch.setattr(dgemma.hardware, "cpu_flags", lambda: frozenset(flags))
+    assert dgemma.load_model(ckpt).dtype == (torch.float16 if native else torch.float32)
     assert dgemma.load_model(ckpt, dtype="float32").dtype == torch.float32
+    assert dgemma.load_model(ckpt, dtype="float16").dtype == torch.float16  # an explicit dtype always wins
 
 
 # ---------------------------------------------------------------------------------------------------------------

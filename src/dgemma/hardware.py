@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-# /proc/cpuinfo flags that give the CPU a fast bf16 matmul path in oneDNN.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+# /proc/cpuinfo flags that give the CPU a fast 16-bit matmul path in oneDNN, per dtype.
+NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+NATIVE_BF16_FLAGS = NATIVE_FLAGS[torch.bfloat16]
+HALF_DTYPES = tuple(NATIVE_FLAGS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,10 +43,14 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """True when the CPU flags include dot-product instructions for this 16-bit dtype. Without /proc/cpuinfo (macOS,
+    Windows) the answer is False: fp32 compute is never the slow path, a wrong guess for 16 bits can be."""
+    return any(f in cpu_flags() for f in NATIVE_FLAGS.get(dtype, ()))
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU flags include bf16 dot-product instructions. Without /proc/cpuinfo (macOS, Windows) the
-    answer is False: fp32 compute is never the slow path, a wrong guess for bf16 can be."""
-    return any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
+    return cpu_has_native(torch.bfloat16)
 
 
 def default_compute_dtype(stored: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -53,7 +58,7 @@ def default_compute_dtype(stored: torch.dtype, device: torch.device | str) -> to
     device = torch.device(device)
     if stored not in HALF_DTYPES or device.type != "cpu":
         return stored
-    return stored if cpu_has_native_bf16() else torch.float32
+    return stored if cpu_has_native(stored) else torch.float32
 
 
 def describe() -> dict[str, object]:
