@@ -16,7 +16,7 @@ def bf16_ckpt(tmp_path_factory):
 
 
 def _pretend(monkeypatch, native: bool):
-    flags = frozenset({"avx2", "avx512f"} | ({"avx512_bf16"} if native else set()))
+    flags = frozenset({"avx2", "avx512f"} | ({"avx512_bf16", "avx512_fp16"} if native else set()))
     monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
 
 
@@ -28,6 +28,12 @@ def test_default_compute_dtype(monkeypatch, stored):
     assert hardware.default_compute_dtype(stored, torch.device("cuda")) == stored  # GPUs do 16-bit natively
     _pretend(monkeypatch, native=True)
     assert hardware.default_compute_dtype(stored, "cpu") == stored
+
+
+def test_bf16_flags_do_not_make_fp16_native(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert hardware.default_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert hardware.default_compute_dtype(torch.float16, "cpu") == torch.float32
 
 
 def test_amx_counts_as_native(monkeypatch):
