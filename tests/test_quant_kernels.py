@@ -75,6 +75,7 @@ def test_int4_kernel_layout_round_trip(shape):
     t = L.Int4Tensor.from_nibbles(packed, scale, 32, shape)
     assert t.kernel_layout == K.int4_pack_supported(shape[-2], shape[-1], 32)
     assert torch.equal(t.nibbles(), packed)
+    assert torch.equal(t.scales(), scale)
     plain = L.Int4Tensor(packed, scale, 32, False, shape=shape)
     assert torch.equal(t.dequantize(), plain.dequantize())
     if len(shape) == 3:

@@ -108,8 +108,9 @@ def _kernel_order(n: int, k: int) -> torch.Tensor:
 @dataclass
 class Int4Tensor(QTensor):
     """packed uint8 [..., out, in/2]; scale bfloat16 [..., out, in/group]; W = (q - 8) * scale[row, col // group].
-    With `kernel_layout` the packed bytes are in torch's CPU int4pack order (converted once at load) and
-    `linear` runs `torch._weight_int4pack_mm_for_cpu`; otherwise they are in dgemma's nibble order."""
+    With `kernel_layout` the packed bytes are in torch's CPU int4pack order and `scale` is the kernel's
+    scale-and-zero table [..., in/group, out, 2] (zeros 0), both built once at load, and `linear` runs
+    `torch._weight_int4pack_mm_for_cpu`; otherwise they are in dgemma's nibble order."""
 
     packed: torch.Tensor
     scale: torch.Tensor
@@ -127,11 +128,12 @@ class Int4Tensor(QTensor):
         if device.type == "cpu" and K.int4_pack_supported(n, k, group):
             if packed.dim() == 3:
                 out = torch.empty_like(packed, device=device)
-                for e in range(packed.shape[0]):  # one expert at a time: the int32 codes are 8x the packed size
-                    out[e] = K.int4_to_kernel_layout(packed[e], scale[e])[0]
+                sz = torch.empty(packed.shape[0], k // group, n, 2, dtype=torch.bfloat16)
+                for e in range(packed.shape[0]):  # one expert at a time: no [E, out, in] temporary
+                    out[e], sz[e] = K.int4_to_kernel_layout(packed[e], scale[e])
             else:
-                out = K.int4_to_kernel_layout(packed, scale)[0]
-            return cls(out, scale.to(device=device, dtype=torch.bfloat16), group, True, shape=tuple(shape))
+                out, sz = K.int4_to_kernel_layout(packed, scale)
+            return cls(out, sz, group, True, shape=tuple(shape))
         return cls(packed.to(device), scale.to(device=device, dtype=torch.bfloat16), group, False, shape=tuple(shape))
 
     def nibbles(self, index: int | None = None) -> torch.Tensor:
@@ -148,8 +150,13 @@ class Int4Tensor(QTensor):
             codes[i].index_copy_(0, src, nib)
         return K.pack_int4(codes.view(*p.shape[:-2], n, k))
 
+    def scales(self, index: int | None = None) -> torch.Tensor:
+        """The group scales [..., out, in/group] in either layout."""
+        s = _pick(self.scale, index)
+        return s[..., 0].transpose(-1, -2) if self.kernel_layout else s
+
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
-        p, s = self.nibbles(index), _pick(self.scale, index)
+        p, s = self.nibbles(index), self.scales(index)
         codes = K.unpack_int4(p).float().sub_(K.INT4_ZERO)
         g = codes.view(*codes.shape[:-1], codes.shape[-1] // self.group, self.group) * s.float().unsqueeze(-1)
         return g.view(codes.shape).to(dtype)
@@ -158,9 +165,7 @@ class Int4Tensor(QTensor):
         if self.is_fused and index is None:
             raise ValueError(f"int4 QTensor of shape {list(self.shape)} holds experts: pass index=")
         if self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":
-            s = _pick(self.scale, index).t()
-            scale_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
-            return K.int4_linear_pack(x, _pick(self.packed, index), scale_zeros, self.group)
+            return K.int4_linear_pack(x, _pick(self.packed, index), _pick(self.scale, index), self.group)
         if not self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":
             return K.int4_linear_dequant(x, _pick(self.packed, index), _pick(self.scale, index), self.group)
         return dense_linear(x, self.dequantize(x.dtype, index))
@@ -168,7 +173,7 @@ class Int4Tensor(QTensor):
     def to(self, device: str | torch.device) -> "Int4Tensor":
         device = torch.device(device)
         if device.type != "cpu" and self.kernel_layout:  # the CPU kernel order means nothing elsewhere
-            return Int4Tensor(self.nibbles().to(device), self.scale.to(device), self.group, False, shape=self.shape)
+            return Int4Tensor(self.nibbles().to(device), self.scales().to(device), self.group, False, shape=self.shape)
         return super().to(device)  # type: ignore[return-value]
 
 
