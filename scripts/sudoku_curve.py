@@ -43,7 +43,8 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     n = results["size"]
-    fig.suptitle(f"Sudoku {n}x{n}: {results['n']} held-out puzzles (seed {results['seed']}), same training budget")
+    same = ", same training budget" if len(results["runs"]) > 1 else ""
+    fig.suptitle(f"Sudoku {n}x{n}: {results['n']} held-out puzzles (seed {results['seed']}){same}")
     fig.tight_layout()
     fig.savefig(path)
 

@@ -16,11 +16,13 @@ from dgemma.checkpoint import load_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import BUNDLED_MODELS, evaluate, task_spec
 
-# Regression floors, a little under what each model measured when it was bundled (README, Sudoku; 100 and 50
-# held-out puzzles, seed 777): blank cells right. Neither model solves many puzzles yet (the project's target is
-# >= 90% of 100 6x6 puzzles solved); when one does, its floor becomes a solve-rate floor.
-CELL_FLOOR_6 = 0.72
+# Regression floors, under what each model measured when it was bundled (seed 777; README, Sudoku) with room for
+# other CPUs' rounding. 6x6 (100 puzzles): 65% solved, 90.7% of blank cells, 5.2 steps for 16.6 blanks; the
+# project's target, >= 90% solved, is not reached yet. 9x9 (50 puzzles): 50.0% of blank cells, almost none solved.
+SOLVE_FLOOR_6 = 0.50
+CELL_FLOOR_6 = 0.85
 CELL_FLOOR_9 = 0.45
+SAMPLER_SOLVE_FLOOR = 0.25  # both samplers on the 6x6 sampler-test puzzles (seed 778)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +57,25 @@ def test_bundle_layout(size):
 
 
 def test_6x6_model_quality(model6):
-    """100 held-out puzzles: every given kept, blank cells above the floor, and fewer denoising steps than the
-    default cap (the model stops once its canvas is stable and confident)."""
+    """100 held-out puzzles: every given kept, solve rate and blank cells above their floors, and fewer denoising
+    steps than half the blanks (the showcase's claim about speed)."""
     r = evaluate(model6, n=100, seed=777)["default"]
     assert r["givens_kept"] == 1.0, r
+    assert r["solve_rate"] >= SOLVE_FLOOR_6, r
     assert r["cell_accuracy"] >= CELL_FLOOR_6, r
-    assert r["mean_steps"] < 24, r
+    assert r["mean_steps"] < r["mean_blanks"] / 2, r
 
 
 def test_6x6_fast_sampler_like_the_reference_sampler(model6):
-    """The default sampler (one uniform per position, inverse CDF) against the reference's own draws on the same
-    puzzles. The models solve too few puzzles for a solve-rate comparison to mean anything, so this compares what
-    they do get right: blank cells, and the denoising steps, up to sampling noise (on 60 puzzles of ~16 blanks the
-    standard error of a cell-accuracy difference is about 2 points; the tolerance is 4 standard errors)."""
+    """The default sampler (one uniform per position, inverse CDF) against the reference's own draws on the same 60
+    puzzles: both solve a good share of them (so the comparison can fail), and they agree on the solve rate, the
+    blank cells and the steps up to sampling noise (standard errors of the differences: about 0.09 for the solve
+    rate and 0.02 for cell accuracy; the tolerances are 3-4 of them)."""
     fast = evaluate(model6, n=60, seed=778)["default"]
     ref = evaluate(model6, n=60, seed=778, rng="reference")["default"]
     assert fast["givens_kept"] == ref["givens_kept"] == 1.0
+    assert min(fast["solve_rate"], ref["solve_rate"]) >= SAMPLER_SOLVE_FLOOR, (fast, ref)
+    assert abs(fast["solve_rate"] - ref["solve_rate"]) <= 0.3, (fast, ref)
     assert abs(fast["cell_accuracy"] - ref["cell_accuracy"]) < 0.08, (fast, ref)
     assert abs(fast["mean_steps"] - ref["mean_steps"]) < 3, (fast, ref)
 
