@@ -175,6 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-connections", type=int, default=256, help="open connections (beyond: 503)")
     sv.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send a whole request")
     sv.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections close after")
+    ray_flags = sv.add_argument_group("Ray Serve (needs dgemma[ray])")
+    ray_flags.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each with a model")
+    ray_flags.add_argument("--replicas", type=int, default=1, help="replicas (with --ray; default 1)")
+    ray_flags.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
+    ray_flags.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    ray_flags.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    ray_flags.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica (default 0)")
+    ray_flags.add_argument("--ray-address", default=None,
+                           help="cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    ray_flags.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)")
+    bt = sub.add_parser("batch", help="generate for a JSONL file of prompts (resumable, ordered; --ray: Ray Data)")
+    bt.add_argument("--input", required=True, help='JSONL: {"prompt" | "messages" | "prompt_ids", "id", "seed", '
+                    '"max_new_tokens", "diffusion"} per line')
+    bt.add_argument("--output", required=True, help="JSONL, one record per input line in order (appended to: resumes)")
+    bt.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
+    bt.add_argument("--seed", type=int, default=0, help="base of the seeds of lines without one (default 0)")
+    bt.add_argument("--max-batch", type=int, default=8, help="prompts per batched generation (default 8)")
+    bt.add_argument("--dtype", default=None)
+    bt.add_argument("--device", default="cpu")
+    bt.add_argument("--threads", type=int, default=None, help="torch threads per process or actor")
+    bt.add_argument("--no-progress", action="store_true")
+    bt.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data (needs dgemma[ray])")
+    bt.add_argument("--ray-address", default=None, help="cluster to join (default: $RAY_ADDRESS, else local)")
+    bt.add_argument("--actors", type=int, default=1, help="model actors on Ray (default 1)")
+    bt.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    bt.add_argument("--actor-gpus", type=float, default=0.0, help="GPUs per actor (default 0)")
     return p
 
 
@@ -200,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_finetune(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "batch":
+            return cmd_batch(args)
         if args.command == "sudoku":
             from .tasks import sudoku_run
 
@@ -396,6 +424,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     api_key = _api_key(args)
     path = Path(args.model) if args.model else default_model_path()
+    if args.ray:
+        return _serve_ray(args, path, api_key)
     model = load_model(path, dtype=args.dtype, device=args.device)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
@@ -408,6 +438,39 @@ def cmd_serve(args) -> int:
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
     gc.freeze()  # startup objects (torch, the model) stay out of full collections: a big request cannot stall them
     make_server(app, args.host, args.port, connections).run()
+    return 0
+
+
+def _serve_ray(args, path: Path, api_key: str | None) -> int:
+    from .serve import Limits
+    from .serve.ray_serve import ReplicaSpec, ScaleSpec, serve_forever
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
+                    max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
+                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending)
+    spec = ReplicaSpec(model=str(path), dtype=args.dtype, device=args.device,
+                       model_name=args.served_model_name or path.resolve().name, api_key=api_key, limits=limits,
+                       host=args.host, allowed_hosts=tuple(args.allowed_host))
+    scale = ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                      num_cpus=args.replica_cpus, num_gpus=args.replica_gpus)
+    scale.validate()
+    print(f"dgemma: serving {path} on Ray Serve ({args.replicas} replica(s)) at http://{args.host}:{args.port}/",
+          file=sys.stderr)
+    serve_forever(spec, scale, args.port, address=args.ray_address, num_cpus=args.ray_cpus)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import BatchOptions, run_batch
+    from .tasks.sudoku_run import default_model_path
+
+    opts = BatchOptions(input=args.input, output=args.output, model=args.model or str(default_model_path()),
+                        seed=args.seed, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
+                        threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(), ray=args.ray,
+                        ray_address=args.ray_address, actors=args.actors, actor_cpus=args.actor_cpus,
+                        actor_gpus=args.actor_gpus)
+    print(json.dumps(run_batch(opts)))
     return 0
 
 
