@@ -157,5 +157,42 @@ def test_keep_16bit_storage_wraps_linears():
     assert n == keep > 0
     assert isinstance(model.layers[0].self_attn.q_proj, QLinear)
     assert model.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the token table stays 16-bit (it is the largest dense tensor); everything else computes from fp32
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n != "embed_tokens.weight")
     assert model.layers[0].self_attn.q_proj.qweight.weight.dtype == torch.bfloat16
+
+
+def test_16bit_token_table_computes_like_its_fp32_copy(monkeypatch):
+    """Embedding lookup, tied head and soft embedding from a bf16 table upcast per chunk of rows equal the same
+    computations on the table converted to fp32 as a whole."""
+    from dgemma.config import ModelConfig
+    from dgemma.model import DiffusionGemma, Embedding
+    from dgemma.presets import config_dict
+
+    cfg = ModelConfig.from_dict(config_dict("tiny"))
+    torch.manual_seed(0)
+    model = DiffusionGemma(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    model = model.to(torch.bfloat16).eval()
+    full = DiffusionGemma(cfg).to(torch.float32).eval()
+    full.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    L.keep_16bit_storage(model, torch.float32)
+    L.keep_16bit_storage(full, torch.float32)  # no 16-bit weights left: a plain fp32 model
+    assert full.embed_tokens.weight.dtype == torch.float32
+    v = cfg.vocab_size
+    monkeypatch.setattr(Embedding, "CHUNK", v // 3 + 1)  # several chunks, the last one short
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, v, (2, 7), generator=g)
+    assert torch.equal(model.embed(ids), full.embed(ids))
+    hidden = torch.randn(2, 7, cfg.hidden_size, generator=g)
+    assert torch.allclose(model.lm_head_raw(hidden), full.lm_head_raw(hidden), rtol=0, atol=1e-6)
+    probs = torch.softmax(torch.randn(2, 7, v, generator=g), -1)
+    assert torch.allclose(model.embed_tokens.soft(probs), full.embed_tokens.soft(probs), rtol=0, atol=1e-6)
+    prompt = torch.randint(3, v, (1, 5), generator=g)
+    canvas = torch.randint(3, v, (1, cfg.canvas_length), generator=g)
+    sc = torch.randn(1, cfg.canvas_length, v, generator=g)
+    got = model.canvas_logits(prompt, canvas, sc)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, full.canvas_logits(prompt, canvas, sc), rtol=0, atol=1e-4)

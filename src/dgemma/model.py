@@ -78,9 +78,45 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
+    """The token table, also the tied LM head and the self-conditioning soft embedding. `compute_dtype` (None: the
+    table's own dtype) is the activations' dtype: a 16-bit table computing in fp32 (a CPU without native bf16)
+    stays 16-bit in memory and is upcast CHUNK vocabulary rows at a time, never as a whole."""
+
+    CHUNK = 16384  # rows upcast at once: 176 MiB in fp32 at H = 2816
+
     def __init__(self, num: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num, dim))
+        self.compute_dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.weight.dtype
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the table, in the compute dtype (gathered first, then upcast: exact)."""
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] @ table.T -> [..., V]."""
+        w = self.weight
+        if w.dtype == self.dtype:
+            return linear(hidden, w)
+        out = hidden.new_empty(*hidden.shape[:-1], w.shape[0])
+        for s in range(0, w.shape[0], self.CHUNK):
+            out[..., s:s + self.CHUNK] = linear(hidden, w[s:s + self.CHUNK].to(self.dtype))
+        return out
+
+    def soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., V] @ table -> [..., H] (the expected embedding under probs)."""
+        w = self.weight
+        if w.dtype == self.dtype:
+            return linear(probs, w.t())
+        out = None
+        for s in range(0, w.shape[0], self.CHUNK):
+            part = linear(probs[..., s:s + self.CHUNK], w[s:s + self.CHUNK].to(self.dtype).t())
+            out = part if out is None else out.add_(part)
+        return out
 
 
 class Attention(nn.Module):
@@ -273,7 +309,8 @@ class DiffusionGemma(nn.Module):
     # -- pieces -------------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' dtype."""
+        return self.embed_tokens.dtype
 
     @property
     def device(self) -> torch.device:
@@ -283,15 +320,14 @@ class DiffusionGemma(nn.Module):
         return torch.tensor(self.config.hidden_size**0.5).to(dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        return F.embedding(ids, w) * self.embed_scale(w.dtype).to(w.device)
+        return self.embed_tokens.lookup(ids) * self.embed_scale(self.dtype).to(self.device)
 
     def _ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {kind: rope_cos_sin(f, positions, dtype) for kind, f in self._inv_freq.items()}
 
     def lm_head_raw(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head in the activation dtype, before the fp32 softcap."""
-        return linear(hidden, self.embed_tokens.weight)
+        return self.embed_tokens.head(hidden)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied head, fp32 softcap."""
@@ -336,10 +372,9 @@ class DiffusionGemma(nn.Module):
         already holds it in the embedding dtype; `sc_mask` [B] (training) zeroes the signal for some rows."""
         x = self.embed(canvas)
         if sc_logits is not None or sc_probs is not None:
-            w = self.embed_tokens.weight
             if sc_probs is None:
-                sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
-            soft = linear(sc_probs, w.t()) * self.embed_scale(x.dtype).to(x.device)
+                sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
+            soft = self.embed_tokens.soft(sc_probs) * self.embed_scale(x.dtype).to(x.device)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
             x = x + self.sc_mlp(self.sc_pre_norm(soft))

@@ -200,9 +200,10 @@ class Dense16Tensor(QTensor):
 
 def keep_16bit_storage(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> int:
     """Make a model loaded in bf16/fp16 compute in `compute`: every dense Linear keeps its 16-bit weight (as a
-    Dense16Tensor in a QLinear); every other floating parameter (embedding, norms, scalars) is converted. Returns
-    the number of linear layers wrapped."""
-    from ..model import Linear
+    Dense16Tensor in a QLinear) and so does the token table (upcast per gathered row / per vocabulary chunk, see
+    dgemma.model.Embedding); the other floating parameters (norms, scalars, the router's scales) are converted.
+    Returns the number of linear layers wrapped."""
+    from ..model import Embedding, Linear
     from .modules import QLinear
 
     wrapped = 0
@@ -212,8 +213,12 @@ def keep_16bit_storage(model: torch.nn.Module, compute: torch.dtype = torch.floa
                 w = child.weight.detach()
                 setattr(mod, child_name, QLinear(Dense16Tensor(w, shape=tuple(w.shape))))
                 wrapped += 1
+    tables = [m for m in model.modules() if isinstance(m, Embedding)]
+    kept = {id(m.weight) for m in tables if m.weight.dtype in (torch.bfloat16, torch.float16)}
+    for m in tables:
+        m.compute_dtype = compute
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != compute:
+        if p.is_floating_point() and p.dtype != compute and id(p) not in kept:
             p.data = p.data.to(compute)
     return wrapped
 
