@@ -133,6 +133,11 @@ def stream(
     max_new_tokens: int | None = None,
     seed: int | list[int] | None = None,
     rng: str = "fast",
+    constraint=None,
+    regex: str | None = None,
+    json_schema=None,
+    choice: list[str] | None = None,
+    template=None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
     """Run generation, yielding events. Settings: generation_config names as keyword overrides.
@@ -147,7 +152,23 @@ def stream(
     prompt, pad, _ = _as_batch(prompt_ids, cfg.vocab_size, pad_id, model.device)
     seeds = _seeds(seed, prompt.shape[0], rng)
     sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
+    sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
     return _run(model, prompt, pad, gen, sampler, seeds)
+
+
+def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):
+    """The sampler wrapped for constrained / infill decoding (see constraints/), or itself when none is asked.
+    `constraint`: a constraints.Constraint, or one per prompt (None for an unconstrained row)."""
+    forms = (regex, json_schema, choice, template)
+    if constraint is None and all(f is None for f in forms):
+        return sampler
+    from .constraints import Constraint, constrain
+
+    if constraint is None:
+        constraint = Constraint.from_args(regex, json_schema, choice, template)
+    elif any(f is not None for f in forms):
+        raise ValueError("pass constraint= or one of regex / json_schema / choice / template, not both")
+    return constrain(sampler, model, gen, prompt.shape[0], gen.new_tokens(prompt.shape[1]), seeds, constraint)
 
 
 def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
@@ -200,6 +221,7 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Dr
         timings["denoise_s"] += time.perf_counter() - t0
         passes += canvas_passes
         ids, finished = commit_canvas(argmax, finished, gen)
+        sampler.on_commit(ids, finished)
         committed.append(ids)
         steps.append(canvas_passes.tolist())
         yield Commit(ci, ids.cpu(), steps[-1], finished.cpu())

@@ -169,6 +169,9 @@ class CanvasSampler(abc.ABC):
     def self_conditioning(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of `model.decode_hidden` for the next pass (none on a canvas's first step)."""
 
+    def on_commit(self, ids: torch.Tensor, finished: torch.Tensor) -> None:
+        """Called after each canvas is committed (ids [B, C]); strategies that carry state across canvases use it."""
+
 
 class FastSampler(CanvasSampler):
     """One generator per row, drawn only while the row is live (neither stopped nor finished), so batched and solo

@@ -1,0 +1,123 @@
+"""Token automata: states and transitions over the model's vocabulary, with tokens grouped into classes.
+
+A constraint (regex, JSON schema, choice, infill template) becomes a set of token-level edges (state, token, next
+state) with a start state and accepting states. `TokenAutomaton.build` appends the end: EOS from an accepting state
+to a DONE state that only emits the filler (pad) token, drops every state that cannot lie on an accepting path,
+and groups tokens that have exactly the same edges into classes. A canvas DP then works on (state, class, state)
+edges, whose number stays small even at V = 262144 (inside a JSON string, tens of thousands of tokens behave alike).
+The automaton may be nondeterministic (infill templates are); the DP follows one path and keeps its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+INF = 1 << 30  # distance of states that cannot reach DONE
+
+
+def _mix64(x: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of uint64 values (wrapping arithmetic): a random-looking 64-bit hash per value."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _distances(n: int, a: np.ndarray, b: np.ndarray, target: int) -> np.ndarray:
+    """Shortest number of edges from every state to `target` along state-graph edges a -> b (INF: none)."""
+    dist = np.full(n, INF, dtype=np.int64)
+    dist[target] = 0
+    while True:  # Bellman-Ford with unit weights: at most (longest shortest path) rounds
+        new = dist.copy()
+        np.minimum.at(new, a, dist[b] + 1)
+        new = np.minimum(new, INF)
+        if np.array_equal(new, dist):
+            return dist
+        dist = new
+
+
+@dataclass
+class TokenAutomaton:
+    n_states: int  # including DONE
+    start: int
+    done: int
+    vocab_size: int
+    token_class: torch.Tensor  # [V] int64: the class of each token, -1 for tokens on no edge
+    order: torch.Tensor  # [V_live] tokens sorted by class; class k is order[offsets[k]:offsets[k + 1]]
+    offsets: torch.Tensor  # [K + 1]
+    src: torch.Tensor  # [E] class-level edges: src --cls--> dst
+    cls: torch.Tensor
+    dst: torch.Tensor
+    dist: torch.Tensor  # [S] tokens from each state to DONE (EOS included); INF where DONE is out of reach
+    fixed_dst: torch.Tensor  # [S] bool: an edge into this state places a fixed (template) token
+
+    @property
+    def n_classes(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens of any accepted output, its EOS included."""
+        return int(self.dist[self.start])
+
+    @classmethod
+    def build(cls, src, tok, dst, n_states: int, start: int, finals, vocab_size: int, eos_ids, fill_id: int,
+              fixed_dst=None) -> TokenAutomaton:
+        src, tok, dst = (np.asarray(x, dtype=np.int64) for x in (src, tok, dst))
+        done = n_states
+        finals = np.asarray(sorted(set(finals)), dtype=np.int64)
+        eos = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
+        src = np.concatenate([src, np.repeat(finals, len(eos)), [done]])
+        tok = np.concatenate([tok, np.tile(eos, len(finals)), [fill_id]])
+        dst = np.concatenate([dst, np.full(len(finals) * len(eos), done), [done]])
+        n = n_states + 1
+        # keep only edges on some accepting path: src reachable from start, dst reaches DONE
+        pairs = np.unique(src * n + dst)
+        a, b = pairs // n, pairs % n
+        dist = _distances(n, a, b, done)
+        reach = _distances(n, b, a, start) < INF  # reversed graph: reachable from start
+        keep = reach[src] & (dist[dst] < INF)
+        src, tok, dst = src[keep], tok[keep], dst[keep]
+        # a token's class is the set of (src, dst) pairs it labels, compared by two independent 64-bit hashes
+        key = (src * n + dst).astype(np.uint64)
+        h1, h2 = _mix64(key, 1), _mix64(key, 2)
+        by_tok = np.argsort(tok, kind="stable")
+        tok_sorted = tok[by_tok]
+        starts = np.flatnonzero(np.r_[True, tok_sorted[1:] != tok_sorted[:-1]]) if len(tok) else np.zeros(0, np.int64)
+        with np.errstate(over="ignore"):
+            s1 = np.add.reduceat(h1[by_tok], starts) if len(tok) else h1
+            s2 = np.add.reduceat(h2[by_tok], starts) if len(tok) else h2
+        live_tokens = tok_sorted[starts]
+        sig = np.stack([s1, s2], axis=1)
+        _, first, klass = np.unique(sig, axis=0, return_index=True, return_inverse=True)
+        klass = klass.reshape(-1)
+        # number classes in order of their smallest token, so the numbering does not depend on hash values
+        rank = np.argsort(np.argsort(live_tokens[first], kind="stable"), kind="stable")
+        klass = rank[klass]
+        token_class = np.full(vocab_size, -1, dtype=np.int64)
+        token_class[live_tokens] = klass
+        edges = np.unique(np.stack([src, token_class[tok], dst], axis=1), axis=0)
+        order = np.lexsort((live_tokens, klass))
+        sizes = np.bincount(klass, minlength=len(first))
+        fixed = np.zeros(n, dtype=bool)
+        if fixed_dst is not None:
+            fixed[np.asarray(list(fixed_dst), dtype=np.int64)] = True
+        t = torch.from_numpy
+        return cls(n, start, done, vocab_size, t(token_class), t(live_tokens[order].copy()),
+                   t(np.r_[0, np.cumsum(sizes)].astype(np.int64)), t(edges[:, 0].copy()), t(edges[:, 1].copy()),
+                   t(edges[:, 2].copy()), t(dist), t(fixed))
+
+    def walk(self, start: int, ids) -> set[int]:
+        """States reachable from `start` by the token sequence `ids` (empty: the ids leave the automaton)."""
+        states = {start}
+        src, cls, dst = self.src.tolist(), self.cls.tolist(), self.dst.tolist()
+        for t in ids:
+            c = int(self.token_class[t]) if 0 <= t < self.vocab_size else -1
+            states = {d for s, k, d in zip(src, cls, dst) if k == c and s in states}
+            if not states:
+                break
+        return states

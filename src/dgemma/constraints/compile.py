@@ -1,0 +1,268 @@
+"""Constraints (regex, JSON schema, choice list, infill template) -> `TokenAutomaton` over a model's vocabulary.
+
+Regexes go through outlines-core, whose `Index` (Rust) walks every token's bytes through the regex's DFA; JSON
+schemas become a regex with outlines-core's `build_regex_from_schema` after a `jsonschema` check; a choice list is
+an alternation of escaped literals; templates are built here from fixed token runs and holes. Compiled automata are
+cached per (constraint, tokenizer, vocabulary size, EOS ids, pad id).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from dataclasses import dataclass, field
+
+import jsonschema
+import numpy as np
+from outlines_core import Index
+from outlines_core.json_schema import build_regex_from_schema
+
+from .automaton import INF, TokenAutomaton
+from .errors import ConstraintError
+from .template import Hole, Template
+from .vocab import TokenTable, outlines_vocabulary, token_table
+
+KINDS = ("regex", "json", "choice", "template")
+WHITESPACE = r"[ ]?"  # JSON whitespace allowed between tokens: compact output, at most one space
+_META = set("\\.+*?()|[]{}^$")
+
+
+def escape(text: str) -> str:
+    """A regex matching exactly `text` (escapes only metacharacters, which both Python and Rust regexes accept)."""
+    return "".join("\\" + ch if ch in _META else ch for ch in text)
+
+
+def _canonical_schema(schema) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"json_schema is not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.path) or "the top level"
+        raise ConstraintError(f"json_schema is not a valid JSON schema at {where}: {e.message}") from None
+    return json.dumps(schema, sort_keys=True)
+
+
+def schema_regex(schema_text: str) -> str:
+    try:
+        return build_regex_from_schema(schema_text, WHITESPACE)
+    except Exception as e:  # outlines-core raises ValueError / TypeError with its own message
+        raise ConstraintError(f"json_schema cannot be compiled: {e}") from None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must be: `kind` is one of KINDS; `value` is its canonical text (the regex, the schema as
+    sorted JSON, the choices as a JSON list, the template as JSON)."""
+
+    kind: str
+    value: str
+    template: Template | None = None
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        if not isinstance(pattern, str):
+            raise ConstraintError(f"regex must be a string, got {type(pattern).__name__}")
+        return cls("regex", pattern)
+
+    @classmethod
+    def json_schema(cls, schema) -> Constraint:
+        return cls("json", _canonical_schema(schema))
+
+    @classmethod
+    def choice(cls, options) -> Constraint:
+        if isinstance(options, str) or not isinstance(options, (list, tuple)) or not options:
+            raise ConstraintError("choice must be a non-empty list of strings")
+        if not all(isinstance(o, str) for o in options):
+            raise ConstraintError("every choice must be a string")
+        return cls("choice", json.dumps(list(options)))
+
+    @classmethod
+    def infill(cls, template: Template | str | list) -> Constraint:
+        if isinstance(template, str):
+            template = Template.parse(template)
+        elif isinstance(template, list):
+            template = Template.from_parts(template)
+        elif not isinstance(template, Template):
+            raise ConstraintError("template must be a Template, a string with {{hole}} marks or a list of parts")
+        return cls("template", template.to_json(), template)
+
+    @classmethod
+    def from_args(cls, regex=None, json_schema=None, choice=None, template=None) -> Constraint | None:
+        """At most one of the keyword forms (a template's holes carry their own regex or schema)."""
+        given = [(k, v) for k, v in (("regex", regex), ("json_schema", json_schema), ("choice", choice),
+                                     ("template", template)) if v is not None]
+        if len(given) > 1:
+            raise ConstraintError(f"give one of regex, json_schema, choice, template (got {', '.join(k for k, _ in given)}); "
+                                  "a template's holes take their own regex or json_schema")
+        if not given:
+            return None
+        kind, value = given[0]
+        return {"regex": cls.regex, "json_schema": cls.json_schema, "choice": cls.choice,
+                "template": cls.infill}[kind](value)
+
+    def regex_text(self) -> str:
+        if self.kind == "regex":
+            return self.value
+        if self.kind == "json":
+            return schema_regex(self.value)
+        if self.kind == "choice":
+            return "(" + "|".join(escape(o) for o in json.loads(self.value)) + ")"
+        raise ConstraintError("a template is not a regex")
+
+    def describe(self) -> str:
+        return {"regex": "regex", "json": "json_schema", "choice": "choice", "template": "template"}[self.kind]
+
+
+# -- token-level edges --------------------------------------------------------------------------------------------
+@dataclass
+class Edges:
+    src: np.ndarray
+    tok: np.ndarray
+    dst: np.ndarray
+    n_states: int
+    start: int
+    finals: list[int]
+    fixed: list[int] = field(default_factory=list)  # states entered by a template's fixed tokens
+
+
+def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex") -> Edges:
+    vocab = outlines_vocabulary(table, exclude)
+    try:
+        index = Index(regex, vocab)
+    except BaseException as e:  # outlines-core raises ValueError (and a Rust panic surfaces as BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConstraintError(f"{what} {regex[:200]!r} cannot be compiled: {e}") from None
+    trans = index.get_transitions()
+    finals = set(index.get_final_states())
+    start = index.get_initial_state()
+    names = sorted(set(trans) | finals | {start} | {d for row in trans.values() for d in row.values()})
+    number = {s: i for i, s in enumerate(names)}
+    src: list[int] = []
+    tok: list[int] = []
+    dst: list[int] = []
+    eos = len(table.pieces)  # outlines' own EOS id (see vocab.py)
+    for s, row in trans.items():
+        row = {t: d for t, d in row.items() if t != eos}
+        src.extend([number[s]] * len(row))
+        tok.extend(row.keys())
+        dst.extend(number[d] for d in row.values())
+    return Edges(np.asarray(src, np.int64), np.asarray(tok, np.int64), np.asarray(dst, np.int64), len(names),
+                 number[start], [number[f] for f in finals])
+
+
+ANY_TEXT = r"[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F]*"  # a hole's default: valid UTF-8 text, no control characters
+
+
+def _any_text(table: TokenTable, exclude: frozenset[int]) -> Edges:
+    return regex_edges(ANY_TEXT, table, exclude, "hole")
+
+
+class _Builder:
+    """Grows an NFA segment by segment; `frontier` holds the states where the next segment starts."""
+
+    def __init__(self):
+        self.src: list[np.ndarray] = []
+        self.tok: list[np.ndarray] = []
+        self.dst: list[np.ndarray] = []
+        self.n = 1
+        self.frontier = [0]
+        self.fixed: list[int] = []
+
+    def add(self, s, t, d) -> None:
+        self.src.append(np.asarray(s, np.int64))
+        self.tok.append(np.asarray(t, np.int64))
+        self.dst.append(np.asarray(d, np.int64))
+
+    def fixed_token(self, t: int) -> None:
+        new = self.n
+        self.n += 1
+        self.add(self.frontier, [t] * len(self.frontier), [new] * len(self.frontier))
+        self.fixed.append(new)
+        self.frontier = [new]
+
+    def hole(self, sub: Edges, lo: int, hi: int | None) -> None:
+        """`sub`'s language, lo..hi tokens long: states (sub state, tokens so far), counting up to hi (or to lo
+        and then staying there when unbounded)."""
+        cap = hi if hi is not None else lo
+        ns, base = sub.n_states, self.n
+        self.n += ns * (cap + 1)
+        state = lambda q, k: base + k * ns + q  # noqa: E731
+        for k in range(cap + 1):
+            if hi is not None and k == hi:
+                break
+            k2 = min(k + 1, cap)
+            s, d = state(sub.src, k), state(sub.dst, k2)
+            self.add(s, sub.tok, d)
+            if k == 0:  # entering the hole: the frontier states stand for (start, 0)
+                first = sub.src == sub.start
+                for f in self.frontier:
+                    self.add(np.full(int(first.sum()), f), sub.tok[first], d[first])
+        exits = [state(q, k) for q in sub.finals for k in range(lo, cap + 1)]
+        if lo == 0 and sub.start in sub.finals:
+            exits += self.frontier
+        self.frontier = sorted(set(exits))
+
+    def edges(self) -> Edges:
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return Edges(cat(self.src), cat(self.tok), cat(self.dst), self.n, 0, list(self.frontier), self.fixed)
+
+
+def template_edges(template: Template, tokenizer, table: TokenTable, exclude: frozenset[int]) -> Edges:
+    b = _Builder()
+    for part in template.parts:
+        if isinstance(part, str):
+            for t in tokenizer.encode(part):
+                b.fixed_token(t)
+            continue
+        if part.regex is not None:
+            sub = regex_edges(part.regex, table, exclude, "hole regex")
+        elif part.json_schema is not None:
+            sub = regex_edges(schema_regex(_canonical_schema(part.json_schema)), table, exclude, "hole json_schema")
+        else:
+            sub = _any_text(table, exclude)
+        b.hole(sub, part.min_tokens, part.max_tokens)
+    return b.edges()
+
+
+# -- compile, cached ----------------------------------------------------------------------------------------------
+_cache: collections.OrderedDict = collections.OrderedDict()
+_lock = threading.Lock()
+CACHE_SIZE = 32
+
+
+def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_ids, fill_id: int) -> TokenAutomaton:
+    """The token automaton of `constraint` for this tokenizer and vocabulary (cached). Raises ConstraintError for a
+    malformed constraint or one that matches nothing the vocabulary can write."""
+    if tokenizer is None:
+        raise ConstraintError("constrained generation needs the model's tokenizer (tokenizer.json)")
+    eos_ids = tuple(sorted(set(eos_ids)))
+    if not eos_ids:
+        raise ConstraintError("constrained generation needs an EOS token id (generation_config eos_token_id)")
+    table = token_table(tokenizer, vocab_size)
+    key = (constraint.kind, constraint.value, table.fingerprint, eos_ids, fill_id)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    exclude = frozenset(eos_ids) | {fill_id}
+    if constraint.kind == "template":
+        e = template_edges(constraint.template, tokenizer, table, exclude)
+    else:
+        e = regex_edges(constraint.regex_text(), table, exclude, constraint.describe())
+    aut = TokenAutomaton.build(e.src, e.tok, e.dst, e.n_states, e.start, e.finals, vocab_size, eos_ids, fill_id,
+                               e.fixed)
+    if aut.min_tokens >= INF:
+        raise ConstraintError(f"the {constraint.describe()} matches no text that this model's vocabulary can write")
+    with _lock:
+        _cache[key] = aut
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return aut
