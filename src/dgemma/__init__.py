@@ -3,10 +3,11 @@
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .generate import Commit, Done, Draft, GenerationResult, generate, stream
+from .images import ImageError, preprocess_images
 from .model import DiffusionGemma
 
 __all__ = [
     "load_model", "CheckpointError", "ConfigError", "GenerationConfig", "ModelConfig", "DiffusionGemma",
-    "generate", "stream", "GenerationResult", "Draft", "Commit", "Done",
+    "generate", "stream", "GenerationResult", "Draft", "Commit", "Done", "preprocess_images", "ImageError",
 ]
 __version__ = "0.1.0"
