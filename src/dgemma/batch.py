@@ -1,0 +1,337 @@
+"""`dgemma batch`: offline generation over a JSONL file of prompts, in this process or over Ray Data.
+
+Input, one JSON object per line: "prompt" (text), "messages" (chat turns, wrapped in the chat template) or
+"prompt_ids" (token ids); optional "id" (echoed back), "seed", "max_new_tokens" (rounded up to whole canvases) and
+"diffusion" (the server's per-request sampler settings). Blank lines are skipped.
+
+Output, one JSON object per input line and in input order: {"line", "id", "text", "ids", "finish_reason", "seed",
+"steps", "tokens_per_forward", "prompt_tokens"}, or {"line", "id", "error"} for a line that cannot run; an error
+never stops the run. A line without a seed gets one derived from --seed and its line number, so every row is
+seeded and reproducible: rows run in the "fast" sampler mode, where a row's tokens do not depend on its batch
+neighbours, so the output is the same in-process or on Ray, in any batch size, fresh or resumed.
+
+Resumable: the output is appended batch by batch (flushed and fsynced); a rerun keeps the complete lines already
+written (a torn last line is cut off) and continues after the last line they cover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from .generate import generate, plan_canvases, resolve_settings
+
+SEED_MASK = (1 << 62) - 1
+
+
+@dataclass
+class BatchOptions:
+    input: str
+    output: str
+    model: str
+    seed: int = 0  # base of the per-line seeds of lines that give none
+    max_batch: int = 8  # prompts per batched generation (per actor with Ray)
+    dtype: str | None = None
+    device: str = "cpu"
+    threads: int | None = None  # torch threads per process / actor
+    progress: bool = True
+    ray: bool = False
+    ray_address: str | None = None  # None: a local cluster (or the one RAY_ADDRESS names)
+    actors: int = 1  # model replicas on Ray, one model per actor
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments (tests: small limits)
+
+    def validate(self) -> None:
+        if self.max_batch < 1 or self.actors < 1:
+            raise ValueError("--max-batch and --actors must be at least 1")
+        if self.actor_cpus < 0 or self.actor_gpus < 0:
+            raise ValueError("--actor-cpus and --actor-gpus must be non-negative")
+        if not 0 <= self.seed <= SEED_MASK:
+            raise ValueError(f"--seed must be in [0, 2**62), got {self.seed}")
+        if not Path(self.input).is_file():
+            raise ValueError(f"--input {self.input}: no such file")
+        if Path(self.input).resolve() == Path(self.output).resolve():
+            raise ValueError("--output must differ from --input")
+
+
+def line_seed(base: int, line: int) -> int:
+    """The seed of a line that gives none: distinct per line, fixed by --seed."""
+    return (base * 1_000_003 + line) & SEED_MASK
+
+
+class LineError(ValueError):
+    """A problem with one input line (reported in the output, the run goes on)."""
+
+
+@dataclass
+class Task:
+    line: int
+    id: Any
+    prompt_ids: list[int]
+    seed: int
+    max_new_tokens: int | None
+    settings: dict[str, Any]
+
+    @property
+    def key(self) -> tuple:
+        """Tasks with equal keys share a batched generation."""
+        return (self.max_new_tokens, tuple(sorted(self.settings.items())))
+
+
+def _prompt_ids(model, obj: dict) -> list[int]:
+    tok = model.tokenizer
+    given = [k for k in ("prompt", "messages", "prompt_ids") if k in obj]
+    if len(given) != 1:
+        raise LineError('give exactly one of "prompt", "messages" or "prompt_ids"')
+    if "prompt_ids" in obj:
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise LineError('"prompt_ids" must be a list of integers')
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise LineError(f"token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        return ids
+    if tok is None:
+        raise LineError('this model has no tokenizer; give "prompt_ids"')
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise LineError('"prompt" must be a string')
+        return tok.encode(obj["prompt"])
+    messages = obj["messages"]
+    if tok.chat_template is None:
+        raise LineError('this model has no chat template; give "prompt"')
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise LineError('"messages" must be a non-empty list of {"role": str, "content": str}')
+    try:
+        return tok.encode_chat([{"role": m["role"], "content": m["content"]} for m in messages])
+    except ValueError as e:
+        raise LineError(str(e)) from None
+
+
+def prepare(model, line: int, text: str, base_seed: int) -> Task:
+    """Parse and check one input line; raises LineError naming the problem."""
+    from .config import ConfigError
+    from .serve.schema import DiffusionSettings
+
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise LineError("not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise LineError("expected a JSON object")
+    known = {"id", "prompt", "messages", "prompt_ids", "seed", "max_new_tokens", "diffusion"}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise LineError(f"unknown field(s) {unknown}; known: {sorted(known)}")
+    ids = _prompt_ids(model, obj)
+    if not ids:
+        raise LineError("the prompt is empty")
+    seed = obj.get("seed", line_seed(base_seed, line))
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise LineError('"seed" must be an integer in [0, 2**63)')
+    max_new = obj.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new <= 0):
+        raise LineError('"max_new_tokens" must be a positive integer')
+    try:
+        settings = DiffusionSettings.model_validate(obj.get("diffusion") or {}).overrides()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise LineError(f"diffusion.{where}: {err.get('msg')}" if where else f"diffusion: {err.get('msg')}") from None
+    try:
+        plan_canvases(model.config, resolve_settings(model, max_new, settings), len(ids))
+    except (ValueError, ConfigError) as e:
+        raise LineError(str(e)) from None
+    return Task(line, obj.get("id"), ids, seed, max_new, settings)
+
+
+def _record(task: Task, result) -> dict:
+    return {"line": task.line, "id": task.id, "text": result.text, "ids": result.ids,
+            "finish_reason": result.finish_reason, "seed": task.seed, "steps": result.steps,
+            "tokens_per_forward": result.tokens_per_forward, "prompt_tokens": len(task.prompt_ids)}
+
+
+def _error(line: int, text: str, message: str) -> dict:
+    obj_id = None
+    try:
+        obj = json.loads(text)
+        obj_id = obj.get("id") if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    return {"line": line, "id": obj_id, "error": message}
+
+
+def run_lines(model, lines: list[tuple[int, str]], base_seed: int) -> list[dict]:
+    """Generate for a chunk of (line number, text) pairs; one output record per pair, in the same order. Lines with
+    equal settings share one batched generation."""
+    records: dict[int, dict] = {}
+    groups: dict[tuple, list[Task]] = {}
+    for line, text in lines:
+        try:
+            task = prepare(model, line, text, base_seed)
+        except LineError as e:
+            records[line] = _error(line, text, str(e))
+            continue
+        groups.setdefault(task.key, []).append(task)
+    for tasks in groups.values():
+        try:
+            results = _generate(model, tasks)
+        except Exception:  # noqa: BLE001 - find the row at fault: rerun the group row by row
+            results = []
+            for task in tasks:
+                try:
+                    results.extend(_generate(model, [task]))
+                except Exception as e:  # noqa: BLE001 - reported on the line, the run goes on
+                    results.append(e)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, Exception):
+                records[task.line] = {"line": task.line, "id": task.id, "error": f"{type(result).__name__}: {result}"}
+            else:
+                records[task.line] = _record(task, result)
+    return [records[line] for line, _ in lines]
+
+
+def _generate(model, tasks: list[Task]) -> list:
+    first = tasks[0]
+    results = generate(model, [t.prompt_ids for t in tasks], max_new_tokens=first.max_new_tokens,
+                       seed=[t.seed for t in tasks], rng="fast", **first.settings)
+    return results if isinstance(results, list) else [results]
+
+
+# -- files ----------------------------------------------------------------------------------------------------------
+def input_lines(path: Path, after: int = 0) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of the non-blank lines after line `after`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, text in enumerate(f, 1):
+            if n > after and text.strip():
+                yield n, text
+
+
+def resume_point(path: Path) -> int:
+    """The input line the complete output lines reach (0: none). A torn or unreadable tail is cut off, so the
+    file holds only whole records before appending."""
+    if not path.is_file():
+        return 0
+    done, keep = 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                done = int(json.loads(raw)["line"])
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(raw)
+    if keep != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return done
+
+
+def _write(out, records: list[dict]) -> None:
+    out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _chunks(lines: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    chunk: list[tuple[int, str]] = []
+    for item in lines:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_batch(opts: BatchOptions) -> dict:
+    """Run (or resume) a batch; returns a summary: lines done before, written now, errors among them."""
+    opts.validate()
+    inp, outp = Path(opts.input), Path(opts.output)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    resumed_at = resume_point(outp)
+    total = sum(1 for _ in input_lines(inp))
+    before = sum(1 for _ in input_lines(inp)) - sum(1 for _ in input_lines(inp, resumed_at))
+    pending = input_lines(inp, resumed_at)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn(),
+                        console=Console(stderr=True), disable=not opts.progress)
+    written = errors = 0
+    with progress, open(outp, "a", encoding="utf-8") as out:
+        bar = progress.add_task("batch", total=total, completed=before, errors=0)
+        source = _ray_records(opts, pending) if opts.ray else _local_records(opts, pending)
+        for records in source:
+            _write(out, records)
+            written += len(records)
+            errors += sum("error" in r for r in records)
+            progress.update(bar, advance=len(records), errors=errors)
+    return {"lines": total, "resumed_after": before, "written": written, "errors": errors, "output": str(outp)}
+
+
+def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
+    from .checkpoint import load_model
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    model = load_model(opts.model, dtype=opts.dtype, device=opts.device)
+    for chunk in _chunks(pending, opts.max_batch):
+        yield run_lines(model, chunk, opts.seed)
+
+
+# -- Ray Data ----------------------------------------------------------------------------------------------------
+class BatchWorker:
+    """A Ray Data actor: loads one model, generates for batches of lines (columns "line" and "text")."""
+
+    def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int):
+        from .checkpoint import load_model
+
+        torch.set_num_threads(threads)
+        self.model = load_model(model, dtype=dtype, device=device)
+        self.seed = seed
+
+    def __call__(self, batch: dict) -> dict:
+        lines = [(int(n), str(t)) for n, t in zip(batch["line"], batch["text"], strict=True)]
+        records = run_lines(self.model, lines, self.seed)
+        return {"line": [r["line"] for r in records], "record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def _ray_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
+    import ray
+
+    items = [{"line": n, "text": t} for n, t in pending]
+    if not items:
+        return
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=opts.ray_address, **opts.ray_init)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # output in input order, streamed as batches finish
+        ctx.enable_progress_bars = False  # dgemma's own bar counts lines
+        threads = opts.threads or max(1, int(opts.actor_cpus))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // opts.max_batch)))
+        out = ds.map_batches(BatchWorker, batch_size=opts.max_batch, batch_format="numpy",
+                             fn_constructor_kwargs={"model": opts.model, "dtype": opts.dtype, "device": opts.device,
+                                                    "threads": threads, "seed": opts.seed},
+                             concurrency=opts.actors, num_cpus=opts.actor_cpus,
+                             num_gpus=opts.actor_gpus)
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [json.loads(r) for r in batch["record"]]
+    finally:
+        if started:
+            ray.shutdown()
