@@ -1,4 +1,5 @@
-"""Image preprocessing against the reference's Gemma 4 image processor (Pillow variant), plus bad input."""
+"""Image preprocessing against the reference's Gemma 4 image processor (Pillow variant), plus bad input; image
+prompts (chat messages with image parts, data: URLs, raw prompts) against the reference's Gemma 4 processor."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import torch
 from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-from dgemma.images import ImageError, ImageProcessorConfig, aspect_preserving_size, preprocess_images
+from dgemma.images import (
+    ImageError,
+    ImageProcessorConfig,
+    aspect_preserving_size,
+    chat_prompt,
+    decode_data_url,
+    extract_images,
+    preprocess_images,
+    text_prompt,
+)
+from dgemma.tokenizer import BYTE_CHAT_TEMPLATE, TokenizerError
+from imagemodels import BOI, EOI, IMAGE, image_tokenizer, reference_processor
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -154,3 +166,137 @@ def test_bad_inputs(tmp_path):
         preprocess_images([])
     with pytest.raises(ValueError, match="max_soft_tokens"):
         preprocess_images(_noise(10, 10), max_soft_tokens=100)
+
+
+# -- image prompts -----------------------------------------------------------------------------------------------
+def _model(template=None, vision=True):
+    """What the prompt builders read from a loaded model (tokenizer, vision ids, processor settings)."""
+    from types import SimpleNamespace
+
+    tok = image_tokenizer() if template is None else image_tokenizer(template)
+    return SimpleNamespace(tokenizer=tok, vision=object() if vision else None,
+                           image_processor=ImageProcessorConfig(70, 4, 3),
+                           config=SimpleNamespace(boi_token_id=BOI, image_token_id=IMAGE, eoi_token_id=EOI))
+
+
+def _data_url(img: Image.Image, fmt: str = "PNG") -> str:
+    import base64
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_prompt_matches_reference_processor():
+    model = _model()
+    imgs = [_noise(50, 30, seed=1), _noise(13, 200, seed=2), _noise(64, 64, "RGBA", seed=3)]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "and"},
+                                     {"type": "image", "image": imgs[1]}, {"type": "text", "text": " compare"}]},
+        {"role": "assistant", "content": "They differ."},
+        {"role": "user", "content": [{"type": "text", "text": "Now this: "}, {"type": "image", "image": imgs[2]}]},
+    ]
+    want = reference_processor(model.tokenizer).apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    got = chat_prompt(model, messages)
+    assert got.ids == list(want["input_ids"][0])
+    assert got.images["num_soft_tokens"] == [sum(1 for t in got.ids[s:e] if t == IMAGE) for s, e in
+                                             zip(_at(got.ids, BOI), _at(got.ids, EOI))]
+    np.testing.assert_allclose(got.images["pixel_values"].numpy(), np.asarray(want["pixel_values"]), rtol=0, atol=1e-6)
+    assert torch.equal(got.images["image_position_ids"], torch.as_tensor(np.asarray(want["image_position_ids"])))
+    assert set(got.image_inputs()) == {"pixel_values", "image_position_ids"}
+    # The same images as OpenAI image_url parts with data: URLs, or as bare parts plus a list, give the same prompt.
+    openai_msgs = [dict(m) for m in messages]
+    for m in openai_msgs:
+        if isinstance(m["content"], list):
+            m["content"] = [{"type": "image_url", "image_url": {"url": _data_url(p["image"])}} if p["type"] == "image"
+                            else p for p in m["content"]]
+    assert chat_prompt(model, openai_msgs).ids == got.ids
+    bare, images = extract_images(messages)
+    assert all(p == {"type": "image"} for m in bare if isinstance(m["content"], list) for p in m["content"]
+               if p["type"] == "image")
+    assert chat_prompt(model, bare, images).ids == got.ids
+
+
+def _at(ids, token):
+    return [i for i, t in enumerate(ids) if t == token]
+
+
+def test_chat_prompt_template_without_image_parts():
+    """A template that prints the content as a string gets each message flattened, the placeholder inline."""
+    model = _model(BYTE_CHAT_TEMPLATE)
+    img = _noise(40, 40)
+    p = chat_prompt(model, [{"role": "user", "content": [{"type": "text", "text": "see "}, {"type": "image", "image": img},
+                                                         {"type": "text", "text": " ok"}]}])
+    n = p.images["num_soft_tokens"][0]
+    tok = model.tokenizer
+    assert p.ids == (tok.encode("<bos><start_of_turn>user\nsee ") + [BOI] + [IMAGE] * n + [EOI]
+                     + tok.encode(" ok<end_of_turn>\n<start_of_turn>model\n"))
+    # Text-only part lists are joined into a string; no image, no pixels.
+    t = chat_prompt(model, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert t.ids == tok.encode_chat([{"role": "user", "content": "ab"}]) and t.images is None and t.image_inputs() == {}
+
+
+def test_text_prompt_placeholders():
+    model = _model()
+    tok = model.tokenizer
+    a, b = _noise(30, 30, seed=4), _noise(90, 20, seed=5)
+    p = text_prompt(model, "x<|image|>y<|image|>", [a, b])
+    na, nb = p.images["num_soft_tokens"]
+    assert p.ids == tok.encode("x") + [BOI] + [IMAGE] * na + [EOI] + tok.encode("y") + [BOI] + [IMAGE] * nb + [EOI]
+    assert text_prompt(model, "hi", [a]).ids == [BOI] + [IMAGE] * na + [EOI] + tok.encode("hi")  # images first
+    assert text_prompt(model, "hi").ids == tok.encode("hi")
+    with pytest.raises(TokenizerError, match="2 image placeholder.*for 1 image"):
+        text_prompt(model, "<|image|><|image|>", [a])
+
+
+def test_prompt_errors():
+    img = _noise(20, 20)
+    msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(ImageError, match="1 image part.*2 image"):
+        chat_prompt(_model(), msg, [img, img])
+    with pytest.raises(ImageError, match="carries no image"):
+        chat_prompt(_model(), msg)
+    with pytest.raises(ImageError, match="no vision tower"):
+        chat_prompt(_model(vision=False), msg, [img])
+    with pytest.raises(TokenizerError, match="contains the image placeholder"):
+        chat_prompt(_model(), [{"role": "user", "content": [{"type": "text", "text": "a <|image|>"},
+                                                            {"type": "image"}]}], [img])
+    with pytest.raises(TokenizerError, match="'audio' are not supported"):
+        chat_prompt(_model(), [{"role": "user", "content": [{"type": "audio"}, {"type": "image"}]}], [img])
+    with pytest.raises(ImageError, match="image 0: .*not an image"):
+        chat_prompt(_model(), [{"role": "user", "content": [{"type": "image", "image": b"junk"}]}])
+
+
+def test_data_urls_and_limits(tmp_path):
+    img = _noise(20, 10)
+    url = _data_url(img)
+    assert preprocess_images(decode_data_url(url))["num_soft_tokens"] == preprocess_images(img)["num_soft_tokens"]
+    assert decode_data_url(url[:30] + "\n" + url[30:]) == decode_data_url(url)  # line breaks in base64 are fine
+    for bad, why in [("https://example.com/cat.png", "remote image URLs are not fetched"),
+                     ("HTTP://example.com/cat.png", "remote image URLs are not fetched"),
+                     ("file:///etc/passwd", "must be a data: URL"),
+                     ("/etc/passwd", "must be a data: URL"),
+                     ("data:image/png;base64", "no comma"),
+                     ("data:text/plain;base64,aGk=", "not an image"),
+                     ("data:image/png,rawbytes", "base64-encoded"),
+                     ("data:image/png;base64,@@@@", "not valid base64"),
+                     ("data:image/png;base64,", "no bytes")]:
+        with pytest.raises(ImageError, match=why):
+            decode_data_url(bad)
+    # A server passes allow_paths=False: strings are data: URLs only (never a file on the server), objects refused.
+    path = tmp_path / "a.png"
+    img.save(path)
+    for part in ({"type": "image", "image": str(path)}, {"type": "image", "path": str(path)},
+                 {"type": "image_url", "image_url": {"url": str(path)}}, {"type": "image_url", "image_url": 3}):
+        with pytest.raises(ImageError, match="data:"):
+            extract_images([{"role": "user", "content": [part]}], allow_paths=False)
+    assert extract_images([{"role": "user", "content": [{"type": "image", "path": str(path)}]}])[1] == [str(path)]
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 2}]
+    with pytest.raises(ImageError, match="more than 1 image"):
+        extract_images(two, allow_paths=False, max_images=1)
+    size = len(decode_data_url(url))
+    with pytest.raises(ImageError, match=f"exceed {2 * size - 1} bytes"):
+        extract_images(two, allow_paths=False, max_bytes=2 * size - 1)
+    assert len(extract_images(two, allow_paths=False, max_images=2, max_bytes=2 * size)[1]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -139,10 +140,18 @@ def test_lora_adapter_files(lora_run):
     adapter = lora_run / "final" / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16.0
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"}
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     keys = set(tensors)
+    # target_modules: one pattern naming exactly the adapted text modules (never the vision tower's linears).
+    pattern = cfg["target_modules"]
+    paths = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys}
+    assert isinstance(pattern, str) and all(re.fullmatch(pattern, p) for p in paths)
+    assert {p.rsplit(".", 1)[1] for p in paths} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"}
+    for other in ("model.encoder.vision_tower.encoder.layers.0.self_attn.q_proj",
+                  "model.encoder.vision_tower.encoder.layers.0.self_attn.q_proj.linear",
+                  "model.encoder.language_model.layers.0.self_attn.q_proj", "model.decoder.layers.0.router.proj"):
+        assert not re.fullmatch(pattern, other), other
     for k in ("base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight",
               "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_B.weight",
               "base_model.model.model.decoder.layers.1.mlp.down_proj.lora_A.weight",

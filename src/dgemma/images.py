@@ -9,14 +9,21 @@ Each image becomes a fixed-size bag of patches:
   4. row-major patches, each a (py, px, channel) vector of patch*patch*3 values, with (x = column, y = row) positions;
   5. padding to the budget with zero pixels and position (-1, -1).
 After the tower's 3x3 pooling an image of H x W pixels gives (H / 48) * (W / 48) soft tokens.
+
+Prompts with images (`chat_prompt`, `text_prompt`): the images are preprocessed and each image placeholder of the
+prompt becomes begin-of-image, that image's soft-token count of image ids, end-of-image; the result is the prompt
+ids plus the processor outputs, ready for `model.generate(ids, **prompt.image_inputs())`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -201,3 +208,165 @@ def preprocess_images(
         "image_position_ids": torch.from_numpy(np.stack(positions)),
         "num_soft_tokens": counts,
     }
+
+
+# -- images in messages and prompts ---------------------------------------------------------------------------------
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a base64 `data:` URL (data:image/png;base64,...). Remote URLs are refused: nothing is fetched."""
+    if not isinstance(url, str):
+        raise ImageError(f"an image URL must be a string, got {type(url).__name__}")
+    scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    if scheme in ("http", "https", "ftp"):
+        raise ImageError(f"remote image URLs are not fetched ({scheme}://...); send the image inline as a "
+                         "data: URL (data:image/png;base64,...)")
+    if scheme != "data":
+        raise ImageError("an image URL must be a data: URL (data:image/png;base64,...)")
+    header, comma, payload = url.split(":", 1)[1].partition(",")
+    if not comma:
+        raise ImageError("malformed data: URL (no comma before the data)")
+    params = [x.strip().lower() for x in header.split(";")]
+    if params[0] and not params[0].startswith("image/"):
+        raise ImageError(f"the data: URL holds {params[0]!r}, not an image")
+    if "base64" not in params[1:]:
+        raise ImageError("the data: URL must be base64-encoded (data:image/...;base64,...)")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"the data: URL is not valid base64 ({e})") from None
+    if not data:
+        raise ImageError("the data: URL holds no bytes")
+    return data
+
+
+def _encoded_size(part: dict[str, Any]) -> int:
+    """The bytes an image part carries, measured before decoding (a data: URL's payload as 3/4 of its length)."""
+    ref = part.get("image_url") if part.get("type") == "image_url" else next(
+        (part[k] for k in ("image", "url", "path") if k in part), None)
+    if isinstance(ref, dict):
+        ref = ref.get("url")
+    if isinstance(ref, str) and ref[:5].lower() == "data:":
+        return len(ref.partition(",")[2]) * 3 // 4
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return len(ref)
+    return 0
+
+
+def _part_image(part: dict[str, Any], allow_paths: bool) -> ImageInput:
+    """The image a content part carries: OpenAI {"type": "image_url", "image_url": {"url": ...}} or
+    {"type": "image", "image" | "url" | "path": ...}. URLs must be data: URLs; local paths and in-memory images
+    only with `allow_paths` (never for a server)."""
+    if part.get("type") == "image_url":
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise ImageError('an image_url part needs {"image_url": {"url": "data:image/...;base64,..."}}')
+        return decode_data_url(url)
+    key = next((k for k in ("image", "url", "path") if k in part), None)
+    if key is None:
+        raise ImageError('an image part carries no image (expected "image", "url" or "path")')
+    value = part[key]
+    if isinstance(value, str) and (not allow_paths or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", value)):
+        return decode_data_url(value)  # a URL (for a server: any string)
+    if not allow_paths:
+        raise ImageError("an image part must hold a data: URL")
+    return value
+
+
+def extract_images(messages: Sequence[dict[str, Any]], *, allow_paths: bool = True, max_images: int | None = None,
+                   max_bytes: int | None = None) -> tuple[list[dict[str, Any]], list[ImageInput]]:
+    """Messages -> (the same messages with every image part reduced to {"type": "image"}, the images in order).
+    The count and encoded-size limits are checked before anything is decoded."""
+    out, images, total = [], [], 0
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") in ("image", "image_url")):
+                parts.append(part)
+                continue
+            if max_images is not None and len(images) >= max_images:
+                raise ImageError(f"more than {max_images} image(s) in the request (the limit)")
+            total += _encoded_size(part)
+            if max_bytes is not None and total > max_bytes:
+                raise ImageError(f"the request's images exceed {max_bytes} bytes (the limit)")
+            try:
+                images.append(_part_image(part, allow_paths))
+            except ImageError as e:
+                raise ImageError(f"messages[{i}]: image {len(images)}: {e}") from None
+            parts.append({"type": "image"})
+        out.append({**m, "content": parts})
+    return out, images
+
+
+@dataclass
+class Prompt:
+    """Prompt ids with begin-of-image, N image ids and end-of-image per image, and the processor outputs."""
+
+    ids: list[int]
+    images: dict[str, Any] | None = None  # preprocess_images output, None for a text-only prompt
+
+    def image_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for model.generate / stream / canvas_logits."""
+        if self.images is None:
+            return {}
+        return {"pixel_values": self.images["pixel_values"], "image_position_ids": self.images["image_position_ids"]}
+
+
+def _vision_ids(model) -> tuple[int, int, int]:
+    cfg = model.config
+    ids = tuple(getattr(cfg, k, None) for k in ("boi_token_id", "image_token_id", "eoi_token_id"))
+    if getattr(model, "vision", None) is None or any(i is None for i in ids):
+        raise ImageError("this model has no vision tower: image input is not available")
+    return ids  # type: ignore[return-value]
+
+
+def _process(model, images: Sequence[ImageInput], max_soft_tokens: int | None,
+             max_pixels: int) -> tuple[dict[str, Any] | None, list[list[int]]]:
+    if not images:
+        return None, []
+    boi, image, eoi = _vision_ids(model)
+    processed = preprocess_images(list(images), max_soft_tokens,
+                                  config=getattr(model, "image_processor", None), max_pixels=max_pixels)
+    runs = [[boi] + [image] * n + [eoi] for n in processed["num_soft_tokens"]]
+    return processed, runs
+
+
+def _tokenizer(model):
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass prompt ids and pixel_values instead")
+    return model.tokenizer
+
+
+def chat_prompt(model, messages: Sequence[dict[str, Any]], images: Sequence[ImageInput] | None = None, *,
+                max_soft_tokens: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                add_generation_prompt: bool = True) -> Prompt:
+    """Chat messages (content: a string or text and image parts) -> Prompt. Image parts carry their image
+    ("image": PIL.Image / path / bytes, "url"/"path", or OpenAI's image_url with a data: URL), or are bare
+    {"type": "image"} and take the next of `images` in order."""
+    tok = _tokenizer(model)
+    messages, carried = extract_images(messages) if images is None else (list(messages), [])
+    images = carried if images is None else list(images)
+    n_parts = sum(1 for m in messages if isinstance(m.get("content"), list)
+                  for p in m["content"] if isinstance(p, dict) and p.get("type") == "image")
+    if n_parts != len(images):
+        raise ImageError(f"the messages have {n_parts} image part(s) but {len(images)} image(s) were given")
+    processed, runs = _process(model, images, max_soft_tokens, max_pixels)
+    text = tok.apply_chat_template_images(list(messages), len(images), add_generation_prompt)
+    return Prompt(tok.encode_with_images(text, runs), processed)
+
+
+def text_prompt(model, text: str, images: Sequence[ImageInput] = (), *, max_soft_tokens: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Prompt:
+    """A raw prompt with images: each image placeholder (the tokenizer's image token, "<|image|>") marks where
+    the next image goes; without placeholders the images go first, in order."""
+    tok = _tokenizer(model)
+    images = list(images)
+    if not images:
+        return Prompt(tok.encode(text))
+    if tok.image_token not in text:
+        text = tok.image_token * len(images) + text
+    processed, runs = _process(model, images, max_soft_tokens, max_pixels)
+    return Prompt(tok.encode_with_images(text, runs), processed)

@@ -1,4 +1,11 @@
-"""Tokenizer (tokenizer.json via `tokenizers`) and chat template (jinja2, from the checkpoint)."""
+"""Tokenizer (tokenizer.json via `tokenizers`) and chat template (jinja2, from the checkpoint).
+
+Images in chat: a message's content may be a list of parts, text ({"type": "text", "text": ...}) and images
+({"type": "image"}). The checkpoint's template writes the image placeholder (the tokenizer's `image_token`,
+"<|image|>" in Gemma 4) for each image part; `encode_with_images` then puts begin-of-image, the image's soft tokens
+and end-of-image at each placeholder, as the reference processor does. Templates that do not know image parts
+(they print the content as one string) get each message's parts flattened into one string with the placeholder
+inline."""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+
+
+DEFAULT_IMAGE_TOKEN = "<|image|>"
 
 
 class TokenizerError(ValueError):
@@ -91,6 +101,71 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    # -- images ----------------------------------------------------------------------------------------------
+    @property
+    def image_token(self) -> str:
+        """The placeholder the chat template writes for an image (tokenizer_config.json's `image_token`)."""
+        return _token_str(self.config.get("image_token")) or DEFAULT_IMAGE_TOKEN
+
+    def apply_chat_template_images(self, messages: list[dict[str, Any]], n_images: int,
+                                   add_generation_prompt: bool = True) -> str:
+        """Render messages whose content may hold image parts; the text holds one image placeholder per image
+        part, in order. Text-only part lists are joined into a string first (as for a template without parts)."""
+        placeholder = self.image_token
+        for m in messages:
+            for part in _parts(m.get("content")):
+                if part.get("type") == "text" and placeholder in str(part.get("text", "")):
+                    raise TokenizerError(f"message text contains the image placeholder {placeholder!r}")
+        flat = [{**m, "content": _flatten(m.get("content"), placeholder)} for m in messages]
+        if n_images == 0:
+            return self.apply_chat_template(flat, add_generation_prompt)
+        structured = [m if _has_image(m.get("content")) else f for m, f in zip(messages, flat)]
+        text = self.apply_chat_template(structured, add_generation_prompt)
+        if text.count(placeholder) != n_images:  # the template does not render image parts: flatten them
+            text = self.apply_chat_template(flat, add_generation_prompt)
+        if text.count(placeholder) != n_images:
+            raise TokenizerError(f"the chat template wrote {text.count(placeholder)} image placeholder(s) "
+                                 f"{placeholder!r} for {n_images} image(s)")
+        return text
+
+    def encode_with_images(self, text: str, image_runs: list[list[int]]) -> list[int]:
+        """Encode `text`, putting image_runs[i] (begin-of-image, soft tokens, end-of-image ids) at the i-th image
+        placeholder. The text around placeholders is encoded piece by piece, as the tokenizer splits around
+        special tokens anyway."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(image_runs):
+            raise TokenizerError(f"the prompt has {len(pieces) - 1} image placeholder(s) {self.image_token!r} "
+                                 f"for {len(image_runs)} image(s)")
+        ids = self.encode(pieces[0])
+        for run, piece in zip(image_runs, pieces[1:]):
+            ids += run
+            ids += self.encode(piece)
+        return ids
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+
+
+def _has_image(content: Any) -> bool:
+    return any(p.get("type") == "image" for p in _parts(content))
+
+
+def _flatten(content: Any, placeholder: str) -> Any:
+    """A list of text and image parts -> one string (images as the placeholder); other content unchanged."""
+    if not isinstance(content, list):
+        return content
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(str(part.get("text", "")))
+        elif kind == "image":
+            out.append(placeholder)
+        else:
+            raise TokenizerError(f"content parts of type {kind!r} are not supported (text and image only)")
+    return "".join(out)
 
 
 # -- the byte-level tokenizer shipped with random and project-trained checkpoints --------------------------------
