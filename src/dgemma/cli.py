@@ -151,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--device", default="cpu")
     de.set_defaults(model=None)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live canvas visualizer")
-    sv.add_argument("--model", default=None, help="checkpoint directory (default: the bundled Sudoku model)")
+    sv.add_argument("--model", default=None, help="checkpoint directory (default: the bundled 9x9 Sudoku model, "
+                    "with the bundled 6x6 one under /models/sudoku6)")
+    sv.add_argument("--extra-model", action="append", default=[], metavar="DIR",
+                    help="serve another checkpoint too, at /models/<its directory name>/v1/... (repeatable)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes (also: the "
@@ -426,16 +429,28 @@ def cmd_serve(args) -> int:
     path = Path(args.model) if args.model else default_model_path()
     if args.ray:
         return _serve_ray(args, path, api_key)
+    extra = [Path(p) for p in args.extra_model] or ([] if args.model else [default_model_path(6)])
+    names = [p.resolve().name for p in extra]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--extra-model directories need distinct names, got {names}")
     model = load_model(path, dtype=args.dtype, device=args.device)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
                     max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
                     max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending)
+    mounts = {p.resolve().name: create_app(load_model(p, dtype=args.dtype, device=args.device),
+                                           model_name=p.resolve().name, model_dir=p, api_key=api_key, limits=limits,
+                                           host=args.host, allowed_hosts=args.allowed_host) for p in extra}
+    # With the bundled models, the visualizer opens on the 6x6 one (the one that solves).
+    page_model = next(iter(mounts)) if mounts and not args.model and not args.extra_model else None
     app = create_app(model, model_name=args.served_model_name or path.resolve().name, model_dir=path,
-                     api_key=api_key, limits=limits, host=args.host, allowed_hosts=args.allowed_host)
+                     api_key=api_key, limits=limits, host=args.host, allowed_hosts=args.allowed_host, mounts=mounts,
+                     page_model=page_model)
     connections = ConnectionLimits(max_connections=args.max_connections, read_timeout=args.read_timeout,
                                    keep_alive_timeout=args.keep_alive_timeout)
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
+    for name, p in zip(mounts, extra):
+        print(f"dgemma: serving {p} at /models/{name}/v1", file=sys.stderr)
     gc.freeze()  # startup objects (torch, the model) stay out of full collections: a big request cannot stall them
     make_server(app, args.host, args.port, connections).run()
     return 0

@@ -31,6 +31,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError
+from ..constraints import ConstraintError, compile_constraint, fill_id
+from ..generate import resolve_settings
 from ..tokenizer import TokenizerError
 from .engine import Engine, EngineBusy, Job
 from .schema import ChatRequest, CompletionRequest
@@ -285,10 +287,33 @@ def encode(state: ServerState, text: str, param: str) -> list[int]:
     return state.model.tokenizer.encode(text)
 
 
+def prepare_constraint(state: ServerState, req) -> None:
+    """Compile the request's constraint (response_format / structured_outputs / infill; cached per constraint) so a
+    malformed or unsatisfiable one is a 400 naming the problem before anything is queued."""
+    param = next((f for f in ("response_format", "structured_outputs", "infill") if getattr(req, f) is not None),
+                 None)
+    if param is None:
+        return
+    try:
+        found = req.constraint()
+        if found is None:
+            return
+        param, constraint = found
+        if req.decoder != "diffusion":
+            raise APIError(400, f"{param} needs the diffusion decoder", param="decoder")
+        gen = resolve_settings(state.model, None, {})
+        compile_constraint(constraint, state.model.tokenizer, state.model.config.vocab_size, gen.eos_ids,
+                           fill_id(gen))
+    except ConstraintError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_constraint") from None
+    req._constraint = constraint
+
+
 def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatRequest, list[int]]:
     obj = parse_body(body)
     check_sizes(state, obj)
     req = validate(ChatRequest, obj)
+    prepare_constraint(state, req)
     tok = state.model.tokenizer
     if tok is None or tok.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -305,6 +330,7 @@ def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionReque
     obj = parse_body(body)
     check_sizes(state, obj)
     req = validate(CompletionRequest, obj)
+    prepare_constraint(state, req)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -361,7 +387,7 @@ def make_job(state: ServerState, req, prompt_ids: list[int], emit: Callable[[dic
                        param="max_tokens")
     settings = req.diffusion.overrides() if req.diffusion and req.decoder == "diffusion" else {}
     job = Job(prompt_ids, max_new, settings, emit, decoder=req.decoder, drafts=req.stream_drafts,
-              stop=req.stop or [])
+              stop=req.stop or [], constraint=req._constraint)
     if req.seed is not None:
         job.seed = req.seed
     try:
@@ -524,6 +550,13 @@ def page() -> HTMLResponse:
     return HTMLResponse(resources.files("dgemma.serve").joinpath("static/index.html").read_text("utf-8"))
 
 
+@router.get("/visualizer/models", include_in_schema=False)
+def visualizer_models(request: Request) -> dict:
+    """The models the page can pick: this app's at "" and the mounted ones at /models/<name> (names only)."""
+    bases = request.app.state.bases
+    return {"data": [{"id": n, "base": b} for n, b in bases.items()], "default": request.app.state.page_model}
+
+
 @router.get("/v1/models")
 def list_models(request: Request) -> dict:
     state = state_of(request)
@@ -589,9 +622,20 @@ def _openapi(app: FastAPI) -> Callable[[], dict]:
 
 def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None, host: str = "127.0.0.1",
-               allowed_hosts: Iterable[str] = ()) -> FastAPI:
+               allowed_hosts: Iterable[str] = (), mounts: dict[str, FastAPI] | None = None,
+               page_model: str | None = None) -> FastAPI:
     """The ASGI app. `host` is the bound address; the Host header must name it (or a loopback name when bound to
-    loopback, any IP when bound to every interface) or one of `allowed_hosts` ("*": any)."""
+    loopback, any IP when bound to every interface) or one of `allowed_hosts` ("*": any).
+
+    `mounts` serves more models beside this one, each its own app (from `create_app`) under /models/<name>/ (its
+    API at /models/<name>/v1/...); the visualizer lists them all and opens on `page_model` (default: this one)."""
+    mounts = dict(mounts or {})
+    for sub_name in mounts:
+        if not sub_name or "/" in sub_name or sub_name == model_name:
+            raise ValueError(f"mounted model name {sub_name!r}: must be non-empty, without '/', not {model_name!r}")
+    bases = {model_name: "", **{n: f"/models/{n}" for n in mounts}}
+    if page_model is not None and page_model not in bases:
+        raise ValueError(f"page_model {page_model!r} is not one of the served models {list(bases)}")
     limits = limits or Limits()
     cfg = model.config
     max_prompt = limits.max_prompt_tokens or max(cfg.max_position_embeddings - cfg.canvas_length, 1)
@@ -605,8 +649,9 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        engine.close()
-        state.prep.shutdown(wait=False, cancel_futures=True)
+        for served in (state, *(m.state.dgemma for m in mounts.values())):  # mounted apps get no lifespan events
+            served.engine.close()
+            served.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dgemma", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API for DiffusionGemma block-diffusion models, with live canvas "
@@ -617,6 +662,10 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(router)
+    for sub_name, sub in mounts.items():
+        app.mount(f"/models/{sub_name}", sub)
+    app.state.bases = bases
+    app.state.page_model = page_model or model_name
     app.openapi = _openapi(app)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     policy = host_policy(host, allowed_hosts)
