@@ -54,6 +54,7 @@ class TokenAutomaton:
     dst: torch.Tensor
     dist: torch.Tensor  # [S] tokens from each state to DONE (EOS included); INF where DONE is out of reach
     fixed_dst: torch.Tensor  # [S] bool: an edge into this state places a fixed (template) token
+    fill_id: int  # the token after EOS (pad), also written past the budget
 
     @property
     def n_classes(self) -> int:
@@ -109,7 +110,7 @@ class TokenAutomaton:
         t = torch.from_numpy
         return cls(n, start, done, vocab_size, t(token_class), t(live_tokens[order].copy()),
                    t(np.r_[0, np.cumsum(sizes)].astype(np.int64)), t(edges[:, 0].copy()), t(edges[:, 1].copy()),
-                   t(edges[:, 2].copy()), t(dist), t(fixed))
+                   t(edges[:, 2].copy()), t(dist), t(fixed), fill_id)
 
     def walk(self, start: int, ids) -> set[int]:
         """States reachable from `start` by the token sequence `ids` (empty: the ids leave the automaton)."""

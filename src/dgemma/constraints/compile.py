@@ -67,8 +67,13 @@ class Constraint:
 
     @classmethod
     def regex(cls, pattern: str) -> Constraint:
+        """The whole output must match `pattern` (a leading ^ and trailing $ are implied and may be written)."""
         if not isinstance(pattern, str):
             raise ConstraintError(f"regex must be a string, got {type(pattern).__name__}")
+        if pattern.startswith("^"):
+            pattern = pattern[1:]
+        if pattern.endswith("$") and (len(pattern) - 1 - len(pattern[:-1].rstrip("\\"))) % 2 == 0:
+            pattern = pattern[:-1]  # an unescaped $: not preceded by an odd number of backslashes
         return cls("regex", pattern)
 
     @classmethod

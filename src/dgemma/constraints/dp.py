@@ -106,16 +106,25 @@ class CanvasPath:
 
 
 def best_canvas(scores: ClassScores, aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPath:
-    complete = True
+    """The most probable canvas that can still finish within the budget; when none can (the budget is shorter than
+    any output), the most probable valid prefix over the budget's positions, then the fill token (no EOS: the
+    output ends for length)."""
+    c = scores.logp.shape[0]
     path = viterbi(scores.logp, aut, start, allowed_states(aut, left, True))
+    complete = path is not None
     if path is None:
-        complete = False
-        path = viterbi(scores.logp, aut, start, allowed_states(aut, left, False))
+        m = min(c, int(left[0]))
+        path = viterbi(scores.logp[:m], aut, start, allowed_states(aut, left[:m + 1], False))
         if path is None:
             raise ValueError("the constraint admits no continuation from this state")  # excluded by compile
+        classes, states = path
+        fill_class = aut.token_class[aut.fill_id]
+        classes = torch.cat([classes, fill_class.expand(c - m)])
+        states = torch.cat([states, states[-1:].expand(c - m)])
+        tokens = torch.cat([scores.best[torch.arange(m), classes[:m]], torch.full((c - m,), aut.fill_id)])
+        return CanvasPath(tokens, classes, states, torch.zeros(c, dtype=torch.bool), False)
     classes, states = path
-    positions = torch.arange(classes.numel())
-    return CanvasPath(scores.best[positions, classes], classes, states, aut.fixed_dst[states[1:]], complete)
+    return CanvasPath(scores.best[torch.arange(c), classes], classes, states, aut.fixed_dst[states[1:]], True)
 
 
 def draw_in_class(probs: torch.Tensor, proposal: torch.Tensor, path: CanvasPath, aut: TokenAutomaton,

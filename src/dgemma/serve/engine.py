@@ -53,6 +53,7 @@ class Job:
     drafts: bool = False
     stop: list[str] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() after which the job is stopped
+    constraint: Any = None  # a constraints.Constraint the output must satisfy (diffusion only)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Progress, owned by the worker.
     ids: list[int] = field(default_factory=list)
@@ -116,8 +117,11 @@ class _DiffusionRun(_Run):
         first = jobs[0]
         gen = engine.settings_for(first)
         self.pad, self.eos = gen.pad_token_id, set(gen.eos_ids)
+        constraints = [j.constraint for j in jobs]
         self.events = stream(engine.model, [j.prompt_ids for j in jobs], max_new_tokens=first.max_new_tokens,
-                             seed=[j.seed for j in jobs], rng="fast", **first.settings)
+                             seed=[j.seed for j in jobs], rng="fast",
+                             constraint=constraints if any(c is not None for c in constraints) else None,
+                             **first.settings)
 
     def handle(self, event) -> None:
         eng = self.engine

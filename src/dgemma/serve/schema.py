@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible API (pydantic), with dgemma's extension fields.
 
 Extension fields: `diffusion` (per-request sampler settings), `stream_drafts` (a draft event after every denoising
-step), `decoder` ("diffusion" or "autoregressive": the same weights decoded left to right by the causal stack).
+step), `decoder` ("diffusion" or "autoregressive": the same weights decoded left to right by the causal stack),
+`structured_outputs` (`regex`, `json`, `choice`, `json_object`: vLLM's names) and `infill` (`template`: fixed text
+with holes); OpenAI's `response_format` (`json_object`, `json_schema`) is honoured.
 OpenAI fields dgemma does not implement are accepted and listed in the response's `dgemma.ignored`.
 """
 
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator
+
+from ..constraints import Constraint, ConstraintError
 
 # OpenAI fields that are valid but have no effect here (the diffusion sampler has its own temperature schedule).
 IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-           "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+           "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls",
            "stream_options", "best_of", "echo", "suffix", "metadata", "store", "service_tier", "modalities",
            "reasoning_effort", "prediction", "audio", "functions", "function_call", "web_search_options")
 
@@ -48,6 +52,50 @@ class DiffusionSettings(BaseModel):
         return self.model_dump(exclude_unset=True)  # an explicit null disables a feature, as in generation_config
 
 
+# `json_object` / {"type": "json_object"}: an object of scalars, flat arrays and flat objects (a bounded depth keeps
+# the automaton small; a deeper shape needs a json_schema).
+_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+JSON_OBJECT = {"type": "object", "additionalProperties": {"anyOf": [
+    *_SCALAR["anyOf"], {"type": "array", "items": _SCALAR}, {"type": "object", "additionalProperties": _SCALAR}]}}
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    description: str | None = None
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regex: str | None = None
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    json_object: StrictBool | None = None
+
+
+class Infill(BaseModel):
+    """An infill template: a string with {{hole}}, {{hole:N}}, {{hole:MIN-MAX}}, {{hole:MIN-MAX:REGEX}} marks, or a
+    list of fixed strings and hole objects ({"tokens"} or {"min_tokens", "max_tokens"}, optional "regex" or
+    "json_schema")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | Annotated[list[str | dict[str, Any]], Field(min_length=1)]
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields are reported back, never a crash
 
@@ -60,6 +108,10 @@ class _Common(BaseModel):
     diffusion: DiffusionSettings | None = None
     stream_drafts: StrictBool = False
     decoder: Literal["diffusion", "autoregressive"] = "diffusion"
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    infill: Infill | None = None
+    _constraint: Any = PrivateAttr(default=None)  # the compiled automaton, set while the request is prepared
 
     # Known OpenAI fields without effect (typed loosely so any client value passes).
     temperature: float | None = None
@@ -85,6 +137,36 @@ class _Common(BaseModel):
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+    def constraint(self) -> tuple[str, Constraint] | None:
+        """(request field, Constraint) from response_format / structured_outputs / infill, None when unconstrained.
+        Raises ConstraintError naming the problem."""
+        found: list[tuple[str, Constraint]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", Constraint.json_schema(JSON_OBJECT)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ConstraintError('response_format of type "json_schema" needs a json_schema object')
+            found.append(("response_format", Constraint.json_schema(rf.json_schema.schema_)))
+        so = self.structured_outputs
+        if so is not None:
+            given = [k for k, v in (("regex", so.regex), ("json", so.json_), ("choice", so.choice),
+                                    ("json_object", so.json_object or None)) if v is not None]
+            if len(given) != 1:
+                raise ConstraintError("structured_outputs takes exactly one of regex, json, choice, json_object "
+                                      f"(got {', '.join(given) or 'none'})")
+            kind = given[0]
+            c = (Constraint.regex(so.regex) if kind == "regex" else Constraint.json_schema(so.json_)
+                 if kind == "json" else Constraint.choice(so.choice) if kind == "choice"
+                 else Constraint.json_schema(JSON_OBJECT))
+            found.append((f"structured_outputs.{kind}", c))
+        if self.infill is not None:
+            found.append(("infill.template", Constraint.infill(self.infill.template)))
+        if len(found) > 1:
+            raise ConstraintError(f"one constraint per request (got {', '.join(f for f, _ in found)}); an infill "
+                                  "hole takes its own regex or json_schema")
+        return found[0] if found else None
 
 
 class TextPart(BaseModel):
