@@ -31,6 +31,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError
+from ..constraints import ConstraintError, compile_constraint, fill_id
+from ..generate import resolve_settings
 from ..tokenizer import TokenizerError
 from .engine import Engine, EngineBusy, Job
 from .schema import ChatRequest, CompletionRequest
@@ -285,10 +287,33 @@ def encode(state: ServerState, text: str, param: str) -> list[int]:
     return state.model.tokenizer.encode(text)
 
 
+def prepare_constraint(state: ServerState, req) -> None:
+    """Compile the request's constraint (response_format / structured_outputs / infill; cached per constraint) so a
+    malformed or unsatisfiable one is a 400 naming the problem before anything is queued."""
+    param = next((f for f in ("response_format", "structured_outputs", "infill") if getattr(req, f) is not None),
+                 None)
+    if param is None:
+        return
+    try:
+        found = req.constraint()
+        if found is None:
+            return
+        param, constraint = found
+        if req.decoder != "diffusion":
+            raise APIError(400, f"{param} needs the diffusion decoder", param="decoder")
+        gen = resolve_settings(state.model, None, {})
+        compile_constraint(constraint, state.model.tokenizer, state.model.config.vocab_size, gen.eos_ids,
+                           fill_id(gen))
+    except ConstraintError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_constraint") from None
+    req._constraint = constraint
+
+
 def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatRequest, list[int]]:
     obj = parse_body(body)
     check_sizes(state, obj)
     req = validate(ChatRequest, obj)
+    prepare_constraint(state, req)
     tok = state.model.tokenizer
     if tok is None or tok.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -305,6 +330,7 @@ def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionReque
     obj = parse_body(body)
     check_sizes(state, obj)
     req = validate(CompletionRequest, obj)
+    prepare_constraint(state, req)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -361,7 +387,7 @@ def make_job(state: ServerState, req, prompt_ids: list[int], emit: Callable[[dic
                        param="max_tokens")
     settings = req.diffusion.overrides() if req.diffusion and req.decoder == "diffusion" else {}
     job = Job(prompt_ids, max_new, settings, emit, decoder=req.decoder, drafts=req.stream_drafts,
-              stop=req.stop or [])
+              stop=req.stop or [], constraint=req._constraint)
     if req.seed is not None:
         job.seed = req.seed
     try:
