@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="cpu")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     f.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    f.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: DDP (default) or FSDP2 fully_shard (parameters, gradients and optimizer "
+                   "state sharded)")
     s = sub.add_parser("sudoku", help="solve or evaluate Sudoku with a DiffusionGemma model")
     ssub = s.add_subparsers(dest="sudoku_command", required=True)
     so = ssub.add_parser("solve", help="solve puzzles from a file (16, 36 or 81 chars per line, 0 or . for blanks)")
@@ -387,9 +390,10 @@ def cmd_finetune(args) -> int:
              "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every", "seed")
     cfg = TrainConfig(base=args.model, data=args.data, out=args.out, freeze_router=args.freeze_router,
                       chat=not args.no_chat, device=args.device, dtype=args.dtype, resume=args.resume,
-                      **{n: getattr(args, n) for n in names})
+                      distributed=args.distributed, **{n: getattr(args, n) for n in names})
     summary = finetune(cfg)
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary
+        print(json.dumps(summary))
     return 0
 
 

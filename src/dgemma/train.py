@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .checkpoint import load_model, resolve_device
 from .config import read_json
 from .kv_cache import TrainingKVCache
@@ -66,6 +68,7 @@ class TrainConfig:
     dtype: str = "float32"
     resume: bool = False
     progress: bool = True
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); see distributed.py
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"ar_targets must be 'all', 'response' or 'none', got {self.ar_targets!r}")
         if self.ar_targets == "none" and self.diffusion_weight == 0:
             raise ValueError("ar_targets='none' with diffusion_weight=0 leaves nothing to train")
+        if self.distributed not in distributed.STRATEGIES:
+            raise ValueError(f"distributed must be one of {distributed.STRATEGIES}, got {self.distributed!r}")
 
 
 @dataclass
@@ -137,18 +142,23 @@ def collate(batch: list[Example], pad: int, device) -> tuple[torch.Tensor, torch
 
 
 def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: int, r_len: int,
-           cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(autoregressive loss, diffusion loss) for one batch; a loss whose weight is 0 is not computed (0.0)."""
+           cfg: TrainConfig, gen: torch.Generator, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(autoregressive loss, diffusion loss) for one batch; a loss whose weight is 0 is not computed (0.0).
+
+    `rows` (data parallel): run the model on these rows only. The random draws still cover the whole batch and
+    both losses are normalised by the whole batch's counts, so the slices' losses add up to the whole batch's."""
     mc = model.config
     b, dev = ids.shape[0], ids.device
+    sub = rows if rows is not None else slice(None)
     pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     c = mc.canvas_length
     block = int(torch.randint(0, r_len // c, (1,), generator=gen))
     need_ar = cfg.ar_targets != "none" and cfg.ar_weight != 0
     zero = torch.zeros((), device=dev)
-    cache = TrainingKVCache(mc, b, dev, model.dtype, pads)
+    mine = ids[sub]
+    cache = TrainingKVCache(mc, mine.shape[0], dev, model.dtype, pads[sub])
     # Without an AR loss the encoder only has to cover what the decoder attends to.
-    hidden = model.encode(ids if need_ar else ids[:, :p_len + block * c], cache)
+    hidden = model.encode(mine if need_ar else mine[:, :p_len + block * c], cache)
     ar = zero
     if need_ar:
         # Predict token i+1 from position i, over real (non left-pad, non tail-pad) targets.
@@ -157,7 +167,11 @@ def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: 
         target = ids[:, first:].clone()
         slot = torch.arange(first, ids.shape[1], device=dev)
         target[(slot[None, :] <= pads.to(dev)[:, None]) | (target == pad_id) & (slot[None, :] >= p_len)] = -100
-        ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        if rows is None:
+            ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        else:
+            ar = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[sub].reshape(-1), ignore_index=-100,
+                                 reduction="sum") / (target != -100).sum().clamp(min=1)
     if cfg.diffusion_weight == 0:
         return ar, zero
 
@@ -167,12 +181,17 @@ def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: 
                         clean.cpu()).to(dev)
     view = cache.prefix(p_len + block * c)
     sc_mask = (torch.rand(b, generator=gen) < cfg.sc_prob).to(dev)
+    run_sc = bool(sc_mask.any())  # decided for the whole batch: every slice takes the same path
+    clean, noisy, sc_mask = clean[sub], noisy[sub], sc_mask[sub]
     sc_logits = None
-    if bool(sc_mask.any()):
+    if run_sc:
         with torch.no_grad():
             sc_logits = model.decode(noisy, view).detach()
     out = model.lm_head(model.decode_hidden(noisy, view, sc_logits, sc_mask=sc_mask if sc_logits is not None else None))
-    diff = F.cross_entropy(out.reshape(-1, out.shape[-1]), clean.reshape(-1))
+    if rows is None:
+        diff = F.cross_entropy(out.reshape(-1, out.shape[-1]), clean.reshape(-1))
+    else:
+        diff = F.cross_entropy(out.reshape(-1, out.shape[-1]), clean.reshape(-1), reduction="sum") / (b * c)
     return ar, diff
 
 
@@ -263,7 +282,9 @@ def finetune(cfg: TrainConfig) -> dict:
     LoRA, <out>/final/adapter (PEFT layout)."""
     cfg.validate()
     out, base = Path(cfg.out), Path(cfg.base)
-    device = resolve_device(cfg.device)
+    ctx = distributed.setup(cfg.device, cfg.distributed, cfg.batch_size)  # None unless under torchrun
+    device = ctx.device if ctx else resolve_device(cfg.device)
+    main = ctx is None or ctx.main  # the rank that logs and writes
     resume_from = out / "last"
     start_dir = resume_from if cfg.resume and (resume_from / "trainer_state.json").is_file() else base
     if cfg.resume and cfg.lora_rank and start_dir != base:
@@ -280,6 +301,7 @@ def finetune(cfg: TrainConfig) -> dict:
         for layer in model.layers:
             layer.router.requires_grad_(False)
     model.train()
+    objective = distributed.wrap(ctx, model, losses) if ctx else None  # FSDP replaces the parameters
     params = {p: n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -287,8 +309,11 @@ def finetune(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and (resume_from / "trainer_state.json").is_file():
         step = _load_state(resume_from, opt, params, gen)
+        if ctx:
+            distributed.shard_optimizer_state(opt)
     log_path = out / "train_log.jsonl"
-    _trim_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops entries it will redo
+    if main:
+        _trim_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops entries it will redo
     pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
 
     from rich.console import Console
@@ -296,12 +321,12 @@ def finetune(cfg: TrainConfig) -> dict:
 
     progress = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=not cfg.progress)
+                        TimeRemainingColumn(), console=Console(stderr=True), disable=not (cfg.progress and main))
     t0, tokens, seen, last = time.perf_counter(), 0, 0, {}
     elapsed_before = _logged_elapsed(log_path)  # a resumed run's clock continues
     # No row_invariant(): padding small GEMMs buys batch-independent inference, not better training, and its
     # padded expert matmuls cost time.
-    with progress, open(log_path, "a", encoding="utf-8") as log:
+    with progress, open(log_path if main else os.devnull, "a", encoding="utf-8") as log:
         task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
         while step < cfg.steps:
             pick = random.Random(cfg.seed * 1_000_003 + step)  # per step: a resumed run sees the same batches
@@ -309,20 +334,26 @@ def finetune(cfg: TrainConfig) -> dict:
             ids, pads, p_len, r_len = collate(batch, pad, device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            ar, diff = losses(model, ids, pads, p_len, r_len, cfg, gen)
+            if ctx:
+                ar, diff = objective(ids, pads, p_len, r_len, cfg, gen, rows=ctx.rows(cfg.batch_size))
+            else:
+                ar, diff = losses(model, ids, pads, p_len, r_len, cfg, gen)
             loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            values = ctx.sum([loss, ar, diff]) if ctx else [loss.item(), ar.item(), diff.item()]
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"loss became {values[0]} at step {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP and FSDP average gradients over ranks; the slices' losses are parts of a sum
+            (loss * ctx.world if ctx else loss).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params), cfg.clip)
             opt.step()
             step += 1
             tokens += int(ids.numel())
             seen += ids.shape[0]
             elapsed = time.perf_counter() - t0
-            last = {"step": step, "loss": loss.item(), "ar_loss": ar.item(), "diffusion_loss": diff.item(),
-                    "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
+            last = {"step": step, "loss": values[0], "ar_loss": values[1], "diffusion_loss": values[2],
+                    "lr": opt.param_groups[0]["lr"], "grad_norm": distributed.full_norm(grad_norm),
+                    "tokens_per_s": tokens / elapsed,
                     "examples_per_s": seen / elapsed, "examples": step * cfg.batch_size,
                     "elapsed_s": elapsed_before + elapsed}
             progress.update(task, completed=step, loss=last["loss"], tps=last["tokens_per_s"])
@@ -330,15 +361,34 @@ def finetune(cfg: TrainConfig) -> dict:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                _snapshot(model, base, out, cfg, step, opt, params, gen)
-    _snapshot(model, base, out, cfg, step, opt, params, gen)
-    save_checkpoint(model, base, out / "final", cfg)
-    return {"steps": step, **last, "out": str(out / "final")}
+                _snapshot(model, base, out, cfg, step, opt, params, gen, ctx)
+    plain = _snapshot(model, base, out, cfg, step, opt, params, gen, ctx)
+    if plain is not None:
+        save_checkpoint(plain, base, out / "final", cfg)
+    world = ctx.world if ctx else 1
+    if ctx:
+        ctx.barrier()
+        distributed.teardown(ctx)
+    return {"steps": step, **last, "world_size": world, "out": str(out / "final")}
 
 
-def _snapshot(model, base, out, cfg, step, opt, params, gen) -> None:
-    """<out>/last: a loadable checkpoint plus optimizer and RNG state for --resume."""
+def _snapshot(model, base, out, cfg, step, opt, params, gen, ctx=None) -> DiffusionGemma | None:
+    """<out>/last: a loadable checkpoint plus optimizer and RNG state for --resume. Distributed: every rank
+    calls it, rank 0 writes full tensors. Returns the (plain) model that was written, None on other ranks."""
     last = out / "last"
+    if ctx:
+        model, opt, params = distributed.gathered(ctx, model, opt, params, lambda: _plain_model(base, cfg))
+        if model is None:
+            return None
     save_checkpoint(model, base, last, cfg)
     _save_state(last, step, opt, params, gen, cfg)
+    return model
+
+
+def _plain_model(base: Path, cfg: TrainConfig) -> DiffusionGemma:
+    """An unsharded model on the CPU with the trained model's structure (LoRA wrappers too)."""
+    model = load_model(base, dtype=cfg.dtype, device="cpu")
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    return model
 
