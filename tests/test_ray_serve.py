@@ -172,3 +172,17 @@ def test_killed_replica_loses_no_request_held_by_the_other(cluster, single):
         seen.add(raw.headers[REPLICA_HEADER])
         assert raw.parse().choices[0].text
     assert victim not in seen
+
+
+def test_cli_and_builder_check_their_arguments(capsys):
+    from dgemma.cli import main
+    from dgemma.serve.ray_serve import app_builder
+
+    assert main(["serve", "--ray", "--replicas", "0"]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--max-replicas", "3"]) == 2
+    assert "--min-replicas and --max-replicas" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown argument"):
+        app_builder({"replica": "2"})
+    app = app_builder({"replicas": "2", "replica_cpus": "0.5", "max_batch": "4"})
+    assert isinstance(app, serve.Application)

@@ -162,3 +162,34 @@ def serve_forever(spec: ReplicaSpec, scale: ScaleSpec, port: int, address: str |
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def app_builder(args: dict[str, str]):
+    """For Ray's own CLI and config files: `serve run dgemma.serve.ray_serve:app_builder model=DIR replicas=2`
+    (keys: model, model_name, dtype, device, replicas, min_replicas, max_replicas, replica_cpus, replica_gpus,
+    max_batch, max_tokens, host; the API key comes from $DGEMMA_API_KEY, so it stays out of config files)."""
+    import os
+    from pathlib import Path
+
+    known = {"model", "model_name", "dtype", "device", "replicas", "min_replicas", "max_replicas", "replica_cpus",
+             "replica_gpus", "max_batch", "max_tokens", "host"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
+    if "model" in args:
+        model = args["model"]
+    else:
+        from ..tasks.sudoku_run import default_model_path
+
+        model = str(default_model_path())
+    opt = lambda key, kind: kind(args[key]) if key in args else None  # noqa: E731
+    limits = Limits(max_batch=opt("max_batch", int) or Limits.max_batch,
+                    max_tokens=opt("max_tokens", int) or Limits.max_tokens)
+    spec = ReplicaSpec(model=model, dtype=args.get("dtype"), device=args.get("device", "cpu"),
+                       model_name=args.get("model_name", Path(model).resolve().name),
+                       api_key=os.environ.get("DGEMMA_API_KEY") or None, limits=limits,
+                       host=args.get("host", "127.0.0.1"))
+    scale = ScaleSpec(replicas=opt("replicas", int) or 1, min_replicas=opt("min_replicas", int),
+                      max_replicas=opt("max_replicas", int), num_cpus=opt("replica_cpus", float) or 1.0,
+                      num_gpus=opt("replica_gpus", float) or 0.0)
+    return build_app(spec, scale)
