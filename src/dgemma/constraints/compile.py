@@ -21,7 +21,7 @@ from outlines_core.json_schema import build_regex_from_schema
 from .automaton import INF, TokenAutomaton
 from .errors import ConstraintError
 from .template import Hole, Template
-from .vocab import TokenTable, outlines_vocabulary, token_table
+from .vocab import SENTINEL, TokenTable, outlines_vocabulary, sentinel_id, token_table
 
 KINDS = ("regex", "json", "choice", "template")
 WHITESPACE = r"[ ]?"  # JSON whitespace allowed between tokens: compact output, at most one space
@@ -137,33 +137,72 @@ class Edges:
     fixed: list[int] = field(default_factory=list)  # states entered by a template's fixed tokens
 
 
+def _check_parentheses(regex: str, what: str) -> None:
+    """Unescaped parentheses outside character classes must balance (the regex is wrapped in a group)."""
+    depth, in_class, i = 0, 0, 0
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            if ch == "[":
+                in_class += 1
+            elif ch == "]" and regex[i - 1] not in "[^":
+                in_class -= 1
+        elif ch == "[":
+            in_class = 1
+            if regex[i + 1:i + 2] == "]" or regex[i + 1:i + 3] == "^]":
+                i += 2 if regex[i + 1] == "]" else 3  # a leading ] is a literal
+                continue
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                break
+        i += 1
+    if depth != 0:
+        raise ConstraintError(f"{what} {regex[:200]!r} cannot be compiled: unbalanced parentheses")
+
+
 def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex") -> Edges:
+    """Token-level edges of `regex` (the whole output must match) over the text tokens of `table`.
+
+    outlines-core's Index follows leftmost-first match semantics: once a match is reached, lower-priority
+    alternatives and tokens that run on past the match are cut (for `1|12|123` it allows only "1"). The regex is
+    therefore compiled followed by SENTINEL (U+10FFFF), given a token of its own: nothing matches before the end,
+    so every continuation is kept, and the accepting states are those whose SENTINEL edge reaches a match."""
+    _check_parentheses(regex, what)
     vocab = outlines_vocabulary(table, exclude)
     try:
-        index = Index(regex, vocab)
+        index = Index(f"(?:{regex}){SENTINEL}", vocab)
     except BaseException as e:  # outlines-core raises ValueError (and a Rust panic surfaces as BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConstraintError(f"{what} {regex[:200]!r} cannot be compiled: {e}") from None
     trans = index.get_transitions()
-    finals = set(index.get_final_states())
     start = index.get_initial_state()
-    names = sorted(set(trans) | finals | {start} | {d for row in trans.values() for d in row.values()})
+    eos, sentinel = len(table.pieces), sentinel_id(table)  # outlines' EOS id and the sentinel's (vocab.py)
+    names = sorted(set(trans) | {start} | {d for row in trans.values() for d in row.values()})
     number = {s: i for i, s in enumerate(names)}
     src: list[int] = []
     tok: list[int] = []
     dst: list[int] = []
-    eos = len(table.pieces)  # outlines' own EOS id (see vocab.py)
+    finals = []
+    accepting = set(index.get_final_states())
     for s, row in trans.items():
-        row = {t: d for t, d in row.items() if t != eos}
+        if row.get(sentinel) in accepting:  # w SENTINEL matches iff w does (the regex may hold U+10FFFF itself)
+            finals.append(number[s])
+        row = {t: d for t, d in row.items() if t < eos}
         src.extend([number[s]] * len(row))
         tok.extend(row.keys())
         dst.extend(number[d] for d in row.values())
     return Edges(np.asarray(src, np.int64), np.asarray(tok, np.int64), np.asarray(dst, np.int64), len(names),
-                 number[start], [number[f] for f in finals])
+                 number[start], finals)
 
 
-ANY_TEXT = r"[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F]*"  # a hole's default: valid UTF-8 text, no control characters
+ANY_TEXT = r"[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*"  # a hole's default: UTF-8 text, no control characters
 
 
 def _any_text(table: TokenTable, exclude: frozenset[int]) -> Edges:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from outlines_core import Vocabulary
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+SENTINEL = "\U0010FFFF"  # the last code point (a noncharacter): marks the end of a regex, see compile.regex_edges
 
 
 @functools.cache
@@ -105,8 +106,14 @@ def _vocabulary(table: TokenTable, exclude: frozenset[int]) -> Vocabulary:
     for i, p in enumerate(table.pieces):
         if p and i not in exclude:
             by_piece.setdefault(p, []).append(i)
-    # outlines-core wants an EOS id of its own; an id past the vocabulary never collides with a real token
+    # outlines-core wants an EOS id of its own, and compile.py appends SENTINEL to every regex: ids past the
+    # vocabulary never collide with a real token
+    by_piece.setdefault(SENTINEL.encode(), []).append(sentinel_id(table))
     return Vocabulary(len(table.pieces), by_piece)
+
+
+def sentinel_id(table: TokenTable) -> int:
+    return len(table.pieces) + 1
 
 
 def outlines_vocabulary(table: TokenTable, exclude: frozenset[int]) -> Vocabulary:

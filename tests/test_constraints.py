@@ -1,0 +1,230 @@
+"""Constrained and infill decoding: the canvas DP against brute force on tiny vocabularies, compile errors, and
+property tests (hypothesis) on a random model: every output matches its regex / schema / choice / template."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dgemma.checkpoint import load_model
+from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
+from dgemma.constraints.automaton import TokenAutomaton
+from dgemma.constraints.compile import regex_edges
+from dgemma.constraints.dp import class_scores, best_canvas
+from dgemma.constraints.vocab import TokenTable
+from dgemma.generate import Commit, Done, Draft, generate, stream
+from dgemma.presets import write_random_checkpoint
+
+PAD, EOS = 0, 1
+PIECES = (None, None, b"a", b"b", b"ab", b"ba", b"c", b"bc")  # ids 0 (pad), 1 (EOS), then text tokens
+
+
+def _aut(regex: str) -> TokenAutomaton:
+    table = TokenTable(PIECES, "test:" + regex)
+    e = regex_edges(regex, table, frozenset({PAD, EOS}))
+    return TokenAutomaton.build(e.src, e.tok, e.dst, e.n_states, e.start, e.finals, len(PIECES), [EOS], PAD)
+
+
+def _text(ids) -> str:
+    return b"".join(PIECES[i] for i in ids).decode()
+
+
+def _valid(canvas: tuple[int, ...], regex: str, left: int) -> bool:
+    """Independent oracle (Python's re): before EOS only text tokens, after it only pad, EOS within the budget;
+    a canvas without EOS must be a prefix of a match finishable within the budget (continuations searched)."""
+    c = len(canvas)
+    if EOS in canvas:
+        k = canvas.index(EOS)
+        head, tail = canvas[:k], canvas[k + 1:]
+        return (k < left and all(PIECES[t] for t in head) and all(t == PAD for t in tail)
+                and re.fullmatch(regex, _text(head)) is not None)
+    if not all(PIECES[t] for t in canvas) or left - c < 1:
+        return False
+    text_ids = [i for i, p in enumerate(PIECES) if p]
+    for n in range(0, min(left - c - 1, 3) + 1):
+        for more in itertools.product(text_ids, repeat=n):
+            if re.fullmatch(regex, _text(canvas + more)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("regex", ["(ab|c)+a?", "a*b(c|ba)", "[abc]{2,3}", "b?", "(a|bc)(ba)*"])
+@pytest.mark.parametrize("budget", [3, 4, 6])
+def test_dp_is_the_best_valid_canvas(regex, budget):
+    aut = _aut(regex)
+    c, v = 4, len(PIECES)
+    left = (budget - torch.arange(c + 1)).clamp(min=0)
+    g = torch.Generator().manual_seed(len(regex) * 31 + budget)
+    canvases = list(itertools.product(range(v), repeat=c))
+    valid = [x for x in canvases if _valid(x, regex, budget)]
+    for _ in range(4):
+        probs = torch.softmax(torch.randn(c, v, generator=g) * 2, dim=-1)
+        path = best_canvas(class_scores(probs, aut), aut, aut.start, left)
+        logp = probs.log()
+        score = lambda x: float(sum(logp[j, t] for j, t in enumerate(x)))  # noqa: E731
+        if not valid:  # nothing fits: the best valid prefix over the budget's positions, no EOS
+            assert not path.complete and EOS not in path.argmax.tolist()
+            continue
+        got = tuple(path.argmax.tolist())
+        assert path.complete and got in valid, (regex, budget, got)
+        assert score(got) == pytest.approx(max(score(x) for x in valid), abs=1e-5)
+
+
+def test_token_classes_group_equal_tokens():
+    aut = _aut("[ab]{2,3}")  # a and b behave alike, ab and ba too (two characters); c and bc never occur
+    tc = aut.token_class.tolist()
+    assert tc[2] == tc[3] and tc[4] == tc[5] and tc[2] != tc[4]
+    assert tc[6] == tc[7] == -1
+    assert aut.min_tokens == 2  # "ab" and EOS
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-constraints")
+    write_random_checkpoint(path, "tiny", seed=3)
+    m = load_model(path)
+    m.generation_config = m.generation_config.replace(max_denoising_steps=3)  # validity does not need steps
+    return m
+
+
+def test_compile_errors_name_the_problem(model):
+    tok, v = model.tokenizer, model.config.vocab_size
+    with pytest.raises(ConstraintError, match="cannot be compiled"):
+        compile_constraint(Constraint.regex("a("), tok, v, [1], 0)
+    with pytest.raises(ConstraintError, match="cannot be compiled"):
+        compile_constraint(Constraint.regex("[^\\s\\S]"), tok, v, [1], 0)
+    with pytest.raises(ConstraintError, match="not a valid JSON schema"):
+        Constraint.json_schema({"type": "nope"})
+    with pytest.raises(ConstraintError, match="non-empty list"):
+        Constraint.choice([])
+    with pytest.raises(ConstraintError, match="no hole"):
+        Constraint.infill("just text")
+    with pytest.raises(ConstraintError, match="one of regex"):
+        Constraint.from_args(regex="a", choice=["a"])
+    a = compile_constraint(Constraint.regex("^x+$"), tok, v, [1], 0)  # anchors are implied
+    assert a is compile_constraint(Constraint.regex("x+"), tok, v, [1], 0)  # cached
+
+
+# -- random regexes and schemas -----------------------------------------------------------------------------------
+ATOMS = st.sampled_from(["a", "b", "xy", "[0-9]", "[a-c]", "\\.", " ", "é", "(ab|cd)", "[A-Z]"])
+
+
+@st.composite
+def regexes(draw, depth=2):
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        atom = draw(ATOMS) if depth == 0 or draw(st.booleans()) else "(" + draw(regexes(depth=depth - 1)) + ")"
+        rep = draw(st.sampled_from(["", "?", "*", "+", "{2}", "{1,3}"]))
+        parts.append(atom + rep)
+    alt = draw(st.booleans()) and depth > 0
+    return "|".join(parts) if alt else "".join(parts)
+
+
+@given(regex=regexes(), seed=st.integers(0, 2**31))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_random_regexes_always_match(model, regex, seed):
+    r = generate(model, model.tokenizer.encode("Q:"), seed=seed, max_new_tokens=40, regex=regex)
+    assert r.finish_reason == "eos", (regex, r.text)
+    assert re.fullmatch(regex, r.text), (regex, r.text)
+
+
+SCALARS = st.sampled_from([{"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 4},
+                           {"type": "number"}, {"enum": ["red", "green", 3]}, {"type": "string", "pattern": "[a-z]{2}"},
+                           {"type": "null"}])
+
+
+@st.composite
+def schemas(draw, depth=2):
+    names = draw(st.lists(st.sampled_from(["id", "name", "ok", "tags", "sub"]), min_size=1, max_size=3, unique=True))
+    props = {}
+    for n in names:
+        kind = draw(st.integers(0, 2 if depth else 0))
+        if kind == 1:
+            lo = draw(st.integers(0, 2))
+            props[n] = {"type": "array", "items": draw(SCALARS), "minItems": lo, "maxItems": lo + draw(st.integers(0, 2))}
+        elif kind == 2:
+            props[n] = draw(schemas(depth=depth - 1))
+        else:
+            props[n] = draw(SCALARS)
+    return {"type": "object", "properties": props, "required": names, "additionalProperties": False}
+
+
+@given(schema=schemas(), seed=st.integers(0, 2**31))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_random_schemas_always_validate(model, schema, seed):
+    budget = 128
+    aut = compile_constraint(Constraint.json_schema(schema), model.tokenizer, model.config.vocab_size, [1, 5], 0)
+    r = generate(model, model.tokenizer.encode("JSON:"), seed=seed, max_new_tokens=budget, json_schema=schema)
+    if aut.min_tokens > budget:  # no instance fits: cut for length, never a false stop
+        assert r.finish_reason == "length" and len(r.ids) == budget
+        return
+    assert r.finish_reason == "eos", (schema, r.text)
+    jsonschema.validate(json.loads(r.text), schema)
+
+
+@given(seed=st.integers(0, 2**31))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+def test_choice(model, seed):
+    options = ["yes", "no", "not sure", "n/a (see {x})"]
+    r = generate(model, model.tokenizer.encode("?"), seed=seed, max_new_tokens=32, choice=options)
+    assert r.finish_reason == "eos" and r.text in options
+
+
+def test_too_short_a_budget_ends_for_length_with_a_valid_prefix(model):
+    r = generate(model, [5, 6], seed=0, max_new_tokens=6, regex="[a-z]{10}")
+    assert r.finish_reason == "length" and re.fullmatch("[a-z]{6}", r.text)
+
+
+def test_mixed_batch_leaves_unconstrained_rows_untouched(model):
+    prompts = [[7, 8, 9], [10, 11, 12]]
+    batch = generate(model, prompts, seed=5, max_new_tokens=40, constraint=[Constraint.regex("[0-9]+"), None])
+    alone = generate(model, prompts[1], seed=6, max_new_tokens=40)
+    assert re.fullmatch("[0-9]+", batch[0].text)
+    assert batch[1].ids == alone.ids and batch[1].steps == alone.steps
+
+
+# -- infill ----------------------------------------------------------------------------------------------------------
+def test_infill_clamps_fixed_tokens_every_step_across_canvases(model):
+    tok = model.tokenizer
+    head, mid, tail = "Dear customer number ", ", your order of ", " units ships today. Regards!"
+    template = Template.parse(head + "{{hole:6:[0-9]+}}" + mid + "{{hole:3}}" + tail)
+    ids_head, ids_mid, ids_tail = tok.encode(head), tok.encode(mid), tok.encode(tail)
+    fixed = {i: t for i, t in enumerate(ids_head)}
+    at = len(ids_head) + 6
+    fixed.update({at + i: t for i, t in enumerate(ids_mid)})
+    at += len(ids_mid) + 3
+    fixed.update({at + i: t for i, t in enumerate(ids_tail)})
+    c = model.config.canvas_length
+    assert max(fixed) >= 2 * c  # the template spans three canvases
+    for seed in range(2):
+        drafts = 0
+        for ev in stream(model, tok.encode("Letter:"), seed=seed, max_new_tokens=96, template=template):
+            if isinstance(ev, Draft):
+                drafts += 1
+                for pos, t in fixed.items():
+                    if pos // c == ev.canvas_index:  # the input canvas holds every fixed token, every step
+                        assert int(ev.canvas[0, pos % c]) == t and int(ev.argmax[0, pos % c]) == t
+            elif isinstance(ev, Done):
+                res = ev.results[0]
+        assert drafts > 0 and res.finish_reason == "eos"
+        assert all(res.ids[p] == t for p, t in fixed.items())
+        m = re.fullmatch(re.escape(head) + "[0-9]{6}" + re.escape(mid) + "(.+)" + re.escape(tail), res.text, re.S)
+        assert m and len(m.group(1).encode()) == 3  # byte tokens: a 3-token hole holds 3 bytes of UTF-8
+
+
+def test_infill_bounded_holes_and_schema_hole(model):
+    parts = ["name=", {"min_tokens": 1, "max_tokens": 5, "regex": "[a-z]+"}, "; data=",
+             {"min_tokens": 2, "max_tokens": 40, "json_schema": {"type": "array", "items": {"type": "integer"},
+                                                                  "maxItems": 3}}, ";"]
+    for seed in range(3):
+        r = generate(model, [5, 6, 7], seed=seed, max_new_tokens=64, template=parts)
+        m = re.fullmatch(r"name=([a-z]{1,5}); data=(.*);", r.text, re.S)
+        assert r.finish_reason == "eos" and m, r.text
+        assert isinstance(json.loads(m.group(2)), list)
