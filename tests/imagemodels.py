@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,12 @@ def build_vision_checkpoint(path: Path, seed: int = 0, vision: dict[str, Any] | 
     save_tokenizer(image_tokenizer(), path)
     (path / "processor_config.json").write_text(json.dumps({"image_processor": PROCESSOR}), encoding="utf-8")
     return m, path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds no pixel data (zero-size images, decompression bombs)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))

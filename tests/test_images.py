@@ -22,7 +22,7 @@ from dgemma.images import (
     text_prompt,
 )
 from dgemma.tokenizer import BYTE_CHAT_TEMPLATE, TokenizerError
-from imagemodels import BOI, EOI, IMAGE, image_tokenizer, reference_processor
+from imagemodels import BOI, EOI, IMAGE, image_tokenizer, png_header, reference_processor
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -154,10 +154,16 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ImageError, match="no such image file"):
         preprocess_images(tmp_path / "missing.png")
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(ImageError, match="x.txt: not an image"):
+    with pytest.raises(ImageError, match="x.txt: cannot identify the image"):
         preprocess_images(str(tmp_path / "x.txt"))
     with pytest.raises(ImageError, match="empty image"):
         preprocess_images(Image.new("RGB", (0, 10)))
+    with pytest.raises(ImageError, match="zero pixels"):
+        preprocess_images(png_header(0, 10))
+    with pytest.raises(ImageError, match="too many pixels"):  # Pillow's own bomb check, from the header alone
+        preprocess_images(png_header(30000, 30000))
+    with pytest.raises(ImageError, match="9000x9000 pixels exceed the limit"):
+        preprocess_images(png_header(9000, 9000))
     with pytest.raises(ImageError, match="exceed the limit"):
         preprocess_images(_noise(100, 100), max_pixels=99 * 100)
     with pytest.raises(ImageError, match="unsupported image input"):

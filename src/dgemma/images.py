@@ -149,7 +149,8 @@ def _open(source: Any, name: str) -> Image.Image:
         # Pillow's own bomb check reads the header only; our explicit pixel limit follows in load_image.
         return Image.open(source)
     except UnidentifiedImageError as e:
-        raise ImageError(f"{name}: not an image or an unsupported format") from e
+        raise ImageError(f"{name}: cannot identify the image (not an image, an unsupported format, or an empty "
+                         "image of zero pixels)") from e
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: too many pixels ({e})") from e
     except OSError as e:

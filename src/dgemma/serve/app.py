@@ -31,6 +31,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError
+from ..images import DEFAULT_MAX_PIXELS, ImageError, chat_prompt, extract_images
 from ..constraints import ConstraintError, compile_constraint, fill_id
 from ..generate import resolve_settings
 from ..tokenizer import TokenizerError
@@ -54,6 +55,9 @@ class Limits:
     max_batch: int = 8  # requests batched into one diffusion run
     max_running: int = 16  # requests decoded at once
     max_pending: int = 64  # requests waiting beyond those; more get a 429
+    max_images: int = 8  # images per chat request
+    max_image_bytes: int = 8 << 20  # encoded image bytes per request (the body limit applies too)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # per decoded image (decompression bombs)
 
 
 class APIError(Exception):
@@ -317,6 +321,8 @@ def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatRequest, list[int
     tok = state.model.tokenizer
     if tok is None or tok.chat_template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    if any(m.has_images() for m in req.messages):
+        return req, prepare_images(state, req)
     try:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -324,6 +330,34 @@ def prepare_chat(state: ServerState, body: bytes) -> tuple[ChatRequest, list[int
     except (ValueError, TokenizerError) as e:
         raise APIError(400, str(e), param="messages") from None
     return req, ids
+
+
+def prepare_images(state: ServerState, req: ChatRequest) -> list[int]:
+    """A chat with image parts: data: URLs only (nothing is fetched), limits checked before decoding; the images
+    are decoded and preprocessed here, the tower runs in the engine. Sets req._images; returns the prompt ids."""
+    if getattr(state.model, "vision", None) is None:
+        raise APIError(400, "this model has no vision tower; image content is not supported", param="messages",
+                       code="images_not_supported")
+    if req.decoder != "diffusion":
+        raise APIError(400, "image input needs the diffusion decoder", param="decoder")
+    limits = state.limits
+    try:
+        raw = [{"role": "system" if m.role == "developer" else m.role, "content": m.parts()} for m in req.messages]
+        for m in raw:
+            for part in [{"text": m["content"]}] if isinstance(m["content"], str) else m["content"]:
+                str(part.get("text", "")).encode("utf-8")
+        messages, images = extract_images(raw, allow_paths=False, max_images=limits.max_images,
+                                          max_bytes=limits.max_image_bytes)
+        prompt = chat_prompt(state.model, messages, images, max_pixels=limits.max_image_pixels)
+    except ImageError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_image") from None
+    except UnicodeEncodeError as e:  # JSON allows lone surrogates; tokenizers do not
+        raise APIError(400, f"messages is not valid Unicode ({e.reason} at index {e.start})",
+                       param="messages") from None
+    except (ValueError, TokenizerError) as e:
+        raise APIError(400, str(e), param="messages") from None
+    req._images = prompt.images
+    return prompt.ids
 
 
 def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionRequest, list[int]]:
@@ -387,7 +421,7 @@ def make_job(state: ServerState, req, prompt_ids: list[int], emit: Callable[[dic
                        param="max_tokens")
     settings = req.diffusion.overrides() if req.diffusion and req.decoder == "diffusion" else {}
     job = Job(prompt_ids, max_new, settings, emit, decoder=req.decoder, drafts=req.stream_drafts,
-              stop=req.stop or [], constraint=req._constraint)
+              stop=req.stop or [], constraint=req._constraint, images=getattr(req, "_images", None))
     if req.seed is not None:
         job.seed = req.seed
     try:

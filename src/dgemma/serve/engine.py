@@ -54,6 +54,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() after which the job is stopped
     constraint: Any = None  # a constraints.Constraint the output must satisfy (diffusion only)
+    images: dict[str, Any] | None = None  # preprocess_images output for the prompt's images (diffusion only)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Progress, owned by the worker.
     ids: list[int] = field(default_factory=list)
@@ -70,8 +71,10 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share a batch."""
-        return (self.decoder, self.max_new_tokens, tuple(sorted(self.settings.items())))
+        """Jobs with equal keys can share a batch. A job with images runs alone: the vision tower's batched
+        arithmetic is not row-invariant, and a seeded request must give the same tokens alone or under load."""
+        solo = id(self) if self.images is not None else None
+        return (self.decoder, self.max_new_tokens, tuple(sorted(self.settings.items())), solo)
 
 
 def finite_or_none(values: list[float], digits: int = 4) -> list[float | None]:
@@ -121,7 +124,16 @@ class _DiffusionRun(_Run):
         self.events = stream(engine.model, [j.prompt_ids for j in jobs], max_new_tokens=first.max_new_tokens,
                              seed=[j.seed for j in jobs], rng="fast",
                              constraint=constraints if any(c is not None for c in constraints) else None,
-                             **first.settings)
+                             **self._image_inputs(jobs), **first.settings)
+
+    @staticmethod
+    def _image_inputs(jobs: list[Job]) -> dict[str, Any]:
+        """The batch's images in prompt order, row by row (what generate expects)."""
+        with_images = [j.images for j in jobs if j.images is not None]
+        if not with_images:
+            return {}
+        return {"pixel_values": torch.cat([i["pixel_values"] for i in with_images]),
+                "image_position_ids": torch.cat([i["image_position_ids"] for i in with_images])}
 
     def handle(self, event) -> None:
         eng = self.engine

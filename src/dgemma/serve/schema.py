@@ -174,6 +174,19 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str  # a data: URL (data:image/png;base64,...); remote URLs are refused, the server fetches nothing
+    detail: str | None = None  # accepted, no effect (the checkpoint's soft-token budget decides)
+
+
+class ImageURLPart(BaseModel):
+    """OpenAI's image content part."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class OtherPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -183,7 +196,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | OtherPart] | None = None
+    content: str | list[TextPart | ImageURLPart | OtherPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -195,10 +208,20 @@ class Message(BaseModel):
                 raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
         return "".join(p.text for p in self.content)
 
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.type in ("image_url", "image") for p in self.content)
+
+    def parts(self) -> str | list[dict[str, Any]]:
+        """The content as a string or as plain part dicts (what dgemma.images.extract_images reads)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return [p.model_dump(exclude_none=True) for p in self.content]
+
 
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    _images: Any = PrivateAttr(default=None)  # preprocess_images output for the prompt's images, set while preparing
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

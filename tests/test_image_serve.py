@@ -1,0 +1,129 @@
+"""Image input over the HTTP API: the openai client sends data: URL images to a live server on a tiny random
+checkpoint with a vision tower; bad images get a 400 naming the problem and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from dgemma.images import chat_prompt
+from dgemma.serve import Limits
+from imagemodels import IMAGE, build_vision_checkpoint, png_header
+from live_server import LiveServer
+
+FAST = {"max_denoising_steps": 4}
+MAX_IMAGE_BYTES = 60_000
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _, path = build_vision_checkpoint(tmp_path_factory.mktemp("image_serve") / "vision", seed=2)
+    limits = Limits(max_tokens=64, max_body_bytes=200_000, max_images=2, max_image_bytes=MAX_IMAGE_BYTES,
+                    max_image_pixels=MAX_PIXELS)
+    with LiveServer(path, name="vision", limits=limits) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def messages(*urls: str, text: str = "What is in the picture?") -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in urls),
+                                         {"type": "text", "text": text}]}]
+
+
+def chat(client, msgs, seed=0, **kw):
+    return client.chat.completions.create(model="vision", messages=msgs, max_tokens=16, seed=seed,
+                                          extra_body={"diffusion": FAST}, **kw)
+
+
+def test_data_url_image_matches_direct_generate(client, server):
+    imgs = [_image(50, 30, 1), _image(20, 90, 2)]
+    msgs = messages(*(data_url(_encode(i)) for i in imgs))
+    r = chat(client, msgs, seed=4)
+    model = server.model
+    direct = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "image", "image": imgs[1]},
+                                           {"type": "text", "text": "What is in the picture?"}]}]
+    prompt = chat_prompt(model, direct)
+    assert prompt.ids.count(IMAGE) == sum(prompt.images["num_soft_tokens"]) > 0
+    want = model.generate(prompt.ids, seed=4, max_new_tokens=16, **FAST, **prompt.image_inputs())
+    assert r.choices[0].message.content == want.text
+    assert r.usage.prompt_tokens == len(prompt.ids) and r.usage.completion_tokens == len(want.ids[:16])
+    # The image reaches the model: another image, same text and seed, gives a different first draft (logits).
+    other = chat_prompt(model, [{"role": "user", "content": [{"type": "image", "image": _image(50, 30, 9)},
+                                                             {"type": "image", "image": imgs[1]},
+                                                             {"type": "text", "text": "What is in the picture?"}]}])
+    canvas = [[3] * model.config.canvas_length]
+    import torch
+
+    a = model.canvas_logits(torch.tensor([prompt.ids]), torch.tensor(canvas), **prompt.image_inputs())
+    b = model.canvas_logits(torch.tensor([other.ids]), torch.tensor(canvas), **other.image_inputs())
+    assert (a - b).abs().max() > 1e-3
+    # Streaming gives the same text.
+    chunks = list(chat(client, msgs, seed=4, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+
+
+def _post(server, msgs, **extra):
+    return httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "vision", "messages": msgs, "max_tokens": 8, "diffusion": FAST, **extra})
+
+
+def test_bad_images_are_400s_and_the_server_keeps_serving(server):
+    good = data_url(_encode(_image(30, 30, 3)))
+    png = _encode(_image(120, 120, 4))
+    big = data_url(_encode(_image(160, 160, 5)))  # over MAX_IMAGE_BYTES as base64
+    cases = [
+        (messages("https://example.com/cat.png"), "remote image URLs are not fetched"),
+        (messages("http://127.0.0.1/x.png"), "remote image URLs are not fetched"),
+        (messages("/etc/hostname"), "must be a data: URL"),
+        (messages(data_url(b"\x00\x01 definitely not an image")), "cannot identify the image"),
+        (messages(data_url(png[: len(png) // 2])), "cannot decode"),  # truncated
+        (messages(data_url(b"%PDF-1.4 fake", "image/png")), "cannot identify the image"),  # unsupported format
+        (messages(data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")), "cannot identify"),
+        (messages(data_url(png_header(0, 0))), "zero pixels"),
+        (messages(data_url(png_header(30000, 30000))), "too many pixels"),  # a decompression bomb's header
+        (messages(data_url(_encode(Image.new("RGB", (2000, 1000), (9, 9, 9))))), f"limit of {MAX_PIXELS}"),
+        (messages(data_url(b"")), "no bytes"),
+        (messages("data:image/png;base64,***"), "not valid base64"),
+        (messages("data:text/plain;base64,aGk="), "not an image"),
+        (messages(good, good, good), "more than 2 image"),
+        (messages(big), f"exceed {MAX_IMAGE_BYTES} bytes"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "not-an-object"}]}], "data: URL"),
+        ([{"role": "user", "content": [{"type": "image", "image": "/etc/hostname"}]}], "data: URL"),
+    ]
+    for msgs, why in cases:
+        r = _post(server, msgs)
+        assert r.status_code == 400, (why, r.status_code, r.text)
+        err = r.json()["error"]
+        assert why in err["message"], (why, err)
+        assert err["param"] == "messages"
+    r = _post(server, messages(good), decoder="autoregressive")
+    assert r.status_code == 400 and "diffusion decoder" in r.json()["error"]["message"]
+    # Still serving, images and text alike.
+    assert _post(server, messages(good)).status_code == 200
+    assert _post(server, [{"role": "user", "content": "hi"}]).status_code == 200
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
