@@ -261,8 +261,10 @@ def run_batch(opts: BatchOptions) -> dict:
     inp, outp = Path(opts.input), Path(opts.output)
     outp.parent.mkdir(parents=True, exist_ok=True)
     resumed_at = resume_point(outp)
-    total = sum(1 for _ in input_lines(inp))
-    before = sum(1 for _ in input_lines(inp)) - sum(1 for _ in input_lines(inp, resumed_at))
+    total = before = 0
+    for n, _ in input_lines(inp):
+        total += 1
+        before += n <= resumed_at
     pending = input_lines(inp, resumed_at)
 
     from rich.console import Console
