@@ -17,7 +17,8 @@ from dgemma.checkpoint import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
-from dgemma.constraints.dp import class_scores, best_canvas
+from dgemma.constraints.dp import best_canvas, class_scores
+from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
 from dgemma.generate import Commit, Done, Draft, generate, stream
 from dgemma.presets import write_random_checkpoint
@@ -112,6 +113,35 @@ def test_compile_errors_name_the_problem(model):
     assert a is compile_constraint(Constraint.regex("x+"), tok, v, [1], 0)  # cached
 
 
+@given(lo=st.none() | st.integers(-3000, 3000), hi=st.none() | st.integers(-3000, 3000))
+@settings(max_examples=40, deadline=None)
+def test_integer_range_regex(lo, hi):
+    rx = integer_range(lo, hi)
+    for v in range(-3100, 3101, 7):
+        inside = (lo is None or v >= lo) and (hi is None or v <= hi)
+        assert (rx is not None and re.fullmatch(rx, str(v)) is not None) == inside, (lo, hi, v)
+    for bad in ("-0", "01", "+1", ""):
+        assert rx is None or not re.fullmatch(rx, bad)
+
+
+@given(lo=st.floats(-50, 50), hi=st.floats(-50, 50), x=st.floats(-60, 60), digits=st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_number_range_regex_admits_only_numbers_in_bounds(lo, hi, x, digits):
+    rx = number_range({"minimum": lo, "maximum": hi}, integer=False)
+    text = f"{x:.{digits}f}"
+    if rx is not None and re.fullmatch(rx, text):
+        assert lo <= float(text) <= hi
+
+
+def test_unsupported_schema_keywords_are_refused():
+    for schema in ({"type": "integer", "multipleOf": 3}, {"type": "array", "uniqueItems": True},
+                   {"not": {"type": "string"}}):
+        with pytest.raises(ConstraintError, match="not supported"):
+            Constraint.json_schema(schema).regex_text()
+    with pytest.raises(ConstraintError, match="no integer"):
+        Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 2}).regex_text()
+
+
 # -- random regexes and schemas -----------------------------------------------------------------------------------
 ATOMS = st.sampled_from(["a", "b", "xy", "[0-9]", "[a-c]", "\\.", " ", "é", "(ab|cd)", "[A-Z]"])
 
@@ -137,7 +167,9 @@ def test_random_regexes_always_match(model, regex, seed):
 
 SCALARS = st.sampled_from([{"type": "integer"}, {"type": "boolean"}, {"type": "string", "maxLength": 4},
                            {"type": "number"}, {"enum": ["red", "green", 3]}, {"type": "string", "pattern": "[a-z]{2}"},
-                           {"type": "null"}])
+                           {"type": "null"}, {"type": "integer", "minimum": -5, "maximum": 120},
+                           {"type": "integer", "exclusiveMinimum": 9}, {"type": "number", "minimum": 0.5, "maximum": 3},
+                           {"type": ["integer", "null"], "maximum": -10}])
 
 
 @st.composite

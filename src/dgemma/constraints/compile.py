@@ -1,7 +1,7 @@
 """Constraints (regex, JSON schema, choice list, infill template) -> `TokenAutomaton` over a model's vocabulary.
 
 Regexes go through outlines-core, whose `Index` (Rust) walks every token's bytes through the regex's DFA; JSON
-schemas become a regex with outlines-core's `build_regex_from_schema` after a `jsonschema` check; a choice list is
+schemas become a regex (schema.py); a choice list is
 an alternation of escaped literals; templates are built here from fixed token runs and holes. Compiled automata are
 cached per (constraint, tokenizer, vocabulary size, EOS ids, pad id).
 """
@@ -13,47 +13,22 @@ import json
 import threading
 from dataclasses import dataclass, field
 
-import jsonschema
 import numpy as np
 from outlines_core import Index
-from outlines_core.json_schema import build_regex_from_schema
 
 from .automaton import INF, TokenAutomaton
 from .errors import ConstraintError
+from .schema import canonical, schema_regex
 from .template import Hole, Template
 from .vocab import SENTINEL, TokenTable, outlines_vocabulary, sentinel_id, token_table
 
 KINDS = ("regex", "json", "choice", "template")
-WHITESPACE = r"[ ]?"  # JSON whitespace allowed between tokens: compact output, at most one space
 _META = set("\\.+*?()|[]{}^$")
 
 
 def escape(text: str) -> str:
     """A regex matching exactly `text` (escapes only metacharacters, which both Python and Rust regexes accept)."""
     return "".join("\\" + ch if ch in _META else ch for ch in text)
-
-
-def _canonical_schema(schema) -> str:
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise ConstraintError(f"json_schema is not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        where = "/".join(str(p) for p in e.path) or "the top level"
-        raise ConstraintError(f"json_schema is not a valid JSON schema at {where}: {e.message}") from None
-    return json.dumps(schema, sort_keys=True)
-
-
-def schema_regex(schema_text: str) -> str:
-    try:
-        return build_regex_from_schema(schema_text, WHITESPACE)
-    except Exception as e:  # outlines-core raises ValueError / TypeError with its own message
-        raise ConstraintError(f"json_schema cannot be compiled: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -78,7 +53,7 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema) -> Constraint:
-        return cls("json", _canonical_schema(schema))
+        return cls("json", canonical(schema))
 
     @classmethod
     def choice(cls, options) -> Constraint:
@@ -269,7 +244,7 @@ def template_edges(template: Template, tokenizer, table: TokenTable, exclude: fr
         if part.regex is not None:
             sub = regex_edges(part.regex, table, exclude, "hole regex")
         elif part.json_schema is not None:
-            sub = regex_edges(schema_regex(_canonical_schema(part.json_schema)), table, exclude, "hole json_schema")
+            sub = regex_edges(schema_regex(canonical(part.json_schema)), table, exclude, "hole json_schema")
         else:
             sub = _any_text(table, exclude)
         b.hole(sub, part.min_tokens, part.max_tokens)
