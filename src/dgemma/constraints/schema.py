@@ -59,17 +59,44 @@ def _numeric(node: dict, marks: dict[str, str]):
     return {"anyOf": [{"const": mark}, other]}
 
 
+# Free-form values ({}, an object without properties, an array without items) stand for bounded-depth JSON: scalars,
+# flat arrays and flat objects. outlines-core's unbounded form compiles to thousands of states (seconds per schema
+# on a byte vocabulary, far more at V = 262144); this is a subset, so every output still validates.
+SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+FLAT = {"anyOf": [*SCALAR["anyOf"], {"type": "array", "items": SCALAR},
+                  {"type": "object", "additionalProperties": SCALAR}]}
+SCHEMA_MAPS = ("properties", "$defs", "definitions")
+SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
 def _walk(node, marks: dict[str, str], path: str):
-    if isinstance(node, list):
-        return [_walk(x, marks, f"{path}/{i}") for i, x in enumerate(node)]
+    """Rewrite one schema (recursively through its subschemas)."""
+    if node is True or node == {}:
+        return copy.deepcopy(FLAT)
     if not isinstance(node, dict):
         return node
     for k in UNSUPPORTED:
-        if k in node and isinstance(node.get(k), (dict, list, int, float)) and not isinstance(node.get(k), bool):
+        if k in node:
             raise ConstraintError(f"json_schema keyword {k!r} (at {path or '/'}) is not supported")
     if node.get("uniqueItems") is True:
         raise ConstraintError(f"json_schema keyword 'uniqueItems' (at {path or '/'}) is not supported")
-    node = {k: (v if k in DATA else _walk(v, marks, f"{path}/{k}")) for k, v in node.items()}
+    node = dict(node)
+    for k in SCHEMA_MAPS:
+        if isinstance(node.get(k), dict):
+            node[k] = {name: _walk(v, marks, f"{path}/{k}/{name}") for name, v in node[k].items()}
+    for k in SCHEMA_VALUES:
+        if isinstance(node.get(k), dict) or node.get(k) is True:
+            node[k] = _walk(node[k], marks, f"{path}/{k}")
+    for k in SCHEMA_LISTS:
+        if isinstance(node.get(k), list):
+            node[k] = [_walk(v, marks, f"{path}/{k}/{i}") for i, v in enumerate(node[k])]
+    if node.get("type") == "object" and "properties" not in node and node.get("additionalProperties") in (None, FLAT):
+        node["additionalProperties"] = copy.deepcopy(FLAT)
+    elif node.get("type") == "object" and node.get("additionalProperties") == FLAT:
+        node["additionalProperties"] = False  # listed properties only: still valid, and small
+    if node.get("type") == "array" and "items" not in node and "prefixItems" not in node:
+        node["items"] = copy.deepcopy(FLAT)
     return _numeric(node, marks)
 
 
