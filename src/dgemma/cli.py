@@ -38,6 +38,28 @@ def _eos(text: str) -> int | list[int]:
     return ids[0] if len(ids) == 1 else ids
 
 
+def _text_arg(value: str) -> str:
+    """A flag's text, or a file's contents for @PATH."""
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def constraint_args(args) -> dict:
+    """--regex / --json-schema / --choice / --template as keywords of generate.stream."""
+    out = {}
+    if args.regex is not None:
+        out["regex"] = _text_arg(args.regex)
+    if args.json_schema is not None:
+        out["json_schema"] = _text_arg(args.json_schema)
+    if args.choice:
+        out["choice"] = args.choice
+    if args.template is not None:
+        out["template"] = _text_arg(args.template)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="Run and inspect DiffusionGemma block-diffusion models.")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -60,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, typ) in GEN_FLAGS.items():
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--eos-token-id", type=_eos, default=None, help="EOS id(s), comma-separated")
+    con = g.add_mutually_exclusive_group()
+    con.add_argument("--regex", default=None, help="the output fully matches this regex (@FILE: read it from a file)")
+    con.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                     help="the output is JSON valid under this schema (JSON text, or @FILE)")
+    con.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                     help="the output is one of these (repeat the flag per choice)")
+    con.add_argument("--template", default=None,
+                     help="infill: fixed text with holes {{hole}}, {{hole:N}}, {{hole:MIN-MAX}}, {{hole:MIN-MAX:REGEX}} "
+                     "(N in tokens; @FILE: read it from a file)")
     g.add_argument("--json", action="store_true", help='print {"ids", "tokens_per_forward", "steps"} as JSON')
     g.add_argument("--stats", action="store_true", help="with --json: add seed, timings, finish reason and text")
     g.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise live")
@@ -269,6 +300,7 @@ def cmd_generate(args) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.eos_token_id is not None:
         overrides["eos_token_id"] = args.eos_token_id
+    overrides.update(constraint_args(args))
     events = stream(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, rng=args.rng, **overrides)
 
     view = None
