@@ -260,3 +260,24 @@ def test_infill_bounded_holes_and_schema_hole(model):
         m = re.fullmatch(r"name=([a-z]{1,5}); data=(.*);", r.text, re.S)
         assert r.finish_reason == "eos" and m, r.text
         assert isinstance(json.loads(m.group(2)), list)
+
+
+def test_cli_flags(model, tmp_path, capsys):
+    from dgemma.cli import main
+
+    path = tmp_path / "ckpt"
+    write_random_checkpoint(path, "tiny", seed=4)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+                                  "required": ["n"]}))
+    common = ["generate", "--model", str(path), "--prompt", "hi", "--seed", "1", "--max-denoising-steps", "2",
+              "--json", "--stats", "--max-new-tokens", "40"]
+    assert main([*common, "--json-schema", f"@{schema}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "eos" and json.loads(out["text"])["n"] <= 9
+    assert main([*common, "--choice", "left", "--choice", "right"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] in ("left", "right")
+    assert main([*common, "--template", "x={{hole:2:[0-9]+}};"]) == 0
+    assert re.fullmatch("x=[0-9]{2};", json.loads(capsys.readouterr().out)["text"])
+    assert main([*common, "--regex", "a("]) == 2
+    assert "unbalanced parentheses" in capsys.readouterr().err
