@@ -3,10 +3,13 @@
 1. Small random models built with the reference (tests/refmodels.py, transformers as the oracle): KL divergence
    (unquantized || quantized, nats per position, mean) and top-1 agreement of one denoising step's logits, over
    a few prompts and canvases per model.
-2. The bundled 9x9 Sudoku model: solve rate, blank-cell accuracy, givens kept and mean steps per canvas on held-out
+2. The bundled Sudoku models (6x6 and 9x9): solve rate, blank-cell accuracy, givens kept and mean steps per canvas on held-out
    puzzles (dgemma.tasks.sudoku_run.evaluate, seed 424242), after quantization.
 
     OMP_NUM_THREADS=1 python benchmarks/quant_accuracy.py --n 1000 --json-out benchmarks/results/quant_accuracy.json
+    # redo only the 6x6 Sudoku part, keeping the rest of an earlier run:
+    OMP_NUM_THREADS=1 python benchmarks/quant_accuracy.py --n 1000 --sizes 6 --seeds "" \
+        --merge benchmarks/results/quant_accuracy.json --json-out benchmarks/results/quant_accuracy.json
     python benchmarks/quant_accuracy.py --from-json benchmarks/results/quant_accuracy.json   # print the tables only
 """
 
@@ -57,14 +60,15 @@ def small_models(root: Path, seeds: list[int]) -> dict:
                 "per_model": rows} for s, rows in out.items()}
 
 
-def sudoku(root: Path, n: int) -> dict:
+def sudoku(root: Path, n: int, size: int = 9) -> dict:
     import dgemma
     from dgemma.quant.quantize import quantize_checkpoint
-    from dgemma.tasks.sudoku_run import BUNDLED, evaluate
+    from dgemma.tasks.sudoku_run import BUNDLED_MODELS, evaluate
 
+    bundled = BUNDLED_MODELS[size]
     rows = {}
     for scheme in ("none", *SCHEMES):
-        path = BUNDLED if scheme == "none" else quantize_checkpoint(BUNDLED, root / f"sudoku-{scheme}", scheme,
+        path = bundled if scheme == "none" else quantize_checkpoint(bundled, root / f"sudoku{size}-{scheme}", scheme,
                                                                     group=64, progress=False)
         model = dgemma.load_model(path)
         t = time.perf_counter()
@@ -72,7 +76,7 @@ def sudoku(root: Path, n: int) -> dict:
         rows[scheme] = {k: d[k] for k in ("solve_rate", "cell_accuracy", "givens_kept", "mean_steps",
                                           "tokens_per_forward")}
         rows[scheme]["seconds"] = time.perf_counter() - t
-        print(f"sudoku {scheme}: {rows[scheme]}", file=sys.stderr)
+        print(f"sudoku {size}x{size} {scheme}: {rows[scheme]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -83,10 +87,12 @@ def markdown(result: dict) -> str:
     for s in SCHEMES:
         r = result["small_models"][s]
         lines.append(f"| {LABELS[s]} | {r['kl']:.4f} | {r['top1']:.1%} |")
-    sd = result.get("sudoku")
-    if sd:
-        lines += ["", f"Bundled 9x9 Sudoku model, {result['sudoku_n']} held-out puzzles (seed 424242), default "
-                  "settings:", "",
+    for key, size in (("sudoku6", 6), ("sudoku", 9)):
+        sd = result.get(key)
+        if not sd:
+            continue
+        lines += ["", f"Bundled {size}x{size} Sudoku model, {result[key + '_n']} held-out puzzles (seed 424242), "
+                  "default settings:", "",
                   "| weights | solved | blank cells right | givens kept | mean steps per canvas |",
                   "|---|---:|---:|---:|---:|"]
         for s in ("none", *SCHEMES):
@@ -100,7 +106,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000, help="Sudoku puzzles (0: skip the Sudoku part)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sizes", default="6,9", help="bundled Sudoku models to evaluate (grid sizes)")
+    ap.add_argument("--seeds", default="0,1,2", help="reference-built models (empty: skip that part)")
+    ap.add_argument("--merge", help="a previous JSON whose parts this run does not redo are kept")
     ap.add_argument("--json-out")
     ap.add_argument("--from-json")
     args = ap.parse_args()
@@ -108,13 +116,16 @@ def main() -> None:
         print(markdown(json.loads(Path(args.from_json).read_text())))
         return
     torch.manual_seed(0)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    result = json.loads(Path(args.merge).read_text()) if args.merge else {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result = {"small_models": {**small_models(root, seeds), "count": len(seeds)}}
-        if args.n:
-            result["sudoku"] = sudoku(root, args.n)
-            result["sudoku_n"] = args.n
+        if seeds:
+            result["small_models"] = {**small_models(root, seeds), "count": len(seeds)}
+        for size in (int(s) for s in args.sizes.split(",") if s) if args.n else ():
+            key = "sudoku" if size == 9 else f"sudoku{size}"
+            result[key] = sudoku(root, args.n, size)
+            result[key + "_n"] = args.n
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(markdown(result))

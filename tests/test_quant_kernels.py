@@ -97,6 +97,26 @@ def test_linear_paths_match_the_dequantized_weight(rows):
         assert (got - want).abs().max().item() <= tol, type(t).__name__
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, group", [((128, 256), 32), ((192, 704), 64), ((3, 64, 128), 128)])
+def test_int4_expansion_from_the_kernel_order_is_exact(shape, group, dtype):
+    """The many-rows path expands W.T straight from torch's int4pack order: exactly the dequantized weight, and
+    its matmul equals the model's matmul on that weight."""
+    w = _w(*shape, seed=3)
+    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, group), group, shape)
+    assert t.kernel_layout
+    for e in range(shape[0]) if len(shape) == 3 else [None]:
+        packed, sz = (t.packed, t.scale) if e is None else (t.packed[e], t.scale[e])
+        wt = K.dequant_int4_blocks_t(packed, sz, group, dtype)
+        assert wt.shape == shape[-2:][::-1]
+        assert torch.equal(wt.t(), t.dequantize(dtype, e))
+    x = torch.randn(L.PACK_ROWS + 3, shape[-1], generator=torch.Generator().manual_seed(4)).to(dtype)
+    got = t.linear(x, index=0 if len(shape) == 3 else None)
+    want = dense_linear(x, t.dequantize(dtype, 0 if len(shape) == 3 else None))
+    tol = (1e-5 if dtype == torch.float32 else 1e-2) * want.abs().max().item()
+    assert got.dtype == dtype and (got.float() - want.float()).abs().max().item() <= tol
+
+
 def test_exact_mode_is_the_models_matmul(exact_mode):
     w = _w(2, 64, 96, seed=3)
     x = torch.randn(7, 96)
@@ -196,3 +216,42 @@ def test_16bit_token_table_computes_like_its_fp32_copy(monkeypatch):
     got = model.canvas_logits(prompt, canvas, sc)
     assert got.dtype == torch.float32
     assert torch.allclose(got, full.canvas_logits(prompt, canvas, sc), rtol=0, atol=1e-4)
+
+
+def test_nvfp4_pair_table_is_exact_for_every_byte_and_scale():
+    from dgemma.quant.formats import _BYTES, FP8, pair_table
+
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    want = (scales[:, None, None] * _BYTES[None]).reshape(-1)  # [scale code, byte, 2] flattened
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = pair_table(dtype, torch.device("cpu")).view(dtype).float()
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok], want[ok]), dtype  # e2m1 x e4m3 is exact in every compute dtype
+
+
+@pytest.mark.parametrize("divides", [False, True])
+def test_nvfp4_fast_linear_matches_the_formula(divides):
+    from dgemma.quant.formats import FP8, NVFP4Tensor
+
+    g = torch.Generator().manual_seed(7)
+    e, n, k = 3, 48, 64
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    codes = torch.randint(0, 0x7F, (e, n, k // 16), generator=g, dtype=torch.int32)  # subnormals to 448, no NaN
+    scale = codes.to(torch.uint8).view(FP8)
+    gs = torch.rand(e, n, generator=g) * 1e-2 + 1e-3
+    t = NVFP4Tensor(packed, scale, gs, divides, shape=(e, n, k))
+    x = torch.randn(L.PACK_ROWS + 5, k, generator=g)
+    for i in range(e):
+        ref = t.dequantize(torch.float32, i)
+        unscaled = t.expand_unscaled(torch.float32, i)
+        assert torch.equal(unscaled / gs[i, :, None] if divides else unscaled * gs[i, :, None], ref)
+        assert torch.equal(t.expand_unscaled(torch.bfloat16, i).float(), unscaled)
+        for xs in (x, x[:5]):
+            want = dense_linear(xs, ref)
+            got = t.linear(xs, index=i)
+            assert got.dtype == torch.float32
+            assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+        got16, want = t.linear(x.bfloat16(), index=i), dense_linear(x, ref)
+        assert got16.dtype == torch.bfloat16
+        assert (got16.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..numerics import linear as dense_linear
 from .qtensor import QTensor, QuantError, register
 
 FP8 = torch.float8_e4m3fn
@@ -41,6 +42,20 @@ def _byte_table() -> torch.Tensor:
 
 
 _BYTES = _byte_table()
+_PAIRS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256 * 256] int32 (16-bit dtypes) or int64 (fp32): entry c * 256 + b holds the two values of packed byte b
+    (low nibble first) times the float8 scale of code c, as one word. e2m1 x e4m3 has at most 5 significant bits,
+    so every entry is exact in bf16, fp16 and fp32 (float8's NaN codes give NaN, as the formula does)."""
+    key = (dtype, torch.device(device))
+    if key not in _PAIRS:
+        scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+        pairs = (scales[:, None, None] * _BYTES[None]).to(dtype).contiguous()  # [scale, byte, 2]
+        word = torch.int64 if dtype == torch.float32 else torch.int32
+        _PAIRS[key] = pairs.view(word).reshape(-1).to(device)
+    return _PAIRS[key]
 
 
 def _pick(t: torch.Tensor, index: int | None) -> torch.Tensor:
@@ -70,6 +85,37 @@ class NVFP4Tensor(QTensor):
         gs = gs.unsqueeze(-1)
         w = w / gs if self.global_divides else w * gs
         return w.to(dtype)
+
+    def expand_unscaled(self, dtype: torch.dtype, index: int | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """e2m1 x block scale [out, in] (exact in `dtype`), without the global scale: one table gather per packed
+        byte (`pair_table`) instead of the formula's several passes."""
+        packed, scale = _pick(self.packed, index), _pick(self.scale, index)
+        n, half = packed.shape[-2:]
+        idx = (scale.view(torch.uint8).to(torch.int32) * 256).unsqueeze(-1) + packed.view(
+            *packed.shape[:-1], half * 2 // NVFP4_GROUP, NVFP4_GROUP // 2)
+        table = pair_table(dtype, packed.device)
+        words = torch.empty(idx.numel(), dtype=table.dtype, device=packed.device) if out is None else \
+            out.view(table.dtype).view(-1)
+        torch.index_select(table, 0, idx.view(-1), out=words)
+        return words.view(dtype).view(*packed.shape[:-1], half * 2)
+
+    def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x @ W.T: the unscaled weight expanded into scratch (`expand_unscaled`), the GEMM in x.dtype, and the
+        per-row global scale applied to the output columns (in fp32)."""
+        from . import lowbit
+        from .kernels import SCRATCH
+
+        if self.is_fused and index is None:
+            raise ValueError(f"nvfp4 QTensor of shape {list(self.shape)} holds experts: pass index=")
+        if lowbit.MODE["kernel"] == "dequant" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return super().linear(x, index)
+        n, k = self.shape[-2:]
+        w = self.expand_unscaled(x.dtype, index, out=SCRATCH.get((n, k), x.dtype, x.device))
+        gs = _pick(self.global_scale, index).float()
+        y = dense_linear(x, w).float()
+        y = y / gs if self.global_divides else y * gs
+        return y.to(x.dtype)
 
 
 @register("fp8-channel")

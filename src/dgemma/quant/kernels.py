@@ -132,6 +132,36 @@ def repack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([even, odd], dim=2).permute(0, 3, 2, 1).contiguous().view(n, half)
 
 
+def dequant_int4_blocks_t(kernel_weight: torch.Tensor, scale_zeros: torch.Tensor, group: int, dtype: torch.dtype,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """W.T [K, N] in `dtype` straight from torch's CPU int4pack order (as `repack_int4_blocks` writes it, N % 64
+    == 0): W[n, k] = (q - 8) * scale + zero. The transposed result lets every copy run along 32 contiguous rows;
+    `F.linear(x, result.t())` multiplies without a further copy."""
+    n, half = kernel_weight.shape
+    k = half * 2
+    blocks = kernel_weight.view(n // 64, k, 32).transpose(0, 1)  # [K, blocks, 32]: byte i = rows i, i + 32
+    if out is None:
+        out = torch.empty(k, n, dtype=dtype, device=kernel_weight.device)
+    w = out.view(k, n // 64, 2, 32)
+    w[:, :, 0].copy_(blocks & 0xF)
+    w[:, :, 1].copy_(blocks >> 4)
+    g = out.view(k // group, group, n)
+    g.sub_(INT4_ZERO).mul_(scale_zeros[:, None, :, 0].to(dtype))
+    if bool(scale_zeros[..., 1].any()):
+        g.add_(scale_zeros[:, None, :, 1].to(dtype))
+    return out
+
+
+def int4_linear_blocks(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: torch.Tensor,
+                       group: int) -> torch.Tensor:
+    """x @ W.T through a W.T expanded into scratch from the int4pack order, and the GEMM in x.dtype (for many
+    rows the GEMM beats the fused kernel, which is tuned for a few)."""
+    flat, rows = _rows(x)
+    n, k = kernel_weight.shape[0], kernel_weight.shape[1] * 2
+    wt = dequant_int4_blocks_t(kernel_weight, scale_zeros, group, x.dtype, out=SCRATCH.get((k, n), x.dtype, x.device))
+    return F.linear(flat, wt.t())[:rows].reshape(*x.shape[:-1], n)
+
+
 def int4_linear_pack(x: torch.Tensor, kernel_weight: torch.Tensor, scale_zeros: torch.Tensor,
                      group: int) -> torch.Tensor:
     flat, rows = _rows(x)

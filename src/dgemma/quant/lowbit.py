@@ -165,7 +165,10 @@ class Int4Tensor(QTensor):
         if self.is_fused and index is None:
             raise ValueError(f"int4 QTensor of shape {list(self.shape)} holds experts: pass index=")
         if self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":
-            return K.int4_linear_pack(x, _pick(self.packed, index), _pick(self.scale, index), self.group)
+            packed, sz = _pick(self.packed, index), _pick(self.scale, index)
+            if _rows(x) >= PACK_ROWS and self.out_features % 64 == 0 and x.dtype != torch.float16:
+                return K.int4_linear_blocks(x, packed, sz, self.group)
+            return K.int4_linear_pack(x, packed, sz, self.group)
         if not self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":
             return K.int4_linear_dequant(x, _pick(self.packed, index), _pick(self.scale, index), self.group)
         return dense_linear(x, self.dequantize(x.dtype, index))
