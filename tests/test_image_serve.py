@@ -1,5 +1,6 @@
-"""Image input over the HTTP API: the openai client sends data: URL images to a live server on a tiny random
-checkpoint with a vision tower; bad images get a 400 naming the problem and the server keeps serving."""
+"""Image input through the interfaces, on a tiny random checkpoint with a vision tower: the HTTP API (the openai
+client sends data: URL images to a live server; bad images get a 400 naming the problem and the server keeps
+serving), `dgemma generate --image` and `dgemma info`."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    _, path = build_vision_checkpoint(tmp_path_factory.mktemp("image_serve") / "vision", seed=2)
+def ckpt(tmp_path_factory):
+    return build_vision_checkpoint(tmp_path_factory.mktemp("image_serve") / "vision", seed=2)[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    path = ckpt
     limits = Limits(max_tokens=64, max_body_bytes=200_000, max_images=2, max_image_bytes=MAX_IMAGE_BYTES,
                     max_image_pixels=MAX_PIXELS)
     with LiveServer(path, name="vision", limits=limits) as s:
@@ -127,3 +133,46 @@ def test_bad_images_are_400s_and_the_server_keeps_serving(server):
     assert _post(server, messages(good)).status_code == 200
     assert _post(server, [{"role": "user", "content": "hi"}]).status_code == 200
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_cli_generate_with_images(server, ckpt, tmp_path, capsys):
+    """`dgemma generate --image` (chat and raw prompts) gives what the Python API gives for the same prompt."""
+    import json
+
+    from dgemma.cli import main
+    from dgemma.images import text_prompt
+
+    a, b = tmp_path / "a.png", tmp_path / "b.gif"
+    _image(40, 60, 7).save(a)
+    frames = [_image(30, 30, 8), _image(30, 30, 9)]
+    frames[0].save(b, save_all=True, append_images=frames[1:])  # animated: the first frame counts
+    model = server.model
+    base = ["generate", "--model", str(ckpt), "--max-new-tokens", "8", "--seed", "3", "--json", "--max-denoising-steps",
+            "4"]
+    assert main([*base, "--prompt", "Compare", "--chat", "--image", str(a), "--image", str(b)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    msgs = [{"role": "user", "content": [{"type": "image", "path": str(a)}, {"type": "image", "path": str(b)},
+                                         {"type": "text", "text": "Compare"}]}]
+    p = chat_prompt(model, msgs)
+    assert got["ids"] == model.generate(p.ids, seed=3, max_new_tokens=8, max_denoising_steps=4,
+                                        **p.image_inputs()).ids
+    assert main([*base, "--prompt", "x<|image|>y", "--image", str(a), "--max-soft-tokens", "70"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    p = text_prompt(model, "x<|image|>y", [a])
+    assert got["ids"] == model.generate(p.ids, seed=3, max_new_tokens=8, max_denoising_steps=4,
+                                        **p.image_inputs()).ids
+    assert main([*base, "--prompt", "x", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "no such image file" in capsys.readouterr().err
+
+
+def test_info_shows_the_vision_tower(ckpt, capsys):
+    from dgemma.cli import main
+    from dgemma.info import describe
+
+    v = describe(ckpt)["vision"]
+    assert v == {"layers": 1, "hidden_size": 16, "heads": 2, "head_dim": 8, "intermediate_size": 32, "patch_size": 4,
+                 "pooling_kernel_size": 3, "standardize": False, "parameters": describe(ckpt)["stored_vision_parameters"],
+                 "max_soft_tokens": 70, "patches_per_image": 630}
+    assert v["parameters"] > 0
+    assert main(["info", "--model", str(ckpt)]) == 0
+    assert "vision tower: 1 layers, width 16" in " ".join(capsys.readouterr().out.split())

@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     src.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids, e.g. 5,17,3")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template as a user turn")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable, in order; animated images: the first frame). With "
+                   "--chat the images open the user turn; in a raw --prompt each <|image|> marks the next image's "
+                   "place (none: the images go first); with --prompt-ids the ids must already hold begin-of-image, "
+                   "N image tokens and end-of-image per image")
+    g.add_argument("--max-soft-tokens", type=int, default=None, choices=(70, 140, 280, 560, 1120),
+                   help="soft tokens per image (default: the checkpoint's processor config, else 280)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="rounded up to whole canvases")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--rng", default="fast", choices=["fast", "reference"],
@@ -201,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--max-tokens", type=int, default=4096, help="cap on a request's max_tokens")
     sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: what the model's positions allow")
+    sv.add_argument("--max-images", type=int, default=8, help="images per chat request (data: URLs only)")
+    sv.add_argument("--max-image-bytes", type=int, default=8 << 20,
+                    help="encoded image bytes per request (--max-body-bytes bounds them too)")
+    sv.add_argument("--max-image-pixels", type=int, default=64 << 20,
+                    help="pixels per decoded image (larger ones, e.g. decompression bombs, are refused)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.add_argument("--max-batch", type=int, default=8, help="requests batched into one diffusion run")
     sv.add_argument("--max-prompt-chars", type=int, default=None,
@@ -288,20 +300,35 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--prefill-chunk must be a positive integer, got {args.prefill_chunk}")
         model.prefill_chunk = args.prefill_chunk
     tok = model.tokenizer
+    image_inputs: dict = {}
     if args.prompt is not None:
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer.json; use --prompt-ids")
-        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+        if args.image:
+            from .images import chat_prompt, text_prompt
+
+            if args.chat:
+                parts = [*({"type": "image", "path": p} for p in args.image), {"type": "text", "text": args.prompt}]
+                built = chat_prompt(model, [{"role": "user", "content": parts}], max_soft_tokens=args.max_soft_tokens)
+            else:
+                built = text_prompt(model, args.prompt, args.image, max_soft_tokens=args.max_soft_tokens)
+            prompt, image_inputs = built.ids, built.image_inputs()
+        else:
+            prompt = (tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
+                      else tok.encode(args.prompt))
         if not prompt:
             raise ValueError("the prompt is empty")
     else:
         prompt = args.prompt_ids
+        if args.image:
+            image_inputs = {"images": args.image, "max_soft_tokens": args.max_soft_tokens}
     overrides = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in GEN_FLAGS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.eos_token_id is not None:
         overrides["eos_token_id"] = args.eos_token_id
     overrides.update(constraint_args(args))
-    events = stream(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, rng=args.rng, **overrides)
+    events = stream(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, rng=args.rng, **image_inputs,
+                    **overrides)
 
     view = None
     if args.show_canvas:
@@ -453,7 +480,8 @@ def cmd_serve(args) -> int:
     from .tasks.sudoku_run import default_model_path
 
     for name in ("max_tokens", "max_body_bytes", "max_batch", "max_denoising_steps", "max_running", "max_pending",
-                 "max_connections", "request_timeout", "read_timeout", "keep_alive_timeout"):
+                 "max_connections", "request_timeout", "read_timeout", "keep_alive_timeout", "max_images",
+                 "max_image_bytes", "max_image_pixels"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     for name in ("max_prompt_tokens", "max_prompt_chars"):
@@ -473,7 +501,9 @@ def cmd_serve(args) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
                     max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
-                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending)
+                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
+                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels)
     mounts = {p.resolve().name: create_app(load_model(p, dtype=args.dtype, device=args.device),
                                            model_name=p.resolve().name, model_dir=p, api_key=api_key, limits=limits,
                                            host=args.host, allowed_hosts=args.allowed_host) for p in extra}
@@ -499,7 +529,9 @@ def _serve_ray(args, path: Path, api_key: str | None) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
                     max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
-                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending)
+                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
+                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels)
     spec = ReplicaSpec(model=str(path), dtype=args.dtype, device=args.device,
                        model_name=args.served_model_name or path.resolve().name, api_key=api_key, limits=limits,
                        host=args.host, allowed_hosts=tuple(args.allowed_host))

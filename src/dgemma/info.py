@@ -94,8 +94,29 @@ def describe(path: Path) -> dict:
                     vision_params += n
                 else:
                     text_params += n
-    return _summary(path, cfg, gen, fmt.label if fmt else None, parts, stored, text_params, vision_params,
+    info = _summary(path, cfg, gen, fmt.label if fmt else None, parts, stored, text_params, vision_params,
                     (path / "tokenizer.json").is_file(), _has_chat_template(path))
+    info["vision"] = _vision(path, vision_params)
+    return info
+
+
+def _vision(path: Path, params: int) -> dict | None:
+    """The vision tower's shape and the image budget, when config.json has one and its weights are stored."""
+    from .images import ImageProcessorConfig
+    from .vision import VisionConfig
+
+    raw = read_json(path / "config.json").get("vision_config")
+    if not isinstance(raw, dict) or not params:
+        return None
+    try:
+        vc = VisionConfig.from_dict(raw)
+        proc = ImageProcessorConfig.from_dir(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return {"layers": vc.num_hidden_layers, "hidden_size": vc.hidden_size, "heads": vc.num_attention_heads,
+            "head_dim": vc.head_dim, "intermediate_size": vc.intermediate_size, "patch_size": vc.patch_size,
+            "pooling_kernel_size": vc.pooling_kernel_size, "standardize": vc.standardize, "parameters": params,
+            "max_soft_tokens": proc.max_soft_tokens, "patches_per_image": proc.max_patches}
 
 
 def describe_gguf(path: Path) -> dict:
@@ -120,8 +141,10 @@ def describe_gguf(path: Path) -> dict:
     types = ", ".join(f"{k} {v / max(1, n_params):.0%}" for k, v in sorted(stored.items(), key=lambda kv: -kv[1]))
     file_type = g.get("general.file_type")
     label = f"GGUF ({types})" + (f", file type {file_type}" if file_type is not None else "")
-    return _summary(path, cfg, gen, label, parts, stored, n_params, 0, bool(g.get("tokenizer.ggml.tokens")),
+    info = _summary(path, cfg, gen, label, parts, stored, n_params, 0, bool(g.get("tokenizer.ggml.tokens")),
                     isinstance(g.get("tokenizer.chat_template"), str))
+    info["vision"] = None  # a GGUF holds the text model (a vision tower would be a separate mmproj file)
+    return info
 
 
 def _summary(path: Path, cfg: ModelConfig, gen, quant: str | None, parts: dict, stored: dict, text_params: int,
@@ -192,8 +215,13 @@ def render(info: dict) -> None:
             f"dense intermediate {ex['dense_intermediate_size']}")
     c.print(f"canvas {info['canvas_length']}, sliding window {info['sliding_window']}, "
             f"max positions {info['max_position_embeddings']}, softcap {info['final_logit_softcapping']}")
-    if info["stored_vision_parameters"]:
-        c.print(f"vision weights: {_human(info['stored_vision_parameters'])} parameters (image input not supported yet)")
+    v = info.get("vision")
+    if v:
+        c.print(f"vision tower: {v['layers']} layers, width {v['hidden_size']}, {v['heads']} heads x {v['head_dim']}, "
+                f"MLP {v['intermediate_size']}, patch {v['patch_size']}, {v['pooling_kernel_size']}x"
+                f"{v['pooling_kernel_size']} pooling{', standardised' if v['standardize'] else ''}; "
+                f"{_human(v['parameters'])} parameters; up to {v['max_soft_tokens']} soft tokens per image "
+                f"({v['patches_per_image']} patches)")
     c.print("bytes: " + ", ".join(f"{k} {_human(v)}B" for k, v in info["bytes"].items())
             + " | stored: " + ", ".join(f"{k} {_human(v)}" for k, v in info["stored_dtypes"].items()))
     c.print(f"format: {info['format']}, {_human(info['stored_bytes'])}B stored")
