@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=6, choices=(4, 6, 9))
     ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--batch-size", type=int, required=True, help="the runs' batch size (examples per step)")
+    ap.add_argument("--start", action="append", default=[], metavar="NAME=EXAMPLES",
+                    help="examples a run had seen before its step 0 (a run continued from another with --init)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--every", type=int, default=1, help="evaluate every k-th snapshot (and the last)")
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     if (results.get("n"), results.get("seed"), results.get("size")) != (args.n, args.seed, args.size):
         results = {"n": args.n, "seed": args.seed, "size": args.size, "blanks": list(sudoku.default_blanks(args.size)),
                    "runs": {}}
+    start = {k: int(v) for k, _, v in (s.partition("=") for s in args.start)}
     for spec in args.run:
         name, _, folder = spec.partition("=")
         if not folder:
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
             model = load_model(path)
             r = evaluate(model, n=args.n, seed=args.seed, autoregressive=name == "autoregressive")["default"]
             r.pop("buckets")
-            points[str(step)] = {"examples": step * args.batch_size, **r}
+            points[str(step)] = {"examples": start.get(name, 0) + step * args.batch_size, **r}
             print(f"{name} step {step}: solved {r['solve_rate']:.1%}, cells {r['cell_accuracy']:.1%}, "
                   f"steps {r['mean_steps']:.1f}", file=sys.stderr)
             out.parent.mkdir(parents=True, exist_ok=True)
