@@ -176,3 +176,51 @@ def test_info_shows_the_vision_tower(ckpt, capsys):
     assert v["parameters"] > 0
     assert main(["info", "--model", str(ckpt)]) == 0
     assert "vision tower: 1 layers, width 16" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from pathlib import Path
+
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        pytest.fail(f"{chromium} is missing: install Debian's chromium (`apt-get install chromium`)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True,
+                              args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def test_page_attaches_an_image(browser, server, tmp_path):
+    """The visualizer sends the attached file inline (data: URL in an image_url part); the diffusion panel runs,
+    the autoregressive one is skipped (images are diffusion-only)."""
+    import json
+
+    path = tmp_path / "pic.png"
+    _image(36, 24, 11).save(path)
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=30_000)
+    assert page.is_visible("#image")
+    page.set_input_files("#image", str(path))
+    page.fill("#prompt", "Describe it")
+    page.fill("#steps", "4")
+    page.fill("#max-tokens", "8")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.click("#run")
+    page.wait_for_function("['done', 'error'].includes(document.getElementById('diffusion-panel').dataset.status)",
+                           timeout=30_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    assert page.get_attribute("#diffusion-panel", "data-status") == "done"
+    assert page.get_attribute("#ar-panel", "data-status") == "skipped"
+    content = json.loads(sent.value.post_data)["messages"][0]["content"]
+    assert content == [{"type": "image_url", "image_url": {"url": data_url(path.read_bytes())}},
+                       {"type": "text", "text": "Describe it"}]
+    context.close()
+    assert not errors, errors

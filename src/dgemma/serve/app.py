@@ -208,6 +208,7 @@ class ServerState:
                            "max_prompt_tokens": self.max_prompt, "max_tokens": self.limits.max_tokens,
                            "max_denoising_steps": self.limits.max_denoising_steps,
                            "chat": tok is not None and tok.chat_template is not None,
+                           "images": getattr(self.model, "vision", None) is not None,
                            "generation_config": gen.to_dict() if gen else None, **self.task}}
 
 
