@@ -1,5 +1,5 @@
 """dgemma.load_model: refused layouts (each a CheckpointError naming the file / tensor at fault), accepted layouts
-(identical logits), dtype selection, the vision-weights warning, and generation_config.json defaults."""
+(identical logits), dtype selection, the vision tower, and generation_config.json defaults."""
 
 from __future__ import annotations
 
@@ -272,11 +272,13 @@ def test_without_vision_weights(base, ckpt, caplog):
     assert not any("image" in r.getMessage() for r in caplog.records)
 
 
-def test_vision_weights_warning(base, caplog):
-    with caplog.at_level(logging.WARNING, logger="dgemma"):
-        dgemma.load_model(base["ckpt"])
-    msgs = [r.getMessage() for r in caplog.records if r.name == "dgemma" and r.levelno == logging.WARNING]
-    assert any("image input is not supported" in m for m in msgs), msgs
+def test_vision_tower_loaded(base):
+    """The checkpoint's vision tower becomes model.vision; vision=False loads the text stack alone."""
+    model = dgemma.load_model(base["ckpt"])
+    assert model.vision is not None and model.vision.cfg.hidden_size == 16
+    assert all(p.dtype == model.dtype for p in model.vision.parameters())
+    assert dgemma.load_model(base["ckpt"], vision=False).vision is None
+    assert torch.equal(_logits(model, base), base["logits"])
 
 
 @pytest.mark.parametrize("dtype, want", [("bfloat16", torch.bfloat16), ("float16", torch.float16),

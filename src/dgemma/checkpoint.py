@@ -2,7 +2,8 @@
 
 Layouts: one `model.safetensors`, or shards listed by `model.safetensors.index.json`. Keys follow save_pretrained
 (decoder stack under `model.decoder.*`, encoder extras under `model.encoder.language_model.*`); encoder copies of the
-tied text weights and `lm_head.weight` may be present or absent. Vision weights are skipped (text use only).
+tied text weights and `lm_head.weight` may be present or absent. The vision tower (`model.encoder.vision_tower.*`,
+`model.encoder.embed_vision.*`) becomes `model.vision` when the checkpoint holds it (`vision=False` skips it).
 Only safetensors is read: nothing is ever unpickled.
 
 Quantized checkpoints (detected from `hf_quant_config.json` or config.json's `quantization_config`, see
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,11 +24,14 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .hardware import default_compute_dtype
+from .images import ImageProcessorConfig
 from .model import DiffusionGemma, Linear
 from .quant.formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
                             read_stacked, split_key)
 from .quant.modules import QExperts, QLinear
 from .quant.qtensor import QTensor, QuantError
+from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
+from .vision import VisionConfig, VisionEncoder
 
 log = logging.getLogger("dgemma")
 
@@ -127,8 +132,10 @@ def _keys(file: Path) -> list[str]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> DiffusionGemma:
-    """Load config, weights, generation defaults and tokenizer from a checkpoint directory (or a GGUF file)."""
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               vision: bool = True) -> DiffusionGemma:
+    """Load config, weights, generation defaults, tokenizer and (unless `vision=False`) the vision tower from a
+    checkpoint directory (or a GGUF file)."""
     path = Path(path)
     gguf_file = find_gguf(path)
     if gguf_file is not None:
@@ -163,11 +170,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     # Choose the source of every parameter: the decoder key wins, an encoder/lm_head copy fills in when absent.
     sources: dict[str, tuple[str, Path]] = {}
     tied: list[tuple[str, str, Path]] = []
-    unexpected, vision = [], 0
+    unexpected, vision_files = [], {}
     for key, file in files.items():
         kind, name = map_key(key)
         if kind == "vision":
-            vision += 1
+            vision_files[key] = file
         elif kind == "tied" and _tied_to_quantized(key, quantized):
             continue
         elif kind == "unknown" or name not in expected:
@@ -217,14 +224,50 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.generation_config = gen
     model.source = str(path)
     model.quant_format = fmt
-    if vision:
-        log.warning("%s: checkpoint has vision weights (%d tensors); they are skipped because image input is not "
-                    "supported yet. Loaded for text use.", path, vision)
+    if vision and vision_files:
+        model.vision = _load_vision(path, cfg, vision_files, compute_dtype, device)
+        try:
+            model.image_processor = ImageProcessorConfig.from_dir(path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if model.image_processor.patch_size != model.vision.cfg.patch_size:  # no processor file: follow the tower
+            model.image_processor = replace(model.image_processor, patch_size=model.vision.cfg.patch_size,
+                                            pooling_kernel_size=model.vision.cfg.pooling_kernel_size)
     if (path / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_dir(path)
     return model
+
+
+def _load_vision(path: Path, cfg: ModelConfig, files: dict[str, Path], dtype: torch.dtype,
+                 device: torch.device) -> VisionEncoder:
+    """The vision tower + projector from the checkpoint's vision tensors; every tensor must be there with its shape."""
+    if cfg.vision_config is None:
+        raise CheckpointError(f"{path}: {len(files)} vision tensors but config.json has no vision_config")
+    try:
+        vcfg = VisionConfig.from_dict(cfg.vision_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: vision_config: {e}") from None
+    with torch.device("meta"):
+        enc = VisionEncoder(vcfg, cfg.hidden_size)
+    want = {VISION_PREFIX + k: (k, tuple(t.shape)) for k, t in enc.state_dict().items()}
+    missing = sorted(set(want) - set(files))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: vision tensor(s) missing from the checkpoint: {shown} (load with "
+                              "vision=False for text use)")
+    extra = sorted(set(files) - set(want))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+        raise CheckpointError(f"{path}: unexpected vision tensor(s) for this vision_config: {shown}")
+    handles: dict[Path, object] = {}
+    try:
+        state = {name: _read(handles, files[key], key, shape, dtype, device) for key, (name, shape) in want.items()}
+    finally:
+        handles.clear()
+    enc.load_state_dict(state, assign=True, strict=True)
+    return enc.requires_grad_(False).eval()
 
 
 def _handle(handles: dict, file: Path):
@@ -248,16 +291,48 @@ def _read(handles, file: Path, key: str, shape, dtype: torch.dtype, device: torc
     got = _shape(handles, file, key)
     if got != shape:
         raise CheckpointError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(shape)}")
-    try:
-        t = _handle(handles, file).get_tensor(key)
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, not a float16/bfloat16/float32 weight "
+    stored = _handle(handles, file).get_slice(key).get_dtype()
+    if stored not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor {key!r} has dtype {stored}, not a float16/bfloat16/float32 weight "
                               "(a quantized tensor without its scales, or a layout dgemma does not read)")
     # Always a private copy: safetensors hands out views of the mapped file at arbitrary (unaligned) offsets,
-    # and some CPUs' GEMM kernels round differently on unaligned weights, which breaks bitwise parity.
-    return t.to(device=device, dtype=dtype, copy=True)
+    # and some CPUs' GEMM kernels round differently on unaligned weights, which breaks bitwise parity. Read with
+    # plain file reads, not through the mapping: copying out of a mapping keeps its pages resident (and counted)
+    # until the file is closed, twice the tensor's size at the peak (3 GB for the 26B model's token table).
+    t = _read_unmapped(file, key)
+    return t if t.dtype == dtype and device.type == "cpu" else t.to(device=device, dtype=dtype)
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, tensor table) of a safetensors file (already validated by safe_open)."""
+    import json
+
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def _read_unmapped(file: Path, key: str) -> torch.Tensor:
+    """A float tensor read into freshly allocated (aligned) memory with file reads."""
+    start, table = _header(file)
+    info = table[key]
+    begin, end = info["data_offsets"]
+    out = torch.empty(info["shape"], dtype=_FLOAT_DTYPES[info["dtype"]])
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    if end - begin != len(view):
+        raise CheckpointError(f"{file}: tensor {key!r} holds {end - begin} bytes, expected {len(view)}")
+    with open(file, "rb") as f:
+        f.seek(start + begin)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{file}: tensor {key!r} is truncated")
+            done += got
+    return out
 
 
 def _ckpt_name(name: str) -> str:

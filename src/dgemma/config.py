@@ -78,6 +78,13 @@ class ModelConfig:
     canvas_length: int = 256
     eos_token_id: int | list[int] | None = 1
     torch_dtype: str | None = None
+    # Image prompts: placeholder ids (top-level config keys), the raw vision_config, and whether each image's run
+    # of tokens attends to itself bidirectionally in the prefill (text_config.use_bidirectional_attention "vision").
+    image_token_id: int | None = None
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    vision_config: dict[str, Any] | None = None
+    vision_bidirectional: bool = False
 
     @property
     def num_params(self) -> int:
@@ -219,11 +226,29 @@ class ModelConfig:
             canvas_length=canvas,
             eos_token_id=text.get("eos_token_id", 1),
             torch_dtype=raw.get("dtype", raw.get("torch_dtype")),
+            **_image_fields(raw, source),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(read_json(Path(path)), source=str(path))
+
+
+def _image_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The image-prompt part of config.json (all None when the checkpoint has no vision_config)."""
+    vision = raw.get("vision_config")
+    if vision is None:
+        return {}
+    if not isinstance(vision, dict):
+        raise ConfigError(f"{source}: 'vision_config' must be an object")
+    ids = {}
+    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+        v = raw.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{source}: {key} must be a token id when vision_config is present, got {v!r}")
+        ids[key] = v
+    bidir = (raw.get("text_config") or {}).get("use_bidirectional_attention") == "vision"
+    return {**ids, "vision_config": vision, "vision_bidirectional": bidir}
 
 
 @dataclass

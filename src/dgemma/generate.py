@@ -138,12 +138,19 @@ def stream(
     json_schema=None,
     choice: list[str] | None = None,
     template=None,
+    images=None,
+    pixel_values: torch.Tensor | None = None,
+    image_position_ids: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    max_soft_tokens: int | None = None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
     """Run generation, yielding events. Settings: generation_config names as keyword overrides.
 
     rng="fast" (default): per-row generators and a fused inverse-CDF sampler. rng="reference": draws exactly as
-    the reference's generate after torch.manual_seed(seed) (token-identical in fp32)."""
+    the reference's generate after torch.manual_seed(seed) (token-identical in fp32).
+    Image prompts: `images` (PIL images, paths or bytes, in prompt order) or their processor outputs
+    `pixel_values` + `image_position_ids`; the prompt holds begin-of-image, N image tokens, end-of-image per image."""
     cfg = model.config
     gen = resolve_settings(model, max_new_tokens, overrides)
     if rng not in RNG_MODES:
@@ -151,9 +158,30 @@ def stream(
     pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
     prompt, pad, _ = _as_batch(prompt_ids, cfg.vocab_size, pad_id, model.device)
     seeds = _seeds(seed, prompt.shape[0], rng)
+    t0 = time.perf_counter()
+    prompt_images = _images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids,
+                            max_soft_tokens)
+    vision_s = time.perf_counter() - t0
     sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
     sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
-    return _run(model, prompt, pad, gen, sampler, seeds)
+    return _run(model, prompt, pad, gen, sampler, seeds, prompt_images, vision_s)
+
+
+def _images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids, max_soft_tokens):
+    """The prompt's image soft tokens (the vision tower runs here, once), or None for a text prompt."""
+    if images is not None:
+        if pixel_values is not None or image_position_ids is not None:
+            raise ValueError("pass either images or pixel_values/image_position_ids, not both")
+        from .images import preprocess_images
+
+        processed = preprocess_images(images, max_soft_tokens=max_soft_tokens, config=model.image_processor)
+        pixel_values, image_position_ids = processed["pixel_values"], processed["image_position_ids"]
+    elif pixel_values is None and image_position_ids is None:
+        return None
+    elif pixel_values is None or image_position_ids is None:
+        raise ValueError("pixel_values and image_position_ids go together")
+    with torch.inference_mode():
+        return model.image_prompt(prompt, pixel_values, image_position_ids, mm_token_type_ids)
 
 
 def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):
@@ -185,9 +213,10 @@ def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
     return n
 
 
-def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Draft | Commit | Done]:
+def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
+         vision_s: float = 0.0) -> Iterator[Draft | Commit | Done]:
     # The contexts are re-entered around each resume of the generator, so they never leak to the consumer.
-    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds)
+    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s)
     while True:
         with torch.inference_mode(), row_invariant(sampler.row_invariant):
             try:
@@ -197,14 +226,17 @@ def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Dra
         yield event
 
 
-def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds) -> Iterator[Draft | Commit | Done]:
+def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
+          vision_s: float = 0.0) -> Iterator[Draft | Commit | Done]:
     """prefill -> per canvas: denoise steps -> commit (the canvas is encoded into the cache before the next)."""
     batch, prompt_len = prompt.shape
     n_canvases = plan_canvases(model.config, gen, prompt_len)
     timings = {"prefill_s": 0.0, "commit_s": 0.0, "denoise_s": 0.0}
+    if images is not None:
+        timings["vision_s"] = vision_s
     t_start = time.perf_counter()
     cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * model.config.canvas_length, pad)
-    model.encode(prompt, cache)
+    model.encode(prompt, cache, images=images)
     timings["prefill_s"] = time.perf_counter() - t_start
 
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)  # rows that produced EOS

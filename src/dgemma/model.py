@@ -17,6 +17,7 @@ from .config import LayerSpec, ModelConfig
 from .generate import generate, stream
 from .kv_cache import KVCache
 from .numerics import MIN_ROWS, ROW_INVARIANT, gelu_tanh, linear, softcap
+from .vision import PromptImages, prompt_images
 
 
 PREFILL_CHUNK = 1024  # prompt tokens per encoder pass: bounds activations and attention masks on long prompts
@@ -154,6 +155,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         qstart = cache.length  # the first query's absolute slot (the canvas follows the cache)
         k, v, kstart = cache.write(layer, k, v) if write_cache else cache.read(layer, k, v)
+        if mask is not None and mask.dim() == 3:  # per-row mask (image runs): broadcast over heads
+            mask = mask[:, None]
         if cache.pad_list is None:
             out = self._sdpa(q, k, v, mask)
         else:  # padded batch: each row attends over its own keys only, with the shapes it would have alone
@@ -161,7 +164,7 @@ class Attention(nn.Module):
             for r, p in enumerate(cache.pad_list):
                 qo, ko = max(0, p - qstart), max(0, p - kstart)
                 if qo < length:
-                    m = mask[qo:, ko:] if mask is not None else None
+                    m = None if mask is None else mask[qo:, ko:] if mask.dim() == 2 else mask[r:r + 1, :, qo:, ko:]
                     out[r:r + 1, :, qo:] = self._sdpa(q[r:r + 1, :, qo:], k[r:r + 1, :, ko:], v[r:r + 1, :, ko:], m)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
@@ -301,6 +304,8 @@ class DiffusionGemma(nn.Module):
         self.sc_post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
         self.generation_config = None  # set by the loader
         self.tokenizer = None  # set by the loader when the checkpoint has one
+        self.vision = None  # VisionEncoder, set by the loader when the checkpoint has a vision tower
+        self.image_processor = None  # ImageProcessorConfig, likewise
         self.prefill_chunk = PREFILL_CHUNK
         self._inv_freq: dict[str, torch.Tensor] = {}
         for spec in cfg.layers:
@@ -334,17 +339,27 @@ class DiffusionGemma(nn.Module):
         return softcap(self.lm_head_raw(hidden).float(), self.config.final_logit_softcapping)
 
     # -- roles --------------------------------------------------------------------------------------------------
-    def encode(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, cache: KVCache, chunk: int | None = None,
+               images: PromptImages | None = None) -> torch.Tensor:
         """Causal pass over new tokens [B, L], `chunk` (default `self.prefill_chunk`) tokens at a time; appends to
         the cache. Each chunk attends to itself and to the cache, so memory grows with chunk x cached keys, never
-        with L x L. Returns the final-normed hidden states."""
+        with L x L. `images` places image soft tokens (and, for bidirectional image runs, keeps each run inside one
+        chunk). Returns the final-normed hidden states."""
         chunk = chunk or self.prefill_chunk
-        out = [self._encode_chunk(ids[:, s:s + chunk], cache) for s in range(0, ids.shape[1], chunk)]
+        length = ids.shape[1]
+        ends = images.chunk_ends(length, chunk) if images is not None else range(chunk, length + chunk, chunk)
+        out, start = [], 0
+        for end in ends:
+            out.append(self._encode_chunk(ids[:, start:min(end, length)], cache, images, start))
+            start = end
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
-    def _encode_chunk(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _encode_chunk(self, ids: torch.Tensor, cache: KVCache, images: PromptImages | None = None,
+                      offset: int = 0) -> torch.Tensor:
         length, start, dev = ids.shape[1], cache.length, ids.device
         x = self.embed(ids)
+        if images is not None:
+            x = images.embed(x, offset)
         ropes = self._ropes(cache.positions(start, length, dev), x.dtype)
         qslot = torch.arange(start, start + length, device=dev)
         masks: dict[tuple[str, int], torch.Tensor] = {}
@@ -355,12 +370,32 @@ class DiffusionGemma(nn.Module):
                 allowed = kslot[None, :] <= qslot[:, None]
                 if spec.sliding:
                     allowed &= qslot[:, None] - kslot[None, :] < self.config.sliding_window
+                same_run = images.same_run(offset, length, n) if images is not None else None
+                if same_run is not None:  # each image run also sees all of itself (per row)
+                    allowed = allowed[None] | same_run
                 # additive, built once per layer kind (SDPA would convert a boolean mask in every layer)
                 masks[spec.kind, n] = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill_(
                     ~allowed, float("-inf"))
             x = layer(x, ropes[spec.kind], cache, i, write_cache=True, encoder_scalar=True, mask=masks[spec.kind, n])
         cache.advance(length)
         return self.norm(x)
+
+    def image_prompt(self, ids: torch.Tensor, pixel_values: torch.Tensor, image_position_ids: torch.Tensor,
+                     mm_token_type_ids: torch.Tensor | None = None) -> PromptImages:
+        """Run the vision tower over preprocessed images and match their soft tokens to the prompt ids [B, L]."""
+        if self.vision is None:
+            raise ValueError("this checkpoint has no vision tower: it cannot take images")
+        for name, t in (("pixel_values", pixel_values), ("image_position_ids", image_position_ids)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if pixel_values.dim() == 2:  # one image
+            pixel_values, image_position_ids = pixel_values[None], image_position_ids[None]
+        w = next(self.vision.parameters())
+        features, counts = self.vision(pixel_values.to(w.device, w.dtype), image_position_ids.to(w.device))
+        if mm_token_type_ids is not None:
+            mm_token_type_ids = torch.as_tensor(mm_token_type_ids, device=ids.device)
+        return prompt_images(ids, features, counts, self.config.image_token_id, self.config.vision_bidirectional,
+                             mm_token_type_ids)
 
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising forward over the canvas [B, C] -> fp32 softcapped logits [B, C, V]."""
@@ -398,8 +433,13 @@ class DiffusionGemma(nn.Module):
         prompt_ids: torch.Tensor,
         canvas_ids: torch.Tensor,
         self_conditioning_logits: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, C, V] (fp32, softcapped) of one denoising step after prefilling `prompt_ids`."""
+        """Logits [B, C, V] (fp32, softcapped) of one denoising step after prefilling `prompt_ids` (with its
+        images' `pixel_values` / `image_position_ids` from `preprocess_images`, when it has image tokens)."""
         prompt_ids = _check_ids(prompt_ids, "prompt_ids", self.config.vocab_size, self.device)
         canvas_ids = _check_ids(canvas_ids, "canvas_ids", self.config.vocab_size, self.device)
         if canvas_ids.shape[0] != prompt_ids.shape[0]:
@@ -410,8 +450,13 @@ class DiffusionGemma(nn.Module):
                 raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
                                  f"got {list(self_conditioning_logits.shape)}")
             self_conditioning_logits = self_conditioning_logits.to(self.device)  # softmax in fp32, then cast
+        images = None
+        if pixel_values is not None or image_position_ids is not None:
+            if pixel_values is None or image_position_ids is None:
+                raise ValueError("pixel_values and image_position_ids go together")
+            images = self.image_prompt(prompt_ids, pixel_values, image_position_ids, mm_token_type_ids)
         cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1], scratch=canvas_ids.shape[1])
-        self.encode(prompt_ids, cache)
+        self.encode(prompt_ids, cache, images=images)
         return self.decode(canvas_ids, cache, self_conditioning_logits)
 
     def generate(self, prompt_ids, **kwargs):

@@ -35,6 +35,7 @@ from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, save_adapter
 from .model import DiffusionGemma
 from .presets import checkpoint_key, write_checkpoint
+from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -200,12 +201,14 @@ def state_dict_for_save(model: DiffusionGemma) -> dict[str, torch.Tensor]:
     mods = lora_modules(model)
     out = {}
     for name, p in model.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or name.startswith("vision."):
             continue
         key_name = name.replace(".base.weight", ".weight")
         mod = mods.get(key_name[: -len(".weight")])
         tensor = mod.merged_weight() if mod is not None else p
         out[checkpoint_key(key_name)] = tensor.detach()
+    if model.vision is not None:  # parameters and buffers (standardisation, clip ranges), under their own keys
+        out.update({VISION_PREFIX + k: t.detach() for k, t in model.vision.state_dict().items()})
     return out
 
 
@@ -297,6 +300,8 @@ def finetune(cfg: TrainConfig) -> dict:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
     else:
         model.requires_grad_(True)
+        if model.vision is not None:  # text-only training data: the tower gets no gradient
+            model.vision.requires_grad_(False)
     if cfg.freeze_router:
         for layer in model.layers:
             layer.router.requires_grad_(False)

@@ -257,12 +257,11 @@ class VisionTower(nn.Module):
         if int(slot.max()) >= length:
             raise ValueError(f"image_position_ids: a patch falls into pooled slot {int(slot.max())} "
                              f"but an image has only {length} slots")
-        hf = h.float().masked_fill(padding.unsqueeze(-1), 0.0) / (k * k)
-        out = torch.zeros(n, length, d, dtype=torch.float32, device=h.device)
-        out.scatter_add_(1, slot.unsqueeze(-1).expand(n, P, d), hf)
-        # Padding patches land in slot 0 with zero features, as in the reference (slot 0 is always filled).
-        filled = torch.zeros(n, length, dtype=torch.bool, device=h.device)
-        filled.scatter_(1, slot, True)
+        # A one-hot averaging matrix times the features: the reference's arithmetic (weights 1/k^2, one GEMM), so the
+        # soft tokens are bit-identical to its. Padding patches land in slot 0 with zero features.
+        weights = F.one_hot(slot, length).float() / (k * k)  # [n, P, length]
+        out = weights.transpose(1, 2) @ h.masked_fill(padding.unsqueeze(-1), 0.0).float()
+        filled = ~(weights == 0).all(dim=1)
         return out, filled
 
 
@@ -366,3 +365,78 @@ def place_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features
     out = embeds.clone()
     out[slots] = features.to(embeds.dtype)
     return out
+
+
+# ---- A prompt's images, ready for the chunked prefill ----
+
+@dataclass
+class PromptImages:
+    """The soft tokens of a (padded) prompt batch and where they go.
+
+    features [n, text hidden]: all images' soft tokens in prompt order (row by row);
+    index [B, L]: the feature row placed at each image-token slot, -1 elsewhere;
+    runs [B, L] or None: image-run id per position (-1 for text) when runs attend to themselves bidirectionally.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+    runs: torch.Tensor | None
+
+    def chunk_ends(self, length: int, chunk: int) -> list[int]:
+        """Chunk boundaries for a prefill of `length` tokens: every `chunk` tokens, moved forward where a boundary
+        would split an image run (a run must see all of itself in one pass)."""
+        ends, pos = [], 0
+        inside = (self.runs[:, 1:] >= 0) & (self.runs[:, 1:] == self.runs[:, :-1]) if self.runs is not None else None
+        while pos < length:
+            end = min(pos + chunk, length)
+            if inside is not None:
+                while end < length and bool(inside[:, end - 1].any()):  # slots end-1 and end share a run
+                    end += 1
+            ends.append(end)
+            pos = end
+        return ends
+
+    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Replace the image-token embeddings of the chunk starting at `start` ([B, len, H], in place)."""
+        idx = self.index[:, start:start + x.shape[1]]
+        slots = idx >= 0
+        if bool(slots.any()):
+            x[slots] = self.features.index_select(0, idx[slots]).to(x.dtype)
+        return x
+
+    def same_run(self, start: int, length: int, cached: int) -> torch.Tensor | None:
+        """[B, len, cached + len] True where query and key lie in the same image run (keys: `cached` earlier
+        positions, which never share a run with this chunk, then the chunk), or None when the chunk has no run."""
+        if self.runs is None:
+            return None
+        rq = self.runs[:, start:start + length]
+        if not bool((rq >= 0).any()):
+            return None
+        rk = torch.cat([torch.full((rq.shape[0], cached), -1, dtype=rq.dtype, device=rq.device), rq], dim=1)
+        return (rq[:, :, None] == rk[:, None, :]) & (rq[:, :, None] >= 0)
+
+
+def prompt_images(ids: torch.Tensor, features: torch.Tensor, counts: list[int], image_token_id: int,
+                  bidirectional: bool, mm_token_type_ids: torch.Tensor | None = None) -> PromptImages:
+    """Match the soft tokens of the images to the prompt's placeholder ids (in order, row by row, like the
+    reference's masked_scatter). Image runs come from `mm_token_type_ids` (1 or 2 = vision) when given, as the
+    reference's generate() reads them, else from the placeholder ids (what the processor marks)."""
+    slots = ids == image_token_id
+    n_slots = int(slots.sum())
+    if n_slots != features.shape[0]:
+        raise ValueError(f"the prompt holds {n_slots} image tokens (id {image_token_id}) but the images give "
+                         f"{features.shape[0]} soft tokens ({', '.join(map(str, counts))} per image): each image "
+                         "needs begin-of-image, that many image tokens and end-of-image in the prompt")
+    index = torch.full(ids.shape, -1, dtype=torch.long, device=ids.device)
+    index[slots] = torch.arange(n_slots, device=ids.device)
+    runs = None
+    if bidirectional:
+        if mm_token_type_ids is not None:
+            if tuple(mm_token_type_ids.shape) != tuple(ids.shape):
+                raise ValueError(f"mm_token_type_ids must have the prompt's shape {list(ids.shape)}, "
+                                 f"got {list(mm_token_type_ids.shape)}")
+            vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+            runs = image_block_ids(torch.where(vision, image_token_id, -1).to(ids.device), image_token_id)
+        else:
+            runs = image_block_ids(ids, image_token_id)
+    return PromptImages(features, index, runs)
