@@ -160,18 +160,21 @@ def test_killed_replica_loses_no_request_held_by_the_other(cluster, single):
                                   extra_body={"diffusion": LONG})
     assert s.text == solo.choices[0].text
 
-    # Recovery: Ray Serve replaces the dead replica; both replicas answer again.
+    # Recovery: Ray Serve replaces the dead replica, and the replacement serves.
+    survivor = next(iter(held - {victim}))
     deadline = time.time() + 90
     while running_replicas() < 2 and time.time() < deadline:
         time.sleep(0.5)
     assert running_replicas() == 2
     seen = set()
     ray_c = client(cluster)
-    for seed in range(8):
+    for seed in range(20):  # the router picks either replica: a new one shows up within a few requests
         raw = ray_c.completions.with_raw_response.create(model=NAME, prompt=prompt(), seed=seed, max_tokens=82)
         seen.add(raw.headers[REPLICA_HEADER])
         assert raw.parse().choices[0].text
-    assert victim not in seen
+        if seen - {survivor}:
+            break
+    assert victim not in seen and seen - {survivor}
 
 
 def test_cli_and_builder_check_their_arguments(capsys):
