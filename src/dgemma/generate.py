@@ -17,6 +17,7 @@ import torch
 from .config import GenerationConfig
 from .numerics import row_invariant
 from .sampler import CanvasSampler, FastSampler, ReferenceSampler, StableAndConfident, accept_mask, temperature
+from .vision import prompt_images
 
 RNG_MODES = ("fast", "reference")
 
@@ -159,29 +160,13 @@ def stream(
     prompt, pad, _ = _as_batch(prompt_ids, cfg.vocab_size, pad_id, model.device)
     seeds = _seeds(seed, prompt.shape[0], rng)
     t0 = time.perf_counter()
-    prompt_images = _images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids,
-                            max_soft_tokens)
+    with torch.inference_mode():  # the vision tower runs here, once
+        images = prompt_images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids,
+                               max_soft_tokens)
     vision_s = time.perf_counter() - t0
     sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
     sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
-    return _run(model, prompt, pad, gen, sampler, seeds, prompt_images, vision_s)
-
-
-def _images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids, max_soft_tokens):
-    """The prompt's image soft tokens (the vision tower runs here, once), or None for a text prompt."""
-    if images is not None:
-        if pixel_values is not None or image_position_ids is not None:
-            raise ValueError("pass either images or pixel_values/image_position_ids, not both")
-        from .images import preprocess_images
-
-        processed = preprocess_images(images, max_soft_tokens=max_soft_tokens, config=model.image_processor)
-        pixel_values, image_position_ids = processed["pixel_values"], processed["image_position_ids"]
-    elif pixel_values is None and image_position_ids is None:
-        return None
-    elif pixel_values is None or image_position_ids is None:
-        raise ValueError("pixel_values and image_position_ids go together")
-    with torch.inference_mode():
-        return model.image_prompt(prompt, pixel_values, image_position_ids, mm_token_type_ids)
+    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s)
 
 
 def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):

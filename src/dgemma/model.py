@@ -380,23 +380,6 @@ class DiffusionGemma(nn.Module):
         cache.advance(length)
         return self.norm(x)
 
-    def image_prompt(self, ids: torch.Tensor, pixel_values: torch.Tensor, image_position_ids: torch.Tensor,
-                     mm_token_type_ids: torch.Tensor | None = None) -> PromptImages:
-        """Run the vision tower over preprocessed images and match their soft tokens to the prompt ids [B, L]."""
-        if self.vision is None:
-            raise ValueError("this checkpoint has no vision tower: it cannot take images")
-        for name, t in (("pixel_values", pixel_values), ("image_position_ids", image_position_ids)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if pixel_values.dim() == 2:  # one image
-            pixel_values, image_position_ids = pixel_values[None], image_position_ids[None]
-        w = next(self.vision.parameters())
-        features, counts = self.vision(pixel_values.to(w.device, w.dtype), image_position_ids.to(w.device))
-        if mm_token_type_ids is not None:
-            mm_token_type_ids = torch.as_tensor(mm_token_type_ids, device=ids.device)
-        return prompt_images(ids, features, counts, self.config.image_token_id, self.config.vision_bidirectional,
-                             mm_token_type_ids)
-
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising forward over the canvas [B, C] -> fp32 softcapped logits [B, C, V]."""
         return self.lm_head(self.decode_hidden(canvas, cache, sc_logits))
@@ -450,11 +433,7 @@ class DiffusionGemma(nn.Module):
                 raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
                                  f"got {list(self_conditioning_logits.shape)}")
             self_conditioning_logits = self_conditioning_logits.to(self.device)  # softmax in fp32, then cast
-        images = None
-        if pixel_values is not None or image_position_ids is not None:
-            if pixel_values is None or image_position_ids is None:
-                raise ValueError("pixel_values and image_position_ids go together")
-            images = self.image_prompt(prompt_ids, pixel_values, image_position_ids, mm_token_type_ids)
+        images = prompt_images(self, prompt_ids, None, pixel_values, image_position_ids, mm_token_type_ids)
         cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1], scratch=canvas_ids.shape[1])
         self.encode(prompt_ids, cache, images=images)
         return self.decode(canvas_ids, cache, self_conditioning_logits)

@@ -416,8 +416,40 @@ class PromptImages:
         return (rq[:, :, None] == rk[:, None, :]) & (rq[:, :, None] >= 0)
 
 
-def prompt_images(ids: torch.Tensor, features: torch.Tensor, counts: list[int], image_token_id: int,
-                  bidirectional: bool, mm_token_type_ids: torch.Tensor | None = None) -> PromptImages:
+def prompt_images(model, ids: torch.Tensor, images=None, pixel_values: torch.Tensor | None = None,
+                  image_position_ids: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                  max_soft_tokens: int | None = None) -> PromptImages | None:
+    """A prompt's images -> its PromptImages (None for a text prompt): `images` (PIL images, paths or bytes) go
+    through the model's image processor; `pixel_values` + `image_position_ids` are processor outputs. The vision
+    tower runs here."""
+    if images is not None:
+        if pixel_values is not None or image_position_ids is not None:
+            raise ValueError("pass either images or pixel_values/image_position_ids, not both")
+        from .images import preprocess_images
+
+        processed = preprocess_images(images, max_soft_tokens=max_soft_tokens, config=model.image_processor)
+        pixel_values, image_position_ids = processed["pixel_values"], processed["image_position_ids"]
+    elif pixel_values is None and image_position_ids is None:
+        return None
+    elif pixel_values is None or image_position_ids is None:
+        raise ValueError("pixel_values and image_position_ids go together")
+    if model.vision is None:
+        raise ValueError("this checkpoint has no vision tower: it cannot take images")
+    for name, t in (("pixel_values", pixel_values), ("image_position_ids", image_position_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if pixel_values.dim() == 2:  # one image
+        pixel_values, image_position_ids = pixel_values[None], image_position_ids[None]
+    w = next(model.vision.parameters())
+    features, counts = model.vision(pixel_values.to(w.device, w.dtype), image_position_ids.to(w.device))
+    if mm_token_type_ids is not None:
+        mm_token_type_ids = torch.as_tensor(mm_token_type_ids, device=ids.device)
+    cfg = model.config
+    return place_soft_tokens(ids, features, counts, cfg.image_token_id, cfg.vision_bidirectional, mm_token_type_ids)
+
+
+def place_soft_tokens(ids: torch.Tensor, features: torch.Tensor, counts: list[int], image_token_id: int,
+                      bidirectional: bool, mm_token_type_ids: torch.Tensor | None = None) -> PromptImages:
     """Match the soft tokens of the images to the prompt's placeholder ids (in order, row by row, like the
     reference's masked_scatter). Image runs come from `mm_token_type_ids` (1 or 2 = vision) when given, as the
     reference's generate() reads them, else from the placeholder ids (what the processor marks)."""
