@@ -164,3 +164,23 @@ def test_bidirectional_runs_matter(models):
                                  mm_token_type_ids=torch.zeros_like(ids))
     differ = bool((runs - causal).abs().max() > 1e-4)
     assert differ == (ref.config.text_config.use_bidirectional_attention == "vision")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nvfp4"])
+def test_images_with_quantized_text_weights(models, tmp_path, scheme):
+    """A quantized checkpoint keeps its vision tower dense: image prompts work and stay close to the unquantized
+    model's logits (the text weights changed, the soft tokens did not)."""
+    from dgemma.quant.quantize import quantize_checkpoint
+
+    _, model, path = models
+    quantize_checkpoint(path, tmp_path / scheme, scheme)
+    q = dgemma.load_model(tmp_path / scheme, dtype=torch.float32)
+    assert q.vision is not None and q.quant_format is not None
+    ids, pv, pos = _inputs(1)
+    feats = q.vision(pv, pos)[0]
+    assert torch.equal(feats, model.vision(pv, pos)[0])
+    canvas = torch.arange(8)[None] + 30
+    a = q.canvas_logits(ids, canvas, pixel_values=pv, image_position_ids=pos)
+    b = model.canvas_logits(ids, canvas, pixel_values=pv, image_position_ids=pos)
+    assert torch.isfinite(a).all() and (a - b).abs().mean() < 0.5 * b.abs().mean()
+    assert len(q.generate(ids, pixel_values=pv, image_position_ids=pos, max_new_tokens=16, seed=1).ids) > 0
