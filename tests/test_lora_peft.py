@@ -88,3 +88,58 @@ def test_adapter_round_trip_and_part_choice(base, tmp_path):
     torch.testing.assert_close(again.canvas_logits(prompt, canvas), m.canvas_logits(prompt, canvas), rtol=0, atol=0)
     with pytest.raises(ValueError, match="LoRA targets must be one of text, vision, both"):
         apply_lora(dgemma.load_model(base), parts="audio")
+
+
+def test_vision_and_text_adapter_loads_with_peft(base, tmp_path):
+    """--lora-targets both: adapters on the vision tower's linears too; PEFT wraps exactly those, and the merged
+    reference gives dgemma's merged soft tokens and text logits."""
+    from dgemma.images import preprocess_images
+    from dgemma.lora import merge_lora
+    from PIL import Image
+    import numpy as np
+
+    m = dgemma.load_model(base)
+    names = apply_lora(m, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(1), parts="both")
+    assert any(n.startswith("vision.") for n in names) and any(n.startswith("layers.") for n in names)
+    with torch.no_grad():
+        for mod in lora_modules(m).values():
+            mod.lora_B.normal_(0, 0.1)
+    save_adapter(m, tmp_path / "both")
+    merge_lora(m)
+    peft_model = PeftModel.from_pretrained(_reference(base), tmp_path / "both")
+    keys = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            for k in load_file(str(tmp_path / "both" / "adapter_model.safetensors"))}
+    assert _adapted(peft_model.base_model.model) == keys
+    assert any(k.endswith("self_attn.q_proj.linear") and "vision_tower" in k for k in keys)
+    ref = peft_model.merge_and_unload().eval()
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 50), (64, 20))]
+    proc = preprocess_images(imgs, config=m.image_processor)
+    pv, pos = proc["pixel_values"], proc["image_position_ids"]
+    with torch.no_grad():
+        want = ref.model.encoder.get_image_features(pv, pos, return_dict=True).pooler_output
+        plain = _reference(base).model.encoder.get_image_features(pv, pos, return_dict=True).pooler_output
+        got, _ = m.vision(pv, pos)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (want - plain).abs().max() > 1e-3
+    prompt, canvas = _inputs(2)
+    with torch.no_grad():
+        want_logits = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+    torch.testing.assert_close(m.canvas_logits(prompt, canvas), want_logits, rtol=0, atol=1e-6)
+
+
+def test_finetune_lora_targets(base, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "copy ab", "response": "ab"}) + "\n", encoding="utf-8")
+    cfg = dict(base=str(base), data=str(data), steps=1, batch_size=1, lora_rank=2, progress=False, log_every=1)
+    finetune(TrainConfig(out=str(tmp_path / "b"), lora_targets="both", **cfg))
+    tensors = load_file(str(tmp_path / "b" / "final" / "adapter" / "adapter_model.safetensors"))
+    vision = {k: t for k, t in tensors.items() if "vision_tower" in k}
+    assert vision and len(vision) < len(tensors)
+    # Text-only data: the tower's adapters get no gradient (B stays zero); the text ones train.
+    assert all(not t.any() for k, t in vision.items() if ".lora_B." in k)
+    assert any(t.any() for k, t in tensors.items() if ".lora_B." in k and k not in vision)
+    with pytest.raises(ValueError, match="vision tower gets no gradient"):
+        TrainConfig(out=str(tmp_path / "v"), lora_targets="vision", **cfg).validate()
+    with pytest.raises(ValueError, match="LoRA targets must be one of"):
+        TrainConfig(out=str(tmp_path / "x"), lora_targets="all", **cfg).validate()

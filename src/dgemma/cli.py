@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "seed"):
         value = getattr(defaults, name)
         f.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
+    f.add_argument("--lora-targets", default="text", choices=["text", "vision", "both"],
+                   help="with --lora-rank: adapters on the text stack (default) or on it and the vision tower "
+                   "('both'; the tower's adapters stay zero on text-only data, and 'vision' alone is refused)")
     f.add_argument("--freeze-router", action="store_true")
     f.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
     f.add_argument("--device", default="cpu")
@@ -449,7 +452,8 @@ def cmd_finetune(args) -> int:
              "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every", "seed")
     cfg = TrainConfig(base=args.model, data=args.data, out=args.out, freeze_router=args.freeze_router,
                       chat=not args.no_chat, device=args.device, dtype=args.dtype, resume=args.resume,
-                      distributed=args.distributed, **{n: getattr(args, n) for n in names})
+                      distributed=args.distributed, lora_targets=args.lora_targets,
+                      **{n: getattr(args, n) for n in names})
     summary = finetune(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary
         print(json.dumps(summary))

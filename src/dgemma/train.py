@@ -32,7 +32,7 @@ from . import distributed
 from .checkpoint import load_model, resolve_device
 from .config import read_json
 from .kv_cache import TrainingKVCache
-from .lora import apply_lora, load_adapter, lora_modules, save_adapter
+from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter
 from .model import DiffusionGemma
 from .presets import checkpoint_key, write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
@@ -55,6 +55,7 @@ class TrainConfig:
     clip: float = 1.0
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
+    lora_targets: str = "text"  # LoRA on "text", "vision" (the vision tower) or "both"
     freeze_router: bool = False
     sc_prob: float = 0.5
     t_min: float = 1e-3
@@ -79,6 +80,9 @@ class TrainConfig:
             raise ValueError("sc_prob must be in [0, 1] and t_min in (0, 1)")
         if self.lr <= 0 or self.warmup < 0 or self.lora_rank < 0:
             raise ValueError("lr must be positive; warmup and lora_rank non-negative")
+        if lora_parts(self.lora_targets) == ("vision",):
+            raise ValueError("lora_targets 'vision': the training data are text-only, so the vision tower gets no "
+                             "gradient; choose 'text' or 'both'")
         if self.ar_targets not in ("all", "response", "none"):
             raise ValueError(f"ar_targets must be 'all', 'response' or 'none', got {self.ar_targets!r}")
         if self.ar_targets == "none" and self.diffusion_weight == 0:
@@ -297,7 +301,8 @@ def finetune(cfg: TrainConfig) -> dict:
     if cfg.lora_rank and cfg.resume and (resume_from / "adapter").is_dir():
         load_adapter(model, resume_from / "adapter")
     elif cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed),
+                   parts=cfg.lora_targets)
     else:
         model.requires_grad_(True)
         if model.vision is not None:  # text-only training data: the tower gets no gradient
@@ -394,6 +399,6 @@ def _plain_model(base: Path, cfg: TrainConfig) -> DiffusionGemma:
     """An unsharded model on the CPU with the trained model's structure (LoRA wrappers too)."""
     model = load_model(base, dtype=cfg.dtype, device="cpu")
     if cfg.lora_rank:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parts=cfg.lora_targets)
     return model
 

@@ -337,8 +337,8 @@ def prepare_images(state: ServerState, req: ChatRequest) -> list[int]:
     """A chat with image parts: data: URLs only (nothing is fetched), limits checked before decoding; the images
     are decoded and preprocessed here, the tower runs in the engine. Sets req._images; returns the prompt ids."""
     if getattr(state.model, "vision", None) is None:
-        raise APIError(400, "this model has no vision tower; image content is not supported", param="messages",
-                       code="images_not_supported")
+        raise APIError(400, "this model has no vision tower: image content (image_url parts) is not supported",
+                       param="messages", code="images_not_supported")
     if req.decoder != "diffusion":
         raise APIError(400, "image input needs the diffusion decoder", param="decoder")
     limits = state.limits
