@@ -3,11 +3,12 @@
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .generate import Commit, Done, Draft, GenerationResult, generate, stream
-from .images import ImageError, preprocess_images
+from .images import ImageError, Prompt, chat_prompt, preprocess_images, text_prompt
 from .model import DiffusionGemma
 
 __all__ = [
     "load_model", "CheckpointError", "ConfigError", "GenerationConfig", "ModelConfig", "DiffusionGemma",
     "generate", "stream", "GenerationResult", "Draft", "Commit", "Done", "preprocess_images", "ImageError",
+    "chat_prompt", "text_prompt", "Prompt",
 ]
 __version__ = "0.1.0"
