@@ -37,5 +37,6 @@ def automata(model, gen, constraint, batch: int) -> list[TokenAutomaton | None]:
 
 
 def constrain(sampler, model, gen, batch: int, budget: int, seeds: list[int], constraint) -> ConstrainedSampler:
-    """Wrap `sampler` so each row's output satisfies its constraint within `budget` new tokens (EOS included)."""
-    return ConstrainedSampler(sampler, automata(model, gen, constraint, batch), budget, seeds)
+    """Wrap `sampler` so each row's output satisfies its constraint within `budget` new tokens (EOS included).
+    (`seeds` is accepted for strategies that draw; the DP itself is deterministic.)"""
+    return ConstrainedSampler(sampler, automata(model, gen, constraint, batch), budget)

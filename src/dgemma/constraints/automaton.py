@@ -10,6 +10,7 @@ The automaton may be nondeterministic (infill templates are); the DP follows one
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,10 @@ class TokenAutomaton:
     dist: torch.Tensor  # [S] tokens from each state to DONE (EOS included); INF where DONE is out of reach
     fixed_dst: torch.Tensor  # [S] bool: an edge into this state places a fixed (template) token
     fill_id: int  # the token after EOS (pad), also written past the budget
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        return Layout.of(self)
 
     @property
     def n_classes(self) -> int:
@@ -122,3 +127,34 @@ class TokenAutomaton:
             if not states:
                 break
         return states
+
+
+SMALL_CLASS = 64  # classes up to this size are read by a gather every step; larger ones through the top-k first
+
+
+@dataclass
+class Layout:
+    """Per-automaton arrays the DP reuses every step."""
+
+    small_tokens: torch.Tensor  # members of all small classes, concatenated
+    small_class: torch.Tensor  # the class of each
+    big: list[tuple[int, torch.Tensor]]  # (class, members) of the large classes
+    in_edges: list[np.ndarray]  # per state: indices of the edges into it
+
+    @classmethod
+    def of(cls, aut: TokenAutomaton) -> Layout:
+        sizes = (aut.offsets[1:] - aut.offsets[:-1]).tolist()
+        small_tok, small_cls, big = [], [], []
+        for k, n in enumerate(sizes):
+            members = aut.order[aut.offsets[k]:aut.offsets[k + 1]]
+            if n <= SMALL_CLASS:
+                small_tok.append(members)
+                small_cls.append(torch.full((n,), k, dtype=torch.int64))
+            else:
+                big.append((k, members))
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
+        dst = aut.dst.numpy()
+        by_dst = np.argsort(dst, kind="stable")
+        bounds = np.searchsorted(dst[by_dst], np.arange(aut.n_states + 1))
+        in_edges = [by_dst[bounds[q]:bounds[q + 1]] for q in range(aut.n_states)]
+        return cls(cat(small_tok), cat(small_cls), big, in_edges)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .automaton import INF, TokenAutomaton
@@ -27,30 +28,42 @@ class ClassScores:
     best: torch.Tensor  # [C, K] int64, the token that has it
 
 
-def class_scores(probs: torch.Tensor, aut: TokenAutomaton) -> ClassScores:
+def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16) -> ClassScores:
     """probs [C, V] (any float dtype, rows sum to 1) -> the best token of every class at every position.
 
-    Only tokens that lie on some edge are read (`order`), chunked so temporaries stay small at V = 262144."""
-    c = probs.shape[0]
-    k = aut.n_classes
-    logp = torch.empty(c, k, dtype=torch.float32)
-    best = torch.empty(c, k, dtype=torch.int64)
-    order = aut.order.to(probs.device)
-    lengths = (aut.offsets[1:] - aut.offsets[:-1]).to(probs.device)
-    seg = torch.repeat_interleave(torch.arange(k, device=probs.device), lengths)  # class of each order entry
-    step = max(1, (1 << 21) // max(order.numel(), 1))
-    for s in range(0, c, step):
-        p = probs[s:s + step].index_select(1, order).float()  # [c', V_live], tokens grouped by class
-        lens = lengths.expand(p.shape[0], -1)
-        m = torch.segment_reduce(p, "max", lengths=lens, axis=1)  # [c', K]
-        # the first token of each class whose probability equals the class maximum
-        hit = p == m.index_select(1, seg)
-        pos = torch.arange(order.numel(), device=p.device).expand_as(p)
-        first = torch.where(hit, pos, order.numel()).to(torch.float32)
-        idx = torch.segment_reduce(first, "min", lengths=lens, axis=1).long()
-        best[s:s + step] = order[idx.clamp_(max=order.numel() - 1)].cpu()
-        logp[s:s + step] = torch.log(m).clamp_(min=LOG_FLOOR).cpu()
-    return ClassScores(logp, best)
+    Exact, without a pass over the whole vocabulary per class: small classes are gathered; a large class's best
+    token at a position is its first member among the position's top-k tokens (sorted, so that is its maximum),
+    and only positions where none of the top k is a member gather the class."""
+    c, kk = probs.shape[0], aut.n_classes
+    lay = aut.layout
+    dev = probs.device
+    maxp = torch.zeros(c, kk, dtype=torch.float32, device=dev)
+    best = torch.zeros(c, kk, dtype=torch.int64, device=dev)
+    if lay.small_tokens.numel():
+        toks, cl = lay.small_tokens.to(dev), lay.small_class.to(dev)
+        g = probs.index_select(1, toks).float()  # [C, n_small]
+        idx = cl.expand(c, -1)
+        maxp.scatter_reduce_(1, idx, g, "amax")
+        hit = g == maxp.gather(1, idx)
+        best.scatter_reduce_(1, idx, torch.where(hit, toks, -1), "amax")
+    if lay.big:
+        vals, top = probs.topk(min(k, probs.shape[1]), dim=1)
+        top_cls = aut.token_class.to(dev)[top]
+        for cls_id, members in lay.big:
+            hit = top_cls == cls_id
+            has = hit.any(dim=1)
+            first = hit.int().argmax(dim=1, keepdim=True)  # the first (largest) member in the top k
+            maxp[:, cls_id] = torch.where(has, vals.gather(1, first).squeeze(1).float(), 0.0)
+            best[:, cls_id] = top.gather(1, first).squeeze(1)
+            miss = (~has).nonzero().flatten()
+            if miss.numel():
+                flat = (miss[:, None] * probs.shape[1] + members.to(dev)[None, :]).view(-1)
+                g = probs.reshape(-1).index_select(0, flat).view(miss.numel(), -1)  # only what is needed
+                m, a = g.max(dim=1)
+                maxp[miss, cls_id] = m.float()
+                best[miss, cls_id] = members.to(dev)[a]
+    logp = torch.log(maxp).clamp_(min=LOG_FLOOR)
+    return ClassScores(logp.cpu(), best.cpu())
 
 
 def allowed_states(aut: TokenAutomaton, left: torch.Tensor, complete: bool) -> torch.Tensor:
@@ -65,33 +78,33 @@ def allowed_states(aut: TokenAutomaton, left: torch.Tensor, complete: bool) -> t
 
 
 def viterbi(logp: torch.Tensor, aut: TokenAutomaton, start: int, allowed: torch.Tensor):
-    """Best path of C edges from `start` staying in `allowed`: (classes [C], states [C + 1]) or None."""
-    c = logp.shape[0]
-    s = aut.n_states
-    src, cls, dst = aut.src, aut.cls, aut.dst
-    edge_ids = torch.arange(src.numel())
-    v = torch.full((s,), -torch.inf)
-    v[start] = 0.0
-    v = v.masked_fill(~allowed[0], -torch.inf)
-    back = torch.empty(c, s, dtype=torch.int64)
+    """Best path of C edges from `start` staying in `allowed`: (classes [C], states [C + 1]) or None.
+    Forward: best score per (boundary, state), vectorised over edges; backward: the best edge into each state."""
+    c, s = logp.shape[0], aut.n_states
+    src, dst = aut.src, aut.dst
+    edge_logp = logp[:, aut.cls]  # [C, E]
+    v = torch.empty(c + 1, s)
+    v[0] = -torch.inf
+    v[0, start] = 0.0
+    v[0].masked_fill_(~allowed[0], -torch.inf)
     for j in range(c):
-        cand = v[src] + logp[j, cls]
-        nv = torch.full((s,), -torch.inf).scatter_reduce_(0, dst, cand, "amax")
-        nv.masked_fill_(~allowed[j + 1], -torch.inf)
-        win = (cand == nv[dst]) & (cand > -torch.inf)
-        back[j] = torch.full((s,), -1, dtype=torch.int64).scatter_reduce_(0, dst[win], edge_ids[win], "amax")
-        v = nv
-    if not bool(torch.isfinite(v).any()):
+        cand = v[j].index_select(0, src).add_(edge_logp[j])
+        v[j + 1] = torch.full((s,), -torch.inf).scatter_reduce_(0, dst, cand, "amax").masked_fill_(
+            ~allowed[j + 1], -torch.inf)
+    if not bool(torch.isfinite(v[c]).any()):
         return None
-    q = int(v.argmax())
-    states = [q]
-    classes = []
+    vn, ln = v.numpy(), edge_logp.numpy()
+    srcn, clsn = src.numpy(), aut.cls.numpy()
+    in_edges = aut.layout.in_edges
+    q = int(vn[c].argmax())
+    states, classes = [q], []
     for j in range(c - 1, -1, -1):
-        e = int(back[j, q])
-        classes.append(int(cls[e]))
-        q = int(src[e])
+        es = in_edges[q]
+        e = es[int(np.argmax(vn[j, srcn[es]] + ln[j, es]))]
+        classes.append(int(clsn[e]))
+        q = int(srcn[e])
         states.append(q)
-    return torch.tensor(classes[::-1]), torch.tensor(states[::-1])
+    return torch.tensor(classes[::-1], dtype=torch.int64), torch.tensor(states[::-1], dtype=torch.int64)
 
 
 @dataclass
@@ -127,23 +140,9 @@ def best_canvas(scores: ClassScores, aut: TokenAutomaton, start: int, left: torc
     return CanvasPath(scores.best[torch.arange(c), classes], classes, states, aut.fixed_dst[states[1:]], True)
 
 
-def draw_in_class(probs: torch.Tensor, proposal: torch.Tensor, path: CanvasPath, aut: TokenAutomaton,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Sampled tokens that follow the argmax path's classes (so the canvas stays valid: tokens of one class have
-    the same edges): the sampler's own draw where it lies in the path's class (then it is exactly a draw from p_j
-    restricted to that class), otherwise a fresh draw from p_j restricted to the class."""
-    out = proposal.clone()
+def draw_in_class(proposal: torch.Tensor, path: CanvasPath, aut: TokenAutomaton) -> torch.Tensor:
+    """Sampled tokens that keep the canvas valid: the sampler's own draw where it lies in the argmax path's class
+    at that position (tokens of one class have the same edges, so the path stays valid; given that it landed
+    there, it is a draw from p_j restricted to the class), else the class's most probable token."""
     inside = aut.token_class[proposal.cpu()] == path.classes
-    redo = (~inside).nonzero().flatten().tolist()
-    for j in redo:
-        k = int(path.classes[j])
-        members = aut.order[aut.offsets[k]:aut.offsets[k + 1]]
-        if members.numel() == 1:
-            out[j] = members[0]
-            continue
-        w = probs[j].index_select(0, members.to(probs.device)).float().cpu()
-        if not bool(w.sum() > 0):
-            out[j] = path.argmax[j]
-            continue
-        out[j] = members[torch.multinomial(w, 1, generator=generator)]
-    return out
+    return torch.where(inside, proposal.cpu(), path.argmax)

@@ -4,7 +4,7 @@ continues a valid output.
 Per constrained row and step: the inner strategy proposes as usual (its draws, entropies and self-conditioning
 are untouched); then the canvas DP (dp.py) replaces `argmax` with the most probable canvas that is a path of the
 row's automaton from the state the committed text left it in and can still finish within the row's budget, and
-`sampled` with draws restricted to that path's token classes, so accepted tokens stay valid too. A template's fixed
+`sampled` with tokens of that path's classes (the inner draw where it fits), so accepted tokens stay valid too. A template's fixed
 tokens are clamped: they are written into both the sample and the re-noise ids (so the next input canvas holds them
 whatever is accepted) with entropy 0. After a commit the row's state moves to the end of the committed path.
 Unconstrained rows (None) pass through unchanged.
@@ -27,7 +27,6 @@ class RowState:
     state: int  # automaton state after the committed canvases
     used: int  # tokens committed so far
     budget: int  # tokens the output may take, EOS included
-    generator: torch.Generator
     end: int | None = None  # state at the end of the current argmax canvas
     complete: bool = True  # False once no valid output fits the budget (the text stays a valid prefix)
 
@@ -37,14 +36,12 @@ class RowState:
 
 
 class ConstrainedSampler(CanvasSampler):
-    def __init__(self, inner: CanvasSampler, automata: list[TokenAutomaton | None], budget: int, seeds: list[int]):
+    def __init__(self, inner: CanvasSampler, automata: list[TokenAutomaton | None], budget: int):
         super().__init__(inner.model)
         self.inner = inner
         self.row_invariant = inner.row_invariant
         self.canvas_length = inner.model.config.canvas_length
-        self.rows = [None if a is None else
-                     RowState(a, a.start, 0, budget, torch.Generator().manual_seed(seeds[min(b, len(seeds) - 1)] ^ 0x5EED))
-                     for b, a in enumerate(automata)]
+        self.rows = [None if a is None else RowState(a, a.start, 0, budget) for a in automata]
 
     def live(self, stopped, finished):
         return self.inner.live(stopped, finished)
@@ -83,7 +80,7 @@ class ConstrainedSampler(CanvasSampler):
             path = best_canvas(class_scores(probs, row.aut), row.aut, row.state, row.left(probs.shape[0]))
             dev = argmax.device
             argmax[b] = path.argmax.to(dev)
-            sampled[b] = draw_in_class(probs, st.sampled[b], path, row.aut, row.generator).to(dev)
+            sampled[b] = draw_in_class(st.sampled[b], path, row.aut).to(dev)
             if bool(path.fixed.any()):
                 fixed = path.fixed.to(dev)
                 sampled[b] = torch.where(fixed, argmax[b], sampled[b])
