@@ -1,7 +1,7 @@
 """`dgemma bench --preset P --quantize SCHEME`: one quantized model, timed against this machine's limits.
 
-Writes (once) a random checkpoint of the preset directly in the scheme's layout, measures the machine first (fp32
-matmul peak at the model's shapes, memory read bandwidth), then loads the model with default settings and runs one
+Writes (once) a random checkpoint of the preset directly in the scheme's layout, measures the machine first (matmul
+peak at the model's shapes in the dtype the model computes in, and in fp32; memory read bandwidth), then loads the model with default settings and runs one
 canvas at a fixed number of denoising steps. Reports seconds per step and tokens/s next to
 - the compute roofline: 2 x active parameters x canvas tokens per step at the measured matmul peak (the issue's
   "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
@@ -13,6 +13,7 @@ and the process's peak RSS.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -59,12 +60,18 @@ def run(args) -> int:
     cfg = ModelConfig.from_dict(config_dict(preset))
     device = torch.device(args.device)
     machine = hardware.describe()
-    peak = measure_peak(cfg, torch.float32, device)
+    load_start = os.getloadavg()[0]
+    compute = hardware.default_compute_dtype(torch.bfloat16, device)  # what the bf16-stored parts compute in
+    peaks = {str(dt): measure_peak(cfg, dt, device) for dt in dict.fromkeys((compute, torch.float32))}
+    peak = peaks[str(compute)]
     bandwidth = measure_bandwidth()
 
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device)
     load_s = time.perf_counter() - t0
+    if model.dtype != compute and str(model.dtype) not in peaks:
+        peaks[str(model.dtype)] = measure_peak(cfg, model.dtype, device)
+    peak = peaks[str(model.dtype)]
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     clock = _Clock(device)
@@ -78,10 +85,15 @@ def run(args) -> int:
     stored = weight_bytes(model_dir)
     step_s = timing["step_s"]
     roofline_s = issue_flops / (peak["gflops"] * 1e9)
+    fp32_roofline_s = issue_flops / (peaks[str(torch.float32)]["gflops"] * 1e9)
     floor_s = stored / (bandwidth * 1e9)
     result = {
         "preset": preset, "scheme": scheme, "model_dir": str(model_dir), "machine": machine,
-        "matmul_peak_gflops": peak["gflops"], "peak_gemm": peak["best_gemm"], "read_bandwidth_gbs": bandwidth,
+        "compute_dtype": str(model.dtype), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
+        "matmul_peak_gflops": peak["gflops"], "peak_gemm": peak["best_gemm"],
+        "matmul_peaks_gflops": {k: v["gflops"] for k, v in peaks.items()},
+        "fp32_roofline_step_s": fp32_roofline_s, "step_vs_fp32_roofline": step_s / fp32_roofline_s,
+        "read_bandwidth_gbs": bandwidth,
         "weights_gb": stored / 1e9, "load_s": load_s, "peak_rss_gib_after_load": rss_after_load,
         "peak_rss_gib": rss_peak, "prefill_s": timing["prefill_s"], "first_step_s": timing["first_step_s"],
         "step_s": step_s, "steps": args.steps,
@@ -96,13 +108,15 @@ def run(args) -> int:
     print(f"{preset} {scheme}: {machine['cpu']} ({', '.join(machine['flags'])}), {torch.get_num_threads()} threads")
     print(f"  weights {stored / 1e9:.2f} GB, load {load_s:.1f} s, peak RSS {rss_peak:.2f} GiB "
           f"(after load {rss_after_load:.2f} GiB)")
-    print(f"  machine: fp32 matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['best_gemm']}), "
-          f"read bandwidth {bandwidth:.1f} GB/s")
+    print(f"  machine: {model.dtype} matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['best_gemm']}), "
+          f"fp32 peak {peaks[str(torch.float32)]['gflops']:.1f} GFLOP/s, read bandwidth {bandwidth:.1f} GB/s, "
+          f"load average {load_start:.1f} -> {result['loadavg_end']:.1f}")
     print(f"  prefill {args.prompt_len} tokens {timing['prefill_s']:.2f} s; denoising step {step_s:.2f} s "
           f"(first {timing['first_step_s']:.2f} s); {args.tokens_per_forward / step_s:.2f} tokens/s at "
           f"{args.tokens_per_forward:g} tokens per step")
-    print(f"  compute roofline {roofline_s:.2f} s/step (2 x {cfg.active_params / 1e9:.2f} G active x {canvas}) -> "
-          f"{step_s / roofline_s:.2f}x of it; all counted matmuls {full_flops / 1e12:.2f} TFLOP/step run at "
+    print(f"  compute roofline {roofline_s:.2f} s/step (2 x {cfg.active_params / 1e9:.2f} G active x {canvas} at the "
+          f"{model.dtype} peak) -> {step_s / roofline_s:.2f}x of it (fp32 peak: {fp32_roofline_s:.2f} s, "
+          f"{step_s / fp32_roofline_s:.2f}x); all counted matmuls {full_flops / 1e12:.2f} TFLOP/step run at "
           f"{full_flops / step_s / 1e9:.1f} GFLOP/s")
     print(f"  memory-bandwidth floor {floor_s:.2f} s/step (all {stored / 1e9:.1f} GB read once)")
     return 0
