@@ -140,6 +140,7 @@ class Layout:
     small_class: torch.Tensor  # the class of each
     big: list[tuple[int, torch.Tensor]]  # (class, members) of the large classes
     in_edges: list[np.ndarray]  # per state: indices of the edges into it
+    adjacency: torch.Tensor  # [S, S] float32: 1 where some edge s -> d exists
 
     @classmethod
     def of(cls, aut: TokenAutomaton) -> Layout:
@@ -157,4 +158,6 @@ class Layout:
         by_dst = np.argsort(dst, kind="stable")
         bounds = np.searchsorted(dst[by_dst], np.arange(aut.n_states + 1))
         in_edges = [by_dst[bounds[q]:bounds[q + 1]] for q in range(aut.n_states)]
-        return cls(cat(small_tok), cat(small_cls), big, in_edges)
+        adj = torch.zeros(aut.n_states, aut.n_states)
+        adj[aut.src, aut.dst] = 1.0
+        return cls(cat(small_tok), cat(small_cls), big, in_edges, adj)

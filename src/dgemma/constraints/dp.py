@@ -28,12 +28,13 @@ class ClassScores:
     best: torch.Tensor  # [C, K] int64, the token that has it
 
 
-def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16) -> ClassScores:
+def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16, need: torch.Tensor | None = None) -> ClassScores:
     """probs [C, V] (any float dtype, rows sum to 1) -> the best token of every class at every position.
 
     Exact, without a pass over the whole vocabulary per class: small classes are gathered; a large class's best
     token at a position is its first member among the position's top-k tokens (sorted, so that is its maximum),
-    and only positions where none of the top k is a member gather the class."""
+    and only positions where none of the top k is a member gather the class, and of those only the ones where
+    `need` [C, K] (bool, see `needed_classes`) says a valid path could use it."""
     c, kk = probs.shape[0], aut.n_classes
     lay = aut.layout
     dev = probs.device
@@ -55,7 +56,7 @@ def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16) -> Class
             first = hit.int().argmax(dim=1, keepdim=True)  # the first (largest) member in the top k
             maxp[:, cls_id] = torch.where(has, vals.gather(1, first).squeeze(1).float(), 0.0)
             best[:, cls_id] = top.gather(1, first).squeeze(1)
-            miss = (~has).nonzero().flatten()
+            miss = (~has if need is None else ~has & need[:, cls_id].to(dev)).nonzero().flatten()
             if miss.numel():
                 flat = (miss[:, None] * probs.shape[1] + members.to(dev)[None, :]).view(-1)
                 g = probs.reshape(-1).index_select(0, flat).view(miss.numel(), -1)  # only what is needed
@@ -75,6 +76,37 @@ def allowed_states(aut: TokenAutomaton, left: torch.Tensor, complete: bool) -> t
     ok = (aut.dist < INF).clone()
     ok[aut.done] = False
     return ok[None, :].expand(left.numel(), -1)
+
+
+def reachable(aut: TokenAutomaton, start: int, allowed: torch.Tensor) -> torch.Tensor:
+    """[C + 1, S] bool: states some path from `start` can be in at each boundary while staying in `allowed`."""
+    c = allowed.shape[0] - 1
+    adj = aut.layout.adjacency  # [S, S] float, 1 where an edge s -> d exists
+    r = torch.zeros(c + 1, aut.n_states, dtype=torch.bool)
+    r[0, start] = bool(allowed[0, start])
+    for j in range(c):
+        r[j + 1] = (r[j].to(adj.dtype) @ adj > 0) & allowed[j + 1]
+    return r
+
+
+def needed_classes(aut: TokenAutomaton, reach: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[C, K] bool: classes on some edge a valid path could take at each position."""
+    used = (reach[:-1][:, aut.src] & allowed[1:][:, aut.dst]).to(torch.int8)  # [C, E]
+    need = torch.zeros(used.shape[0], aut.n_classes, dtype=torch.int8)
+    return need.scatter_reduce_(1, aut.cls.expand_as(used), used, "amax").bool()
+
+
+def solve(probs: torch.Tensor, aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPath:
+    """`best_canvas` from the step's distributions [C, V], scoring only the classes a valid path could use."""
+    c = probs.shape[0]
+    allowed = allowed_states(aut, left, True)
+    reach = reachable(aut, start, allowed)
+    if not bool(reach[-1].any()):  # nothing finishes within the budget: best_canvas takes the prefix path
+        m = min(c, int(left[0]))
+        allowed = allowed_states(aut, left[:m + 1], False)
+        reach = torch.cat([reachable(aut, start, allowed), torch.zeros(c - m, aut.n_states, dtype=torch.bool)])
+        allowed = torch.cat([allowed, torch.zeros(c - m, aut.n_states, dtype=torch.bool)])
+    return best_canvas(class_scores(probs, aut, need=needed_classes(aut, reach, allowed)), aut, start, left)
 
 
 def viterbi(logp: torch.Tensor, aut: TokenAutomaton, start: int, allowed: torch.Tensor):

@@ -18,7 +18,7 @@ import torch
 
 from ..sampler import CanvasSampler, Step
 from .automaton import TokenAutomaton
-from .dp import ClassScores, best_canvas, class_scores, draw_in_class
+from .dp import ClassScores, best_canvas, draw_in_class, solve
 
 
 @dataclass
@@ -77,7 +77,7 @@ class ConstrainedSampler(CanvasSampler):
             if row is None or not bool(live[b]):
                 continue
             probs = self._probs(b)
-            path = best_canvas(class_scores(probs, row.aut), row.aut, row.state, row.left(probs.shape[0]))
+            path = solve(probs, row.aut, row.state, row.left(probs.shape[0]))
             dev = argmax.device
             argmax[b] = path.argmax.to(dev)
             sampled[b] = draw_in_class(st.sampled[b], path, row.aut).to(dev)
