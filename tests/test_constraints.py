@@ -17,7 +17,7 @@ from dgemma.checkpoint import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
-from dgemma.constraints.dp import best_canvas, class_scores
+from dgemma.constraints.dp import best_canvas, class_scores, solve
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
 from dgemma.generate import Commit, Done, Draft, generate, stream
@@ -68,6 +68,7 @@ def test_dp_is_the_best_valid_canvas(regex, budget):
     for _ in range(4):
         probs = torch.softmax(torch.randn(c, v, generator=g) * 2, dim=-1)
         path = best_canvas(class_scores(probs, aut), aut, aut.start, left)
+        assert solve(probs, aut, aut.start, left).argmax.tolist() == path.argmax.tolist()  # pruned scoring agrees
         logp = probs.log()
         score = lambda x: float(sum(logp[j, t] for j, t in enumerate(x)))  # noqa: E731
         if not valid:  # nothing fits: the best valid prefix over the budget's positions, no EOS
