@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8", "nvfp4"],
                    help="time one quantized model of the preset (written under --model-dir) against the roofline")
     b.add_argument("--model-dir", default=None, help="with --quantize: where the checkpoint is (written if absent)")
+    b.add_argument("--constrained", action="store_true",
+                   help="measure constrained decoding instead: step time with a realistic JSON schema vs unconstrained")
     f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
     f.add_argument("--model", required=True, help="base checkpoint directory")
     f.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "response": ...} per line')
@@ -431,6 +433,10 @@ def cmd_bench(args) -> int:
         from .bench import run_quantized_bench
 
         return run_quantized_bench(args)
+    if args.constrained:
+        from .constraints.bench import cli_run
+
+        return cli_run(args)
     opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
                         seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
                         repeats=args.repeats, min_time_s=args.min_time_s, tokens_per_forward=args.tokens_per_forward)

@@ -161,3 +161,28 @@ def _dp_at(vocab: int, canvas: int, constraint: Constraint, eos_ids, fill: int, 
         dp_s.append(time.perf_counter() - t1)
     return {"vocab_size": vocab, "compile_s": compile_s, "class_scores_s": min(scores_s), "viterbi_s": min(dp_s),
             "automaton": {"states": aut.n_states, "classes": aut.n_classes, "edges": int(aut.src.numel())}}
+
+
+def cli_run(args) -> int:
+    """`dgemma bench --constrained`: one line per dtype, then the full result as JSON (also to --json-out)."""
+    from ..bench import machine_info
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = []
+    for dtype in [d for d in args.dtypes.replace(" ", "").split(",") if d]:
+        r = run(args.preset, dtype, steps=args.steps, repeats=args.repeats, seed=args.seed)
+        results.append(r)
+        s, big = r["step_s"], r["big_vocab"]
+        print(f"{r['preset']} {dtype}: step {s['unconstrained'] * 1e3:.1f} ms unconstrained, "
+              f"{s['json_schema'] * 1e3:.1f} ms with the JSON schema ({r['overhead'] * 100:+.1f}%); compile "
+              f"{r['compile_s']:.2f} s ({r['automaton']['states']} states, {r['automaton']['classes']} classes, "
+              f"{r['automaton']['edges']} edges); at V={big['vocab_size']}: compile {big['compile_s']:.1f} s, "
+              f"DP {(big['class_scores_s'] + big['viterbi_s']) * 1e3:.0f} ms/step")
+    out = {"machine": machine_info(torch.device("cpu")), "results": results}
+    text = json.dumps(out, indent=2)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
