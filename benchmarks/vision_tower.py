@@ -106,7 +106,7 @@ def main() -> None:
             rows.append(row)
             print(f"{dtype_name:9s} {n} image(s) x {patches} patches: tower {best:.2f} s "
                   f"({best / n:.2f} s/image, {row['gflops']:.0f} GFLOP/s), preprocess {prep_s / n * 1e3:.0f} ms/image")
-        del enc
+        enc = None  # free this dtype's weights before the next are built
     result = {"cpu": info, "threads": torch.get_num_threads(), "device": args.device, "layers": args.layers,
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
               "max_soft_tokens": args.max_soft_tokens, "config": cfg.__dict__, "rows": rows,
