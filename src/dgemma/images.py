@@ -131,7 +131,7 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     if width * height > max_pixels:
         raise ImageError(f"{name}: {width}x{height} pixels exceed the limit of {max_pixels}")
     try:
-        if getattr(img, "n_frames", 1) > 1:
+        if getattr(img, "is_animated", False):  # (n_frames would walk through every frame)
             img.seek(0)  # animations: the first frame only
         img.load()
         has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
