@@ -121,6 +121,12 @@ def test_inputs_path_bytes_and_first_frame(tmp_path):
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50)
     first = preprocess_images(frames[0], max_soft_tokens=70)
     assert torch.equal(preprocess_images(gif.getvalue(), max_soft_tokens=70)["pixel_values"], first["pixel_values"])
+    for fmt, kw in (("PNG", {}), ("WEBP", {"lossless": True})):  # APNG and animated WebP too
+        buf = io.BytesIO()
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=50, **kw)
+        assert Image.open(io.BytesIO(buf.getvalue())).is_animated
+        got = preprocess_images(buf.getvalue(), max_soft_tokens=70)["pixel_values"]
+        assert torch.equal(got, first["pixel_values"]), fmt
 
 
 def test_aspect_size_rules():
