@@ -183,6 +183,33 @@ def test_random_quantized_checkpoint(tmp_path, scheme):
     assert out2.ids
 
 
+@pytest.mark.parametrize("scheme", ["nvfp4", "int4"])
+def test_bf16_checkpoint_computes_in_fp32_from_16bit_storage(tmp_path, monkeypatch, scheme):
+    """On a CPU without native bf16 a quantized bf16 checkpoint computes in fp32 while its dense parts (the token
+    table included) stay 16-bit in memory; the logits equal those of the same weights loaded all in fp32."""
+    from dgemma import hardware
+    from dgemma.model import Embedding
+    from dgemma.quant import lowbit
+
+    out = Q.random_quantized_checkpoint(tmp_path / scheme, "tiny", scheme, seed=2, dtype="bfloat16", group=32,
+                                        progress=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(Embedding, "CHUNK", 100)  # the tiny vocabulary (262) in three chunks
+    # expand + fp32 GEMM: the fused int4 kernel rounds activations to bf16, which would turn 1e-7 differences
+    # (the chunked head) into bf16 rounding flips
+    monkeypatch.setitem(lowbit.MODE, "kernel", "dequant")
+    lean = dgemma.load_model(out)
+    assert lean.dtype == torch.float32 and lean.embed_tokens.weight.dtype == torch.bfloat16
+    full = dgemma.load_model(out, dtype=torch.float32)
+    assert full.embed_tokens.weight.dtype == torch.float32
+    canvas = torch.randint(3, 262, (2, 32), generator=torch.Generator().manual_seed(3))
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    sc = torch.randn(2, 32, 262, generator=torch.Generator().manual_seed(4))
+    want = full.canvas_logits(prompt, canvas, sc)
+    assert torch.allclose(lean.canvas_logits(prompt, canvas, sc), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert lean.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=32, seed=0, max_denoising_steps=2).ids
+
+
 def test_cli_quantize_and_refusals(base, tmp_path, capsys):
     out = tmp_path / "q"
     assert cli_main(["quantize", str(base["ckpt"]), str(out), "--scheme", "int8", "--no-progress"]) == 0
