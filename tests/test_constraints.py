@@ -282,3 +282,9 @@ def test_cli_flags(model, tmp_path, capsys):
     assert re.fullmatch("x=[0-9]{2};", json.loads(capsys.readouterr().out)["text"])
     assert main([*common, "--regex", "a("]) == 2
     assert "unbalanced parentheses" in capsys.readouterr().err
+
+
+def test_reference_sampler_and_batches(model):
+    regex = r"\[[0-9]{1,3}(,[0-9]{1,3}){0,3}\]"
+    rows = generate(model, [[5, 6], [7, 8, 9]], seed=1, max_new_tokens=40, rng="reference", regex=regex)
+    assert all(r.finish_reason == "eos" and re.fullmatch(regex, r.text) for r in rows)
