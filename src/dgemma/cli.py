@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-dir", default=None, help="with --quantize: where the checkpoint is (written if absent)")
     b.add_argument("--constrained", action="store_true",
                    help="measure constrained decoding instead: step time with a realistic JSON schema vs unconstrained")
+    b.add_argument("--vision", action="store_true",
+                   help="time the vision tower per image instead, at the real shapes (d 1152, 27 layers, 2520 patches); "
+                   "--images, --dtypes, --repeats (0: one call), --threads, --device, --json-out")
+    b.add_argument("--images", default="1,2", help="with --vision: images per tower call, comma-separated")
     f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
     f.add_argument("--model", required=True, help="base checkpoint directory")
     f.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "response": ...} per line')
@@ -437,6 +441,10 @@ def cmd_bench(args) -> int:
         from .constraints.bench import cli_run
 
         return cli_run(args)
+    if args.vision:
+        from .vision_bench import cli_run as vision_run
+
+        return vision_run(args)
     opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
                         seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
                         repeats=args.repeats, min_time_s=args.min_time_s, tokens_per_forward=args.tokens_per_forward)
