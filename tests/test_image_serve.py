@@ -224,3 +224,19 @@ def test_page_attaches_an_image(browser, server, tmp_path):
                        {"type": "text", "text": "Describe it"}]
     context.close()
     assert not errors, errors
+
+
+def test_vision_bench_smoke():
+    """`dgemma bench --vision`'s measurement on one real-width layer at the smallest budget: the row it reports."""
+    from dgemma.vision import VisionConfig
+    from dgemma.vision_bench import run, tower_flops
+
+    r = run([1], ["float32"], max_soft_tokens=70, layers=1, repeats=1, log=lambda _: None)
+    (row,) = r["rows"]
+    assert row["soft_tokens"] == [70] and row["patches_per_image"] == 630 and row["tower_s"] > 0
+    assert row["tower_gflop_per_image"] == round(tower_flops(VisionConfig(num_hidden_layers=1), 630) / 1e9, 1)
+    # The count: one more layer adds its matmuls and attention, nothing else.
+    d, p = 1152, 630
+    layer = 2 * (p * (4 * d * 16 * 72 + 3 * d * 4304) + 2 * 16 * p * p * 72)
+    assert tower_flops(VisionConfig(num_hidden_layers=2), p) - tower_flops(VisionConfig(num_hidden_layers=1), p) == layer
+    assert r["cpu"]["cpu"] and len(r["load_average_at_end"]) == 3

@@ -52,8 +52,12 @@ def run(images: list[int], dtypes: list[str], max_soft_tokens: int = 280, layers
     cfg = VisionConfig(num_hidden_layers=layers)
     proc = ImageProcessorConfig(max_soft_tokens=max_soft_tokens)
     rng = np.random.default_rng(0)
-    # Sides multiples of 48 with (H/16) * (W/16) = 2520 at 280 soft tokens: the budget exactly, no padding.
-    height, width = (672, 960) if max_soft_tokens == 280 else (768, 768)
+    # An image that fills the budget exactly (no padding): (H/48) x (W/48) = max_soft_tokens, near square
+    # (672 x 960 at 280).
+    rows_, cols = max((a, max_soft_tokens // a) for a in range(1, int(max_soft_tokens ** 0.5) + 1)
+                      if max_soft_tokens % a == 0)
+    side = proc.pooling_kernel_size * proc.patch_size
+    height, width = rows_ * side, cols * side
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
