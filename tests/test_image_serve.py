@@ -231,7 +231,7 @@ def test_vision_bench_smoke():
     from dgemma.vision import VisionConfig
     from dgemma.vision_bench import run, tower_flops
 
-    r = run([1], ["float32"], max_soft_tokens=70, layers=1, repeats=1, log=lambda _: None)
+    r = run([1], ["float32"], max_soft_tokens=70, layers=1, repeats=0, log=lambda _: None)
     (row,) = r["rows"]
     assert row["soft_tokens"] == [70] and row["patches_per_image"] == 630 and row["tower_s"] > 0
     assert row["tower_gflop_per_image"] == round(tower_flops(VisionConfig(num_hidden_layers=1), 630) / 1e9, 1)
