@@ -356,7 +356,7 @@ def chat_prompt(model, messages: Sequence[dict[str, Any]], images: Sequence[Imag
         raise ImageError(f"the messages have {n_parts} image part(s) but {len(images)} image(s) were given")
     processed, runs = _process(model, images, max_soft_tokens, max_pixels)
     text = tok.apply_chat_template_images(list(messages), len(images), add_generation_prompt)
-    return Prompt(tok.encode_with_images(text, runs), processed)
+    return Prompt(tok.encode_with_images(text, runs) if images else tok.encode(text), processed)
 
 
 def text_prompt(model, text: str, images: Sequence[ImageInput] = (), *, max_soft_tokens: int | None = None,
