@@ -140,7 +140,13 @@ class Layout:
     small_class: torch.Tensor  # the class of each
     big: list[tuple[int, torch.Tensor]]  # (class, members) of the large classes
     in_edges: list[np.ndarray]  # per state: indices of the edges into it
-    adjacency: torch.Tensor  # [S, S] float32: 1 where some edge s -> d exists
+    by_dst: np.ndarray  # edge indices sorted by destination state
+    dst_starts: np.ndarray  # where each state with incoming edges starts in by_dst (np.*.reduceat offsets)
+    has_in: np.ndarray  # [S] bool: states with incoming edges, in the order of dst_starts
+    big_classes: torch.Tensor  # ids of the large classes
+    big_index: torch.Tensor  # [K]: position of a class in big_classes, -1 for small classes
+    big_sizes: torch.Tensor  # members per large class
+    big_members: torch.Tensor  # their members, concatenated
 
     @classmethod
     def of(cls, aut: TokenAutomaton) -> Layout:
@@ -158,6 +164,9 @@ class Layout:
         by_dst = np.argsort(dst, kind="stable")
         bounds = np.searchsorted(dst[by_dst], np.arange(aut.n_states + 1))
         in_edges = [by_dst[bounds[q]:bounds[q + 1]] for q in range(aut.n_states)]
-        adj = torch.zeros(aut.n_states, aut.n_states)
-        adj[aut.src, aut.dst] = 1.0
-        return cls(cat(small_tok), cat(small_cls), big, in_edges, adj)
+        has_in = np.diff(bounds) > 0
+        big_index = torch.full((aut.n_classes,), -1, dtype=torch.int64)
+        big_index[[k for k, _ in big]] = torch.arange(len(big))
+        return cls(cat(small_tok), cat(small_cls), big, in_edges, by_dst, bounds[:-1][has_in], has_in,
+                   torch.tensor([k for k, _ in big], dtype=torch.int64), big_index,
+                   torch.tensor([m.numel() for _, m in big], dtype=torch.int64), cat([m for _, m in big]))

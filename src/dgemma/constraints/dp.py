@@ -48,21 +48,31 @@ def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16, need: to
         hit = g == maxp.gather(1, idx)
         best.scatter_reduce_(1, idx, torch.where(hit, toks, -1), "amax")
     if lay.big:
+        # the top k of each position, sorted: a large class's first member there is its best token
         vals, top = probs.topk(min(k, probs.shape[1]), dim=1)
-        top_cls = aut.token_class.to(dev)[top]
-        for cls_id, members in lay.big:
-            hit = top_cls == cls_id
-            has = hit.any(dim=1)
-            first = hit.int().argmax(dim=1, keepdim=True)  # the first (largest) member in the top k
-            maxp[:, cls_id] = torch.where(has, vals.gather(1, first).squeeze(1).float(), 0.0)
-            best[:, cls_id] = top.gather(1, first).squeeze(1)
-            miss = (~has if need is None else ~has & need[:, cls_id].to(dev)).nonzero().flatten()
-            if miss.numel():
-                flat = (miss[:, None] * probs.shape[1] + members.to(dev)[None, :]).view(-1)
-                g = probs.reshape(-1).index_select(0, flat).view(miss.numel(), -1)  # only what is needed
-                m, a = g.max(dim=1)
-                maxp[miss, cls_id] = m.float()
-                best[miss, cls_id] = members.to(dev)[a]
+        b = lay.big_index.to(dev)[aut.token_class.to(dev)[top]]  # [C, k]: large-class slot, -1 if none
+        nb = lay.big_classes.numel()
+        slot = torch.where(b >= 0, b, nb)
+        big_max = torch.zeros(c, nb + 1, dtype=torch.float32, device=dev).scatter_reduce_(
+            1, slot, vals.float(), "amax")
+        first = torch.where(vals.float() == big_max.gather(1, slot), top, -1)
+        big_best = torch.full((c, nb + 1), -1, dtype=torch.int64, device=dev).scatter_reduce_(1, slot, first, "amax")
+        big_max, big_best = big_max[:, :nb], big_best[:, :nb]
+        # (position, class) pairs the top k missed (and a valid path may use): gather those classes' members
+        missed = big_best < 0
+        if need is not None:
+            missed &= need.to(dev)[:, lay.big_classes.to(dev)]
+        for slot in missed.any(dim=0).nonzero().flatten().tolist():
+            cls_id, members = lay.big[slot]
+            rows = missed[:, slot].nonzero().flatten()
+            members = members.to(dev)
+            flat = (rows[:, None] * probs.shape[1] + members[None, :]).view(-1)
+            m, a = probs.reshape(-1).index_select(0, flat).view(rows.numel(), -1).max(dim=1)
+            big_max[rows, slot] = m.float()
+            big_best[rows, slot] = members[a]
+        cols = lay.big_classes.to(dev)
+        maxp[:, cols] = big_max
+        best[:, cols] = big_best.clamp(min=0)
     logp = torch.log(maxp).clamp_(min=LOG_FLOOR)
     return ClassScores(logp.cpu(), best.cpu())
 
@@ -79,14 +89,20 @@ def allowed_states(aut: TokenAutomaton, left: torch.Tensor, complete: bool) -> t
 
 
 def reachable(aut: TokenAutomaton, start: int, allowed: torch.Tensor) -> torch.Tensor:
-    """[C + 1, S] bool: states some path from `start` can be in at each boundary while staying in `allowed`."""
+    """[C + 1, S] bool: states some path from `start` can be in at each boundary while staying in `allowed`.
+    (numpy on small arrays: these per-position loops are latency-bound, and torch ops on a busy multi-threaded
+    CPU cost far more than their arithmetic.)"""
     c = allowed.shape[0] - 1
-    adj = aut.layout.adjacency  # [S, S] float, 1 where an edge s -> d exists
-    r = torch.zeros(c + 1, aut.n_states, dtype=torch.bool)
-    r[0, start] = bool(allowed[0, start])
+    lay = aut.layout
+    src_sorted = aut.src.numpy()[lay.by_dst]
+    ok = allowed.numpy()
+    r = np.zeros((c + 1, aut.n_states), dtype=bool)
+    r[0, start] = ok[0, start]
     for j in range(c):
-        r[j + 1] = (r[j].to(adj.dtype) @ adj > 0) & allowed[j + 1]
-    return r
+        if lay.dst_starts.size:
+            r[j + 1, lay.has_in] = np.logical_or.reduceat(r[j, src_sorted], lay.dst_starts)
+        r[j + 1] &= ok[j + 1]
+    return torch.from_numpy(r)
 
 
 def needed_classes(aut: TokenAutomaton, reach: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -113,20 +129,21 @@ def viterbi(logp: torch.Tensor, aut: TokenAutomaton, start: int, allowed: torch.
     """Best path of C edges from `start` staying in `allowed`: (classes [C], states [C + 1]) or None.
     Forward: best score per (boundary, state), vectorised over edges; backward: the best edge into each state."""
     c, s = logp.shape[0], aut.n_states
-    src, dst = aut.src, aut.dst
-    edge_logp = logp[:, aut.cls]  # [C, E]
-    v = torch.empty(c + 1, s)
-    v[0] = -torch.inf
-    v[0, start] = 0.0
-    v[0].masked_fill_(~allowed[0], -torch.inf)
-    for j in range(c):
-        cand = v[j].index_select(0, src).add_(edge_logp[j])
-        v[j + 1] = torch.full((s,), -torch.inf).scatter_reduce_(0, dst, cand, "amax").masked_fill_(
-            ~allowed[j + 1], -torch.inf)
-    if not bool(torch.isfinite(v[c]).any()):
+    lay = aut.layout
+    srcn, clsn = aut.src.numpy(), aut.cls.numpy()
+    ln = logp.numpy()[:, clsn]  # [C, E] edge scores
+    ln_sorted = ln[:, lay.by_dst]
+    src_sorted = srcn[lay.by_dst]
+    blocked = ~allowed.numpy()
+    vn = np.full((c + 1, s), -np.inf, dtype=np.float32)
+    vn[0, start] = 0.0
+    vn[0, blocked[0]] = -np.inf
+    for j in range(c):  # the best score into each state: a max over its incoming edges (sorted by destination)
+        if lay.dst_starts.size:
+            vn[j + 1, lay.has_in] = np.maximum.reduceat(vn[j, src_sorted] + ln_sorted[j], lay.dst_starts)
+        vn[j + 1, blocked[j + 1]] = -np.inf
+    if not np.isfinite(vn[c]).any():
         return None
-    vn, ln = v.numpy(), edge_logp.numpy()
-    srcn, clsn = src.numpy(), aut.cls.numpy()
     in_edges = aut.layout.in_edges
     q = int(vn[c].argmax())
     states, classes = [q], []
