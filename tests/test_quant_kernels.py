@@ -255,3 +255,13 @@ def test_nvfp4_fast_linear_matches_the_formula(divides):
         got16, want = t.linear(x.bfloat16(), index=i), dense_linear(x, ref)
         assert got16.dtype == torch.bfloat16
         assert (got16.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+def test_scratch_buffers_work_inside_and_outside_inference_mode():
+    w = _w(64, 128, seed=9)
+    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128))
+    x = torch.randn(L.PACK_ROWS, 128, generator=torch.Generator().manual_seed(10))
+    K.SCRATCH.buffers.clear()
+    with torch.inference_mode():
+        inside = t.linear(x)  # fills the scratch buffer with an inference tensor
+    assert torch.equal(t.linear(x), inside)

@@ -67,7 +67,9 @@ class Scratch:
             n *= s
         key = (dtype, device)
         buf = self.buffers.get(key)
-        if buf is None or buf.numel() < n:
+        # a buffer made under inference_mode cannot be written outside it (and the other way round is fine)
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if buf is None or buf.numel() < n or stale:
             buf = torch.empty(n, dtype=dtype, device=device)
             self.buffers[key] = buf
         return buf[:n].view(shape)
