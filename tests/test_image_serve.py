@@ -169,9 +169,10 @@ def test_info_shows_the_vision_tower(ckpt, capsys):
     from dgemma.cli import main
     from dgemma.info import describe
 
-    v = describe(ckpt)["vision"]
+    info = describe(ckpt)
+    v = info["vision"]
     assert v == {"layers": 1, "hidden_size": 16, "heads": 2, "head_dim": 8, "intermediate_size": 32, "patch_size": 4,
-                 "pooling_kernel_size": 3, "standardize": False, "parameters": describe(ckpt)["stored_vision_parameters"],
+                 "pooling_kernel_size": 3, "standardize": False, "parameters": info["stored_vision_parameters"],
                  "max_soft_tokens": 70, "patches_per_image": 630}
     assert v["parameters"] > 0
     assert main(["info", "--model", str(ckpt)]) == 0
@@ -238,5 +239,6 @@ def test_vision_bench_smoke():
     # The count: one more layer adds its matmuls and attention, nothing else.
     d, p = 1152, 630
     layer = 2 * (p * (4 * d * 16 * 72 + 3 * d * 4304) + 2 * 16 * p * p * 72)
-    assert tower_flops(VisionConfig(num_hidden_layers=2), p) - tower_flops(VisionConfig(num_hidden_layers=1), p) == layer
+    one, two = (tower_flops(VisionConfig(num_hidden_layers=n), p) for n in (1, 2))
+    assert two - one == layer
     assert r["cpu"]["cpu"] and len(r["load_average_at_end"]) == 3

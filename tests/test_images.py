@@ -239,14 +239,16 @@ def test_chat_prompt_template_without_image_parts():
     """A template that prints the content as a string gets each message flattened, the placeholder inline."""
     model = _model(BYTE_CHAT_TEMPLATE)
     img = _noise(40, 40)
-    p = chat_prompt(model, [{"role": "user", "content": [{"type": "text", "text": "see "}, {"type": "image", "image": img},
+    p = chat_prompt(model, [{"role": "user", "content": [{"type": "text", "text": "see "},
+                                                         {"type": "image", "image": img},
                                                          {"type": "text", "text": " ok"}]}])
     n = p.images["num_soft_tokens"][0]
     tok = model.tokenizer
     assert p.ids == (tok.encode("<bos><start_of_turn>user\nsee ") + [BOI] + [IMAGE] * n + [EOI]
                      + tok.encode(" ok<end_of_turn>\n<start_of_turn>model\n"))
     # Text-only part lists are joined into a string; no image, no pixels.
-    t = chat_prompt(model, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    two_texts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    t = chat_prompt(model, [{"role": "user", "content": two_texts}])
     assert t.ids == tok.encode_chat([{"role": "user", "content": "ab"}]) and t.images is None and t.image_inputs() == {}
 
 

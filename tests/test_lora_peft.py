@@ -44,7 +44,8 @@ def _reference(path):
 
 def _inputs(seed=0, batch=2, prompt_len=11, canvas=8):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, prompt_len), generator=g), torch.randint(0, VOCAB, (batch, canvas), generator=g)
+    return (torch.randint(0, VOCAB, (batch, prompt_len), generator=g),
+            torch.randint(0, VOCAB, (batch, canvas), generator=g))
 
 
 def _adapted(model) -> set[str]:

@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--constrained", action="store_true",
                    help="measure constrained decoding instead: step time with a realistic JSON schema vs unconstrained")
     b.add_argument("--vision", action="store_true",
-                   help="time the vision tower per image instead, at the real shapes (d 1152, 27 layers, 2520 patches); "
-                   "--images, --dtypes, --repeats (0: one call), --threads, --device, --json-out")
+                   help="time the vision tower per image instead, at the real shapes (d 1152, 27 layers, 2520 "
+                   "patches); --images, --dtypes, --repeats (0: one call), --threads, --device, --json-out")
     b.add_argument("--images", default="1,2", help="with --vision: images per tower call, comma-separated")
     f = sub.add_parser("finetune", help="fine-tune with the DiffusionGemma objective (full or LoRA)")
     f.add_argument("--model", required=True, help="base checkpoint directory")

@@ -205,7 +205,7 @@ class Message(BaseModel):
             return self.content
         for part in self.content:
             if not isinstance(part, TextPart):
-                raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
+                raise ValueError(f"content parts of type {part.type!r} are not supported (text and image_url only)")
         return "".join(p.text for p in self.content)
 
     def has_images(self) -> bool:
