@@ -288,3 +288,46 @@ def test_reference_sampler_and_batches(model):
     regex = r"\[[0-9]{1,3}(,[0-9]{1,3}){0,3}\]"
     rows = generate(model, [[5, 6], [7, 8, 9]], seed=1, max_new_tokens=40, rng="reference", regex=regex)
     assert all(r.finish_reason == "eos" and re.fullmatch(regex, r.text) for r in rows)
+
+
+def _sentencepiece_style_tokenizer():
+    """Gemma's tokenizer.json layout in small: byte-fallback pieces <0xNN>, words with ▁ for a space, Replace +
+    ByteFallback + Fuse decoder."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HF
+
+    from dgemma.tokenizer import BYTE_SPECIALS, Tokenizer
+
+    vocab = {t: i for i, t in enumerate(BYTE_SPECIALS)}
+    vocab.update({f"<0x{b:02X}>": 6 + b for b in range(256)})
+    for w in ["▁", "▁the", "▁cat", "▁sat", "the", "cat", "at", "▁a", "é", "▁é", '{"', '":', "12", "▁1"]:
+        vocab.setdefault(w, len(vocab))
+    tok = HF(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token=None))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIALS])
+    return Tokenizer(tok, {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"})
+
+
+def test_sentencepiece_style_vocabulary(tmp_path):
+    from dgemma.constraints.vocab import token_table
+    from dgemma.tokenizer import save_tokenizer
+
+    path = tmp_path / "sp"
+    write_random_checkpoint(path, "tiny", seed=5, vocab_size=300)
+    tok = _sentencepiece_style_tokenizer()
+    save_tokenizer(tok, path)
+    m = load_model(path)
+    m.generation_config = m.generation_config.replace(max_denoising_steps=2)
+    table = token_table(m.tokenizer, 300)
+    for i in range(300):  # every text token's bytes are what the tokenizer decodes it to
+        if table.pieces[i] is not None and table.pieces[i].decode("utf-8", "ignore") == table.pieces[i].decode(
+                "utf-8", "replace"):
+            assert table.pieces[i].decode() == m.tokenizer.decode([i])
+    assert table.pieces[6 + 0x41] == b"A" and table.pieces[m.tokenizer.token_to_id("▁the")] == b" the"
+    for seed in range(3):
+        r = m.generate([2, 3], seed=seed, max_new_tokens=48, regex=r"(the|a) (cat|sat|é) [0-9]{1,3}\.")
+        assert r.finish_reason == "eos" and re.fullmatch(r"(the|a) (cat|sat|é) [0-9]{1,3}\.", r.text), r.text
+        schema = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 10}}, "required": ["x"]}
+        r = m.generate([2, 3], seed=seed, max_new_tokens=48, json_schema=schema)
+        jsonschema.validate(json.loads(r.text), schema)
