@@ -331,3 +331,12 @@ def test_sentencepiece_style_vocabulary(tmp_path):
         schema = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 10}}, "required": ["x"]}
         r = m.generate([2, 3], seed=seed, max_new_tokens=48, json_schema=schema)
         jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_template_parsing():
+    parts = Template.parse('{"k": {{hole:1-4:[0-9]{1,2}}}, "s": {{hole:3}}}{{hole}}').parts
+    assert parts[0] == '{"k": ' and parts[1].regex == "[0-9]{1,2}" and (parts[1].min_tokens, parts[1].max_tokens) == (1, 4)
+    assert parts[2] == ', "s": ' and (parts[3].min_tokens, parts[3].max_tokens, parts[3].regex) == (3, 3, None)
+    assert parts[4] == "}" and (parts[5].min_tokens, parts[5].max_tokens) == (1, None)
+    with pytest.raises(ConstraintError, match="malformed hole"):
+        Template.parse("x {{hole:3")

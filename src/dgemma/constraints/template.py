@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConstraintError
 
-_HOLE = re.compile(r"\{\{hole(?::(\d+)(?:-(\d*))?)?(?::(.*?))?\}\}", re.S)
+_LENGTH = re.compile(r"(?::(\d+)(?:-(\d*))?)?")  # after "{{hole": ":N", ":MIN-MAX", ":MIN-" or nothing
 MAX_HOLE = 4096  # tokens a bounded hole may hold
 
 
@@ -45,19 +45,31 @@ class Template:
     @classmethod
     def parse(cls, text: str) -> Template:
         """`{{hole}}` (1+ tokens), `{{hole:N}}` (exactly N), `{{hole:MIN-MAX}}`, `{{hole:MIN-}}` (MIN or more), and
-        an optional `:REGEX` after the length: `{{hole:1-3:[0-9]+}}`."""
+        an optional `:REGEX` after the length: `{{hole:1-3:[0-9]+}}` (a regex ends at the first `}}` outside its
+        own braces)."""
         parts: list[str | Hole] = []
         at = 0
-        for m in _HOLE.finditer(text):
-            if m.start() > at:
-                parts.append(text[at:m.start()])
-            lo, hi, rx = m.group(1), m.group(2), m.group(3)
+        while (start := text.find("{{hole", at)) >= 0:
+            m = _LENGTH.match(text, start + 6)
+            i = m.end()
+            rx = None
+            if text.startswith(":", i):  # a regex: up to the first }} at brace depth 0
+                j, depth = i + 1, 0
+                while j < len(text) and not (depth == 0 and text.startswith("}}", j)):
+                    ch = text[j]
+                    depth += (ch == "{") - (ch == "}")
+                    j += 2 if ch == "\\" else 1
+                rx, i = text[i + 1:j], j
+            if not text.startswith("}}", i):
+                raise ConstraintError(f"template: unclosed or malformed hole at character {start}")
+            if start > at:
+                parts.append(text[at:start])
+            lo, hi = m.group(1), m.group(2)
             if lo is None:
-                hole = Hole(1, None, rx or None)
+                parts.append(Hole(1, None, rx or None))
             else:
-                hole = Hole(int(lo), int(lo) if hi is None else (int(hi) if hi else None), rx or None)
-            parts.append(hole)
-            at = m.end()
+                parts.append(Hole(int(lo), int(lo) if hi is None else (int(hi) if hi else None), rx or None))
+            at = i + 2
         if at < len(text):
             parts.append(text[at:])
         return cls(tuple(parts))
