@@ -34,7 +34,7 @@ def escape(text: str) -> str:
 @dataclass(frozen=True)
 class Constraint:
     """What the output must be: `kind` is one of KINDS; `value` is its canonical text (the regex, the schema as
-    sorted JSON, the choices as a JSON list, the template as JSON)."""
+    JSON, the choices as a JSON list, the template as JSON)."""
 
     kind: str
     value: str

@@ -35,7 +35,7 @@ def canonical(schema) -> str:
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "the top level"
         raise ConstraintError(f"json_schema is not a valid JSON schema at {where}: {e.message}") from None
-    return json.dumps(schema, sort_keys=True)
+    return json.dumps(schema)  # key order kept: properties come out in the order the schema lists them
 
 
 def _numeric(node: dict, marks: dict[str, str]):

@@ -100,7 +100,7 @@ class Template:
             if rx is not None and not isinstance(rx, str):
                 raise ConstraintError(f"template part {i}: regex must be a string")
             if schema is not None:
-                schema = json.dumps(schema, sort_keys=True) if not isinstance(schema, str) else schema
+                schema = json.dumps(schema) if not isinstance(schema, str) else schema
             out.append(Hole(lo, hi, rx, schema))
         return cls(tuple(out))
 
