@@ -462,15 +462,16 @@ def test_step_cap(server):
     assert "limit of 400" in r.json()["error"]["message"]
 
 
-LONG = {"max_denoising_steps": 400, "stability_threshold": None, "confidence_threshold": None, "entropy_bound": 1e-9}
+# Far more work than the deadline allows on any CPU (32 canvases x 1024 decoder passes of the tiny model).
+LONG = {"max_denoising_steps": 1024, "stability_threshold": None, "confidence_threshold": None, "entropy_bound": 1e-9}
 
 
 def test_running_cap_queue_and_deadline(model_dir):
     """One request runs, one waits, the next is refused (429); the running one and the waiting one are stopped at
     the deadline (a stream gets an error event, a plain request a 408) and the engine is idle again."""
-    limits = Limits(max_tokens=96, max_running=1, max_pending=1, request_timeout=3.0, max_denoising_steps=400)
+    limits = Limits(max_tokens=1024, max_running=1, max_pending=1, request_timeout=3.0, max_denoising_steps=1024)
     with LiveServer(model_dir, limits=limits) as s:
-        body = {"prompt": "Hello", "max_tokens": 96, "seed": 1, "diffusion": LONG}
+        body = {"prompt": "Hello", "max_tokens": 1024, "seed": 1, "diffusion": LONG}
         first: list = []
         t0 = time.time()
         streamer = threading.Thread(target=lambda: first.extend(sse_lines(s.url, body)))
@@ -487,7 +488,7 @@ def test_running_cap_queue_and_deadline(model_dir):
         assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
         streamer.join(30)
         waiter.join(30)
-        assert time.time() - t0 < 10  # 3 canvases x 400 steps would take far longer
+        assert time.time() - t0 < 10  # 32 canvases x 1024 steps would take far longer
         last = strict_json(first[-2])
         assert first[-1] == "[DONE]" and last["error"]["code"] == "deadline_exceeded"
         assert second[0].status_code == 408 and second[0].json()["error"]["code"] == "deadline_exceeded"
