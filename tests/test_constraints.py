@@ -20,7 +20,7 @@ from dgemma.constraints.compile import regex_edges
 from dgemma.constraints.dp import best_canvas, class_scores, solve
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
-from dgemma.generate import Commit, Done, Draft, generate, stream
+from dgemma.generate import Done, Draft, generate, stream
 from dgemma.presets import write_random_checkpoint
 
 PAD, EOS = 0, 1

@@ -19,7 +19,7 @@ from outlines_core import Index
 from .automaton import INF, TokenAutomaton
 from .errors import ConstraintError
 from .schema import canonical, schema_regex
-from .template import Hole, Template
+from .template import Template
 from .vocab import SENTINEL, TokenTable, outlines_vocabulary, sentinel_id, token_table
 
 KINDS = ("regex", "json", "choice", "template")

@@ -173,7 +173,6 @@ def best_canvas(scores: ClassScores, aut: TokenAutomaton, start: int, left: torc
     output ends for length)."""
     c = scores.logp.shape[0]
     path = viterbi(scores.logp, aut, start, allowed_states(aut, left, True))
-    complete = path is not None
     if path is None:
         m = min(c, int(left[0]))
         path = viterbi(scores.logp[:m], aut, start, allowed_states(aut, left[:m + 1], False))
@@ -184,7 +183,8 @@ def best_canvas(scores: ClassScores, aut: TokenAutomaton, start: int, left: torc
         classes = torch.cat([classes, fill_class.expand(c - m)])
         states = torch.cat([states, states[-1:].expand(c - m)])
         tokens = torch.cat([scores.best[torch.arange(m), classes[:m]], torch.full((c - m,), aut.fill_id)])
-        return CanvasPath(tokens, classes, states, torch.zeros(c, dtype=torch.bool), False)
+        fixed = torch.cat([aut.fixed_dst[states[1:m + 1]], torch.zeros(c - m, dtype=torch.bool)])
+        return CanvasPath(tokens, classes, states, fixed, False)
     classes, states = path
     return CanvasPath(scores.best[torch.arange(c), classes], classes, states, aut.fixed_dst[states[1:]], True)
 
