@@ -79,6 +79,12 @@ def test_dp_is_the_best_valid_canvas(regex, budget):
         assert score(got) == pytest.approx(max(score(x) for x in valid), abs=1e-5)
 
 
+def test_shorthand_classes_are_ascii():
+    from dgemma.constraints.compile import ascii_classes
+
+    assert ascii_classes(r"\d+\.[\w-]\\d\S") == r"[0-9]+\.[[0-9A-Za-z_]-]\\d[^\t\n\v\f\r ]"
+
+
 def test_token_classes_group_equal_tokens():
     aut = _aut("[ab]{2,3}")  # a and b behave alike, ab and ba too (two characters); c and bc never occur
     tc = aut.token_class.tolist()
@@ -144,7 +150,8 @@ def test_unsupported_schema_keywords_are_refused():
 
 
 # -- random regexes and schemas -----------------------------------------------------------------------------------
-ATOMS = st.sampled_from(["a", "b", "xy", "[0-9]", "[a-c]", "\\.", " ", "é", "(ab|cd)", "[A-Z]"])
+ATOMS = st.sampled_from(["a", "b", "xy", "[0-9]", "[a-c]", "\\.", " ", "é", "(ab|cd)", "[A-Z]", "\\d", "\\w", "\\s",
+                         "[\\d.]", "."])
 
 
 @st.composite

@@ -141,6 +141,27 @@ def _check_parentheses(regex: str, what: str) -> None:
         raise ConstraintError(f"{what} {regex[:200]!r} cannot be compiled: unbalanced parentheses")
 
 
+_ASCII = {"d": "[0-9]", "D": "[^0-9]", "w": "[0-9A-Za-z_]", "W": "[^0-9A-Za-z_]", "s": "[\\t\\n\\v\\f\\r ]",
+          "S": "[^\\t\\n\\v\\f\\r ]"}
+
+
+def ascii_classes(regex: str) -> str:
+    """\\d, \\w, \\s (and their negations) as their ASCII classes. Rust's are Unicode-wide (\\d takes any script's
+    digits, some newer than a given Python's tables); the ASCII classes are a subset of every reading, so the output
+    matches whichever engine checks it. (Inside a class, [\\d.] becomes [[0-9].], a nested class.)"""
+    out, i = [], 0
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            out.append(_ASCII.get(nxt, ch + nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex") -> Edges:
     """Token-level edges of `regex` (the whole output must match) over the text tokens of `table`.
 
@@ -151,7 +172,7 @@ def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: st
     _check_parentheses(regex, what)
     vocab = outlines_vocabulary(table, exclude)
     try:
-        index = Index(f"(?:{regex}){SENTINEL}", vocab)
+        index = Index(f"(?:{ascii_classes(regex)}){SENTINEL}", vocab)
     except BaseException as e:  # outlines-core raises ValueError (and a Rust panic surfaces as BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
