@@ -131,3 +131,34 @@ def test_bad_constraints_are_400s(server, extra, needle):
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_concurrent_requests_with_different_constraints(server):
+    """Requests that arrive together are batched whatever their constraints (one automaton per row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}}, {"structured_outputs": {"choice": ["x", "yy"]}},
+              {"structured_outputs": {"json": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}}},
+              {}, {"infill": {"template": "<{{hole:2:[a-f]+}}>"}}, {"structured_outputs": {"regex": r"\d+"}}]
+
+    def call(i):
+        body = {"prompt": "go", "seed": i, "max_tokens": 32, "diffusion": FAST, **bodies[i % len(bodies)]}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+
+    with ThreadPoolExecutor(12) as pool:
+        out = list(pool.map(call, range(12)))
+    for i, choice in enumerate(out):
+        text, kind = choice["text"], i % len(bodies)
+        if kind == 3:
+            continue  # unconstrained
+        assert choice["finish_reason"] == "stop"
+        if kind == 0:
+            assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text)
+        elif kind == 1:
+            assert text in ("x", "yy")
+        elif kind == 2:
+            assert isinstance(json.loads(text), list)
+        elif kind == 4:
+            assert re.fullmatch(r"<[a-f]{2}>", text)
+        else:
+            assert re.fullmatch(r"[0-9]+", text)
