@@ -147,6 +147,7 @@ class Layout:
     big_index: torch.Tensor  # [K]: position of a class in big_classes, -1 for small classes
     big_sizes: torch.Tensor  # members per large class
     big_members: torch.Tensor  # their members, concatenated
+    big_edges: torch.Tensor  # indices of the edges labelled with a large class
 
     @classmethod
     def of(cls, aut: TokenAutomaton) -> Layout:
@@ -169,4 +170,5 @@ class Layout:
         big_index[[k for k, _ in big]] = torch.arange(len(big))
         return cls(cat(small_tok), cat(small_cls), big, in_edges, by_dst, bounds[:-1][has_in], has_in,
                    torch.tensor([k for k, _ in big], dtype=torch.int64), big_index,
-                   torch.tensor([m.numel() for _, m in big], dtype=torch.int64), cat([m for _, m in big]))
+                   torch.tensor([m.numel() for _, m in big], dtype=torch.int64), cat([m for _, m in big]),
+                   (big_index[aut.cls] >= 0).nonzero().flatten())

@@ -28,7 +28,7 @@ class ClassScores:
     best: torch.Tensor  # [C, K] int64, the token that has it
 
 
-def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 16, need: torch.Tensor | None = None) -> ClassScores:
+def class_scores(probs: torch.Tensor, aut: TokenAutomaton, k: int = 64, need: torch.Tensor | None = None) -> ClassScores:
     """probs [C, V] (any float dtype, rows sum to 1) -> the best token of every class at every position.
 
     Exact, without a pass over the whole vocabulary per class: small classes are gathered; a large class's best
@@ -106,10 +106,15 @@ def reachable(aut: TokenAutomaton, start: int, allowed: torch.Tensor) -> torch.T
 
 
 def needed_classes(aut: TokenAutomaton, reach: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """[C, K] bool: classes on some edge a valid path could take at each position."""
-    used = (reach[:-1][:, aut.src] & allowed[1:][:, aut.dst]).to(torch.int8)  # [C, E]
-    need = torch.zeros(used.shape[0], aut.n_classes, dtype=torch.int8)
-    return need.scatter_reduce_(1, aut.cls.expand_as(used), used, "amax").bool()
+    """[C, K] bool: large classes on some edge a valid path could take at each position (small classes are always
+    read, so their columns stay False)."""
+    lay = aut.layout
+    e = lay.big_edges
+    need = torch.zeros(reach.shape[0] - 1, aut.n_classes, dtype=torch.int8)
+    if e.numel():
+        used = (reach[:-1][:, aut.src[e]] & allowed[1:][:, aut.dst[e]]).to(torch.int8)  # [C, E_large]
+        need.scatter_reduce_(1, aut.cls[e].expand_as(used), used, "amax")
+    return need.bool()
 
 
 def solve(probs: torch.Tensor, aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPath:
