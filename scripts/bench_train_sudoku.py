@@ -8,7 +8,9 @@ Recipes (random initialisation, full optimizer steps: losses, backward, clipping
   on prompt and answer, the row-invariant GEMM padding the trainer used to switch on (padded expert matmuls);
 - `9x9`: prompt = cell names + puzzle, batch 64, next-token loss on the answer only (`ar_targets="response"`);
 - `9x9-diffusion-only`: the same without the next-token loss (`ar_targets="none"`: the encoder covers the prompt);
-- `6x6`: the bundled 6x6 recipe (`ar_targets="none"`, batch 32).
+- `6x6`: the bundled 6x6 recipe's first stage (`ar_targets="none"`, batch 32);
+- `6x6-batch64`, `6x6-batch64-bf16`: its second stage's batch, in fp32 and with bf16 matmuls (`--autocast bfloat16`:
+  fp32 weights; fast on CPUs with avx512_bf16 or AMX, very slow on CPUs without).
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ from dgemma.numerics import row_invariant  # noqa: E402
 from dgemma.tasks import sudoku  # noqa: E402
 from dgemma.train import Example, TrainConfig, collate, losses  # noqa: E402
 
-RECIPES = {  # name: (size, legacy prompt, batch, ar_targets, row_invariant)
-    "before": (9, True, 32, "all", True),
-    "9x9": (9, False, 64, "response", False),
-    "9x9-diffusion-only": (9, False, 64, "none", False),
-    "6x6": (6, False, 32, "none", False),
+RECIPES = {  # name: (size, legacy prompt, batch, ar_targets, row_invariant, bf16 autocast)
+    "before": (9, True, 32, "all", True, False),
+    "9x9": (9, False, 64, "response", False, False),
+    "9x9-diffusion-only": (9, False, 64, "none", False, False),
+    "6x6": (6, False, 32, "none", False, False),
+    "6x6-batch64": (6, False, 64, "none", False, False),
+    "6x6-batch64-bf16": (6, False, 64, "none", False, True),
 }
 
 
 class Recipe:
     def __init__(self, name: str, tmp: Path):
-        size, legacy, self.batch, targets, self.row_invariant = RECIPES[name]
+        size, legacy, self.batch, targets, self.row_invariant, self.bf16 = RECIPES[name]
         base = T.write_base(tmp / name, size, 0)
         self.model = load_model(base)
         self.model.requires_grad_(True)
@@ -58,7 +62,9 @@ class Recipe:
 
     def step(self) -> None:
         ids, pads, p_len, r_len = collate(self.examples, 0, "cpu")
-        with row_invariant(self.row_invariant) if self.row_invariant else contextlib.nullcontext():
+        amp = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if self.bf16
+               else contextlib.nullcontext())
+        with row_invariant(self.row_invariant) if self.row_invariant else contextlib.nullcontext(), amp:
             ar, diff = losses(self.model, ids, pads, p_len, r_len, self.cfg, self.gen)
             loss = self.cfg.ar_weight * ar + self.cfg.diffusion_weight * diff
             self.opt.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ Writes <out>/base (the random-init base model), <out>/train.jsonl, <out>/run (fi
 task.json and a TRAINING.md holding this command there. `--ar-only` trains the autoregressive baseline (AR loss
 only, same shape and budget). `--init DIR` starts from another checkpoint of the same shape instead of random
 weights (to continue a model under a new schedule). `--autocast bfloat16` keeps fp32 weights and optimizer state
-and runs the matmuls in bf16 (about 1.7x the examples/s on a CPU with avx512_bf16; slow on CPUs without it).
+and runs the matmuls in bf16 (1.1x the examples/s of fp32 for the 6x6 model on an AMD EPYC with avx512_bf16,
+`benchmarks/sudoku/train_speed_epyc.json`; very slow on CPUs without bf16 instructions).
 """
 
 from __future__ import annotations
