@@ -9,6 +9,7 @@ themselves by scheme name so loaders and writers can find them.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Callable, TypeVar
@@ -55,7 +56,7 @@ def schemes() -> list[str]:
     return sorted(_SCHEMES)
 
 
-class QTensor:
+class QTensor(abc.ABC):
     """Base class. Subclasses are dataclasses with at least the fields `scheme` and `shape`; every torch.Tensor
     field is packed data (counted by `nbytes`, moved by `to`)."""
 
@@ -63,10 +64,10 @@ class QTensor:
     shape: tuple[int, ...]
 
     # --- what a subclass implements -------------------------------------------------------------------------
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The dense weight [out, in] (or expert `index` of a fused [E, out, in] tensor; the whole [E, out, in]
         when index is None) by the format's own formula, in `dtype`."""
-        raise NotImplementedError
 
     # --- defaults a subclass may override with real low-bit kernels ----------------------------------------
     def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
