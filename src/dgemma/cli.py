@@ -494,7 +494,7 @@ def _api_key(args) -> str | None:
 
 def cmd_serve(args) -> int:
     from .checkpoint import load_model
-    from .serve import ConnectionLimits, Limits, create_app, make_server
+    from .serve import ConnectionLimits, create_app, make_server
     from .tasks.sudoku_run import default_model_path
 
     for name in ("max_tokens", "max_body_bytes", "max_batch", "max_denoising_steps", "max_running", "max_pending",
@@ -516,12 +516,7 @@ def cmd_serve(args) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"--extra-model directories need distinct names, got {names}")
     model = load_model(path, dtype=args.dtype, device=args.device)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
-                    max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
-                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
-                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels)
+    limits = _limits(args)
     mounts = {p.resolve().name: create_app(load_model(p, dtype=args.dtype, device=args.device),
                                            model_name=p.resolve().name, model_dir=p, api_key=api_key, limits=limits,
                                            host=args.host, allowed_hosts=args.allowed_host) for p in extra}
@@ -540,16 +535,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _serve_ray(args, path: Path, api_key: str | None) -> int:
+def _limits(args):
+    """The serve flags' request limits (one server or every Ray replica)."""
     from .serve import Limits
+
+    return Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                  max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
+                  max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
+                  max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
+                  max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                  max_image_pixels=args.max_image_pixels)
+
+
+def _serve_ray(args, path: Path, api_key: str | None) -> int:
     from .serve.ray_serve import ReplicaSpec, ScaleSpec, serve_forever
 
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
-                    max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
-                    max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
-                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels)
+    limits = _limits(args)
     spec = ReplicaSpec(model=str(path), dtype=args.dtype, device=args.device,
                        model_name=args.served_model_name or path.resolve().name, api_key=api_key, limits=limits,
                        host=args.host, allowed_hosts=tuple(args.allowed_host))
