@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -26,18 +25,9 @@ import time
 from pathlib import Path
 
 from dgemma.batch import BatchOptions, run_batch
+from dgemma.hardware import cpu_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import default_model_path
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_prompts(path: Path, n: int) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from dgemma.hardware import cpu_model
 
 LONG_SMALL = dict(
     vocab_size=262, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -51,14 +52,6 @@ def one(preset: str, length: int, steps: int, threads: int) -> dict:
     return {"length": length, "prefill_s": prefill, "prefill_tok_s": length / prefill, "step_s": step,
             "kv_cache_mib": kv / 2**20, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "prefill_chunk": model.prefill_chunk}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from dgemma.checkpoint import load_model
 from dgemma.constraints import Constraint, Hole, Template
+from dgemma.hardware import cpu_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import _score, default_model_path, solve_batch
 
@@ -56,7 +55,7 @@ def main() -> None:
         "givens_clamped": lambda: [infill(p, n) for p in puzzles],
     }
     out = {"model": str(default_model_path(args.size)), "size": n, "n": args.n, "seed": args.seed,
-           "cpu": platform.processor() or _cpu(), "threads": torch.get_num_threads(), "modes": {}}
+           "cpu": cpu_model(), "threads": torch.get_num_threads(), "modes": {}}
     for name, make in modes.items():
         constraints = make()
         t0 = time.perf_counter()
@@ -74,16 +73,6 @@ def main() -> None:
               f"{stats['seconds']:.0f} s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-
-
-def _cpu() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         rows[n] = {"examples_per_s": eps, "batch": r.batch, "tokens_per_example": r.tokens,
                    "ar_targets": r.cfg.ar_targets}
     ref = rows.get("before", {}).get("examples_per_s")
-    result = {"cpu": T.cpu_name(), "threads": args.threads, "torch": torch.__version__, "recipes": rows}
+    result = {"cpu": T.cpu_model(), "threads": args.threads, "torch": torch.__version__, "recipes": rows}
     for n, row in rows.items():
         if ref:
             row["vs_before"] = row["examples_per_s"] / ref

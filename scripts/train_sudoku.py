@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dgemma.config import ModelConfig
+from dgemma.hardware import cpu_model
 from dgemma.presets import config_dict, generation_config_dict, random_state_dict, write_checkpoint
 from dgemma.tasks import sudoku
 from dgemma.tokenizer import build_byte_tokenizer
@@ -71,16 +71,6 @@ def write_data(path: Path, size: int, n: int, seed: int) -> None:
     print(f"generated {len(rows)} {size}x{size} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=9, choices=sorted(SHAPES), help="grid side (default 9)")
@@ -120,7 +110,7 @@ def main(argv=None) -> int:
                       chat=False, save_every=args.save_every, log_every=10, seed=args.seed, resume=args.resume,
                       device=args.device, dtype=args.dtype, ar_targets="response" if args.ar_only else args.ar_targets,
                       diffusion_weight=0.0 if args.ar_only else 1.0)
-    print(f"training {args.size}x{args.size} on {cpu_name() if args.device == 'cpu' else args.device}, "
+    print(f"training {args.size}x{args.size} on {cpu_model() if args.device == 'cpu' else args.device}, "
           f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     # No weight-cast cache: it lives until the context exits, so it would keep serving the first step's weights.
     amp = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, cache_enabled=False)
@@ -144,7 +134,7 @@ def bundle(out: Path, dest: Path, size: int, argv) -> None:
     last = log[-1] if log else {}
     (dest / "TRAINING.md").write_text(
         f"# The bundled {size}x{size} Sudoku model\n\n"
-        f"Trained by `python scripts/train_sudoku.py {' '.join(argv)}` on {cpu_name()} "
+        f"Trained by `python scripts/train_sudoku.py {' '.join(argv)}` on {cpu_model()} "
         f"({torch.get_num_threads()} thread(s)), {last.get('elapsed_s', 0) / 60:.0f} minutes, "
         f"{last.get('examples', 0)} examples.\n\n"
         f"- Shape: `SHAPES[{size}]` in scripts/train_sudoku.py (random initialisation), canvas {SHAPES[size]['canvas_length']}"
