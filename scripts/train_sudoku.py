@@ -61,14 +61,24 @@ def write_base(out: Path, size: int, seed: int) -> Path:
                             overwrite=True)
 
 
-def write_data(path: Path, size: int, n: int, seed: int) -> None:
+def write_data(path: Path, size: int, n: int, seed: int, blanks: tuple[int, int] | None = None) -> None:
     t0 = time.time()
-    pairs = sudoku.generate_many(n, seed=TRAIN_SEED_BASE + seed, size=size)
+    pairs = sudoku.generate_many(n, seed=TRAIN_SEED_BASE + seed, size=size, blanks=blanks)
     rows = [{"prompt": sudoku.prompt_text(p), "response": sudoku.answer_text(s)} for p, s in pairs]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
     print(f"generated {len(rows)} {size}x{size} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+def _blank_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blanks takes LO,HI (two integers), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"--blanks needs 0 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def main(argv=None) -> int:
@@ -83,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--puzzles", type=int, default=100000)
     ap.add_argument("--ar-targets", default="response", choices=["all", "response", "none"],
                     help="what the next-token loss covers (default: the response; the givens are random)")
+    ap.add_argument("--blanks", default=None, type=_blank_range,
+                    help="LO,HI: blank counts of the training puzzles (default: sudoku.default_blanks(size)); "
+                         "a later stage can weight the hard end, e.g. 14,24 for 6x6")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: --device cuda --dtype bfloat16)")
@@ -104,7 +117,7 @@ def main(argv=None) -> int:
         write_base(base, args.size, args.seed)
     data = out / "train.jsonl"
     if not data.is_file():
-        write_data(data, args.size, args.puzzles, args.seed)
+        write_data(data, args.size, args.puzzles, args.seed, args.blanks)
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out / "run"), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                       chat=False, save_every=args.save_every, log_every=10, seed=args.seed, resume=args.resume,

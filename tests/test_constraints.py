@@ -17,7 +17,7 @@ from dgemma.checkpoint import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
-from dgemma.constraints.dp import best_canvas, class_scores, solve
+from dgemma.constraints.dp import ClassScorer, best_canvas, class_scores, plan_canvas, solve
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
 from dgemma.generate import Done, Draft, generate, stream
@@ -68,7 +68,14 @@ def test_dp_is_the_best_valid_canvas(regex, budget):
     for _ in range(4):
         probs = torch.softmax(torch.randn(c, v, generator=g) * 2, dim=-1)
         path = best_canvas(class_scores(probs, aut), aut, aut.start, left)
-        assert solve(probs, aut, aut.start, left).argmax.tolist() == path.argmax.tolist()  # pruned scoring agrees
+        chunked = ClassScorer(aut, c)  # as the sampler's fused pass feeds it: one chunk of positions at a time
+        for j in range(c):
+            chunked(j, probs[j:j + 1])
+        assert torch.equal(chunked.scores(probs).logp, class_scores(probs, aut).logp)
+        plan = plan_canvas(aut, aut.start, left)
+        assert solve(probs, aut, aut.start, left).argmax.tolist() == path.argmax.tolist()
+        hinted = best_canvas(chunked.scores(probs), aut, aut.start, left, plan, argmax=probs.argmax(dim=-1))
+        assert hinted.argmax.tolist() == path.argmax.tolist()
         logp = probs.log()
         score = lambda x: float(sum(logp[j, t] for j, t in enumerate(x)))  # noqa: E731
         if not valid:  # nothing fits: the best valid prefix over the budget's positions, no EOS

@@ -10,6 +10,7 @@ third strategy, or a wrapper that edits a strategy's `Step`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,7 @@ def fast_sample(
     uniforms: torch.Tensor,
     rows: torch.Tensor,
     probs_out: torch.Tensor | None = None,
+    visit: Mapping[int, Callable[[int, torch.Tensor], None]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softcap, temperature, softmax, entropy, argmax and an inverse-CDF draw, fused per chunk of positions so no
     fp32 [B, C, V] temporary is ever made.
@@ -101,6 +103,8 @@ def fast_sample(
     raw [B, C, V]: lm_head output before the softcap (any float dtype; not modified). uniforms [B, C] in [0, 1).
     Only rows where `rows` [B] is true are processed; `probs_out` [B, C, V], when given, receives their softmax
     (the next step's self-conditioning input, in its own dtype) and keeps the other rows' previous values.
+    `visit` {row: fn(start, probs)}: fn sees each chunk of that row's fp32 softmax (positions start ..) while it is
+    in cache (a constrained decoder scores its token classes there instead of re-reading [C, V] from memory).
     Returns sampled ids, argmax ids and entropies of the processed logits, each [B, C] (zeros for skipped rows).
     """
     b, c, v = raw.shape
@@ -121,6 +125,8 @@ def fast_sample(
             p = torch.exp(x)
             z = p.sum(dim=-1, keepdim=True)
             p.div_(z)
+            if visit is not None and r in visit:
+                visit[r](s, p)
             ent[r, s:s + step] = torch.log(z).squeeze(-1) - (p * x).sum(dim=-1)
             argmax[r, s:s + step] = idx.squeeze(-1)
             if probs_out is not None:
@@ -162,8 +168,14 @@ class CanvasSampler(abc.ABC):
         """A fresh uniformly random canvas [B, C]; resets the self-conditioning state."""
 
     @abc.abstractmethod
-    def step(self, hidden: torch.Tensor, canvas: torch.Tensor, live: torch.Tensor, temp) -> Step:
-        """Propose from the decoder's final hidden states [B, C, H]; keep what the next pass conditions on."""
+    def step(self, hidden: torch.Tensor, canvas: torch.Tensor, live: torch.Tensor, temp,
+             visit: Mapping[int, Callable[[int, torch.Tensor], None]] | None = None) -> Step:
+        """Propose from the decoder's final hidden states [B, C, H]; keep what the next pass conditions on.
+        `visit` {row: fn(start, probs)}: hand row's step distribution (fp32, positions start ..) to fn, in chunks."""
+
+    @abc.abstractmethod
+    def ranking(self, row: int) -> torch.Tensor:
+        """[C, V]: row's last step distribution, or any tensor ordered like it (for argmaxes over token subsets)."""
 
     @abc.abstractmethod
     def self_conditioning(self) -> dict[str, torch.Tensor]:
@@ -200,19 +212,23 @@ class FastSampler(CanvasSampler):
         canvas = torch.zeros(b, c, dtype=torch.long, device=self.model.device)
         return self._draw(live, canvas, lambda g: torch.randint(0, v, (c,), generator=g))
 
-    def step(self, hidden, canvas, live, temp):
+    def step(self, hidden, canvas, live, temp, visit=None):
         raw = self.model.lm_head_raw(hidden)
         b, c, v = raw.shape
         if self.probs is None:
             self.probs = hidden.new_zeros(b, c, v)
         u = torch.zeros(b, c, dtype=torch.float64, device=raw.device)
         self._draw(live, u, lambda g: torch.rand(c, generator=g, dtype=torch.float64))
-        sampled, argmax, h = fast_sample(raw, self.model.config.final_logit_softcapping, temp, u, live, self.probs)
+        sampled, argmax, h = fast_sample(raw, self.model.config.final_logit_softcapping, temp, u, live, self.probs,
+                                         visit)
         noise = self._draw(live, canvas.clone(), lambda g: torch.randint(0, v, (c,), generator=g))
         return Step(sampled, argmax, h, noise)
 
     def self_conditioning(self):
         return {} if self.probs is None else {"sc_probs": self.probs}
+
+    def ranking(self, row):
+        return self.probs[row]
 
 
 class ReferenceSampler(CanvasSampler):
@@ -238,11 +254,13 @@ class ReferenceSampler(CanvasSampler):
         self.logits, self.batch = None, live.shape[0]
         return self._noise()
 
-    def step(self, hidden, canvas, live, temp):
+    def step(self, hidden, canvas, live, temp, visit=None):
         logits = self.model.lm_head(hidden)
         if temp is not None:
             logits = logits / temp
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        for r, fn in (visit or {}).items():
+            fn(0, probs[r])
         sampled = torch.multinomial(probs.flatten(0, 1), num_samples=1, generator=self.generator).view(canvas.shape)
         del probs
         out = Step(sampled, logits.argmax(dim=-1), entropy(logits), self._noise())
@@ -252,3 +270,6 @@ class ReferenceSampler(CanvasSampler):
 
     def self_conditioning(self):
         return {} if self.logits is None else {"sc_logits": self.logits}
+
+    def ranking(self, row):
+        return self.logits[row]

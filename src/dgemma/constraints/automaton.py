@@ -129,46 +129,50 @@ class TokenAutomaton:
         return states
 
 
-SMALL_CLASS = 64  # classes up to this size are read by a gather every step; larger ones through the top-k first
-
-
 @dataclass
 class Layout:
-    """Per-automaton arrays the DP reuses every step."""
+    """Per-automaton arrays the DP reuses every step. The Viterbi runs over state pairs (src, dst) rather than
+    class edges: many classes lead from one state to the same next state (a JSON schema: ~4.5x fewer pairs than
+    edges), so a pair's score at a position is the max over its edges, taken for all positions in one call."""
 
-    small_tokens: torch.Tensor  # members of all small classes, concatenated
-    small_class: torch.Tensor  # the class of each
-    big: list[tuple[int, torch.Tensor]]  # (class, members) of the large classes
-    in_edges: list[np.ndarray]  # per state: indices of the edges into it
-    by_dst: np.ndarray  # edge indices sorted by destination state
-    dst_starts: np.ndarray  # where each state with incoming edges starts in by_dst (np.*.reduceat offsets)
-    has_in: np.ndarray  # [S] bool: states with incoming edges, in the order of dst_starts
-    big_classes: torch.Tensor  # ids of the large classes
-    big_index: torch.Tensor  # [K]: position of a class in big_classes, -1 for small classes
-    big_sizes: torch.Tensor  # members per large class
-    big_members: torch.Tensor  # their members, concatenated
-    big_edges: torch.Tensor  # indices of the edges labelled with a large class
+    order: torch.Tensor  # live tokens sorted by class (the automaton's `order`)
+    class_starts: np.ndarray  # [K] where each class starts in `order` (np.*.reduceat offsets)
+    class_of_order: torch.Tensor  # [V_live] the class of each token of `order`
+    edge_cls: np.ndarray  # [E] the class of each edge, edges sorted by (dst, src): each pair's edges contiguous
+    pair_starts: np.ndarray  # [P] where each pair's edges start
+    pair_of_edge: torch.Tensor  # [E] the pair of each edge (in that order)
+    pair_src: np.ndarray  # [P] pairs sorted by dst: their source state
+    in_bounds: np.ndarray  # [S + 1] pairs into state q are [in_bounds[q], in_bounds[q + 1])
+    dst_starts: np.ndarray  # where each state with incoming pairs starts (np.*.reduceat offsets)
+    has_in: np.ndarray  # [S] bool: states with incoming pairs, in the order of dst_starts
 
     @classmethod
     def of(cls, aut: TokenAutomaton) -> Layout:
-        sizes = (aut.offsets[1:] - aut.offsets[:-1]).tolist()
-        small_tok, small_cls, big = [], [], []
-        for k, n in enumerate(sizes):
-            members = aut.order[aut.offsets[k]:aut.offsets[k + 1]]
-            if n <= SMALL_CLASS:
-                small_tok.append(members)
-                small_cls.append(torch.full((n,), k, dtype=torch.int64))
-            else:
-                big.append((k, members))
-        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
-        dst = aut.dst.numpy()
-        by_dst = np.argsort(dst, kind="stable")
-        bounds = np.searchsorted(dst[by_dst], np.arange(aut.n_states + 1))
-        in_edges = [by_dst[bounds[q]:bounds[q + 1]] for q in range(aut.n_states)]
+        src, dst = aut.src.numpy(), aut.dst.numpy()
+        by_pair = np.lexsort((aut.cls.numpy(), src, dst))
+        key = dst[by_pair] * aut.n_states + src[by_pair]
+        pair_starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+        pair_dst = dst[by_pair][pair_starts]
+        bounds = np.searchsorted(pair_dst, np.arange(aut.n_states + 1))
         has_in = np.diff(bounds) > 0
-        big_index = torch.full((aut.n_classes,), -1, dtype=torch.int64)
-        big_index[[k for k, _ in big]] = torch.arange(len(big))
-        return cls(cat(small_tok), cat(small_cls), big, in_edges, by_dst, bounds[:-1][has_in], has_in,
-                   torch.tensor([k for k, _ in big], dtype=torch.int64), big_index,
-                   torch.tensor([m.numel() for _, m in big], dtype=torch.int64), cat([m for _, m in big]),
-                   (big_index[aut.cls] >= 0).nonzero().flatten())
+        sizes = aut.offsets[1:] - aut.offsets[:-1]
+        return cls(aut.order, aut.offsets[:-1].numpy().copy(),
+                   torch.repeat_interleave(torch.arange(aut.n_classes), sizes),
+                   aut.cls.numpy()[by_pair].copy(), pair_starts,
+                   torch.from_numpy(np.cumsum(np.r_[False, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)),
+                   src[by_pair][pair_starts].copy(), bounds,
+                   bounds[:-1][has_in], has_in)
+
+    @functools.cached_property
+    def lists(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """in_bounds, pair_src, pair starts (with the end) and edge_cls as Python lists, for scalar loops."""
+        starts = np.r_[self.pair_starts, self.edge_cls.size]
+        return self.in_bounds.tolist(), self.pair_src.tolist(), starts.tolist(), self.edge_cls.tolist()
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """Tensor field `name` on `device` (copied once per device)."""
+        copies = self.__dict__.setdefault("_copies", {})
+        key = (name, str(device))
+        if key not in copies:
+            copies[key] = getattr(self, name).to(device)
+        return copies[key]

@@ -18,7 +18,7 @@ import torch
 
 from ..sampler import CanvasSampler, Step
 from .automaton import TokenAutomaton
-from .dp import ClassScores, best_canvas, draw_in_class, solve
+from .dp import CanvasPlan, ClassScorer, ClassScores, best_canvas, draw_in_class, plan_canvas
 
 
 @dataclass
@@ -29,10 +29,16 @@ class RowState:
     budget: int  # tokens the output may take, EOS included
     end: int | None = None  # state at the end of the current argmax canvas
     complete: bool = True  # False once no valid output fits the budget (the text stays a valid prefix)
+    plan: CanvasPlan | None = None  # the current canvas's plan (same for all its steps)
 
     def left(self, canvas: int) -> torch.Tensor:
         """Budget still unused at each of the canvas's C + 1 boundaries."""
         return (self.budget - self.used - torch.arange(canvas + 1)).clamp_(min=0)
+
+    def plan_for(self, canvas: int) -> CanvasPlan:
+        if self.plan is None:
+            self.plan = plan_canvas(self.aut, self.state, self.left(canvas))
+        return self.plan
 
 
 class ConstrainedSampler(CanvasSampler):
@@ -56,29 +62,25 @@ class ConstrainedSampler(CanvasSampler):
                 continue
             # place the fixed tokens where a path of uniform scores puts them, so the first pass already sees them
             aut = row.aut
-            first = aut.order[aut.offsets[:-1]]
             c = self.canvas_length
-            flat = ClassScores(torch.zeros(c, aut.n_classes), first.expand(c, -1))
-            path = best_canvas(flat, aut, row.state, row.left(c))
+            flat = ClassScores(torch.zeros(c, aut.n_classes), None)
+            path = best_canvas(flat, aut, row.state, row.left(c), row.plan_for(c))
             canvas[b] = torch.where(path.fixed.to(canvas.device), path.argmax.to(canvas.device), canvas[b])
         return canvas
 
-    def _probs(self, b: int) -> torch.Tensor:
-        """Row b's step distribution [C, V]: the softmax the inner strategy sampled from."""
-        probs = getattr(self.inner, "probs", None)
-        if probs is not None:
-            return probs[b]
-        return torch.softmax(self.inner.logits[b].float(), dim=-1)
+    def ranking(self, row):
+        return self.inner.ranking(row)
 
-    def step(self, hidden, canvas, live, temp) -> Step:
-        st = self.inner.step(hidden, canvas, live, temp)
+    def step(self, hidden, canvas, live, temp, visit=None) -> Step:
+        c = self.canvas_length
+        scorers = {b: ClassScorer(row.aut, c) for b, row in enumerate(self.rows) if row is not None and bool(live[b])}
+        st = self.inner.step(hidden, canvas, live, temp, visit={**(visit or {}), **scorers})
         sampled, argmax, entropy, noise = st.sampled.clone(), st.argmax.clone(), st.entropy.clone(), st.noise.clone()
-        for b, row in enumerate(self.rows):
-            if row is None or not bool(live[b]):
-                continue
-            probs = self._probs(b)
-            path = solve(probs, row.aut, row.state, row.left(probs.shape[0]))
-            dev = argmax.device
+        dev = argmax.device
+        for b, scorer in scorers.items():
+            row = self.rows[b]
+            path = best_canvas(scorer.scores(self.inner.ranking(b)), row.aut, row.state, row.left(c), row.plan_for(c),
+                               st.argmax[b])
             argmax[b] = path.argmax.to(dev)
             sampled[b] = draw_in_class(st.sampled[b], path, row.aut).to(dev)
             if bool(path.fixed.any()):
@@ -92,5 +94,5 @@ class ConstrainedSampler(CanvasSampler):
     def on_commit(self, ids: torch.Tensor, finished: torch.Tensor) -> None:
         for row in self.rows:
             if row is not None and row.end is not None:
-                row.state, row.end = row.end, None
+                row.state, row.end, row.plan = row.end, None, None
                 row.used += ids.shape[1]
