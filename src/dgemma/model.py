@@ -16,27 +16,11 @@ from torch import nn
 from .config import LayerSpec, ModelConfig
 from .generate import generate, stream
 from .kv_cache import KVCache
-from .numerics import MIN_ROWS, ROW_INVARIANT, gelu_tanh, linear, softcap
+from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_tanh, linear, softcap
 from .vision import PromptImages, prompt_images
 
 
 PREFILL_CHUNK = 1024  # prompt tokens per encoder pass: bounds activations and attention masks on long prompts
-
-
-class RMSNorm(nn.Module):
-    """x * (mean(x^2) + eps)^-0.5 * w, computed in fp32; the weight multiplies directly (no 1 + w)."""
-
-    def __init__(self, dim: int, eps: float, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight.float()
-        return h.type_as(x)
 
 
 def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:

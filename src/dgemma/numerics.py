@@ -13,6 +13,7 @@ import contextvars
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MIN_ROWS = 16
 ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("row_invariant", default=False)
@@ -45,3 +46,23 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * (mean(x^2) + eps)^-0.5 * w with fp32 statistics, cast back to x's dtype; the weight multiplies directly
+    (Gemma 4 convention: no 1 + w). Text and vision towers share it."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .numerics import RMSNorm, rms_norm
+
 CHECKPOINT_PREFIX = "model.encoder."
 
 
@@ -65,25 +67,6 @@ class VisionConfig:
         if "rope_theta" in rope:
             fields["rope_theta"] = float(rope["rope_theta"])
         return cls(**fields)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # fp32 statistics, weight used as is (Gemma 4 convention: no 1 + w), cast back to the input dtype.
-    xf = x.float()
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, with_weight: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class ClippableLinear(nn.Module):
