@@ -3,6 +3,7 @@ by the reference implementation alike), and the same random models built directl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -186,15 +187,8 @@ def write_checkpoint(
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint directory atomically: everything goes to a temporary sibling that is renamed into place,
-    so a failure never leaves a half-written checkpoint."""
-    out = Path(out)
-    check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    """Write a checkpoint directory atomically (`staged_dir`): a failure never leaves a half-written checkpoint."""
+    with staged_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "generation_config.json").write_text(
             json.dumps(generation or generation_config_dict(), indent=2) + "\n", encoding="utf-8")
@@ -206,7 +200,22 @@ def write_checkpoint(
             save_tokenizer(tokenizer, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the checkpoint ordinary permissions
+    return Path(out)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; on success it gets ordinary permissions and is renamed into
+    place (replacing `out` when `overwrite`), on any error it is removed. Nothing half-written is ever at `out`."""
+    out = Path(out)
+    check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory ordinary permissions
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
         if out.exists():
@@ -220,7 +229,6 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def check_target(out: Path, overwrite: bool) -> None:

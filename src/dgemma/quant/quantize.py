@@ -443,16 +443,12 @@ def check_shapes(src: Source, opt: Options) -> None:
 
 def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_from: Path | None = None,
           overwrite: bool = False, extra: dict[str, str] | None = None) -> Path:
-    """Stream every tensor of `src` into a new checkpoint at `out` (atomic)."""
-    from ..presets import check_target
+    """Stream every tensor of `src` into a new checkpoint at `out` (atomic: `presets.staged_dir`)."""
+    from ..presets import staged_dir
 
     check_options(opt.scheme, opt.group)
     check_shapes(src, opt)
-    out = Path(out)
-    check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, opt.shard_bytes)
         keys = src.keys()
         total = sum(math.prod(src.shape(k)) for k in keys)
@@ -470,23 +466,7 @@ def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_fro
                 skip = f.name.startswith("model") or f.name in ("config.json", "hf_quant_config.json")
                 if f.is_file() and not skip:
                     shutil.copy2(f, tmp / f.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def quantize_checkpoint(src_dir: str | Path, out: str | Path, scheme: str, group: int = lowbit.DEFAULT_GROUP,
