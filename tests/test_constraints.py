@@ -72,6 +72,9 @@ def test_dp_is_the_best_valid_canvas(regex, budget):
         for j in range(c):
             chunked(j, probs[j:j + 1])
         assert torch.equal(chunked.scores(probs).logp, class_scores(probs, aut).logp)
+        for k in range(aut.n_classes):  # each class's score is its best member's log-probability
+            members = (aut.token_class == k).nonzero().flatten()
+            assert torch.allclose(class_scores(probs, aut).logp[:, k], probs[:, members].max(dim=1).values.log())
         plan = plan_canvas(aut, aut.start, left)
         assert solve(probs, aut, aut.start, left).argmax.tolist() == path.argmax.tolist()
         hinted = best_canvas(chunked.scores(probs), aut, aut.start, left, plan, argmax=probs.argmax(dim=-1))
