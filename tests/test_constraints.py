@@ -17,7 +17,7 @@ from dgemma.checkpoint import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
-from dgemma.constraints.dp import ClassScorer, best_canvas, class_scores, plan_canvas, solve
+from dgemma.constraints.dp import ClassScorer, best_canvas, class_max, class_scores, plan_canvas, solve
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
 from dgemma.generate import Done, Draft, generate, stream
@@ -72,6 +72,8 @@ def test_dp_is_the_best_valid_canvas(regex, budget):
         for j in range(c):
             chunked(j, probs[j:j + 1])
         assert torch.equal(chunked.scores(probs).logp, class_scores(probs, aut).logp)
+        q = probs.index_select(1, aut.layout.order)  # the accelerator path (scatter_reduce) agrees with numpy's
+        assert torch.equal(class_max(q, aut.layout, True), class_max(q, aut.layout, False))
         for k in range(aut.n_classes):  # each class's score is its best member's log-probability
             members = (aut.token_class == k).nonzero().flatten()
             assert torch.allclose(class_scores(probs, aut).logp[:, k], probs[:, members].max(dim=1).values.log())

@@ -24,6 +24,15 @@ from .automaton import INF, TokenAutomaton
 LOG_FLOOR = -1e4  # log-probability of a token with zero mass: still a valid (terrible) choice, never -inf
 
 
+def class_max(q: torch.Tensor, lay, use_numpy: bool) -> torch.Tensor:
+    """[n, V_live] fp32 probabilities in class order -> [n, K] (on CPU): each class's maximum. numpy's reduceat on
+    CPU (~3x faster than scatter_reduce there), scatter_reduce on accelerators."""
+    if use_numpy:
+        return torch.from_numpy(np.maximum.reduceat(q.cpu().numpy(), lay.class_starts, axis=1))
+    idx = lay.on("class_of_order", q.device).expand_as(q)
+    return q.new_zeros(q.shape[0], lay.class_starts.size).scatter_reduce_(1, idx, q, "amax").cpu()
+
+
 class ClassScorer:
     """Each class's largest probability at every canvas position, filled chunk by chunk.
 
@@ -43,12 +52,7 @@ class ClassScorer:
         order = lay.on("order", probs.device)
         for s in range(0, probs.shape[0], step):
             q = probs[s:s + step].index_select(1, order).float()  # [n, V_live], classes contiguous
-            rows = slice(start + s, start + s + q.shape[0])
-            if q.device.type == "cpu":
-                self.maxp[rows] = torch.from_numpy(np.maximum.reduceat(q.numpy(), lay.class_starts, axis=1))
-            else:
-                idx = lay.on("class_of_order", q.device).expand_as(q)
-                self.maxp[rows] = q.new_zeros(q.shape[0], self.aut.n_classes).scatter_reduce_(1, idx, q, "amax").cpu()
+            self.maxp[start + s:start + s + q.shape[0]] = class_max(q, lay, q.device.type == "cpu")
 
     def scores(self, ranking: torch.Tensor | None) -> ClassScores:
         return ClassScores(torch.log(self.maxp).clamp_(min=LOG_FLOOR), ranking)
