@@ -5,7 +5,7 @@ model and the autoregressive baseline trained with the same budget.
         --run diffusion=runs/ckpts/sudoku6 --run autoregressive=runs/ckpts/sudoku6ar \
         --out benchmarks/sudoku/6x6/learning_curve.json --plot benchmarks/sudoku/6x6/solve_rate_vs_examples.png
 
-A run directory holds one checkpoint per snapshot, named step-<N>. A run named `autoregressive` is decoded left to
+A run directory holds one checkpoint per snapshot, named step-<N>. A run whose name starts with `autoregressive` is decoded left to
 right (one token per pass); any other with diffusion at the model's default step cap. Existing points in --out are
 kept (only new snapshots are evaluated).
 """
@@ -36,7 +36,7 @@ def plot(results: dict, path: Path) -> None:
         for name, points in results["runs"].items():
             xs = sorted(points, key=int)
             ax.plot([points[x]["examples"] for x in xs], [100 * points[x][key] for x in xs],
-                    "o-" if name != "autoregressive" else "s--", label=name)
+                    "s--" if name.startswith("autoregressive") else "o-", label=name)
         ax.set_xlabel("training examples")
         ax.set_ylabel(label)
         ax.set_ylim(-2, 102)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             if str(step) in points:
                 continue
             model = load_model(path)
-            r = evaluate(model, n=args.n, seed=args.seed, autoregressive=name == "autoregressive")["default"]
+            r = evaluate(model, n=args.n, seed=args.seed, autoregressive=name.startswith("autoregressive"))["default"]
             r.pop("buckets")
             points[str(step)] = {"examples": start.get(name, 0) + step * args.batch_size, **r}
             print(f"{name} step {step}: solved {r['solve_rate']:.1%}, cells {r['cell_accuracy']:.1%}, "
