@@ -5,9 +5,9 @@ model and the autoregressive baseline trained with the same budget.
         --run diffusion=runs/ckpts/sudoku6 --run autoregressive=runs/ckpts/sudoku6ar \
         --out benchmarks/sudoku/6x6/learning_curve.json --plot benchmarks/sudoku/6x6/solve_rate_vs_examples.png
 
-A run directory holds one checkpoint per snapshot, named step-<N>. A run whose name starts with `autoregressive` is decoded left to
-right (one token per pass); any other with diffusion at the model's default step cap. Existing points in --out are
-kept (only new snapshots are evaluated).
+A run directory holds one checkpoint per snapshot, named step-<N>. A run whose name starts with `autoregressive`
+is decoded left to right (one token per pass); any other with diffusion at the model's default step cap. Existing
+points in --out are kept (only new snapshots are evaluated).
 """
 
 from __future__ import annotations
