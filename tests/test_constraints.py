@@ -314,6 +314,33 @@ def test_reference_sampler_and_batches(model):
     assert all(r.finish_reason == "eos" and re.fullmatch(regex, r.text) for r in rows)
 
 
+@pytest.mark.parametrize("rng", ["fast", "reference"])
+def test_class_scores_from_the_samplers_pass(model, rng):
+    """The scores the sampler's own pass hands the DP (`visit`, chunk by chunk, without a second read of [C, V])
+    equal each class's max over the step distribution the sampler drew from, for both strategies."""
+    from dgemma.kv_cache import KVCache
+    from dgemma.sampler import FastSampler, ReferenceSampler
+
+    aut = compile_constraint(Constraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}),
+                             model.tokenizer, model.config.vocab_size, [1], 0)
+    c, v = model.config.canvas_length, model.config.vocab_size
+    sampler = FastSampler(model, [3, 4]) if rng == "fast" else ReferenceSampler(model, 3)
+    live = torch.ones(2, dtype=torch.bool)
+    canvas = sampler.init_canvas(live)
+    cache = KVCache(model.config, 2, 64, device=model.device, dtype=model.dtype)
+    model.encode(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache)
+    hidden = model.decode_hidden(canvas, cache)
+    scorer = ClassScorer(aut, c)
+    temp = torch.tensor(0.7)
+    sampler.step(hidden, canvas, live, temp, visit={1: scorer})
+    raw = model.lm_head(hidden[1]).float() / temp  # the softcapped, temperature-scaled logits of row 1
+    probs = torch.softmax(raw, dim=-1)
+    members = [(aut.token_class == k).nonzero().flatten() for k in range(aut.n_classes)]
+    expect = torch.stack([probs[:, m].max(dim=1).values for m in members], dim=1)
+    assert torch.allclose(scorer.maxp, expect, rtol=1e-5, atol=1e-9)
+    assert probs.shape == (c, v) and scorer.maxp.abs().sum() > 0
+
+
 def _sentencepiece_style_tokenizer():
     """Gemma's tokenizer.json layout in small: byte-fallback pieces <0xNN>, words with ▁ for a space, Replace +
     ByteFallback + Fuse decoder."""
