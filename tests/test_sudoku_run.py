@@ -371,10 +371,17 @@ def test_task_spec(model, model6_dir):
     assert spec.size == 6 and spec.prompt(p) == sudoku.prompt_text(p)
     with pytest.raises(ValueError, match="36 cells"):
         spec.prompt(EASY)
-    # The bundled 9x9 model keeps the prompt it was trained with.
-    if (sudoku_run.BUNDLED / "task.json").is_file():
-        legacy = sudoku_run.task_spec(dgemma.load_model(sudoku_run.BUNDLED))
-        assert legacy.size == 9 and legacy.prompt(EASY) == sudoku.legacy_prompt_text(EASY)
+    # A model is prompted the way its task.json says: the bundled 9x9 model with the current prompt, a model trained
+    # with the first recipe's prompt (the instruction line) with that one.
+    bundled = sudoku_run.task_spec(dgemma.load_model(sudoku_run.BUNDLED))
+    assert bundled.size == 9 and bundled.prompt(EASY) == sudoku.prompt_text(EASY)
+    legacy_dir = model6_dir.parent / "legacy81"
+    write_random_checkpoint(legacy_dir, "tiny", seed=1, canvas_length=82)
+    template = sudoku.task_info(9)["prompt_template"]
+    info = dict(sudoku.task_info(9), prompt_template=sudoku.PROMPT + "\n" + template)
+    (legacy_dir / "task.json").write_text(json.dumps(info), encoding="utf-8")
+    legacy = sudoku_run.task_spec(dgemma.load_model(legacy_dir))
+    assert legacy.size == 9 and legacy.prompt(EASY) == sudoku.legacy_prompt_text(EASY)
 
 
 def test_bad_task_file(tmp_path, model6_dir):
