@@ -37,6 +37,7 @@ RECIPES = {  # name: (size, legacy prompt, batch, ar_targets, row_invariant, bf1
     "before": (9, True, 32, "all", True, False),
     "9x9": (9, False, 64, "response", False, False),
     "9x9-diffusion-only": (9, False, 64, "none", False, False),
+    "9x9-diffusion-only-bf16": (9, False, 64, "none", False, True),
     "6x6": (6, False, 32, "none", False, False),
     "6x6-batch64": (6, False, 64, "none", False, False),
     "6x6-batch64-bf16": (6, False, 64, "none", False, True),
