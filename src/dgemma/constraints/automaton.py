@@ -151,7 +151,8 @@ class Layout:
         src, dst = aut.src.numpy(), aut.dst.numpy()
         by_pair = np.lexsort((aut.cls.numpy(), src, dst))
         key = dst[by_pair] * aut.n_states + src[by_pair]
-        pair_starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+        first = np.r_[True, key[1:] != key[:-1]] if key.size else np.zeros(0, dtype=bool)  # an edge opens a pair
+        pair_starts = np.flatnonzero(first)
         pair_dst = dst[by_pair][pair_starts]
         bounds = np.searchsorted(pair_dst, np.arange(aut.n_states + 1))
         has_in = np.diff(bounds) > 0
@@ -159,7 +160,7 @@ class Layout:
         return cls(aut.order, aut.offsets[:-1].numpy().copy(),
                    torch.repeat_interleave(torch.arange(aut.n_classes), sizes),
                    aut.cls.numpy()[by_pair].copy(), pair_starts,
-                   torch.from_numpy(np.cumsum(np.r_[False, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)),
+                   torch.from_numpy(np.cumsum(first) - 1),
                    src[by_pair][pair_starts].copy(), bounds,
                    bounds[:-1][has_in], has_in)
 

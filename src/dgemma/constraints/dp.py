@@ -89,7 +89,8 @@ class ClassScores:
 
 
 def class_scores(probs: torch.Tensor, aut: TokenAutomaton) -> ClassScores:
-    """probs [C, V] (any float dtype, rows sum to 1) -> the best token of every class at every position."""
+    """probs [C, V] (any float dtype, rows sum to 1) -> each class's score at every position (in one go; the
+    sampler's pass feeds a `ClassScorer` chunk by chunk instead)."""
     scorer = ClassScorer(aut, probs.shape[0])
     scorer(0, probs)
     return scorer.scores(probs)
@@ -139,11 +140,6 @@ def plan_canvas(aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPl
         return CanvasPlan(allowed, c, True)
     m = min(c, int(left[0]))
     return CanvasPlan(allowed_states(aut, left[:m + 1], False), m, False)
-
-
-def solve(probs: torch.Tensor, aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPath:
-    """`best_canvas` from the step's distributions [C, V]."""
-    return best_canvas(class_scores(probs, aut), aut, start, left)
 
 
 def _pair_max(edge_scores: torch.Tensor, lay) -> torch.Tensor:
