@@ -48,7 +48,7 @@ SHAPES = {
 }
 GENERATION = {
     4: dict(max_new_tokens=17, max_denoising_steps=16, entropy_bound=0.1),
-    6: dict(max_new_tokens=37, max_denoising_steps=24, entropy_bound=0.1),
+    6: dict(max_new_tokens=37, max_denoising_steps=24, entropy_bound=0.1, t_max=1.0, t_min=0.8),
     9: dict(max_new_tokens=82, max_denoising_steps=48, entropy_bound=0.1),
 }
 TRAIN_SEED_BASE = 1000  # training puzzles use seeds 1000+; evaluation uses 424242 and 777
@@ -132,12 +132,12 @@ def main(argv=None) -> int:
         summary = finetune(cfg)
     print(json.dumps(summary))
     if args.bundle:
-        bundle(out, Path(args.bundle), args.size, argv if argv is not None else sys.argv[1:])
+        bundle(out, Path(args.bundle), args.size, args, argv if argv is not None else sys.argv[1:])
     return 0
 
 
-def bundle(out: Path, dest: Path, size: int, argv) -> None:
-    """Copy <out>/run/final plus its log, task.json and TRAINING.md to `dest` (replacing it)."""
+def bundle(out: Path, dest: Path, size: int, args: argparse.Namespace, argv) -> None:
+    """Copy <out>/run/final plus its log, task.json and a TRAINING.md that says how it was made to `dest`."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(out / "run" / "final", dest)
@@ -145,19 +145,33 @@ def bundle(out: Path, dest: Path, size: int, argv) -> None:
     (dest / "task.json").write_text(json.dumps(sudoku.task_info(size), indent=2) + "\n", encoding="utf-8")
     log = [json.loads(x) for x in (dest / "train_log.jsonl").read_text().splitlines() if x.strip()]
     last = log[-1] if log else {}
+    blanks = args.blanks or sudoku.default_blanks(size)
+    if args.ar_only:
+        objective = "the next-token loss on the answer only (the autoregressive baseline)"
+    elif args.ar_targets == "none":
+        objective = ("the canvas cross-entropy under uniform corruption t ~ U(1e-3, 1) with self-conditioning "
+                     "p = 0.5, no next-token loss")
+    else:
+        objective = (f"the canvas cross-entropy under uniform corruption with self-conditioning p = 0.5, plus the "
+                     f"next-token loss on the {args.ar_targets}")
+    start = f"the weights of `{args.init}`" if args.init else "random initialisation"
+    precision = "fp32 weights and AdamW state, bf16 matmuls" if args.autocast else args.dtype
     (dest / "TRAINING.md").write_text(
         f"# The bundled {size}x{size} Sudoku model\n\n"
-        f"Trained by `python scripts/train_sudoku.py {' '.join(argv)}` on {cpu_model()} "
-        f"({torch.get_num_threads()} thread(s)), {last.get('elapsed_s', 0) / 60:.0f} minutes, "
-        f"{last.get('examples', 0)} examples.\n\n"
-        f"- Shape: `SHAPES[{size}]` in scripts/train_sudoku.py (random initialisation), canvas {SHAPES[size]['canvas_length']}"
-        f" (the {size * size} digits and the end-of-turn token), the byte-level tokenizer.\n"
-        f"- Data: `dgemma.tasks.sudoku.generate_many(seed={TRAIN_SEED_BASE}, size={size})` (blanks "
-        f"{sudoku.default_blanks(size)}), prompt `sudoku.prompt_text` (a line naming the cells, then the puzzle), "
+        f"Trained in one run by\n\n    python scripts/train_sudoku.py {' '.join(argv)}\n\n"
+        f"on {cpu_model() if args.device == 'cpu' else args.device} ({torch.get_num_threads()} thread(s), torch "
+        f"{torch.__version__}, {precision}): {last.get('examples', 0)} examples in "
+        f"{last.get('elapsed_s', 0) / 60:.0f} minutes of training.\n\n"
+        f"- Shape: `SHAPES[{size}]` in scripts/train_sudoku.py, from {start}; canvas "
+        f"{SHAPES[size]['canvas_length']} (the {size * size} digits and the end-of-turn token), the byte-level "
+        f"tokenizer.\n"
+        f"- Data: {args.puzzles} puzzles from `dgemma.tasks.sudoku.generate_many(seed={TRAIN_SEED_BASE + args.seed}, "
+        f"size={size}, blanks={blanks})`, prompt `sudoku.prompt_text` (a line naming the cells, then the puzzle), "
         f"response the solution. Evaluation puzzles come from other seeds (424242, 777).\n"
-        f"- Objective: `dgemma.train` (next-token loss on the response, canvas cross-entropy under uniform "
-        f"corruption, self-conditioning p = 0.5), AdamW, warmup then cosine, gradient clipping 1.0.\n"
-        f"- Log: `train_log.jsonl`. `task.json` tells `dgemma sudoku` and `dgemma serve` the grid size and prompt.\n",
+        f"- Objective: `dgemma.train`: {objective}; AdamW, {args.warmup} warmup steps to lr {args.lr:g}, cosine to "
+        f"{args.lr * args.min_lr_ratio:g}, gradient clipping 1.0, batch {args.batch_size}.\n"
+        f"- Decoding: `generation_config.json`. Log: `train_log.jsonl`. `task.json` tells `dgemma sudoku` and "
+        f"`dgemma serve` the grid and prompt.\n",
         encoding="utf-8")
 
 
