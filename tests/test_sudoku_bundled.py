@@ -122,9 +122,11 @@ def test_solve_command_picks_the_model_by_size(tmp_path):
         assert sudoku.check(p, row["solution"])["givens_kept"]
 
 
-def test_demo_command():
-    """`dgemma sudoku demo` (the README's first command) shows both puzzles, answers and step counts."""
-    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "sudoku", "demo", "--no-animation"],
+@pytest.mark.parametrize("flags", [["--no-animation"], []])
+def test_demo_command(flags):
+    """`dgemma sudoku demo` (the README's first command) shows both puzzles, answers and step counts, animated
+    (the live grid) or not."""
+    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "sudoku", "demo", *flags],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = r.stdout

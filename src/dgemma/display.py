@@ -18,13 +18,10 @@ def token_label(tok, token_id: int) -> str:
     return "".join(ch if ch.isprintable() else "·" for ch in s) or "·"
 
 
-class CanvasView:
-    """A live panel: the committed text, and below it the current canvas (redrawn after every step)."""
+class LiveView:
+    """A rich Live region redrawn by the subclass (no auto refresh: one redraw per denoising step)."""
 
-    def __init__(self, tokenizer, console: Console | None = None):
-        self.ids: list[int] = []
-        self.tok = tokenizer
-        self.committed = ""
+    def __init__(self, console: Console | None = None):
         self.live = Live(console=console or Console(), auto_refresh=False, transient=False)
 
     def __enter__(self):
@@ -34,6 +31,16 @@ class CanvasView:
     def __exit__(self, *exc):
         self.live.__exit__(*exc)
         return False
+
+
+class CanvasView(LiveView):
+    """A live panel: the committed text, and below it the current canvas (redrawn after every step)."""
+
+    def __init__(self, tokenizer, console: Console | None = None):
+        super().__init__(console)
+        self.ids: list[int] = []
+        self.tok = tokenizer
+        self.committed = ""
 
     def _render(self, title: str, body: Text) -> Panel:
         done = Text(self.committed[-600:], style="bold")

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..display import LiveView
 from ..generate import resolve_settings
 from . import sudoku
 
@@ -134,22 +135,12 @@ def grid_text(puzzle: str, cells: list[str], accepted: list[bool] | None = None,
     return text
 
 
-class GridView:
+class GridView(LiveView):
     """Terminal animation: the grid as it denoises (givens bold, accepted cells green, re-noised dim)."""
 
     def __init__(self, model, console, title: str = "", delay: float = 0.0):
-        from rich.live import Live
-
+        super().__init__(console)
         self.model, self.console, self.title, self.delay = model, console, title, delay
-        self.live = Live(console=console, auto_refresh=False)
-
-    def __enter__(self):
-        self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.live.__exit__(*exc)
-        return False
 
     def __call__(self, ev, puzzles) -> None:
         if type(ev).__name__ != "Draft":
