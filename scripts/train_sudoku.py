@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -61,14 +62,16 @@ def write_base(out: Path, size: int, seed: int) -> Path:
                             overwrite=True)
 
 
-def write_data(path: Path, size: int, n: int, seed: int, blanks: tuple[int, int] | None = None) -> None:
+def write_data(path: Path, size: int, n: int, seed: int, blanks: tuple[int, int] | None = None,
+               workers: int = 1) -> None:
     t0 = time.time()
-    pairs = sudoku.generate_many(n, seed=TRAIN_SEED_BASE + seed, size=size, blanks=blanks)
+    pairs = sudoku.generate_many(n, seed=TRAIN_SEED_BASE + seed, size=size, blanks=blanks, workers=workers)
     rows = [{"prompt": sudoku.prompt_text(p), "response": sudoku.answer_text(s)} for p, s in pairs]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
-    print(f"generated {len(rows)} {size}x{size} puzzles in {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"generated {len(rows)} {size}x{size} puzzles in {time.time() - t0:.0f}s ({workers} process(es))",
+          file=sys.stderr)
 
 
 def _blank_range(text: str) -> tuple[int, int]:
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
                     help="LO,HI: blank counts of the training puzzles (default: sudoku.default_blanks(size)); "
                          "a later stage can weight the hard end, e.g. 14,24 for 6x6")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-workers", type=int, default=os.cpu_count() or 1,
+                    help="processes generating the puzzles (default: all cores; the same puzzles for any count)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: --device cuda --dtype bfloat16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
         write_base(base, args.size, args.seed)
     data = out / "train.jsonl"
     if not data.is_file():
-        write_data(data, args.size, args.puzzles, args.seed, args.blanks)
+        write_data(data, args.size, args.puzzles, args.seed, args.blanks, max(1, args.data_workers))
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out / "run"), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                       chat=False, save_every=args.save_every, log_every=10, seed=args.seed, resume=args.resume,

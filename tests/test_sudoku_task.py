@@ -92,6 +92,19 @@ def test_generate_deterministic_per_seed():
     assert S.generate_many(5, seed=2) != many
 
 
+@pytest.mark.parametrize("size, n, exclude", [(9, 7, 0), (6, 150, 0), (4, 120, 40)])
+def test_generate_many_in_processes_gives_the_same_list(size, n, exclude):
+    """workers > 1 draws the same streams in a pool and keeps them in order: the same list, repeats and `exclude`
+    (4x4 has few distinct puzzles, so repeats happen) handled alike."""
+    ex = S.generate_many(exclude, seed=9, size=size)
+    one = S.generate_many(n, seed=4, size=size, exclude=ex)
+    assert S.generate_many(n, seed=4, size=size, exclude=ex, workers=2) == one
+    assert S.generate_many(n, seed=4, size=size, exclude=ex, workers=3) == one
+    assert len(set(one)) == n and not set(one) & set(ex)
+    with pytest.raises(ValueError, match="workers"):
+        S.generate_many(3, workers=0)
+
+
 def test_generated_puzzles_are_unique_and_consistent():
     pairs = S.generate_many(25, seed=0, blanks=(30, 50))
     counts = []

@@ -468,8 +468,13 @@ def generate(rng: random.Random | int, blanks: int | tuple[int, int] | None = No
     raise RuntimeError(f"could not make a unique {shape.name} puzzle with {target} blanks in {max_attempts} attempts")
 
 
+def _generate_indexed(stream: str, seed: int, start: int, stop: int, blanks, size: int) -> list[tuple[str, str]]:
+    return [generate(random.Random(f"{stream}:{seed}:{i}"), blanks, size=size) for i in range(start, stop)]
+
+
 def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = None, *, size: int = 9,
-                  exclude: Iterable[str | tuple[str, str]] = (), by: str = "puzzle") -> list[tuple[str, str]]:
+                  exclude: Iterable[str | tuple[str, str]] = (), by: str = "puzzle",
+                  workers: int = 1) -> list[tuple[str, str]]:
     """`n` distinct ``(puzzle, solution)`` pairs, none of them in `exclude` (compared `by` puzzle or solution).
 
     Puzzle k is drawn from its own stream seeded by ``(size, seed, k)``, so the result for a given seed is
@@ -478,11 +483,15 @@ def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = 
 
         test = generate_many(500, seed=1, size=6)
         train = generate_many(100_000, seed=0, size=6, exclude=test, by="solution")
+
+    `workers` > 1 draws the streams in that many processes (9x9 takes ~6 ms a puzzle): the same list as one.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if by not in ("puzzle", "solution"):
         raise ValueError(f"by must be 'puzzle' or 'solution', got {by!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     shape = shape_of(size)
     blanks = default_blanks(shape) if blanks is None else blanks
     _blank_range(blanks, shape)
@@ -491,12 +500,32 @@ def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = 
     stream = "dgemma.sudoku" if shape.n == 9 else f"dgemma.sudoku{shape.n}"  # 9x9 keeps its original streams
     out: list[tuple[str, str]] = []
     index = 0
-    while len(out) < n:
-        pair = generate(random.Random(f"{stream}:{seed}:{index}"), blanks, size=shape.n)
-        index += 1
-        if pair[k] not in seen:
-            seen.add(pair[k])
-            out.append(pair)
+    pool = None
+    if workers > 1 and n > 1:
+        import concurrent.futures
+
+        pool = concurrent.futures.ProcessPoolExecutor(workers)
+    try:
+        while len(out) < n:
+            # Draw candidates for the next stream indices (in parallel with a pool), then keep them in index
+            # order, skipping repeats: the same choices as drawing one index at a time.
+            want = n - len(out)
+            if pool is None:
+                batch = _generate_indexed(stream, seed, index, index + 1, blanks, shape.n)
+            else:
+                chunk = max(1, min(2000, -(-want // workers)))
+                starts = range(index, index + want, chunk)
+                parts = pool.map(_generate_indexed, *zip(*[(stream, seed, a, min(a + chunk, index + want), blanks,
+                                                            shape.n) for a in starts]))
+                batch = [pair for part in parts for pair in part]
+            index += len(batch)
+            for pair in batch:
+                if pair[k] not in seen and len(out) < n:
+                    seen.add(pair[k])
+                    out.append(pair)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return out
 
 
