@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue <out>/run from its last snapshot")
     ap.add_argument("--bundle", default=None, help="copy the final model, log and command here")
     args = ap.parse_args(argv)
+    if args.data_workers < 1:
+        ap.error(f"--data-workers needs at least 1, got {args.data_workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/sudoku{args.size}")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
         write_base(base, args.size, args.seed)
     data = out / "train.jsonl"
     if not data.is_file():
-        write_data(data, args.size, args.puzzles, args.seed, args.blanks, max(1, args.data_workers))
+        write_data(data, args.size, args.puzzles, args.seed, args.blanks, args.data_workers)
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out / "run"), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                       chat=False, save_every=args.save_every, log_every=10, seed=args.seed, resume=args.resume,
@@ -137,12 +139,14 @@ def main(argv=None) -> int:
         summary = finetune(cfg)
     print(json.dumps(summary))
     if args.bundle:
-        bundle(out, Path(args.bundle), args.size, args, argv if argv is not None else sys.argv[1:])
+        bundle(out, Path(args.bundle), args, argv if argv is not None else sys.argv[1:])
     return 0
 
 
-def bundle(out: Path, dest: Path, size: int, args: argparse.Namespace, argv) -> None:
-    """Copy <out>/run/final plus its log, task.json and a TRAINING.md that says how it was made to `dest`."""
+def bundle(out: Path, dest: Path, args: argparse.Namespace, argv) -> None:
+    """Copy <out>/run/final plus its log, task.json and a TRAINING.md that says how it was made (`args`, `argv`:
+    the run's parsed and raw command line) to `dest`."""
+    size = args.size
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(out / "run" / "final", dest)

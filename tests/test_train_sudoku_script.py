@@ -41,7 +41,9 @@ def test_train_resume_and_bundle(tmp_path):
     assert res["puzzle"] == puzzle and 1 <= res["steps"] <= 16
 
 
-def test_bad_blank_range_is_refused(tmp_path):
+def test_bad_arguments_are_refused(tmp_path):
     p = run("--out", str(tmp_path / "r"), "--steps", "1", "--size", "4", "--blanks", "9,3")
     assert p.returncode == 2 and "--blanks needs 0 <= LO <= HI" in p.stderr
-    assert not (tmp_path / "r" / "train.jsonl").exists()
+    p = run("--out", str(tmp_path / "r"), "--steps", "1", "--size", "4", "--data-workers", "0")
+    assert p.returncode == 2 and "--data-workers needs at least 1" in p.stderr
+    assert not (tmp_path / "r").exists()

@@ -515,9 +515,9 @@ def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = 
             else:
                 chunk = max(1, min(2000, -(-want // workers)))
                 starts = range(index, index + want, chunk)
-                parts = pool.map(_generate_indexed, *zip(*[(stream, seed, a, min(a + chunk, index + want), blanks,
-                                                            shape.n) for a in starts]))
-                batch = [pair for part in parts for pair in part]
+                stops = [min(a + chunk, index + want) for a in starts]
+                draw = functools.partial(_generate_indexed, stream, seed, blanks=blanks, size=shape.n)
+                batch = [pair for part in pool.map(draw, starts, stops) for pair in part]
             index += len(batch)
             for pair in batch:
                 if pair[k] not in seen and len(out) < n:
