@@ -30,7 +30,7 @@ class Case:
     new: int | None  # max_new_tokens; None = use generation_config.json's value on both sides
     ov: dict[str, Any] = field(default_factory=dict)  # per-call generation overrides, passed to both sides
     gen: dict[str, Any] | None = None  # generation_config.json contents (beyond eos [1, 5] / pad 0)
-    legacy: bool = False  # rewrite config.json into the older layout (no layer_types / per_layer_config)
+    layout: str = "saved"  # config.json as save_pretrained wrote it, or rewritten into another layout (REWRITES)
     early_stop: bool = False  # the case must exercise adaptive stopping and EOS (asserted)
     seed: int = 1
 
@@ -71,7 +71,29 @@ CASES: dict[str, Case] = {
         text=dict(vocab_size=72, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=None,
                   sliding_window=8, layer_types=None, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
-        canvas=8, prompt_len=20, new=16, ov=dict(max_denoising_steps=6), legacy=True,
+        canvas=8, prompt_len=20, new=16, ov=dict(max_denoising_steps=6), layout="legacy",
+    ),
+    # The release's depth: 30 layers, no layer_types given (the 5:1 pattern: full layers 5, 11, 17, 23, 29), saved by
+    # the reference with zero-padded per_layer_config keys ("05", ...); tiny widths; prompt longer than the window.
+    "depth30_saved": Case(
+        text=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=30, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+                  sliding_window=6, layer_types=None, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+        canvas=8, prompt_len=13, new=16, ov=dict(max_denoising_steps=5),
+    ),
+    # The same depth in the flat layout (global_head_dim / num_global_key_value_heads, no layer_types).
+    "depth30_flat": Case(
+        text=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=30, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+                  sliding_window=6, layer_types=None, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+        canvas=8, prompt_len=9, new=16, ov=dict(max_denoising_steps=5), layout="flat", seed=3,
+    ),
+    # 12 layers with per_layer_config keys written without padding ("5", "11").
+    "depth12_unpadded": Case(
+        text=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=12, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=2,
+                  sliding_window=5, layer_types=None, num_experts=3, top_k_experts=2, moe_intermediate_size=16),
+        canvas=6, prompt_len=10, new=12, ov=dict(max_denoising_steps=4), layout="unpadded", seed=4,
     ),
     # Adaptive stopping + EOS: a 12-token vocabulary with a low temperature makes the argmax canvas settle, so rows
     # stop before max_denoising_steps; eos 7 shows up in some canvases but not all.
@@ -106,6 +128,23 @@ def _legacy_rewrite(cfg: dict) -> None:
     tc["global_head_dim"] = 32
 
 
+def _flat_rewrite(cfg: dict) -> None:
+    tc = cfg["text_config"]
+    full = next(iter(tc.pop("per_layer_config").values()))
+    del tc["layer_types"]
+    tc["global_head_dim"] = full["head_dim"]
+    tc["num_global_key_value_heads"] = full.get("num_key_value_heads")
+
+
+def _unpadded_rewrite(cfg: dict) -> None:
+    tc = cfg["text_config"]
+    assert any(k.startswith("0") for k in tc["per_layer_config"])  # the reference padded them
+    tc["per_layer_config"] = {str(int(k)): v for k, v in tc["per_layer_config"].items()}
+
+
+REWRITES = {"legacy": _legacy_rewrite, "flat": _flat_rewrite, "unpadded": _unpadded_rewrite}
+
+
 class Zoo:
     """Builds each case's reference model + checkpoint on first use, once per module."""
 
@@ -117,8 +156,8 @@ class Zoo:
         if name not in self.models:
             case = CASES[name]
             ref, ckpt = build(self.root, name, case.text, case.canvas, case.seed, gen=case.gen)
-            if case.legacy:
-                edit_json(ckpt / "config.json", _legacy_rewrite)
+            if case.layout != "saved":
+                edit_json(ckpt / "config.json", REWRITES[case.layout])
                 # The rewritten file must still describe the same model to the reference.
                 reread = DiffusionGemmaConfig.from_pretrained(ckpt).text_config
                 assert reread.layer_types == ref.config.text_config.layer_types

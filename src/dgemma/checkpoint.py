@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .hardware import default_compute_dtype
 from .images import ImageProcessorConfig
+from .keys import DECODER, ENCODER, checkpoint_key, map_key
 from .model import DiffusionGemma, Linear
 from .quant.formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
                             read_stacked, split_key)
@@ -41,11 +42,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
-_DEC = "model.decoder."
-_ENC = "model.encoder.language_model."
-_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-_SC = {"pre_norm.weight": "sc_pre_norm.weight", "gate_proj.weight": "sc_mlp.gate_proj.weight",
-       "up_proj.weight": "sc_mlp.up_proj.weight", "down_proj.weight": "sc_mlp.down_proj.weight"}
+_DEC, _ENC = DECODER, ENCODER
 
 
 class CheckpointError(ValueError):
@@ -76,25 +73,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def map_key(key: str) -> tuple[str, str | None]:
-    """Checkpoint key -> (kind, dgemma parameter name). kind: 'main', 'tied' (duplicate of a main weight), 'vision',
-    or 'unknown'."""
-    if key.startswith(_VISION):
-        return "vision", None
-    if key == "lm_head.weight":
-        return "tied", "embed_tokens.weight"
-    for prefix, kind in ((_DEC, "main"), (_ENC, "tied")):
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix):]
-        if rest.startswith("self_conditioning.") and kind == "main":
-            name = _SC.get(rest[len("self_conditioning."):])
-            return ("main", name) if name else ("unknown", None)
-        m = re.fullmatch(r"layers\.(\d+)\.layer_scalar", rest)
-        if m and kind == "tied":  # the encoder's layer scalar is its own weight, not a tied copy
-            return "main", f"layers.{m.group(1)}.encoder_layer_scalar"
-        return kind, rest
-    return "unknown", None
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The text stack's tensors a checkpoint of `cfg` holds (save_pretrained key -> shape), besides the tied copies
+    (encoder text weights, lm_head) and the vision tower. Built on the meta device: no memory for any size."""
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    return {checkpoint_key(name): tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -190,7 +174,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         sources.setdefault(name, (key, file))
     missing = [n for n in expected if n not in sources and not n.endswith("encoder_layer_scalar")]
     if missing:
-        shown = ", ".join(_ckpt_name(n) for n in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        shown = ", ".join(checkpoint_key(n) for n in missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {shown}")
 
     handles: dict[Path, object] = {}
@@ -333,14 +317,6 @@ def _read_unmapped(file: Path, key: str) -> torch.Tensor:
                 raise CheckpointError(f"{file}: tensor {key!r} is truncated")
             done += got
     return out
-
-
-def _ckpt_name(name: str) -> str:
-    """dgemma parameter name -> its save_pretrained key (for error messages)."""
-    sc = {ours: theirs for theirs, ours in _SC.items()}
-    if name in sc:
-        return _DEC + "self_conditioning." + sc[name]
-    return _DEC + name
 
 
 # ---------------------------------------------------------------------------------------------------------------

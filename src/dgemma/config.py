@@ -13,17 +13,24 @@ DEFAULT_MAX_NEW_TOKENS = 256
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-# The reference's defaults for keys a config.json may leave out (the 10 shape keys of REQUIRED_KEYS have none).
+# The reference's defaults (DiffusionGemmaTextConfig) for text_config keys a config.json may leave out. The three
+# MoE keys default to None there, which no model can be built from: dgemma requires them.
 SLIDING_PER_FULL = 5  # 5 sliding layers, then a full one
 DEFAULT_ROPE: dict[str, dict[str, Any]] = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
-DEFAULT_GLOBAL_HEAD_DIM = 512  # head_dim of full layers in the older layout without per_layer_config
-REQUIRED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size",
-)
+DEFAULT_GLOBAL_HEAD_DIM = 512  # head_dim of full layers in the flat layout (no per_layer_config)
+TEXT_DEFAULTS: dict[str, int] = {
+    "vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+}
+IMAGE_TOKEN_DEFAULTS = {"image_token_id": 258_880, "boi_token_id": 255_999, "eoi_token_id": 258_882}  # top level
+REQUIRED_KEYS = ("num_experts", "top_k_experts", "moe_intermediate_size")
+SHAPE_KEYS = (*TEXT_DEFAULTS, *REQUIRED_KEYS)
+# What per_layer_config may change per layer: the reference's attention reads these two from the layer's own config;
+# every other module reads the global config (and refuses a per-layer value that differs from it).
+PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
 
 
 def default_layer_types(num_layers: int) -> list[str]:
@@ -31,6 +38,12 @@ def default_layer_types(num_layers: int) -> list[str]:
     types = [FULL if (i + 1) % (SLIDING_PER_FULL + 1) == 0 else SLIDING for i in range(num_layers)]
     types[-1] = FULL
     return types
+
+
+def padded_keys(overrides: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """per_layer_config as transformers saves it: index keys zero-padded to the widest ("05", ..., "29")."""
+    width = len(str(max(overrides))) if overrides else 1
+    return {f"{i:0{width}d}": v for i, v in sorted(overrides.items())}
 
 
 class ConfigError(ValueError):
@@ -47,6 +60,7 @@ class LayerSpec:
     rope_theta: float
     rope_type: str  # "default" or "proportional"
     partial_rotary_factor: float
+    rope_factor: float = 1.0  # "proportional" divides its frequencies by rope_parameters' `factor`
 
     @property
     def sliding(self) -> bool:
@@ -156,6 +170,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read config.json as the reference's DiffusionGemmaConfig does: its defaults for absent keys, both
+        layouts of the full layers' shapes (per_layer_config with padded or plain index keys, or the flat
+        global_head_dim / num_global_key_value_heads), the 5:1 layer pattern when layer_types is absent, the last
+        layer forced to full attention. What dgemma cannot run is a ConfigError naming the key."""
         model_type = raw.get("model_type")
         if model_type != "diffusion_gemma":
             raise ConfigError(
@@ -164,45 +182,31 @@ class ModelConfig:
         text = raw.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: 'text_config' is missing or not an object")
-        vals: dict[str, Any] = {}
-        for key in REQUIRED_KEYS:
-            if key not in text:
-                raise ConfigError(f"{source}: text_config.{key} is missing (the model's shape has no default)")
-            v = text[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{source}: text_config.{key} must be a positive integer, got {v!r}")
-            vals[key] = v
-        if vals["top_k_experts"] > vals["num_experts"]:
-            raise ConfigError(f"{source}: top_k_experts ({vals['top_k_experts']}) > num_experts ({vals['num_experts']})")
-        n_layers = vals["num_hidden_layers"]
-        layer_types = text.get("layer_types")
-        layer_types = list(layer_types) if layer_types is not None else default_layer_types(n_layers)
-        if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
-            raise ConfigError(f"{source}: layer_types must list {n_layers} of {SLIDING!r}/{FULL!r}")
-        layer_types[-1] = FULL  # the reference forces the last layer to full attention
+        vals = _shape_values(text, source)
+        layer_types = _layer_types(text, vals["num_hidden_layers"], source)
         if text.get("use_bidirectional_attention") == "all":
-            raise ConfigError(f"{source}: use_bidirectional_attention='all' is not supported")
-
+            raise ConfigError(f"{source}: text_config.use_bidirectional_attention='all' is not supported")
+        if raw.get("tie_word_embeddings", True) is False:
+            raise ConfigError(f"{source}: tie_word_embeddings=false is not supported (the encoder, decoder and "
+                              f"lm_head would be separate weights; the release ties them)")
+        if text.get("attention_bias"):
+            raise ConfigError(f"{source}: text_config.attention_bias=true is not supported (the release has none)")
         rope = text.get("rope_parameters") or DEFAULT_ROPE
-        per_layer = text.get("per_layer_config")
-        if per_layer is None:  # older layout: global_* keys describe the full layers
-            override: dict[str, Any] = {"head_dim": text.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)}
-            if text.get("num_global_key_value_heads") is not None:
-                override["num_key_value_heads"] = text["num_global_key_value_heads"]
-            per_layer = {str(i): override for i, t in enumerate(layer_types) if t == FULL}
+        overrides = _per_layer_overrides(text, vals, layer_types, source)
         layers = []
         for i, kind in enumerate(layer_types):
-            ov = per_layer.get(str(i), per_layer.get(i, {})) if isinstance(per_layer, dict) else {}
-            rp = rope.get(kind)
+            ov = overrides.get(i, {})
+            rp = rope.get(kind) if isinstance(rope, dict) else None
             if not isinstance(rp, dict) or rp.get("rope_type", "default") not in ("default", "proportional"):
-                raise ConfigError(f"{source}: unsupported rope_parameters for {kind}: {rp!r}")
+                raise ConfigError(f"{source}: text_config.rope_parameters.{kind}: unsupported {rp!r}")
             spec = LayerSpec(
                 kind=kind,
-                head_dim=int(ov.get("head_dim", vals["head_dim"])),
-                num_kv_heads=int(ov.get("num_key_value_heads", vals["num_key_value_heads"])),
+                head_dim=ov.get("head_dim", vals["head_dim"]),
+                num_kv_heads=ov.get("num_key_value_heads", vals["num_key_value_heads"]),
                 rope_theta=float(rp.get("rope_theta", 10_000.0)),
                 rope_type=rp.get("rope_type", "default"),
                 partial_rotary_factor=float(rp.get("partial_rotary_factor", 1.0)),
+                rope_factor=float(rp.get("factor", 1.0)),
             )
             if vals["num_attention_heads"] % spec.num_kv_heads:
                 raise ConfigError(
@@ -212,17 +216,17 @@ class ModelConfig:
             layers.append(spec)
         act = text.get("hidden_activation", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
-            raise ConfigError(f"{source}: unsupported hidden_activation {act!r}")
+            raise ConfigError(f"{source}: text_config.hidden_activation {act!r} is not supported")
         canvas = raw.get("canvas_length", 256)
-        if not isinstance(canvas, int) or canvas <= 0:
+        if not isinstance(canvas, int) or isinstance(canvas, bool) or canvas <= 0:
             raise ConfigError(f"{source}: canvas_length must be a positive integer, got {canvas!r}")
         return cls(
             **{k: v for k, v in vals.items() if k not in ("num_key_value_heads", "head_dim")},
-            sliding_window=int(text.get("sliding_window", 512)),
+            sliding_window=_positive(text, "sliding_window", 512, source),
             layers=layers,
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             final_logit_softcapping=text.get("final_logit_softcapping", 30.0),
-            max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
+            max_position_embeddings=_positive(text, "max_position_embeddings", 131_072, source),
             canvas_length=canvas,
             eos_token_id=text.get("eos_token_id", 1),
             torch_dtype=raw.get("dtype", raw.get("torch_dtype")),
@@ -234,6 +238,95 @@ class ModelConfig:
         return cls.from_dict(read_json(Path(path)), source=str(path))
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive(text: dict[str, Any], key: str, default: int, source: str, where: str = "text_config") -> int:
+    v = text.get(key, default)
+    if not _is_count(v):
+        raise ConfigError(f"{source}: {where}.{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def _shape_values(text: dict[str, Any], source: str) -> dict[str, int]:
+    """The shape keys: the reference's default where one is absent; the MoE keys are required."""
+    vals: dict[str, int] = {}
+    for key in SHAPE_KEYS:
+        if key not in TEXT_DEFAULTS and text.get(key) is None:
+            raise ConfigError(f"{source}: text_config.{key} is missing (the model's shape has no default)")
+        vals[key] = _positive(text, key, TEXT_DEFAULTS.get(key, 0), source)
+    if vals["top_k_experts"] > vals["num_experts"]:
+        raise ConfigError(f"{source}: text_config.top_k_experts ({vals['top_k_experts']}) > num_experts "
+                          f"({vals['num_experts']})")
+    return vals
+
+
+def _layer_types(text: dict[str, Any], n_layers: int, source: str) -> list[str]:
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        return default_layer_types(n_layers)
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or any(
+            t not in (SLIDING, FULL) for t in layer_types):
+        raise ConfigError(f"{source}: text_config.layer_types must list {n_layers} of {SLIDING!r}/{FULL!r}")
+    return [*layer_types[:-1], FULL]  # the reference forces the last layer to full attention
+
+
+def _per_layer_overrides(text: dict[str, Any], vals: dict[str, int], layer_types: list[str],
+                         source: str) -> dict[int, dict[str, int]]:
+    """Layer index -> the attention shape keys that differ from the global ones, as the reference resolves them.
+
+    Without a `per_layer_config` key (the flat layout) every full layer gets head_dim = global_head_dim (default
+    512) and, when num_global_key_value_heads is set, that many KV heads. With one (the layout transformers >= 5.15
+    saves: keys are layer indices, zero-padded to the widest, "05"), it is used as given and global_head_dim is
+    ignored; null is no overrides. Overrides equal to the global value are dropped; what remains must be the same
+    for every layer of a kind (the reference's RoPE is built per kind and refuses otherwise)."""
+    if "per_layer_config" not in text:
+        name = "text_config.global_head_dim"
+        head = text.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)
+        if not _is_count(head):
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {head!r}")
+        flat = {"head_dim": head}
+        if text.get("num_global_key_value_heads") is not None:
+            flat["num_key_value_heads"] = _positive(text, "num_global_key_value_heads", 0, source)
+        raw = {str(i): flat for i, t in enumerate(layer_types) if t == FULL}
+    else:
+        raw = text["per_layer_config"] or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: text_config.per_layer_config must be an object of layer index -> "
+                              f"overrides, got {type(raw).__name__}")
+    out: dict[int, dict[str, int]] = {}
+    for key, ov in raw.items():
+        where = f"text_config.per_layer_config[{key!r}]"
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {where}: keys must be layer indices (\"5\" or \"05\")") from None
+        if not 0 <= index < len(layer_types):
+            raise ConfigError(f"{source}: {where}: layer {index} is outside [0, {len(layer_types)})")
+        if not isinstance(ov, dict):
+            raise ConfigError(f"{source}: {where} must be an object, got {type(ov).__name__}")
+        kept = {}
+        for name, value in ov.items():
+            if name in PER_LAYER_KEYS:
+                if not _is_count(value):
+                    raise ConfigError(f"{source}: {where}.{name} must be a positive integer, got {value!r}")
+                if value != vals[name]:
+                    kept[name] = value
+            elif name == "skip" or text.get(name, TEXT_DEFAULTS.get(name)) != value:
+                raise ConfigError(f"{source}: {where}.{name}: only {' and '.join(PER_LAYER_KEYS)} may differ per "
+                                  f"layer (the reference refuses a per-layer {name})")
+        out[index] = kept  # a repeated index ("5" and "05"): the later one wins, as in the reference
+    for kind in (SLIDING, FULL):
+        seen = {i: out.get(i, {}) for i, t in enumerate(layer_types) if t == kind}
+        if len({tuple(sorted(v.items())) for v in seen.values()}) > 1:
+            first = next(iter(seen))
+            odd = next(i for i, v in seen.items() if v != seen[first])
+            raise ConfigError(f"{source}: text_config.per_layer_config: {kind} layers {first} and {odd} differ "
+                              f"({seen[first]} vs {seen[odd]}); the reference needs one shape per layer kind")
+    return {i: v for i, v in out.items() if v}
+
+
 def _image_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """The image-prompt part of config.json (all None when the checkpoint has no vision_config)."""
     vision = raw.get("vision_config")
@@ -242,8 +335,8 @@ def _image_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
     if not isinstance(vision, dict):
         raise ConfigError(f"{source}: 'vision_config' must be an object")
     ids = {}
-    for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
-        v = raw.get(key)
+    for key, default in IMAGE_TOKEN_DEFAULTS.items():
+        v = raw.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{source}: {key} must be a token id when vision_config is present, got {v!r}")
         ids[key] = v

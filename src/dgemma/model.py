@@ -30,7 +30,7 @@ def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
     if spec.rope_type == "proportional":
         angles = int(spec.partial_rotary_factor * d // 2)
         rotated = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / d))
-        return torch.cat([rotated, torch.zeros(d // 2 - angles, device="cpu")])
+        return torch.cat([rotated, torch.zeros(d // 2 - angles, device="cpu")]) / spec.rope_factor
     dim = int(d * spec.partial_rotary_factor)
     return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
 

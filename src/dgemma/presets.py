@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .keys import checkpoint_key
 from .config import DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_ROPE, FULL, SLIDING, GenerationConfig, ModelConfig, \
-    default_layer_types
+    default_layer_types, padded_keys
 
 # text_config fields per preset; `canvas_length` is a top-level field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -76,7 +77,7 @@ def config_dict(preset: str | dict[str, Any], dtype: str = "float32", **override
         "rope_parameters": copy.deepcopy(DEFAULT_ROPE),
         **spec,
         "layer_types": layer_types,
-        "per_layer_config": {str(i): dict(global_override) for i, t in enumerate(layer_types) if t == FULL},
+        "per_layer_config": padded_keys({i: dict(global_override) for i, t in enumerate(layer_types) if t == FULL}),
     }
     return {
         "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
@@ -165,17 +166,6 @@ def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> N
     if free and need > 0.9 * free:
         raise MemoryError(f"{cfg.num_params / 1e9:.2f} G parameters need {need / 2**30:.1f} GiB in "
                           f"{str(dtype).removeprefix('torch.')}, more than the {free / 2**30:.1f} GiB of {where}")
-
-
-def checkpoint_key(name: str) -> str:
-    """dgemma parameter name -> save_pretrained key."""
-    if name.startswith("sc_pre_norm."):
-        return "model.decoder.self_conditioning.pre_norm." + name.split(".", 1)[1]
-    if name.startswith("sc_mlp."):
-        return "model.decoder.self_conditioning." + name.split(".", 1)[1]
-    if name.endswith(".encoder_layer_scalar"):
-        return "model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")
-    return "model.decoder." + name
 
 
 def write_checkpoint(

@@ -34,7 +34,8 @@ from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter
 from .model import DiffusionGemma
-from .presets import checkpoint_key, write_checkpoint
+from .keys import checkpoint_key
+from .presets import write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

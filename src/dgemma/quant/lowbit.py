@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..keys import checkpoint_key
 from ..numerics import linear as dense_linear
 from . import kernels as K
 from .qtensor import QTensor, QuantError, register
@@ -313,7 +314,6 @@ def load_into(model: torch.nn.Module, files: dict, q: DgemmaQuant, device: torch
     from safetensors import SafetensorError, safe_open
 
     from ..model import Linear
-    from ..presets import checkpoint_key
     from .modules import QExperts, QLinear
 
     meta: dict[str, tuple[tuple[int, ...], str]] = {}

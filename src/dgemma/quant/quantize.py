@@ -191,7 +191,7 @@ class RandomSource(Source):
 
     def __init__(self, cfg, seed: int, std: float, dtype: torch.dtype):
         from ..model import DiffusionGemma
-        from ..presets import checkpoint_key
+        from ..keys import checkpoint_key
 
         with torch.device("meta"):
             model = DiffusionGemma(cfg)
