@@ -4,6 +4,7 @@ instrument of benchmarks/memory.py against known allocations. transformers is th
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from dgemma import bench
+from dgemma.config import ModelConfig
 from dgemma.bench import BenchOptions
 from dgemma.presets import preset_config, random_model, write_random_checkpoint
 
@@ -214,3 +216,18 @@ def test_cli_smoke(tmp_path):
     assert [m["name"] for m in r["modes"]] == ["dgemma float32 rng=reference", "dgemma float32 rng=fast"]
     assert "dgemma bench" in p.stdout and "reference not requested" in p.stdout
     assert r["settings"]["threads"] == 1 and r["settings"]["dtypes"] == ["float32"]
+
+
+def test_quantized_bench_counts_each_flop_once(tmp_path):
+    """`dgemma bench --quantize` reads the model's own config.json and records one step's FLOPs once (the
+    breakdown's total, not the total added to its parts)."""
+    from dgemma.quant import fullbench
+
+    out = tmp_path / "r.json"
+    args = argparse.Namespace(quantize="int4", preset="tiny", model_dir=str(tmp_path / "m"), seed=0, threads=None,
+                              device="cpu", prompt_len=8, steps=2, tokens_per_forward=16.0, json_out=str(out))
+    assert fullbench.run(args) == 0
+    r = json.loads(out.read_text())
+    cfg = ModelConfig.from_file(tmp_path / "m" / "config.json")
+    assert r["counted_flops_per_step"] == cfg.decoder_flops(8, cfg.canvas_length)["total"]
+    assert r["achieved_gflops"] == pytest.approx(r["counted_flops_per_step"] / r["step_s"] / 1e9)

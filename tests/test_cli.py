@@ -91,10 +91,10 @@ def variants(ckpt, tmp_path_factory) -> dict[str, Path]:
     bad_cfg = root / "bad_config"
     shutil.copytree(ckpt, bad_cfg)
     (bad_cfg / "config.json").write_text('{"model_type": "diffusion_gemma", "text_config": {', encoding="utf-8")
-    no_hidden = root / "no_hidden_size"  # valid JSON, a required shape key missing
+    no_hidden = root / "no_num_experts"  # valid JSON, a shape key without a default missing
     shutil.copytree(ckpt, no_hidden)
     cfg = json.loads((no_hidden / "config.json").read_text(encoding="utf-8"))
-    del cfg["text_config"]["hidden_size"]
+    del cfg["text_config"]["num_experts"]
     (no_hidden / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     no_template = root / "no_template"
     shutil.copytree(ckpt, no_template)
@@ -137,8 +137,8 @@ def error_cases(ckpt: Path, v: dict[str, Path]) -> dict[str, tuple[list, str]]:
         "info_missing_dir": (["info", "--model", v["missing"]], "does-not-exist"),
         "info_bad_config": (["info", "--model", v["bad_config"]], "not valid JSON"),
         "missing_shape_key": (["generate", "--model", v["no_hidden"], "--prompt-ids", PROMPT_ARG],
-                              "text_config.hidden_size is missing"),
-        "info_missing_shape_key": (["info", "--model", v["no_hidden"]], "text_config.hidden_size is missing"),
+                              "text_config.num_experts is missing"),
+        "info_missing_shape_key": (["info", "--model", v["no_hidden"]], "text_config.num_experts is missing"),
         "random_bad_preset": (["random-checkpoint", v["missing"], "--preset", "huge"], "huge"),
     }
 

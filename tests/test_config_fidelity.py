@@ -228,3 +228,30 @@ def test_proportional_rope_factor(tmp_path):
         raw["text_config"]["rope_parameters"]["full_attention"]["factor"] = 8.0
     cfg = _compare(_config_with(tmp_path, edit))
     assert cfg.layers[5].rope_factor == 8.0
+
+
+def test_full_size_flops_by_hand(tmp_path):
+    """One denoising step of the 26B-A4B (256-token canvas, 8 cached tokens), counted here component by component
+    from the release's numbers, against `decoder_flops` on the config.json the reference saved: 2.383 TFLOP."""
+    cfg = ModelConfig.from_file(_write(tmp_path, REAL))
+    c, h, v, i, moe, cached = 256, 2816, 262144, 2112, 704, 8
+    sliding_proj = h * (16 * 256 + 8 * 256 * 2) + 16 * 256 * h  # q, k, v, o
+    full_proj = h * (16 * 512 + 2 * 512) + 16 * 512 * h  # q, k (K-as-V), o
+    want = {
+        "attn_proj": 2 * c * (25 * sliding_proj + 5 * full_proj),
+        "attn_scores": 2 * 2 * c * 16 * (cached + c) * (25 * 256 + 5 * 512),
+        "dense_mlp": 2 * 30 * 3 * c * h * i,
+        "router": 2 * 30 * c * h * 128,
+        "experts": 2 * 30 * 3 * c * 8 * moe * h,
+        "sc_soft_embed": 2 * c * v * h,
+        "sc_mlp": 2 * 3 * c * h * i,
+        "lm_head": 2 * c * h * v,
+    }
+    got = cfg.decoder_flops(cached, c)
+    assert {k: got[k] for k in want} == want
+    assert got["total"] == sum(want.values())
+    assert abs(got["total"] / 2.383e12 - 1) < 0.003
+    # prefill of 8 tokens: the same weights per token without head and self-conditioning, causal keys 1..8
+    per_token = (want["attn_proj"] + want["dense_mlp"] + want["router"] + want["experts"]) // c
+    keys = 2 * 2 * 16 * sum(range(1, 9)) * (25 * 256 + 5 * 512)
+    assert cfg.prefill_flops(8) == 8 * per_token + keys

@@ -289,3 +289,20 @@ def test_block_dequantizers_agree_with_the_gguf_package(qtype):
     assert got.shape == (3, 16, 512) and np.array_equal(got.numpy(), want)
     assert np.array_equal(dequantize_blocks(torch.from_numpy(raw[1]), int(gguf.GGMLQuantizationType[qtype])).numpy(),
                           want[1])
+
+
+def test_release_depth(tmp_path):
+    """30 layers with the default pattern, from a reference-saved checkpoint (per_layer_config "05" ... "29"):
+    the converter's per-layer arrays (head_count_kv, sliding_window_pattern) give full layers at 5, 11, ..., 29."""
+    _, ckpt = build(tmp_path, "deep", {"num_hidden_layers": 30, "layer_types": None}, canvas_length=8, seed=8)
+    path, twin = tmp_path / "deep.gguf", tmp_path / "twin"
+    qw.write_gguf(ckpt, path, twin, {"ffn_gate_up_exps.weight": "Q8_0", "attn_q.weight": "Q8_0"}, gen=GEN,
+                  tokenizer=_tokenizer_meta(96))
+    model = dgemma.load_model(path, dtype=torch.float32)
+    assert [i for i, s in enumerate(model.config.layers) if not s.sliding] == [5, 11, 17, 23, 29]
+    g = torch.Generator().manual_seed(4)
+    prompt, canvas = torch.randint(0, 96, (1, 9), generator=g), torch.randint(0, 96, (1, 8), generator=g)
+    with torch.no_grad():
+        ref = DiffusionGemmaForBlockDiffusion.from_pretrained(twin, dtype=torch.float32).eval()
+        want = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+    torch.testing.assert_close(model.canvas_logits(prompt, canvas), want, atol=1e-4, rtol=0)

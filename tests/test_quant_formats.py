@@ -399,3 +399,38 @@ def test_qexperts_rows_do_not_depend_on_their_neighbours(written):
     dense.gate_up_proj = torch.nn.Parameter(layer.experts.gate_up.dequantize(torch.float32))
     dense.down_proj = torch.nn.Parameter(layer.experts.down.dequantize(torch.float32))
     torch.testing.assert_close(layer.experts(x, weights, idx), dense(x, weights, idx), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """The release's depth: 30 layers, the default pattern (full attention at 5, 11, 17, 23, 29), saved by the
+    reference with per_layer_config keys "05" ... "29"; tiny widths."""
+    root = tmp_path_factory.mktemp("quant-deep")
+    _, ckpt = build(root, "deep", {"num_hidden_layers": 30, "layer_types": None}, canvas_length=8, seed=6)
+    keys = json.loads((ckpt / "config.json").read_text())["text_config"]["per_layer_config"]
+    assert list(keys) == ["05", "11", "17", "23", "29"]
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randint(0, 96, (1, 9), generator=g), torch.randint(0, 96, (1, 8), generator=g),
+              torch.randn(1, 8, 96, generator=g))
+    return dict(root=root, ckpt=ckpt, inputs=inputs)
+
+
+@pytest.mark.parametrize("layout", ["modelopt-nvfp4", "ct-nvfp4", "ct-fp8-channel", "fp8-block"])
+def test_release_depth_loads_and_matches(layout, deep):
+    """The issue's failure: a reference-saved 30-layer checkpoint in the ModelOpt NVFP4 layout was refused (layer 5
+    read as sliding). Every layout at that depth loads with full layers where the reference has them and computes
+    what the reference computes on the dequantized twin."""
+    qdir, twin = deep["root"] / layout, deep["root"] / (layout + "-twin")
+    LAYOUTS[layout](deep["ckpt"], qdir, twin)
+    model = dgemma.load_model(qdir, dtype=torch.float32)
+    assert [i for i, s in enumerate(model.config.layers) if not s.sliding] == [5, 11, 17, 23, 29]
+    got = model.canvas_logits(*deep["inputs"]).double()
+    # 30 layers of fp32 rounding add up (a reader applies scales in its own order): measure against the reference
+    # in float64, and allow dgemma no more than twice the reference's own fp32 error.
+    prompt, canvas, sc = deep["inputs"]
+    with torch.no_grad():
+        ref64 = DiffusionGemmaForBlockDiffusion.from_pretrained(twin, dtype=torch.float64,
+                                                              experts_implementation="eager").eval()
+        want = ref64(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=sc.double()).logits
+    ref_error = (_ref_logits(twin, deep["inputs"]).double() - want).abs().max().item()
+    assert (got - want).abs().max().item() <= max(1e-4, 2 * ref_error)

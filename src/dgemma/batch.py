@@ -121,7 +121,7 @@ def _prompt_ids(model, obj: dict) -> list[int]:
 def prepare(model, line: int, text: str, base_seed: int) -> Task:
     """Parse and check one input line; raises LineError naming the problem."""
     from .config import ConfigError
-    from .serve.schema import DiffusionSettings
+    from .requests import DiffusionSettings
 
     try:
         obj = json.loads(text)

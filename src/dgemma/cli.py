@@ -9,18 +9,14 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from .config import ConfigError
+from .config import DIFFUSION_SETTINGS, ConfigError
+from .limits import ConnectionLimits, Limits
 
-GEN_FLAGS = {  # flag -> (generation_config name, type)
-    "--max-denoising-steps": ("max_denoising_steps", int),
-    "--entropy-bound": ("entropy_bound", float),
-    "--t-min": ("t_min", float),
-    "--t-max": ("t_max", float),
-    "--stability-threshold": ("stability_threshold", int),
-    "--confidence-threshold": ("confidence_threshold", float),
-}
+# flag -> (generation_config name, type), derived from the one declaration of the diffusion settings
+GEN_FLAGS = {"--" + name.replace("_", "-"): (name, s.kind) for name, s in DIFFUSION_SETTINGS.items()}
 
 
 def _ids(text: str) -> list[int]:
@@ -86,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per encoder pass (default 1024; memory grows with chunk x prompt)")
-    for flag, (_, typ) in GEN_FLAGS.items():
-        g.add_argument(flag, type=typ, default=None)
+    for flag, (name, typ) in GEN_FLAGS.items():
+        g.add_argument(flag, type=typ, default=None, help=f"{DIFFUSION_SETTINGS[name].help} (default: the model's)")
     g.add_argument("--eos-token-id", type=_eos, default=None, help="EOS id(s), comma-separated")
     con = g.add_mutually_exclusive_group()
     con.add_argument("--regex", default=None, help="the output fully matches this regex (@FILE: read it from a file)")
@@ -114,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--std", type=float, default=0.02, help="weight init standard deviation")
+    r.add_argument("--config", default=None, help="use this config.json (e.g. one transformers saved) instead of "
+                                                  "the preset's")
     r.add_argument("--force", action="store_true", help="replace an existing directory")
     r.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8", "nvfp4"],
                    help="write the weights directly in this quantized layout (no dense copy is built)")
@@ -215,24 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     sv.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the checkpoint's)")
     sv.add_argument("--device", default="cpu")
-    sv.add_argument("--max-tokens", type=int, default=4096, help="cap on a request's max_tokens")
-    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="default: what the model's positions allow")
-    sv.add_argument("--max-images", type=int, default=8, help="images per chat request (data: URLs only)")
-    sv.add_argument("--max-image-bytes", type=int, default=8 << 20,
-                    help="encoded image bytes per request (--max-body-bytes bounds them too)")
-    sv.add_argument("--max-image-pixels", type=int, default=64 << 20,
-                    help="pixels per decoded image (larger ones, e.g. decompression bombs, are refused)")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    sv.add_argument("--max-batch", type=int, default=8, help="requests batched into one diffusion run")
-    sv.add_argument("--max-prompt-chars", type=int, default=None,
-                    help="prompt characters, checked before tokenizing (default: 16 per allowed prompt token)")
-    sv.add_argument("--max-denoising-steps", type=int, default=256, help="cap on diffusion.max_denoising_steps")
-    sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped (408)")
-    sv.add_argument("--max-running", type=int, default=16, help="requests decoded at once")
-    sv.add_argument("--max-pending", type=int, default=64, help="requests waiting beyond --max-running (then 429)")
-    sv.add_argument("--max-connections", type=int, default=256, help="open connections (beyond: 503)")
-    sv.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send a whole request")
-    sv.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections close after")
+    for f in [*fields(Limits), *(f for f in fields(ConnectionLimits) if "help" in f.metadata)]:
+        sv.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
+                        help=f.metadata["help"])
     ray_flags = sv.add_argument_group("Ray Serve (needs dgemma[ray])")
     ray_flags.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each with a model")
     ray_flags.add_argument("--replicas", type=int, default=1, help="replicas (with --ray; default 1)")
@@ -401,19 +384,22 @@ def cmd_info(args) -> int:
 
 
 def cmd_random(args) -> int:
+    from .config import read_json
     from .presets import write_random_checkpoint
 
+    config = read_json(Path(args.config)) if args.config else None
+    name = args.config or args.preset
     if args.quantize:
         from .quant.quantize import random_quantized_checkpoint
 
         out = random_quantized_checkpoint(args.out, args.preset, args.quantize, seed=args.seed, dtype=args.dtype,
                                           std=args.std, group=args.group_size, overwrite=args.force,
-                                          progress=sys.stderr.isatty())
-        print(f"wrote random {args.preset} checkpoint ({args.quantize}) to {out}")
+                                          progress=sys.stderr.isatty(), config=config)
+        print(f"wrote random {name} checkpoint ({args.quantize}) to {out}")
         return 0
     out = write_random_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, std=args.std,
-                                  overwrite=args.force)
-    print(f"wrote random {args.preset} checkpoint to {out}")
+                                  overwrite=args.force, config=config)
+    print(f"wrote random {name} checkpoint to {out}")
     return 0
 
 
@@ -494,17 +480,13 @@ def _api_key(args) -> str | None:
 
 def cmd_serve(args) -> int:
     from .checkpoint import load_model
-    from .serve import ConnectionLimits, create_app, make_server
+    from .serve import create_app, make_server
     from .tasks.sudoku_run import default_model_path
 
-    for name in ("max_tokens", "max_body_bytes", "max_batch", "max_denoising_steps", "max_running", "max_pending",
-                 "max_connections", "request_timeout", "read_timeout", "keep_alive_timeout", "max_images",
-                 "max_image_bytes", "max_image_pixels"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("max_prompt_tokens", "max_prompt_chars"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    _limits(args).validate(_flag)
+    for name in ("max_connections", "read_timeout", "keep_alive_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"{_flag(name)} must be positive, got {getattr(args, name)!r}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     api_key = _api_key(args)
@@ -525,8 +507,7 @@ def cmd_serve(args) -> int:
     app = create_app(model, model_name=args.served_model_name or path.resolve().name, model_dir=path,
                      api_key=api_key, limits=limits, host=args.host, allowed_hosts=args.allowed_host, mounts=mounts,
                      page_model=page_model)
-    connections = ConnectionLimits(max_connections=args.max_connections, read_timeout=args.read_timeout,
-                                   keep_alive_timeout=args.keep_alive_timeout)
+    connections = ConnectionLimits(**_fields_from(args, ConnectionLimits))
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
     for name, p in zip(mounts, extra):
         print(f"dgemma: serving {p} at /models/{name}/v1", file=sys.stderr)
@@ -535,16 +516,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _limits(args):
-    """The serve flags' request limits (one server or every Ray replica)."""
-    from .serve import Limits
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    return Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                  max_prompt_chars=args.max_prompt_chars, max_tokens=args.max_tokens,
-                  max_denoising_steps=args.max_denoising_steps, request_timeout=args.request_timeout,
-                  max_batch=args.max_batch, max_running=args.max_running, max_pending=args.max_pending,
-                  max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                  max_image_pixels=args.max_image_pixels)
+
+def _fields_from(args, cls) -> dict:
+    """The dataclass `cls`'s flag-backed fields, read from parsed `args`."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata}
+
+
+def _limits(args) -> Limits:
+    """The serve flags' request limits (one server or every Ray replica)."""
+    return Limits(**_fields_from(args, Limits))
 
 
 def _serve_ray(args, path: Path, api_key: str | None) -> int:

@@ -344,18 +344,57 @@ def _image_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return {**ids, "vision_config": vision, "vision_bidirectional": bidir}
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One per-request diffusion setting: its type, range and meaning. A value outside the range is refused by
+    every entry point (Python API, CLI, HTTP, batch) with the same bounds; null disables a nullable one."""
+
+    kind: type  # int or float
+    lo: float
+    hi: float
+    help: str
+    lo_open: bool = False  # lo itself is excluded
+    nullable: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None:
+            if not self.nullable:
+                raise ValueError(f"{name} must be set (it has no 'off' value)")
+            return
+        ok_type = (isinstance(value, int) if self.kind is int else isinstance(value, (int, float)) and
+                   math.isfinite(value)) and not isinstance(value, bool)
+        low_ok = ok_type and (value > self.lo if self.lo_open else value >= self.lo)
+        if not (low_ok and value <= self.hi):
+            what = "an integer" if self.kind is int else "a number"
+            raise ValueError(f"{name} must be {what} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}], "
+                             f"got {value!r}")
+
+
+def _setting(default: Any, kind: type, lo: float, hi: float, help: str, *, lo_open: bool = False,
+             nullable: bool = False) -> Any:
+    return dataclasses.field(default=default, metadata={"setting": Setting(kind, lo, hi, help, lo_open, nullable)})
+
+
 @dataclass
 class GenerationConfig:
     """Sampler settings; names follow generation_config.json (entropy_bound flattens sampler_config)."""
 
     max_new_tokens: int | None = None  # None: up to max_length when that is set, else DEFAULT_MAX_NEW_TOKENS
     max_length: int | None = None  # prompt + generated tokens
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float | None = 0.4
-    t_max: float | None = 0.8
-    stability_threshold: int | None = 1
-    confidence_threshold: float | None = 0.005
+    # The per-request diffusion settings: declared here once; the CLI flags, the HTTP schema and the batch line
+    # format are derived from these fields (see DIFFUSION_SETTINGS).
+    max_denoising_steps: int = _setting(48, int, 1, 1024, "denoising passes per canvas at most")
+    entropy_bound: float = _setting(0.1, float, 0, 1e6, "accept the lowest-entropy positions while their summed "
+                                    "entropy (less the largest) stays within this bound", lo_open=True)
+    t_min: float | None = _setting(0.4, float, 0, 100, "temperature at the last step (null: no schedule)",
+                                   nullable=True)
+    t_max: float | None = _setting(0.8, float, 0, 100, "temperature at the first step (null: no schedule)",
+                                   lo_open=True, nullable=True)
+    stability_threshold: int | None = _setting(1, int, 0, 1024, "stop a canvas once its argmax is unchanged for "
+                                               "this many steps and it is confident (null: never)", nullable=True)
+    confidence_threshold: float | None = _setting(0.005, float, 0, 1e6, "the mean entropy under which a canvas "
+                                                  "counts as confident (null: never stop early)", lo_open=True,
+                                                  nullable=True)
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -391,31 +430,18 @@ class GenerationConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens <= 0):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
-        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
-            raise ValueError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
-        if not is_num(self.entropy_bound) or self.entropy_bound <= 0:
-            raise ValueError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
-        for name in ("t_min", "t_max"):
-            v = getattr(self, name)
-            if v is not None and (not is_num(v) or v < 0):
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        for name, setting in DIFFUSION_SETTINGS.items():
+            setting.check(name, getattr(self, name))
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError(f"t_max must be > t_min, got t_max={self.t_max} t_min={self.t_min}")
         if (self.t_min is None) != (self.t_max is None):
             raise ValueError("t_min and t_max must be set together (or both None to disable the temperature schedule)")
         if self.t_min is not None and self.t_min + (self.t_max - self.t_min) / self.max_denoising_steps <= 0:
             raise ValueError("the temperature schedule reaches 0; raise t_min")
-        if self.stability_threshold is not None and (not is_int(self.stability_threshold) or self.stability_threshold < 0):
-            raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        if self.confidence_threshold is not None and (not is_num(self.confidence_threshold) or self.confidence_threshold <= 0):
-            raise ValueError(f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
         eos = self.eos_token_id
         if eos is not None and not (is_int(eos) or (isinstance(eos, list) and eos and all(is_int(e) for e in eos))):
             raise ValueError(f"eos_token_id must be an integer or a non-empty list of integers, got {eos!r}")
@@ -437,6 +463,10 @@ class GenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+DIFFUSION_SETTINGS: dict[str, Setting] = {
+    f.name: f.metadata["setting"] for f in dataclasses.fields(GenerationConfig) if "setting" in f.metadata}
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .limits import DEFAULT_MAX_PIXELS  # decoded images above this many pixels are refused before decoding
+
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 DEFAULT_MAX_SOFT_TOKENS = 280
-# Decoded images above this many pixels are refused before they are decoded (decompression bombs).
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 

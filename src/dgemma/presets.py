@@ -227,16 +227,18 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 def write_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32",
-                            std: float = 0.02, overwrite: bool = False, **overrides: Any) -> Path:
-    """A random DiffusionGemma checkpoint with the byte-level tokenizer (vocab forced to fit it)."""
+                            std: float = 0.02, overwrite: bool = False, config: dict[str, Any] | None = None,
+                            **overrides: Any) -> Path:
+    """A random DiffusionGemma checkpoint with the byte-level tokenizer (vocab must hold it). `config`: a
+    config.json to use as it is (e.g. one the reference saved) instead of the preset's."""
     from .checkpoint import resolve_dtype
     from .tokenizer import build_byte_tokenizer
 
     check_target(Path(out), overwrite)  # before building any weights
     tok = build_byte_tokenizer()
-    cfg_dict = config_dict(preset, dtype=dtype, **overrides)
-    if cfg_dict["text_config"]["vocab_size"] < tok.vocab_size:
-        raise ValueError(f"vocab_size must be >= {tok.vocab_size} to hold the byte-level tokenizer")
+    cfg_dict = config if config is not None else config_dict(preset, dtype=dtype, **overrides)
     cfg = ModelConfig.from_dict(cfg_dict)
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"vocab_size must be >= {tok.vocab_size} to hold the byte-level tokenizer")
     state = random_state_dict(cfg, seed=seed, std=std, dtype=resolve_dtype(dtype))
     return write_checkpoint(out, cfg_dict, state, generation_config_dict(), tok, overwrite=overwrite)

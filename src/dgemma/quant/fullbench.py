@@ -46,9 +46,10 @@ def run(args) -> int:
     from ..bench import _Clock, _run_dgemma, measure_peak
     from ..checkpoint import load_model
     from ..config import ModelConfig
-    from ..presets import config_dict
     from .quantize import random_quantized_checkpoint
 
+    if args.steps < 2:
+        raise ValueError(f"--steps must be at least 2 (a step's time is taken between steps), got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     scheme, preset = args.quantize, args.preset
@@ -57,7 +58,7 @@ def run(args) -> int:
         group = 32 if preset == "tiny" else 64
         random_quantized_checkpoint(model_dir, preset, scheme, seed=args.seed, dtype="bfloat16", group=group,
                                     progress=sys.stderr.isatty())
-    cfg = ModelConfig.from_dict(config_dict(preset))
+    cfg = ModelConfig.from_file(model_dir / "config.json")  # the model's own (it may come from the reference)
     device = torch.device(args.device)
     machine = hardware.describe()
     load_start = os.getloadavg()[0]
@@ -81,7 +82,7 @@ def run(args) -> int:
 
     canvas = cfg.canvas_length
     issue_flops = 2 * cfg.active_params * canvas
-    full_flops = sum(cfg.decoder_flops(args.prompt_len, canvas).values())
+    full_flops = cfg.decoder_flops(args.prompt_len, canvas)["total"]
     stored = weight_bytes(model_dir)
     step_s = timing["step_s"]
     roofline_s = issue_flops / (peak["gflops"] * 1e9)

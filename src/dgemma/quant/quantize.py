@@ -490,9 +490,11 @@ def quantize_checkpoint(src_dir: str | Path, out: str | Path, scheme: str, group
 
 def random_quantized_checkpoint(out: str | Path, preset: str, scheme: str, seed: int = 0, dtype: str = "float32",
                                 std: float = 0.02, group: int = lowbit.DEFAULT_GROUP, overwrite: bool = False,
-                                progress: bool = True, shard_bytes: int = SHARD_BYTES, **overrides: Any) -> Path:
+                                progress: bool = True, shard_bytes: int = SHARD_BYTES, config: dict | None = None,
+                                **overrides: Any) -> Path:
     """A random checkpoint written directly in `scheme`'s layout (quantized weights drawn as random codes), with
-    the byte-level tokenizer; no dense copy of the model is ever built."""
+    the byte-level tokenizer; no dense copy of the model is ever built. `config`: a config.json to use as it is
+    (e.g. one the reference saved) instead of the preset's."""
     from ..checkpoint import resolve_dtype
     from ..config import ModelConfig
     from ..presets import check_target, config_dict, generation_config_dict
@@ -501,10 +503,10 @@ def random_quantized_checkpoint(out: str | Path, preset: str, scheme: str, seed:
     check_options(scheme, group)
     check_target(Path(out), overwrite)
     tok = build_byte_tokenizer()
-    cfg_dict = config_dict(preset, dtype=dtype, **overrides)
-    if cfg_dict["text_config"]["vocab_size"] < tok.vocab_size:
-        raise ValueError(f"vocab_size must be >= {tok.vocab_size} to hold the byte-level tokenizer")
+    cfg_dict = config if config is not None else config_dict(preset, dtype=dtype, **overrides)
     cfg = ModelConfig.from_dict(cfg_dict)
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"vocab_size must be >= {tok.vocab_size} to hold the byte-level tokenizer")
     src = RandomSource(cfg, seed, std, resolve_dtype(dtype))
     with tempfile.TemporaryDirectory() as tdir:
         save_tokenizer(tok, Path(tdir))

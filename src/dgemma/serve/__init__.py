@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server with live canvas streaming and a visualizer page (`dgemma serve`)."""
 
-from .app import Limits, create_app
+from ..limits import ConnectionLimits, Limits
+from .app import create_app
 from .engine import Engine, Job
-from .server import ConnectionLimits, make_server
+from .server import make_server
 
 __all__ = ["ConnectionLimits", "Engine", "Job", "Limits", "create_app", "make_server"]

@@ -31,9 +31,11 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError
-from ..images import DEFAULT_MAX_PIXELS, ImageError, chat_prompt, extract_images
+from ..limits import Limits
+from ..images import ImageError, chat_prompt, extract_images
 from ..constraints import ConstraintError, compile_constraint, fill_id
 from ..generate import resolve_settings
+from ..sampler import temperature
 from ..tokenizer import TokenizerError
 from .engine import Engine, EngineBusy, Job
 from .schema import ChatRequest, CompletionRequest
@@ -42,22 +44,6 @@ from .schema import ChatRequest, CompletionRequest
 # entropies, empty text at 1e-38) and are greedy in effect long before.
 MIN_TEMPERATURE = 1e-6
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int | None = None  # default: what the model's positions allow
-    max_prompt_chars: int | None = None  # default: 16 characters per allowed prompt token
-    max_tokens: int = 4096  # cap on max_tokens
-    max_denoising_steps: int = 256  # cap on diffusion.max_denoising_steps (the model's default counts too)
-    request_timeout: float = 300.0  # seconds from submission until a request is stopped (408)
-    max_batch: int = 8  # requests batched into one diffusion run
-    max_running: int = 16  # requests decoded at once
-    max_pending: int = 64  # requests waiting beyond those; more get a 429
-    max_images: int = 8  # images per chat request
-    max_image_bytes: int = 8 << 20  # encoded image bytes per request (the body limit applies too)
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # per decoded image (decompression bombs)
 
 
 class APIError(Exception):
@@ -379,11 +365,11 @@ def prepare_completion(state: ServerState, body: bytes) -> tuple[CompletionReque
 
 
 def lowest_temperature(gen) -> float | None:
-    """The smallest temperature of the float32 schedule t = t_min + (t_max - t_min) * n / N, n = 1..N."""
+    """The smallest temperature of the schedule: its last step (n = 1; t_max > t_min, and float32 rounding is
+    monotone, so no other step is lower)."""
     if gen.t_min is None or gen.t_max is None:
         return None
-    n = torch.arange(1, gen.max_denoising_steps + 1, dtype=torch.int32)
-    return (gen.t_min + (gen.t_max - gen.t_min) * (n / gen.max_denoising_steps)).min().item()
+    return temperature(1, gen.max_denoising_steps, gen.t_min, gen.t_max).item()
 
 
 def check_diffusion(state: ServerState, job: Job) -> None:

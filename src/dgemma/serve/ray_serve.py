@@ -11,13 +11,15 @@ Needs the optional extra: `pip install 'dgemma[ray]'`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
 
-from .app import Limits
+from ..limits import Limits
 
 APP_NAME = "dgemma"
 REPLICA_HEADER = "x-dgemma-replica"  # which replica answered: the replica's id in Ray Serve
@@ -167,12 +169,10 @@ def serve_forever(spec: ReplicaSpec, scale: ScaleSpec, port: int, address: str |
 def app_builder(args: dict[str, str]):
     """For Ray's own CLI and config files: `serve run dgemma.serve.ray_serve:app_builder model=DIR replicas=2`
     (keys: model, model_name, dtype, device, replicas, min_replicas, max_replicas, replica_cpus, replica_gpus,
-    max_batch, max_tokens, host; the API key comes from $DGEMMA_API_KEY, so it stays out of config files)."""
-    import os
-    from pathlib import Path
-
+    host, and every server limit of `dgemma serve` by its field name, e.g. max_batch, max_tokens; the API key comes
+    from $DGEMMA_API_KEY, so it stays out of config files)."""
     known = {"model", "model_name", "dtype", "device", "replicas", "min_replicas", "max_replicas", "replica_cpus",
-             "replica_gpus", "max_batch", "max_tokens", "host"}
+             "replica_gpus", "host", *(f.name for f in fields(Limits))}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
@@ -183,8 +183,8 @@ def app_builder(args: dict[str, str]):
 
         model = str(default_model_path())
     opt = lambda key, kind: kind(args[key]) if key in args else None  # noqa: E731
-    limits = Limits(max_batch=opt("max_batch", int) or Limits.max_batch,
-                    max_tokens=opt("max_tokens", int) or Limits.max_tokens)
+    limits = Limits(**{f.name: opt(f.name, f.metadata["kind"]) for f in fields(Limits) if f.name in args})
+    limits.validate()
     spec = ReplicaSpec(model=model, dtype=args.get("dtype"), device=args.get("device", "cpu"),
                        model_name=args.get("model_name", Path(model).resolve().name),
                        api_key=os.environ.get("DGEMMA_API_KEY") or None, limits=limits,

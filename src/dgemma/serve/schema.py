@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator
 
 from ..constraints import Constraint, ConstraintError
+from ..requests import DiffusionSettings, Number
 
 # OpenAI fields that are valid but have no effect here (the diffusion sampler has its own temperature schedule).
 IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -23,33 +24,6 @@ IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "log
 
 Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-
-
-def _not_bool(v: Any) -> Any:
-    if isinstance(v, bool):  # JSON true/false would pass as 1.0/0.0 in pydantic's lax float mode
-        raise ValueError("must be a number, not a boolean")
-    return v
-
-
-def Number(**bounds: float) -> Any:  # noqa: N802 (a type alias with bounds)
-    """A finite number (an integer is fine, a boolean is not) within `bounds` (pydantic's gt/ge/le)."""
-    return Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False, **bounds)]
-
-
-class DiffusionSettings(BaseModel):
-    """Per-request denoising settings (names as in generation_config.json); unset fields keep the model's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_denoising_steps: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
-    entropy_bound: Number(gt=0, le=1e6) | None = None
-    t_min: Number(ge=0, le=100) | None = None
-    t_max: Number(gt=0, le=100) | None = None
-    stability_threshold: Annotated[StrictInt, Field(ge=0, le=1024)] | None = None
-    confidence_threshold: Number(gt=0, le=1e6) | None = None
-
-    def overrides(self) -> dict[str, Any]:
-        return self.model_dump(exclude_unset=True)  # an explicit null disables a feature, as in generation_config
 
 
 # `json_object` / {"type": "json_object"}: an object of scalars, flat arrays and flat objects (a bounded depth keeps

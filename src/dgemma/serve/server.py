@@ -4,19 +4,12 @@ and a response for clients that half-close their socket after sending a request.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-
-@dataclass
-class ConnectionLimits:
-    max_connections: int = 256  # open connections + running requests; beyond it uvicorn answers 503
-    read_timeout: float = 10.0  # seconds to send a whole request (line, headers, body) once one is expected
-    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
-    max_header_bytes: int = 16 * 1024  # request line + headers
+from ..limits import ConnectionLimits
 
 
 class _Protocol(H11Protocol):
