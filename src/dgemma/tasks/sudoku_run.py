@@ -217,6 +217,17 @@ def demo_puzzles() -> list[tuple[str, str]]:
     return [six, nine]
 
 
+def held_out_text(model) -> str:
+    """What the model's task.json says it solves on held-out puzzles (so the demo's one puzzle is read in context)."""
+    source = getattr(model, "source", None)
+    try:
+        held = json.loads((Path(source) / "task.json").read_text(encoding="utf-8"))["held_out"]
+        return (f", which solves {100 * held['solved']:.1f}% of {held['puzzles']} held-out puzzles "
+                f"({held['blanks'][0]}-{held['blanks'][1]} blanks)")
+    except (OSError, TypeError, KeyError, IndexError, ValueError):
+        return ""
+
+
 def cmd_demo(args) -> int:
     """Solve a 6x6 and a 9x9 puzzle with the bundled models, animating the grid as it denoises."""
     from rich.console import Console
@@ -228,7 +239,8 @@ def cmd_demo(args) -> int:
         size = sudoku.shape_of(puzzle).n
         model = _load(args, size, models)
         blanks = puzzle.count("0")
-        console.print(f"[bold]{size}x{size} puzzle[/bold] ({blanks} blanks), model {default_model_path(size).name}:")
+        console.print(f"[bold]{size}x{size} puzzle[/bold] ({blanks} blanks), model {default_model_path(size).name}"
+                      f"{held_out_text(model)}:")
         console.print(grid_text(puzzle, ["." if ch == "0" else ch for ch in puzzle]))
         if animate:
             with GridView(model, console, title=f"{size}x{size} denoising: ", delay=args.delay) as view:
