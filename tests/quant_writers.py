@@ -1,4 +1,4 @@
-"""Writers of the published quantized layouts, for tests. Written from the layout descriptions (DESIGN §6), not
+"""Writers of the published quantized layouts, for tests. Written from the producers' published layout descriptions, not
 from dgemma's readers: each takes a plain checkpoint (as the reference saves it) and writes
 
 - the quantized checkpoint, exactly as its producer lays it out on disk, and

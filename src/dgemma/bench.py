@@ -38,7 +38,7 @@ from .checkpoint import load_model, resolve_dtype
 from .config import ModelConfig
 from .presets import PRESETS, preset_config, random_model, write_random_checkpoint
 
-REAL_TOKENS_PER_FORWARD = 16.0  # ~accepted tokens per decoder pass of the real 26B-A4B model (DESIGN.md §4)
+REAL_TOKENS_PER_FORWARD = 16.0  # ~accepted tokens per decoder pass the release reports for the 26B-A4B model
 # bf16 logits tolerance, the same as tests/test_parity.py: a faithful port agrees bit for bit; allow 4 bf16 ulps at
 # the top of the softcapped range (max) and < 1 ulp of a typical logit on average (mean).
 BF16_MAX_TOL, BF16_MEAN_TOL = 0.5, 0.02

@@ -1,6 +1,6 @@
 """Fine-tuning with the DiffusionGemma objective (full or LoRA) on a JSONL of {"prompt", "response"} pairs.
 
-Per batch (DESIGN.md section 3):
+Per batch (the DiffusionGemma fine-tuning objective):
 - encoder: one causal pass over the clean prompt + response, autoregressive cross-entropy (weight `ar_weight`)
   over the targets `ar_targets` names: "all" (prompt and response), "response" (the head runs on response
   positions only: a prompt that is random, such as a puzzle's givens, is noise to predict) or "none" (no AR loss;
