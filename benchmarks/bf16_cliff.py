@@ -21,15 +21,15 @@ from safetensors.torch import load_file, save_file
 
 import dgemma
 from dgemma import hardware
-from dgemma.bench import _Clock, _run_dgemma
+from dgemma.measure import Clock, run_timed
 from dgemma.presets import write_random_checkpoint
 
 
 def step_seconds(model, prompt, steps: int, repeats: int) -> float:
     best = float("inf")
     for r in range(repeats):
-        clock = _Clock(model.device)
-        _run_dgemma(model, prompt, model.config.canvas_length, steps, r, "fast", clock)
+        clock = Clock(model.device)
+        run_timed(model, prompt, model.config.canvas_length, steps, r, "fast", clock)
         best = min(best, clock.record()["step_s"])
     return best
 

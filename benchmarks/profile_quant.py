@@ -91,7 +91,7 @@ def main() -> None:
 
     from dgemma import hardware
     from dgemma.checkpoint import load_model
-    from dgemma.model import MLP, Attention, Router
+    from dgemma.model import Attention, Router
     from dgemma.presets import FULL, SLIDING
     from dgemma.quant import lowbit
     from dgemma.quant.modules import QExperts

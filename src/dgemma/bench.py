@@ -25,7 +25,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,10 @@ from typing import Any
 import torch
 
 from . import hardware
-from .checkpoint import load_model, resolve_dtype
+from .checkpoint import load_model
+from .hardware import resolve_dtype
 from .config import ModelConfig
+from .measure import Clock, measure_peak, run_timed, timed
 from .presets import PRESETS, preset_config, random_model, write_random_checkpoint
 
 REAL_TOKENS_PER_FORWARD = 16.0  # ~accepted tokens per decoder pass the release reports for the 26B-A4B model
@@ -237,7 +238,7 @@ def _bench_dtype(opts: BenchOptions, dtype: torch.dtype, device: torch.device, c
                                "tokens": len(ref_ids),
                                "tokens_per_forward": float(out.tokens_per_forward.reshape(-1)[0])})
     for rng in ["reference", "fast"] if dtype == torch.float32 else ["fast"]:
-        t = _time_mode(lambda n, ck, rng=rng: _run_dgemma(model, prompt, canvas, n, opts.seed, rng, ck), opts,
+        t = _time_mode(lambda n, ck, rng=rng: run_timed(model, prompt, canvas, n, opts.seed, rng, ck), opts,
                        device)
         res = t.pop("output")
         tim = res.timings
@@ -311,58 +312,8 @@ def _load_note(result: dict, load_start, notes: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Machine: matmul peak, description
+# Machine description
 # ---------------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
-
-
-def peak_gemms(cfg: ModelConfig, device: torch.device) -> list[tuple[str, int, int, int]]:
-    """(name, m, k, n) GEMMs for the peak: the model's own shapes and a square one (on CPU no larger than the model
-    warrants: a 2048 square takes a minute in bf16 on CPUs without native bf16)."""
-    c, h, i = cfg.canvas_length, cfg.hidden_size, cfg.intermediate_size
-    vcap = cfg.vocab_size if device.type == "cuda" else min(cfg.vocab_size, 65536)
-    vname = "V" if vcap == cfg.vocab_size else f"{vcap}"
-    per_expert = max(1, math.ceil(c * cfg.top_k_experts / cfg.num_experts))
-    square = 8192 if device.type == "cuda" else min(2048, 8 * h)
-    return [
-        (f"lm_head [C x H] @ [H x {vname}]", c, h, vcap),
-        (f"sc soft-embed [C x {vname}] @ [{vname} x H]", c, vcap, h),
-        ("dense MLP [C x H] @ [H x I]", c, h, i),
-        ("expert gate_up [C*k/E x H] @ [H x 2*I_moe]", per_expert, h, 2 * cfg.moe_intermediate_size),
-        (f"square {square}", square, square, square),
-    ]
-
-
-def measure_peak(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget_s: float = 0.25) -> dict:
-    """Best GFLOP/s of torch.mm over `peak_gemms`, each repeated for about `budget_s` (at least 3 calls after a
-    warm-up); the fastest single call counts."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows = []
-    for name, m, k, n in peak_gemms(cfg, device):
-        a = torch.randn(m, k, generator=gen, device=device).to(dtype)
-        b = torch.randn(k, n, generator=gen, device=device).to(dtype)
-        out = torch.empty(m, n, dtype=dtype, device=device)
-        torch.mm(a, b, out=out)  # warm-up
-        best, spent, calls = float("inf"), 0.0, 0
-        while (calls < 3 or spent < budget_s) and calls < 1000:
-            t, _ = _timed(lambda: torch.mm(a, b, out=out), device)
-            best, spent, calls = min(best, t), spent + t, calls + 1
-        rows.append({"gemm": name, "m": m, "k": k, "n": n, "seconds": best, "gflops": 2 * m * k * n / best / 1e9})
-        del a, b, out
-    best_row = max(rows, key=lambda r: r["gflops"])
-    return {"gflops": best_row["gflops"], "best_gemm": best_row["gemm"], "gemms": rows}
-
-
 def _git_state() -> dict | None:
     """The commit (and whether the tree is dirty) of the source checkout this dgemma runs from, if it is one."""
     root = Path(__file__).resolve().parent
@@ -400,34 +351,10 @@ def machine_info(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Timing one mode
 # ---------------------------------------------------------------------------------------------------------------
-class _Clock:
-    """Timestamps of one generate call: prefill start / end and the end of every denoising step (synchronised
-    with the device)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.prefill_start: float | None = None
-        self.prefill_end: float | None = None
-        self.steps: list[float] = []
-
-    def now(self) -> float:
-        _sync(self.device)
-        return time.perf_counter()
-
-    def record(self) -> dict:
-        steps = self.steps
-        return {
-            "prefill_s": self.prefill_end - self.prefill_start,
-            "first_step_s": steps[0] - self.prefill_end,
-            "step_s": (steps[-1] - steps[0]) / (len(steps) - 1),
-            "step_intervals_s": [b - a for a, b in zip(steps, steps[1:])],
-        }
-
-
 class _DraftStreamer:
     """A draft-capable streamer for the reference's generate: put_draft is called after every denoising step."""
 
-    def __init__(self, clock: _Clock):
+    def __init__(self, clock: Clock):
         self.clock = clock
 
     def put(self, value) -> None:
@@ -438,27 +365,6 @@ class _DraftStreamer:
 
     def end(self) -> None:
         pass
-
-
-def _run_dgemma(model, prompt, canvas: int, steps: int, seed: int, rng: str, clock: _Clock):
-    """model.stream() (what generate() runs), with a timestamp at every Draft (the end of a denoising step)."""
-    from .generate import Done, Draft
-
-    done = None
-    for ev in model.stream(prompt, max_new_tokens=canvas, seed=seed, max_denoising_steps=steps,
-                           stability_threshold=None, confidence_threshold=None, rng=rng):
-        if isinstance(ev, Draft):
-            clock.steps.append(clock.now())
-        elif isinstance(ev, Done):
-            done = ev
-    res = done.results[0]
-    # Prefill from the stream's own timer (cache setup + encoder pass). Its denoise timer runs from the end of the
-    # prefill to the end of the last step, so the first step (canvas init + step 1) is what precedes the steps
-    # timed here.
-    first = res.timings["denoise_s"] - (clock.steps[-1] - clock.steps[0])
-    clock.prefill_end = clock.steps[0] - first
-    clock.prefill_start = clock.prefill_end - res.timings["prefill_s"]
-    return res
 
 
 @contextlib.contextmanager
@@ -483,7 +389,7 @@ def _load_reference(cls, ckpt: Path, dtype: torch.dtype, device: torch.device):
     return ref.to(device).eval()
 
 
-def _run_reference(ref, prompt, canvas: int, steps: int, seed: int, clock: _Clock):
+def _run_reference(ref, prompt, canvas: int, steps: int, seed: int, clock: Clock):
     """The reference's generate after torch.manual_seed(seed); its encoder forward (the prefill) is timed with
     hooks, every denoising step through a draft streamer."""
     enc = ref.model.encoder
@@ -508,17 +414,17 @@ def _run_reference(ref, prompt, canvas: int, steps: int, seed: int, clock: _Cloc
             h.remove()
 
 
-def _time_mode(run: Callable[[int, _Clock], Any], opts: BenchOptions, device: torch.device) -> dict:
+def _time_mode(run: Callable[[int, Clock], Any], opts: BenchOptions, device: torch.device) -> dict:
     """Time `run(steps, clock)` (one generate call) after a warm-up: at least `opts.repeats` runs, more while less
     than `opts.min_time_s` has been spent (up to 100). Per run: wall time, prefill (the encoder pass), and the
     steady-state step = (end of step N - end of step 1) / (N - 1) (steps 2..N, each a full step with
     self-conditioning). Interference from other processes only adds time, so the best run counts. Returns the
     numbers and the output of the last run."""
-    run(2, _Clock(device))  # warm-up (allocator, kernels, thread pools)
+    run(2, Clock(device))  # warm-up (allocator, kernels, thread pools)
     runs, out, spent = [], None, 0.0
     while len(runs) < opts.repeats or (spent < opts.min_time_s and len(runs) < 100):
-        clock = _Clock(device)
-        wall, out = _timed(lambda: run(opts.steps, clock), device)
+        clock = Clock(device)
+        wall, out = timed(lambda: run(opts.steps, clock), device)
         if len(clock.steps) != opts.steps:
             raise RuntimeError(f"expected {opts.steps} denoising steps, saw {len(clock.steps)} "
                                "(adaptive stopping on?)")
@@ -695,12 +601,3 @@ def _agreement_rows(ag: dict) -> list[tuple[str, str, str]]:
                          f"bf16 max {_f(d16['max_abs_diff'])} mean {_f(d16['mean_abs_diff'])} "
                          f"(mean |logit| {sc['mean_abs_logit']:.3g})", ""))
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# `dgemma bench --quantize SCHEME`: one quantized model against the roofline (the work is in dgemma.quant.fullbench)
-# ---------------------------------------------------------------------------------------------------------------
-def run_quantized_bench(args) -> int:
-    from .quant.fullbench import run
-
-    return run(args)

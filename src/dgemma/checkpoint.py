@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
-from .hardware import default_compute_dtype
+from .errors import CheckpointError
+from .hardware import DTYPES, default_compute_dtype, resolve_device, resolve_dtype
 from .images import ImageProcessorConfig
 from .keys import DECODER, ENCODER, checkpoint_key, map_key
 from .model import DiffusionGemma, Linear
@@ -36,41 +37,7 @@ from .vision import VisionConfig, VisionEncoder
 
 log = logging.getLogger("dgemma")
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 _DEC, _ENC = DECODER, ENCODER
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded; the message names the file and tensor at fault."""
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, fallback: str | None = None) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    name = dtype if dtype is not None else (fallback or "float32")
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device, or a ValueError saying why not."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build/machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
-    return dev
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

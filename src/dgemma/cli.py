@@ -420,9 +420,9 @@ def cmd_bench(args) -> int:
     from .bench import BenchOptions, render, run_bench
 
     if args.quantize:
-        from .bench import run_quantized_bench
+        from .quant.fullbench import run
 
-        return run_quantized_bench(args)
+        return run(args)
     if args.constrained:
         from .constraints.bench import cli_run
 

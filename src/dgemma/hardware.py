@@ -68,3 +68,34 @@ def describe() -> dict[str, object]:
               "amx_int8", "amx_tile")
     return {"cpu": cpu_model(), "flags": [f for f in wanted if f in flags], "threads": torch.get_num_threads(),
             "native_bf16": cpu_has_native_bf16(), "torch": torch.__version__}
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, fallback: str | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    name = dtype if dtype is not None else (fallback or "float32")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or a ValueError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build/machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, detect_quant, find_gguf, map_key, weight_files
+from .checkpoint import detect_quant, find_gguf, weight_files
+from .errors import CheckpointError
+from .keys import map_key
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .quant.qtensor import QuantError
 

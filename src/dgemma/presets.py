@@ -136,7 +136,7 @@ def random_model(preset: str | dict[str, Any] = "tiny", dtype: str | torch.dtype
 
     The weights are those of `random_state_dict`: on CPU this is exactly the model that
     `load_model(write_random_checkpoint(dir, preset, seed=seed, std=std), dtype=dtype)` returns."""
-    from .checkpoint import resolve_dtype
+    from .hardware import resolve_dtype
     from .model import DiffusionGemma
 
     dtype, device = resolve_dtype(dtype), torch.device(device)
@@ -231,7 +231,7 @@ def write_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0
                             **overrides: Any) -> Path:
     """A random DiffusionGemma checkpoint with the byte-level tokenizer (vocab must hold it). `config`: a
     config.json to use as it is (e.g. one the reference saved) instead of the preset's."""
-    from .checkpoint import resolve_dtype
+    from .hardware import resolve_dtype
     from .tokenizer import build_byte_tokenizer
 
     check_target(Path(out), overwrite)  # before building any weights

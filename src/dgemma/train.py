@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import distributed
-from .checkpoint import load_model, resolve_device
+from .checkpoint import load_model
+from .hardware import resolve_device
 from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import hardware
+from ..measure import Clock, measure_peak, run_timed
 
 
 def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
@@ -43,7 +44,6 @@ def weight_bytes(path: Path) -> int:
 
 
 def run(args) -> int:
-    from ..bench import _Clock, _run_dgemma, measure_peak
     from ..checkpoint import load_model
     from ..config import ModelConfig
     from .quantize import random_quantized_checkpoint
@@ -75,8 +75,8 @@ def run(args) -> int:
     peak = peaks[str(model.dtype)]
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    clock = _Clock(device)
-    res = _run_dgemma(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
+    clock = Clock(device)
+    res = run_timed(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
     timing = clock.record()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 

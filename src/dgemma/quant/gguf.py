@@ -482,7 +482,8 @@ def gguf_qtensor(g: GGUFFile, names: list[str], shape: tuple[int, ...]) -> GGUFT
 
 def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
     """A DiffusionGemma from a GGUF file: config, generation settings and tokenizer from its metadata."""
-    from ..checkpoint import CheckpointError, resolve_device, resolve_dtype
+    from ..errors import CheckpointError
+    from ..hardware import resolve_device, resolve_dtype
     from ..config import ConfigError, GenerationConfig, ModelConfig
     from ..hardware import default_compute_dtype
     from ..model import DiffusionGemma, Linear

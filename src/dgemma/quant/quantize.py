@@ -495,7 +495,7 @@ def random_quantized_checkpoint(out: str | Path, preset: str, scheme: str, seed:
     """A random checkpoint written directly in `scheme`'s layout (quantized weights drawn as random codes), with
     the byte-level tokenizer; no dense copy of the model is ever built. `config`: a config.json to use as it is
     (e.g. one the reference saved) instead of the preset's."""
-    from ..checkpoint import resolve_dtype
+    from ..hardware import resolve_dtype
     from ..config import ModelConfig
     from ..presets import check_target, config_dict, generation_config_dict
     from ..tokenizer import build_byte_tokenizer, save_tokenizer

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator
 
 from ..constraints import Constraint, ConstraintError
-from ..requests import DiffusionSettings, Number
+from ..requests import DiffusionSettings
 
 # OpenAI fields that are valid but have no effect here (the diffusion sampler has its own temperature schedule).
 IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
