@@ -143,3 +143,48 @@ def test_canvas_logits_validation(model):
     logits = model.canvas_logits(p, torch.tensor([[1, 2, 3, 4]]))
     assert logits.shape == (1, 4, 262) and logits.dtype == torch.float32
     assert float(logits.abs().max()) <= 30.0
+
+
+def _draft_runs(model, **kw):
+    drafts, done = [], None
+    for ev in model.stream(PROMPTS[0], max_new_tokens=16, seed=4, max_denoising_steps=6, **kw):
+        if isinstance(ev, dgemma.Draft):
+            drafts.append(ev)
+        elif isinstance(ev, dgemma.Done):
+            done = ev.results[0]
+    return drafts, done
+
+
+def test_verifier_that_rejects_nothing_changes_nothing(model):
+    calls = []
+
+    def nothing(tokens, positions):
+        calls.append(tokens.shape)
+        return torch.zeros_like(positions)
+
+    plain, a = _draft_runs(model)
+    verified, b = _draft_runs(model, verifier=nothing)
+    assert calls and a.ids == b.ids and a.steps == b.steps
+    assert all(torch.equal(x.accepted, y.accepted) for x, y in zip(plain, verified))
+
+
+def test_verifier_rejections_are_renoised_and_block_early_stop(model):
+    """Rejected positions are never accepted; a row the verifier rejects keeps denoising to the step cap."""
+    def odd_positions(tokens, positions):
+        reject = torch.zeros_like(positions)
+        reject[:, 1::2] = True
+        return reject & positions
+
+    drafts, res = _draft_runs(model, verifier=odd_positions, stability_threshold=0, confidence_threshold=10.0)
+    assert drafts and all(not d.accepted[:, 1::2].any() for d in drafts)
+    assert any(d.accepted[:, 0::2].any() for d in drafts)
+    assert res.steps == [6]  # without the verifier these settings stop at the first confident step
+    _, free = _draft_runs(model, stability_threshold=0, confidence_threshold=10.0)
+    assert free.steps[0] < 6
+
+
+def test_verifier_must_return_a_bool_mask(model):
+    with pytest.raises(TypeError, match="bool tensor"):
+        _draft_runs(model, verifier=lambda tokens, positions: positions.long())
+    with pytest.raises(TypeError, match="callable"):
+        _draft_runs(model, verifier=3)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dgemma
 from dgemma.cli import main as cli_main
@@ -417,3 +418,38 @@ def test_evaluate_6x6_buckets(model6_dir):
     edges = sudoku.bucket_edges(6)
     assert set(out["default"]["buckets"]) <= {sudoku.bucket(b, edges) for b in range(edges[0], edges[-1] + 1)}
     assert sum(b["count"] for b in out["default"]["buckets"].values()) == 4
+
+
+def test_sudoku_verifier_rules(model):
+    """Rejects exactly: a repeated digit in a row, column or box (never a kept given), a changed given, a non-digit
+    cell; a correct solution passes whole, and positions not handed in are neither judged nor counted."""
+    pairs = sudoku.generate_many(2, seed=11, blanks=(30, 30))
+    verify = sudoku_run.sudoku_verifier(model, [p for p, _ in pairs])
+    tok = model.tokenizer
+    sol = torch.tensor([tok.encode(s) + [1] for _, s in pairs])
+    everywhere = torch.ones_like(sol, dtype=torch.bool)
+    assert not verify(sol, everywhere).any()
+    puzzle = pairs[0][0]
+    blank = puzzle.index("0")
+    row = blank // 9
+    given = next(i for i in range(row * 9, row * 9 + 9) if puzzle[i] != "0")
+    bad = sol.clone()
+    bad[0, blank] = sol[0, given]  # the given's digit again in its row
+    reject = verify(bad, everywhere)
+    assert reject[0, blank] and not reject[0, given] and reject[0].sum() >= 1 and not reject[1].any()
+    changed = sol.clone()
+    changed[0, given] = sol[0, blank]  # a given overwritten
+    assert verify(changed, everywhere)[0, given]
+    letter = sol.clone()
+    letter[1, 5] = tok.encode("x")[0]
+    assert verify(letter, everywhere)[1, 5]
+    only_blank = torch.zeros_like(everywhere)
+    only_blank[0, blank] = True  # the other positions are noise: not counted
+    assert not verify(sol, only_blank).any() and verify(bad, only_blank)[0, blank]
+
+
+def test_cli_solve_verify_keeps_the_json_contract(model_dir, puzzle_file):
+    proc = ok(run_cli("sudoku", "solve", "--file", puzzle_file, "--json", "--verify", "--model", model_dir))
+    recs = _check_json_stdout(proc.stdout)
+    assert {tuple(sorted(r)) for r in recs if "error" not in r} == {("puzzle", "solution", "steps",
+                                                                      "tokens_per_forward")}

@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint directory (default: the bundled Sudoku model for each puzzle's size)")
     so.add_argument("--json", action="store_true", help="one JSON object per line")
     so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--verify", action="store_true",
+                    help="verifier-guided decoding: cells that break a rule are re-noised instead of accepted")
     so.add_argument("--device", default="cpu")
     ev = ssub.add_parser("eval", help="solve rate etc. on held-out generated puzzles")
     ev.add_argument("--model", default=None)
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--step-caps", default="", help="comma-separated max_denoising_steps values to sweep")
     ev.add_argument("--out", default=None, help="write the results JSON here")
     ev.add_argument("--ar", action="store_true", help="decode left to right with the causal stack (AR baseline)")
+    ev.add_argument("--verify", action="store_true", help="also measure verifier-guided decoding (beside the model "
+                    "alone)")
     ev.add_argument("--device", default="cpu")
     de = ssub.add_parser("demo", help="solve a 6x6 and a 9x9 puzzle with the bundled models, animated")
     de.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,13 @@ from .sampler import CanvasSampler, FastSampler, ReferenceSampler, StableAndConf
 from .vision import prompt_images
 
 RNG_MODES = ("fast", "reference")
+
+# A rule check on a denoising step, for any task: verifier(tokens [B, C], positions [B, C] bool) -> reject [B, C]
+# bool, the positions among `positions` whose token breaks a rule given the rest of `positions` (and whatever the
+# verifier knows, e.g. the prompt). The loop calls it with each step's samples and the positions the entropy bound
+# would accept (rejected ones are re-noised instead), and with the argmax canvas and every position (a row that
+# breaks a rule does not stop early). Tokens outside `positions` are noise and carry no meaning.
+Verifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -144,6 +151,7 @@ def stream(
     image_position_ids: torch.Tensor | None = None,
     mm_token_type_ids: torch.Tensor | None = None,
     max_soft_tokens: int | None = None,
+    verifier: Verifier | None = None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
     """Run generation, yielding events. Settings: generation_config names as keyword overrides.
@@ -151,7 +159,9 @@ def stream(
     rng="fast" (default): per-row generators and a fused inverse-CDF sampler. rng="reference": draws exactly as
     the reference's generate after torch.manual_seed(seed) (token-identical in fp32).
     Image prompts: `images` (PIL images, paths or bytes, in prompt order) or their processor outputs
-    `pixel_values` + `image_position_ids`; the prompt holds begin-of-image, N image tokens, end-of-image per image."""
+    `pixel_values` + `image_position_ids`; the prompt holds begin-of-image, N image tokens, end-of-image per image.
+    `verifier(tokens, accepted) -> reject`: a rule check on each step's proposal (see `Verifier`); the positions it
+    rejects are re-noised instead of accepted, and a row whose argmax canvas it rejects does not stop early."""
     cfg = model.config
     gen = resolve_settings(model, max_new_tokens, overrides)
     if rng not in RNG_MODES:
@@ -166,7 +176,9 @@ def stream(
     vision_s = time.perf_counter() - t0
     sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
     sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
-    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s)
+    if verifier is not None and not callable(verifier):
+        raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
+    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier)
 
 
 def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):
@@ -199,9 +211,9 @@ def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
 
 
 def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-         vision_s: float = 0.0) -> Iterator[Draft | Commit | Done]:
+         vision_s: float = 0.0, verifier: Verifier | None = None) -> Iterator[Draft | Commit | Done]:
     # The contexts are re-entered around each resume of the generator, so they never leak to the consumer.
-    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s)
+    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier)
     while True:
         with torch.inference_mode(), row_invariant(sampler.row_invariant):
             try:
@@ -212,7 +224,7 @@ def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
 
 
 def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-          vision_s: float = 0.0) -> Iterator[Draft | Commit | Done]:
+          vision_s: float = 0.0, verifier: Verifier | None = None) -> Iterator[Draft | Commit | Done]:
     """prefill -> per canvas: denoise steps -> commit (the canvas is encoded into the cache before the next)."""
     batch, prompt_len = prompt.shape
     n_canvases = plan_canvases(model.config, gen, prompt_len)
@@ -234,7 +246,7 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
             model.encode(committed[-1], cache)
             timings["commit_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        argmax, canvas_passes = yield from _denoise(model, cache, gen, sampler, finished, ci)
+        argmax, canvas_passes = yield from _denoise(model, cache, gen, sampler, finished, ci, verifier)
         timings["denoise_s"] += time.perf_counter() - t0
         passes += canvas_passes
         ids, finished = commit_canvas(argmax, finished, gen)
@@ -248,7 +260,8 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
     yield Done(_results(model, torch.cat(committed, dim=1), steps, passes, finished, gen, seeds, timings))
 
 
-def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finished: torch.Tensor, ci: int):
+def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finished: torch.Tensor, ci: int,
+             verifier: Verifier | None = None):
     """Denoise one canvas, yielding a Draft per step. Returns (argmax canvas, decoder passes per row)."""
     stopper = StableAndConfident.from_config(gen)
     stopped = torch.zeros_like(finished)  # rows whose denoising stopped early (stable and confident)
@@ -262,16 +275,30 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
         hidden = model.decode_hidden(canvas, cache, **sampler.self_conditioning())
         step = sampler.step(hidden, canvas, live, temp)
         accepted = accept_mask(step.entropy, gen.entropy_bound)
+        if verifier is not None:  # what breaks a rule is re-noised, not accepted
+            accepted = accepted & ~_checked(verifier, step.sampled, accepted)
         # accepted positions keep their sample, the rest are re-noised; rows that are not live keep their state
         canvas = torch.where(live[:, None], torch.where(accepted, step.sampled, step.noise), canvas)
         argmax = torch.where(live[:, None], step.argmax, argmax)
         if stopper is not None:
-            stopped = stopped | stopper(argmax, step.entropy.mean(dim=-1))
+            stop = stopper(argmax, step.entropy.mean(dim=-1))
+            if verifier is not None:  # a canvas that breaks a rule keeps denoising
+                stop = stop & ~_checked(verifier, argmax, torch.ones_like(accepted)).any(dim=-1)
+            stopped = stopped | stop
         yield Draft(ci, i + 1, remaining, canvas.cpu(), argmax.cpu(), accepted.cpu(), step.entropy.float().cpu(),
                     stopped.cpu())
         if not bool(sampler.live(stopped, finished).any()):
             break
     return argmax, passes
+
+
+def _checked(verifier: Verifier, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The verifier's rejections among `positions`, checked for shape and type."""
+    reject = verifier(tokens, positions)
+    if not isinstance(reject, torch.Tensor) or reject.dtype != torch.bool or reject.shape != tokens.shape:
+        raise TypeError(f"a verifier must return a bool tensor of shape {list(tokens.shape)}, got "
+                        f"{getattr(reject, 'dtype', type(reject).__name__)} {list(getattr(reject, 'shape', []))}")
+    return reject.to(tokens.device) & positions
 
 
 def commit_canvas(argmax: torch.Tensor, finished: torch.Tensor, gen: GenerationConfig):

@@ -140,6 +140,11 @@ def _geo(size: int | str | Shape) -> _Geometry:
     return _geometry(shape_of(size))
 
 
+def units(size: int | str | Shape) -> tuple[tuple[int, ...], ...]:
+    """The cell indices (row-major) of every row, then every column, then every box of the grid."""
+    return _geo(size).units
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Representation
 
