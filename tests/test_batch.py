@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import dgemma
-from dgemma.batch import BatchOptions, line_seed, resume_point, run_batch
+from dgemma.batch import SIDECAR_SUFFIX, BatchOptions, LineLimits, line_seed, resume_point, run_batch
 from dgemma.generate import generate
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import default_model_path
@@ -134,7 +134,7 @@ def test_resume_after_kill(tmp_path):
 def test_bad_options(tmp_path, inp):
     with pytest.raises(ValueError, match="no such file"):
         run_batch(BatchOptions(str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"), MODEL))
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="is the input file"):
         run_batch(BatchOptions(str(inp), str(inp), MODEL))
     with pytest.raises(ValueError, match="max-batch"):
         run_batch(BatchOptions(str(inp), str(tmp_path / "o.jsonl"), MODEL, max_batch=0))
@@ -151,3 +151,83 @@ def test_ray_data_matches_in_process(inp, local, tmp_path):
     summary = run_batch(opts)
     assert summary["written"] == len(local)
     assert read(out) == local
+
+
+# -- nothing lost: outputs that are not this run's, and hostile lines ------------------------------------------------
+def _lines(tmp_path, *lines: str | bytes, name: str = "in.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+def test_an_unrelated_existing_output_is_never_touched(tmp_path):
+    inp = _lines(tmp_path, '{"prompt_ids": [1, 2, 3], "max_new_tokens": 4}')
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("my own notes\n{not json\n")
+    before = precious.read_bytes()
+    with pytest.raises(ValueError, match="not a dgemma batch output"):
+        run_batch(BatchOptions(str(inp), str(precious), MODEL, progress=False))
+    assert precious.read_bytes() == before
+    assert not (tmp_path / ("precious.jsonl" + SIDECAR_SUFFIX)).exists()
+
+
+def test_a_hard_link_to_the_input_is_refused(tmp_path):
+    inp = _lines(tmp_path, '{"prompt_ids": [1, 2, 3], "max_new_tokens": 4}')
+    link = tmp_path / "link.jsonl"
+    os.link(inp, link)
+    before = inp.read_bytes()
+    with pytest.raises(ValueError, match="is the input file"):
+        run_batch(BatchOptions(str(inp), str(link), MODEL, progress=False))
+    assert inp.read_bytes() == before
+
+
+def test_an_output_of_another_input_is_not_trusted(tmp_path):
+    a = _lines(tmp_path, '{"prompt_ids": [1, 2, 3], "max_new_tokens": 4}', name="a.jsonl")
+    b = _lines(tmp_path, '{"prompt_ids": [4, 5, 6], "max_new_tokens": 4}', name="b.jsonl")
+    out = tmp_path / "out.jsonl"
+    assert run_batch(BatchOptions(str(a), str(out), MODEL, progress=False))["written"] == 1
+    done = out.read_bytes()
+    with pytest.raises(ValueError, match="input_sha256"):
+        run_batch(BatchOptions(str(b), str(out), MODEL, progress=False))
+    with pytest.raises(ValueError, match="seed"):
+        run_batch(BatchOptions(str(a), str(out), MODEL, seed=5, progress=False))
+    assert out.read_bytes() == done
+    # the same input and settings: recognised as done, nothing rewritten
+    assert run_batch(BatchOptions(str(a), str(out), MODEL, progress=False))["written"] == 0
+    assert out.read_bytes() == done
+
+
+def test_hostile_lines_get_error_records_and_the_run_goes_on(tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000
+    inp = _lines(tmp_path,
+                 '{"prompt": ' + deep + "}",
+                 b'{"prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+                 '{"id": 1e400, "prompt_ids": [1, 2]}',
+                 '{"id": NaN, "prompt_ids": [1, 2]}',
+                 '{"prompt": "' + "x" * 5000 + '"}',
+                 '{"prompt_ids": [1, 2], "max_new_tokens": 600}',
+                 '{"prompt_ids": [1, 2], "diffusion": {"max_denoising_steps": 1024}}',
+                 '{"id": "ok", "prompt_ids": [1, 2], "max_new_tokens": 4}')
+    out = tmp_path / "out.jsonl"
+    limits = LineLimits(max_line_chars=4096, max_new_tokens=512, max_denoising_steps=64)
+    summary = run_batch(BatchOptions(str(inp), str(out), MODEL, progress=False, limits=limits))
+    text = out.read_text(encoding="utf-8")
+    def strict(name):
+        raise AssertionError(f"{name} written to the output")
+    recs = [json.loads(x, parse_constant=strict) for x in text.splitlines()]
+    assert [r["line"] for r in recs] == list(range(1, 9)) and summary["errors"] == 7
+    errors = [r.get("error", "") for r in recs]
+    assert "nested too deeply" in errors[0] or "limit is 4096" in errors[0]
+    assert "not valid UTF-8" in errors[1]
+    assert "finite" in errors[2] and "finite" in errors[3]
+    assert "--max-line-chars" in errors[4]
+    assert "--max-tokens" in errors[5] and "--max-denoising-steps" in errors[6]
+    assert recs[7]["id"] == "ok" and "error" not in recs[7]
+
+
+def test_deep_nesting_within_the_character_limit(tmp_path):
+    inp = _lines(tmp_path, "[" * 5000 + "]" * 5000, '{"prompt_ids": [1, 2], "max_new_tokens": 4}')
+    out = tmp_path / "out.jsonl"
+    run_batch(BatchOptions(str(inp), str(out), MODEL, progress=False))
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert recs[0]["error"] == "nested too deeply" and "error" not in recs[1]

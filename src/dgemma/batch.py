@@ -16,7 +16,9 @@ written (a torn last line is cut off) and continues after the last line they cov
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,22 @@ from pydantic import ValidationError
 from .generate import generate, plan_canvases, resolve_settings
 
 SEED_MASK = (1 << 62) - 1
+SIDECAR_SUFFIX = ".dgemma-batch.json"  # next to the output: which input and settings it belongs to
+_ERROR_KEY = "__dgemma_line_error__"  # input_lines' stand-in for a line it could not decode
+
+
+@dataclass(frozen=True)
+class LineLimits:
+    """Per-line bounds, checked before the line costs anything (a line over them gets an error record)."""
+
+    max_line_chars: int = 1 << 20  # characters of one input line, before it is parsed or tokenized
+    max_new_tokens: int = 4096  # a line's max_new_tokens (and the model's default) at most
+    max_denoising_steps: int = 256  # a line's diffusion.max_denoising_steps (and the model's default) at most
+
+    def validate(self) -> None:
+        for name in ("max_line_chars", "max_new_tokens", "max_denoising_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 @dataclass
@@ -48,8 +66,10 @@ class BatchOptions:
     actor_cpus: float = 1.0
     actor_gpus: float = 0.0
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments (tests: small limits)
+    limits: LineLimits = field(default_factory=LineLimits)
 
     def validate(self) -> None:
+        self.limits.validate()
         if self.max_batch < 1 or self.actors < 1:
             raise ValueError("--max-batch and --actors must be at least 1")
         if self.actor_cpus < 0 or self.actor_gpus < 0:
@@ -58,8 +78,9 @@ class BatchOptions:
             raise ValueError(f"--seed must be in [0, 2**62), got {self.seed}")
         if not Path(self.input).is_file():
             raise ValueError(f"--input {self.input}: no such file")
-        if Path(self.input).resolve() == Path(self.output).resolve():
-            raise ValueError("--output must differ from --input")
+        out = Path(self.output)
+        if out.resolve() == Path(self.input).resolve() or (out.exists() and os.path.samefile(self.input, out)):
+            raise ValueError(f"--output {out} is the input file (or a link to it); choose another path")
 
 
 def line_seed(base: int, line: int) -> int:
@@ -118,15 +139,41 @@ def _prompt_ids(model, obj: dict) -> list[int]:
         raise LineError(str(e)) from None
 
 
-def prepare(model, line: int, text: str, base_seed: int) -> Task:
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise LineError(f"number {text[:40]} is out of range (JSON numbers must be finite)")
+    return value
+
+
+def _no_constant(name: str):
+    raise LineError(f"{name} is not JSON (numbers must be finite)")
+
+
+def parse_line(text: str) -> Any:
+    """One JSONL line as strict JSON: finite numbers only, a bounded nesting depth (Python's parser's)."""
+    if text.startswith(_ERROR_KEY):
+        raise LineError(text[len(_ERROR_KEY):].strip())
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise LineError("nested too deeply") from None
+    except ValueError as e:
+        if isinstance(e, LineError):
+            raise
+        raise LineError("not valid JSON") from None
+
+
+def prepare(model, line: int, text: str, base_seed: int, limits: LineLimits | None = None) -> Task:
     """Parse and check one input line; raises LineError naming the problem."""
     from .config import ConfigError
     from .requests import DiffusionSettings
 
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise LineError("not valid JSON") from None
+    limits = limits or LineLimits()
+    if len(text) > limits.max_line_chars:
+        raise LineError(f"the line has {len(text)} characters; the limit is {limits.max_line_chars} "
+                        f"(--max-line-chars)")
+    obj = parse_line(text)
     if not isinstance(obj, dict):
         raise LineError("expected a JSON object")
     known = {"id", "prompt", "messages", "prompt_ids", "seed", "max_new_tokens", "diffusion"}
@@ -149,9 +196,16 @@ def prepare(model, line: int, text: str, base_seed: int) -> Task:
         where = ".".join(str(x) for x in err.get("loc", ()))
         raise LineError(f"diffusion.{where}: {err.get('msg')}" if where else f"diffusion: {err.get('msg')}") from None
     try:
-        plan_canvases(model.config, resolve_settings(model, max_new, settings), len(ids))
+        gen = resolve_settings(model, max_new, settings)
+        plan_canvases(model.config, gen, len(ids))
     except (ValueError, ConfigError) as e:
         raise LineError(str(e)) from None
+    if gen.new_tokens(len(ids)) > limits.max_new_tokens:
+        raise LineError(f"max_new_tokens {gen.new_tokens(len(ids))} is over the limit of {limits.max_new_tokens} "
+                        f"(--max-tokens)")
+    if gen.max_denoising_steps > limits.max_denoising_steps:
+        raise LineError(f"max_denoising_steps {gen.max_denoising_steps} is over the limit of "
+                        f"{limits.max_denoising_steps} (--max-denoising-steps)")
     return Task(line, obj.get("id"), ids, seed, max_new, settings)
 
 
@@ -161,26 +215,28 @@ def _record(task: Task, result) -> dict:
             "tokens_per_forward": result.tokens_per_forward, "prompt_tokens": len(task.prompt_ids)}
 
 
-def _error(line: int, text: str, message: str) -> dict:
+def _error(line: int, text: str, message: str, limits: LineLimits) -> dict:
     obj_id = None
-    try:
-        obj = json.loads(text)
-        obj_id = obj.get("id") if isinstance(obj, dict) else None
-    except ValueError:
-        pass
+    if len(text) <= limits.max_line_chars:
+        try:
+            obj = parse_line(text)
+            obj_id = obj.get("id") if isinstance(obj, dict) else None
+        except LineError:
+            pass
     return {"line": line, "id": obj_id, "error": message}
 
 
-def run_lines(model, lines: list[tuple[int, str]], base_seed: int) -> list[dict]:
+def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineLimits | None = None) -> list[dict]:
     """Generate for a chunk of (line number, text) pairs; one output record per pair, in the same order. Lines with
     equal settings share one batched generation."""
+    limits = limits or LineLimits()
     records: dict[int, dict] = {}
     groups: dict[tuple, list[Task]] = {}
     for line, text in lines:
         try:
-            task = prepare(model, line, text, base_seed)
+            task = prepare(model, line, text, base_seed, limits)
         except LineError as e:
-            records[line] = _error(line, text, str(e))
+            records[line] = _error(line, text, str(e), limits)
             continue
         groups.setdefault(task.key, []).append(task)
     for tasks in groups.values():
@@ -210,11 +266,16 @@ def _generate(model, tasks: list[Task]) -> list:
 
 # -- files ----------------------------------------------------------------------------------------------------------
 def input_lines(path: Path, after: int = 0) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of the non-blank lines after line `after`."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, text in enumerate(f, 1):
-            if n > after and text.strip():
-                yield n, text
+    """(1-based line number, text) of the non-blank lines after line `after`. A line that is not UTF-8 comes as a
+    stand-in that `prepare` reports (nothing is silently replaced)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n <= after or not raw.strip():
+                continue
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, f"{_ERROR_KEY} not valid UTF-8 (byte {e.start} of the line)"
 
 
 def resume_point(path: Path) -> int:
@@ -238,8 +299,46 @@ def resume_point(path: Path) -> int:
     return done
 
 
+def sidecar(output: Path) -> Path:
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def _identity(opts: BatchOptions) -> dict[str, Any]:
+    """What makes an output this run's: the input's content and the settings that decide every record."""
+    digest = hashlib.sha256()
+    with open(opts.input, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"format": "dgemma batch output", "input_sha256": digest.hexdigest(),
+            "model": str(Path(opts.model).resolve()), "seed": opts.seed, "dtype": opts.dtype}
+
+
+def claim_output(opts: BatchOptions) -> None:
+    """Refuse an output that is not recognisably this command's own for this input, before anything is cut or
+    appended: an existing non-empty file without the sidecar, or one whose sidecar names another input or other
+    settings. A new output gets its sidecar (atomically) first."""
+    outp, side = Path(opts.output), sidecar(Path(opts.output))
+    ident = _identity(opts)
+    if side.is_file():
+        try:
+            recorded = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{side}: unreadable ({e}); remove it and {outp} to start over") from None
+        differ = [k for k, v in ident.items() if not isinstance(recorded, dict) or recorded.get(k) != v]
+        if differ:
+            raise ValueError(f"{outp} holds the output of another dgemma batch run ({', '.join(differ)} differ, "
+                             f"see {side}); choose another --output, or remove both files to start over")
+        return
+    if outp.exists() and (not outp.is_file() or outp.stat().st_size > 0):
+        raise ValueError(f"{outp} exists and is not a dgemma batch output (no {side.name} beside it); it is left "
+                         f"untouched: choose another --output")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(ident, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(side)
+
+
 def _write(out, records: list[dict]) -> None:
-    out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out.write("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
     out.flush()
     os.fsync(out.fileno())
 
@@ -260,6 +359,7 @@ def run_batch(opts: BatchOptions) -> dict:
     opts.validate()
     inp, outp = Path(opts.input), Path(opts.output)
     outp.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(opts)
     resumed_at = resume_point(outp)
     total = before = 0
     for n, _ in input_lines(inp):
@@ -292,23 +392,25 @@ def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
         torch.set_num_threads(opts.threads)
     model = load_model(opts.model, dtype=opts.dtype, device=opts.device)
     for chunk in _chunks(pending, opts.max_batch):
-        yield run_lines(model, chunk, opts.seed)
+        yield run_lines(model, chunk, opts.seed, opts.limits)
 
 
 # -- Ray Data ----------------------------------------------------------------------------------------------------
 class BatchWorker:
     """A Ray Data actor: loads one model, generates for batches of lines (columns "line" and "text")."""
 
-    def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int):
+    def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int,
+                 limits: LineLimits | None = None):
         from .checkpoint import load_model
 
         torch.set_num_threads(threads)
         self.model = load_model(model, dtype=dtype, device=device)
         self.seed = seed
+        self.limits = limits or LineLimits()
 
     def __call__(self, batch: dict) -> dict:
         lines = [(int(n), str(t)) for n, t in zip(batch["line"], batch["text"], strict=True)]
-        records = run_lines(self.model, lines, self.seed)
+        records = run_lines(self.model, lines, self.seed, self.limits)
         return {"line": [r["line"] for r in records], "record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
@@ -329,7 +431,8 @@ def _ray_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // opts.max_batch)))
         out = ds.map_batches(BatchWorker, batch_size=opts.max_batch, batch_format="numpy",
                              fn_constructor_kwargs={"model": opts.model, "dtype": opts.dtype, "device": opts.device,
-                                                    "threads": threads, "seed": opts.seed},
+                                                    "threads": threads, "seed": opts.seed,
+                                                    "limits": opts.limits},
                              concurrency=opts.actors, num_cpus=opts.actor_cpus,
                              num_gpus=opts.actor_gpus)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--dtype", default=None)
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--threads", type=int, default=None, help="torch threads per process or actor")
+    bt.add_argument("--max-line-chars", type=int, default=1 << 20,
+                    help="characters per input line, checked before parsing (default 1048576)")
+    bt.add_argument("--max-tokens", type=int, default=4096, help="a line's max_new_tokens at most (default 4096)")
+    bt.add_argument("--max-denoising-steps", type=int, default=256,
+                    help="a line's diffusion.max_denoising_steps at most (default 256)")
     bt.add_argument("--no-progress", action="store_true")
     bt.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data (needs dgemma[ray])")
     bt.add_argument("--ray-address", default=None, help="cluster to join (default: $RAY_ADDRESS, else local)")
@@ -551,14 +556,16 @@ def _serve_ray(args, path: Path, api_key: str | None) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import BatchOptions, run_batch
+    from .batch import BatchOptions, LineLimits, run_batch
     from .tasks.sudoku_run import default_model_path
 
     opts = BatchOptions(input=args.input, output=args.output, model=args.model or str(default_model_path()),
                         seed=args.seed, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
                         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(), ray=args.ray,
                         ray_address=args.ray_address, actors=args.actors, actor_cpus=args.actor_cpus,
-                        actor_gpus=args.actor_gpus)
+                        actor_gpus=args.actor_gpus,
+                        limits=LineLimits(max_line_chars=args.max_line_chars, max_new_tokens=args.max_tokens,
+                                          max_denoising_steps=args.max_denoising_steps))
     print(json.dumps(run_batch(opts)))
     return 0
 
