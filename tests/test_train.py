@@ -10,19 +10,20 @@ padding ignored by the AR loss), and bad input.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import dgemma
 from dgemma.cli import main as cli_main
 from dgemma.lora import load_adapter, merge_lora
 from dgemma.presets import write_random_checkpoint
-from dgemma.train import Example, TrainConfig, collate, finetune, load_examples, losses, lr_at
+from dgemma.train import Example, TrainConfig, TrainError, collate, finetune, load_examples, losses, lr_at
 
 CANVAS = 16
 LETTERS = "abcd"
@@ -242,9 +243,13 @@ def test_resume_without_state_starts_fresh(root, base, data):
 def test_log_is_fresh_per_run_and_trimmed_on_resume(root, base, data):
     out = root / "log_trim"
     finetune(config(base, data, out, steps=3, log_every=1))
-    finetune(config(base, data, out, steps=2, log_every=1))  # a new run in the same folder: a new log
-    assert [r["step"] for r in read_log(out)] == [1, 2]
+    kept = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TrainError, match="previous run"):  # a new run never overwrites an earlier one
+        finetune(config(base, data, out, steps=2, log_every=1))
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
     # A log that ran past the saved state (a crash after step 4's checkpoint) is cut back before resuming.
+    out = root / "log_trim2"
     finetune(config(base, data, out, steps=6, save_every=4, log_every=1))
     state_file = out / "last" / "trainer_state.json"
     state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -488,3 +493,78 @@ def test_cli_finetune_stdout_is_only_json(root, base, data, capsys):
                    "--steps", "1", "--batch-size", "2"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 1
+
+
+# -- nothing lost: snapshots, resume and hostile data -----------------------------------------------------------------
+def test_resume_refuses_an_incomplete_snapshot(root, base, data):
+    """A kill inside the old snapshot write left weights without trainer_state.json: --resume refuses it (it used
+    to restart silently from the base, trim the log and overwrite the snapshot)."""
+    out = root / "torn"
+    finetune(config(base, data, out, steps=2, save_every=1, log_every=1))
+    (out / "last" / "trainer_state.json").unlink()
+    kept = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TrainError, match="no complete snapshot"):
+        finetune(config(base, data, out, steps=4, save_every=1, log_every=1, resume=True))
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+
+
+def test_a_kill_while_swapping_the_snapshot_resumes_from_the_complete_one(root, base, data):
+    """The snapshot is written whole to .last.partial and swapped in; killed between the two renames, the run
+    resumes from the complete directory left behind and ends where an uninterrupted run ends."""
+    straight = root / "straight"
+    finetune(config(base, data, straight, steps=4, save_every=2, log_every=1))
+    out = root / "swapped"
+    finetune(config(base, data, out, steps=4, save_every=2, log_every=1))
+    state = json.loads((out / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    # simulate the kill: the step-4 snapshot renamed to .last.partial, no `last`
+    os.replace(out / "last", out / ".last.partial")
+    finetune(config(base, data, out, steps=4, save_every=2, log_every=1, resume=True))
+    assert (out / "last" / "trainer_state.json").is_file() and not (out / ".last.partial").exists()
+    a = dgemma.load_model(straight / "final").state_dict()
+    b = dgemma.load_model(out / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["not json", "no rng", "short rng", "bad step", "optimizer garbage",
+                                    "moment shape", "nan moment", "missing count"])
+def test_corrupted_trainer_state_is_a_named_error(root, base, data, damage, tmp_path):
+    out = tmp_path / "run"
+    finetune(config(base, data, out, steps=1, save_every=1, log_every=1))
+    last = out / "last"
+    state_file, opt_file = last / "trainer_state.json", last / "optimizer.safetensors"
+    state = json.loads(state_file.read_text())
+    if damage == "not json":
+        state_file.write_text("{")
+    elif damage == "no rng":
+        state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "rng"}))
+    elif damage == "short rng":
+        state_file.write_text(json.dumps({**state, "rng": [1, 2, 3]}))
+    elif damage == "bad step":
+        state_file.write_text(json.dumps({**state, "step": "x"}))
+    elif damage == "optimizer garbage":
+        opt_file.write_bytes(b"\x00" * 64)
+    elif damage == "missing count":
+        state_file.write_text(json.dumps({**state, "opt_step": {}}))
+    else:
+        tensors = load_file(str(opt_file))
+        key = next(iter(tensors))
+        tensors[key] = torch.zeros(3) if damage == "moment shape" else torch.full_like(tensors[key], float("nan"))
+        save_file(tensors, str(opt_file))
+    culprit = opt_file if damage in ("optimizer garbage", "moment shape", "nan moment") else state_file
+    with pytest.raises(TrainError, match=str(culprit)):
+        finetune(config(base, data, out, steps=2, save_every=1, log_every=1, resume=True))
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b', "response": "x"}', "nested too deeply"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "not valid UTF-8"),
+    (b'{"prompt": "a", "response": "' + b"y" * 20_000 + b'"}', "positions"),
+    (b'{"prompt": "' + b"z" * 300_000 + b'", "response": "x"}', "limit is"),
+], ids=["deep", "latin-1", "too many tokens", "too long"])
+def test_hostile_training_lines_name_file_and_line(model, tmp_path, line, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "ok", "response": "fine"}\n' + line + b"\n")
+    with pytest.raises(ValueError, match=message) as e:
+        load_examples(model, path, chat=True, max_line_chars=200_000)
+    assert f"{path}:2" in str(e.value)

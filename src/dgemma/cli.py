@@ -15,6 +15,9 @@ from pathlib import Path
 from .config import DIFFUSION_SETTINGS, ConfigError
 from .limits import ConnectionLimits, Limits
 
+# TrainConfig fields that `dgemma finetune` takes as --flags (type and default from the dataclass)
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank", "lora_alpha",
+               "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every", "seed", "max_line_chars")
 # flag -> (generation_config name, type), derived from the one declaration of the diffusion settings
 GEN_FLAGS = {"--" + name.replace("_", "-"): (name, s.kind) for name, s in DIFFUSION_SETTINGS.items()}
 
@@ -157,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     defaults = TrainConfig(base="", data="", out="")
-    for name in ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank",
-                 "lora_alpha", "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every",
-                 "seed"):
+    for name in TRAIN_FLAGS:
         value = getattr(defaults, name)
         f.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
     f.add_argument("--lora-targets", default="text", choices=["text", "vision", "both"],
@@ -457,12 +458,10 @@ def cmd_bench(args) -> int:
 def cmd_finetune(args) -> int:
     from .train import TrainConfig, finetune
 
-    names = ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank", "lora_alpha",
-             "sc_prob", "t_min", "ar_weight", "diffusion_weight", "save_every", "log_every", "seed")
     cfg = TrainConfig(base=args.model, data=args.data, out=args.out, freeze_router=args.freeze_router,
                       chat=not args.no_chat, device=args.device, dtype=args.dtype, resume=args.resume,
                       distributed=args.distributed, lora_targets=args.lora_targets,
-                      **{n: getattr(args, n) for n in names})
+                      **{n: getattr(args, n) for n in TRAIN_FLAGS})
     summary = finetune(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary
         print(json.dumps(summary))

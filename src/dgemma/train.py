@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ from .presets import write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+class TrainError(ValueError):
+    """A fine-tuning run cannot start or continue; the message names the file or directory at fault."""
 
 
 @dataclass
@@ -68,6 +73,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
     seed: int = 0
+    max_line_chars: int = 1 << 20  # characters per training-data line, checked before it is parsed
     device: str = "cpu"
     dtype: str = "float32"
     resume: bool = False
@@ -75,7 +81,7 @@ class TrainConfig:
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); see distributed.py
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "max_line_chars"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if not 0 <= self.sc_prob <= 1 or not 0 < self.t_min < 1:
@@ -99,7 +105,8 @@ class Example:
     response: list[int]  # response + end token, padded with pad to whole canvases
 
 
-def load_examples(model: DiffusionGemma, path: Path, chat: bool) -> list[Example]:
+def load_examples(model: DiffusionGemma, path: Path, chat: bool, max_line_chars: int = 1 << 20) -> list[Example]:
+    """The training examples of a JSONL file; a line that cannot be used is a ValueError naming file and line."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{model.source}: fine-tuning from text needs tokenizer.json")
@@ -110,21 +117,35 @@ def load_examples(model: DiffusionGemma, path: Path, chat: bool) -> list[Example
         end = gen.eos_ids[0] if gen.eos_ids else cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 1
     pad = gen.pad_token_id if gen.pad_token_id is not None else 0
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            if len(raw) > max_line_chars * 4:  # even all-ASCII it is over the limit: not decoded, not parsed
+                raise ValueError(f"{where}: the line has {len(raw)} bytes; the limit is {max_line_chars} characters")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
+            if len(line) > max_line_chars:
+                raise ValueError(f"{where}: the line has {len(line)} characters; the limit is {max_line_chars}")
             try:
                 row = json.loads(line)
                 prompt, response = row["prompt"], row["response"]
                 if not isinstance(prompt, str) or not isinstance(response, str):
                     raise TypeError("prompt and response must be strings")
+            except RecursionError:
+                raise ValueError(f"{where}: nested too deeply") from None
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with string 'prompt' and 'response' ({e})") from None
+                raise ValueError(f"{where}: expected a JSON object with string 'prompt' and 'response' ({e})") from None
             p_ids = tok.encode_chat([{"role": "user", "content": prompt}]) if use_chat else tok.encode(prompt)
             r_ids = tok.encode(response) + [end]
             c = cfg.canvas_length
             r_ids += [pad] * (-len(r_ids) % c)
+            if len(p_ids) + len(r_ids) > cfg.max_position_embeddings:
+                raise ValueError(f"{where}: {len(p_ids)} prompt + {len(r_ids)} response tokens (whole canvases) "
+                                 f"exceed the model's {cfg.max_position_embeddings} positions")
             examples.append(Example(p_ids, r_ids))
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -275,15 +296,59 @@ def _save_state(out: Path, step: int, opt: torch.optim.Optimizer, names: dict, g
 
 
 def _load_state(out: Path, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator) -> int:
-    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(out / "optimizer.safetensors"))
+    """The step, optimizer moments and RNG state of snapshot `out`; any fault is a TrainError naming the file."""
+    state_file, opt_file = out / "trainer_state.json", out / "optimizer.safetensors"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step, rng, opt_steps = int(state["step"]), state["rng"], state["opt_step"]
+        if step < 0 or not isinstance(rng, list) or not isinstance(opt_steps, dict):
+            raise ValueError("step, rng or opt_step has the wrong type")
+        gen.set_state(torch.tensor(rng, dtype=torch.uint8))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, OverflowError, RecursionError) as e:
+        raise TrainError(f"{state_file}: not a usable trainer state ({type(e).__name__}: {e})") from None
+    try:
+        tensors = load_file(str(opt_file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise TrainError(f"{opt_file}: not a readable optimizer state ({type(e).__name__}: {e})") from None
     for p, name in names.items():
-        if f"{name}.exp_avg" in tensors:
-            opt.state[p] = {"step": torch.tensor(state["opt_step"][name]),
-                            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device),
-                            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device)}
-    gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
-    return int(state["step"])
+        if f"{name}.exp_avg" not in tensors:
+            continue
+        moments = [tensors.get(f"{name}.{k}") for k in ("exp_avg", "exp_avg_sq")]
+        if any(m is None or m.shape != p.shape for m in moments):
+            raise TrainError(f"{opt_file}: the moments of {name} are missing or not of shape {list(p.shape)}")
+        if any(not bool(torch.isfinite(m).all()) for m in moments) or bool((moments[1] < 0).any()):
+            raise TrainError(f"{opt_file}: the moments of {name} hold NaN, infinite or negative values")
+        try:
+            count = float(opt_steps[name])
+        except (KeyError, TypeError, ValueError):
+            raise TrainError(f"{state_file}: opt_step has no count for {name}") from None
+        if not math.isfinite(count) or count < 1:
+            raise TrainError(f"{state_file}: opt_step[{name!r}] = {count} is not a step count")
+        opt.state[p] = {"step": torch.tensor(count), "exp_avg": moments[0].to(p.device),
+                        "exp_avg_sq": moments[1].to(p.device)}
+    return step
+
+
+def _resume_point(out: Path, resume: bool) -> Path | None:
+    """The snapshot to continue from, or None for a fresh run. A snapshot counts only when complete (its
+    trainer_state.json is written last); `last` may be missing only if a run died while swapping it, and then the
+    complete directory it left is used. A fresh run never overwrites a previous run's snapshot or log, and
+    --resume never silently starts over."""
+    complete = [d for d in (out / "last", out / ".last.partial", out / ".last.old")
+                if (d / "trainer_state.json").is_file()]
+    log = out / "train_log.jsonl"
+    earlier = (out / "last").exists() or complete or (log.is_file() and log.stat().st_size > 0)
+    if not resume:
+        if earlier:
+            raise TrainError(f"{out} holds a previous run (snapshot or log); pass --resume to continue it, or "
+                             f"choose another output directory")
+        return None
+    if complete:
+        return complete[0]
+    if earlier:
+        raise TrainError(f"{out / 'last'}: no complete snapshot to resume from (no trainer_state.json); the run "
+                         f"cannot continue from it: move the directory away to start over")
+    return None  # nothing there yet: the first run of a resumable command
 
 
 def finetune(cfg: TrainConfig) -> dict:
@@ -294,13 +359,13 @@ def finetune(cfg: TrainConfig) -> dict:
     ctx = distributed.setup(cfg.device, cfg.distributed, cfg.batch_size)  # None unless under torchrun
     device = ctx.device if ctx else resolve_device(cfg.device)
     main = ctx is None or ctx.main  # the rank that logs and writes
-    resume_from = out / "last"
-    start_dir = resume_from if cfg.resume and (resume_from / "trainer_state.json").is_file() else base
-    if cfg.resume and cfg.lora_rank and start_dir != base:
+    resume_from = _resume_point(out, cfg.resume)
+    start_dir = resume_from or base
+    if resume_from is not None and cfg.lora_rank:
         start_dir = base  # LoRA resumes from the base weights plus the saved adapter
     model = load_model(start_dir, dtype=cfg.dtype, device=device)
-    examples = load_examples(model, Path(cfg.data), cfg.chat)
-    if cfg.lora_rank and cfg.resume and (resume_from / "adapter").is_dir():
+    examples = load_examples(model, Path(cfg.data), cfg.chat, cfg.max_line_chars)
+    if cfg.lora_rank and resume_from is not None and (resume_from / "adapter").is_dir():
         load_adapter(model, resume_from / "adapter")
     elif cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed),
@@ -319,7 +384,7 @@ def finetune(cfg: TrainConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and (resume_from / "trainer_state.json").is_file():
+    if resume_from is not None:
         step = _load_state(resume_from, opt, params, gen)
         if ctx:
             distributed.shard_optimizer_state(opt)
@@ -385,15 +450,22 @@ def finetune(cfg: TrainConfig) -> dict:
 
 
 def _snapshot(model, base, out, cfg, step, opt, params, gen, ctx=None) -> DiffusionGemma | None:
-    """<out>/last: a loadable checkpoint plus optimizer and RNG state for --resume. Distributed: every rank
+    """<out>/last: a loadable checkpoint plus optimizer and RNG state for --resume, complete before it becomes
+    visible: written to <out>/.last.partial (trainer_state.json last), then swapped in. Distributed: every rank
     calls it, rank 0 writes full tensors. Returns the (plain) model that was written, None on other ranks."""
-    last = out / "last"
     if ctx:
         model, opt, params = distributed.gathered(ctx, model, opt, params, lambda: _plain_model(base, cfg))
         if model is None:
             return None
-    save_checkpoint(model, base, last, cfg)
-    _save_state(last, step, opt, params, gen, cfg)
+    last, partial, old = out / "last", out / ".last.partial", out / ".last.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_checkpoint(model, base, partial, cfg)
+    _save_state(partial, step, opt, params, gen, cfg)
+    shutil.rmtree(old, ignore_errors=True)
+    if last.exists():
+        os.replace(last, old)  # a kill from here to the next line leaves two complete snapshots, no `last`
+    os.replace(partial, last)
+    shutil.rmtree(old, ignore_errors=True)
     return model
 
 
