@@ -67,3 +67,17 @@ def test_limits_validate():
         Limits(max_batch=0).validate(lambda n: "--" + n.replace("_", "-"))
     with pytest.raises(ValueError, match="request_timeout"):
         Limits(request_timeout=-1.0).validate()
+
+
+def test_stream_takes_a_finished_settings_object():
+    """An entry point resolves the settings once and hands the object down; mixing it with overrides is refused."""
+    from dgemma.generate import resolve_settings
+    from dgemma.presets import random_model
+
+    model = random_model("tiny", seed=1, canvas_length=8)
+    gen = resolve_settings(model, 8, {"max_denoising_steps": 3, "entropy_bound": 0.5})
+    a = model.generate([5, 6, 7], seed=2, settings=gen)
+    b = model.generate([5, 6, 7], seed=2, max_new_tokens=8, max_denoising_steps=3, entropy_bound=0.5)
+    assert a.ids == b.ids and a.steps == b.steps and max(a.steps) <= 3
+    with pytest.raises(ValueError, match="not both"):
+        model.generate([5, 6, 7], seed=2, settings=gen, max_denoising_steps=4)

@@ -152,9 +152,11 @@ def stream(
     mm_token_type_ids: torch.Tensor | None = None,
     max_soft_tokens: int | None = None,
     verifier: Verifier | None = None,
+    settings: GenerationConfig | None = None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
-    """Run generation, yielding events. Settings: generation_config names as keyword overrides.
+    """Run generation, yielding events. Settings: generation_config names as keyword overrides of the model's
+    generation_config, or `settings`, a finished GenerationConfig (an entry point that resolved them once).
 
     rng="fast" (default): per-row generators and a fused inverse-CDF sampler. rng="reference": draws exactly as
     the reference's generate after torch.manual_seed(seed) (token-identical in fp32).
@@ -163,7 +165,9 @@ def stream(
     `verifier(tokens, accepted) -> reject`: a rule check on each step's proposal (see `Verifier`); the positions it
     rejects are re-noised instead of accepted, and a row whose argmax canvas it rejects does not stop early."""
     cfg = model.config
-    gen = resolve_settings(model, max_new_tokens, overrides)
+    if settings is not None and (overrides or max_new_tokens is not None):
+        raise ValueError("pass settings= or generation overrides (max_new_tokens included), not both")
+    gen = settings if settings is not None else resolve_settings(model, max_new_tokens, overrides)
     if rng not in RNG_MODES:
         raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
     pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0

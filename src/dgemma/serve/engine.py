@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..ar import ar_stream
+from ..config import GenerationConfig
 from ..generate import Commit, Done, Draft, plan_canvases, resolve_settings, stream
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Job:
 
     prompt_ids: list[int]
     max_new_tokens: int
-    settings: dict[str, Any]  # generation_config overrides (already validated)
+    settings: dict[str, Any]  # the request's generation_config overrides (validated by the request schema)
     emit: Callable[[dict[str, Any]], None]
     seed: int = field(default_factory=lambda: secrets.randbits(62))
     decoder: str = "diffusion"
@@ -56,6 +57,7 @@ class Job:
     constraint: Any = None  # a constraints.Constraint the output must satisfy (diffusion only)
     images: dict[str, Any] | None = None  # preprocess_images output for the prompt's images (diffusion only)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    gen: GenerationConfig | None = None  # the settings resolved against the model, once (Engine.settings_for)
     # Progress, owned by the worker.
     ids: list[int] = field(default_factory=list)
     sent: str = ""  # text already emitted
@@ -121,10 +123,10 @@ class _DiffusionRun(_Run):
         gen = engine.settings_for(first)
         self.pad, self.eos = gen.pad_token_id, set(gen.eos_ids)
         constraints = [j.constraint for j in jobs]
-        self.events = stream(engine.model, [j.prompt_ids for j in jobs], max_new_tokens=first.max_new_tokens,
+        self.events = stream(engine.model, [j.prompt_ids for j in jobs], settings=gen,
                              seed=[j.seed for j in jobs], rng="fast",
                              constraint=constraints if any(c is not None for c in constraints) else None,
-                             **self._image_inputs(jobs), **first.settings)
+                             **self._image_inputs(jobs))
 
     @staticmethod
     def _image_inputs(jobs: list[Job]) -> dict[str, Any]:
@@ -214,8 +216,11 @@ class Engine:
         self._thread.start()
 
     # -- called from request handlers ------------------------------------------------------------------------
-    def settings_for(self, job: Job):
-        return resolve_settings(self.model, job.max_new_tokens, job.settings)
+    def settings_for(self, job: Job) -> GenerationConfig:
+        """The job's settings over the model's generation_config, resolved once and kept on the job."""
+        if job.gen is None:
+            job.gen = resolve_settings(self.model, job.max_new_tokens, job.settings)
+        return job.gen
 
     def check(self, job: Job) -> None:
         """Raise ValueError naming the problem if `job` cannot run (bad settings, too long for the model)."""
