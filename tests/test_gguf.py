@@ -5,7 +5,9 @@ computes what the reference computes on the dequantized twin, and refuses malfor
 from __future__ import annotations
 
 import dataclasses
+import resource
 import shutil
+import struct
 
 import gguf
 import numpy as np
@@ -175,11 +177,14 @@ def test_blocks_dequantize_exactly(gg):
 # ---------------------------------------------------------------------------------------------------------------
 # refused
 # ---------------------------------------------------------------------------------------------------------------
-def _rewrite(gg, tmp_path, drop_key=None, replace=None, drop_tensor=None, arch="diffusion-gemma", shape_of=None):
-    """A copy of the test GGUF with one metadata key / tensor dropped or changed."""
+def _rewrite(gg, tmp_path, drop_key=None, replace=None, drop_tensor=None, arch="diffusion-gemma", shape_of=None,
+             extra=None):
+    """A copy of the test GGUF with one metadata key / tensor dropped or changed (`extra`: {key: (value, type)})."""
     src = gguf.GGUFReader(str(gg["path"]))
     out = tmp_path / "bad.gguf"
     w = gguf.GGUFWriter(str(out), arch)
+    for name, (value, vtype) in (extra or {}).items():
+        w.add_key_value(name, value, vtype)
     for name, field in src.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture" or name == drop_key:
             continue
@@ -306,3 +311,35 @@ def test_release_depth(tmp_path):
         ref = DiffusionGemmaForBlockDiffusion.from_pretrained(twin, dtype=torch.float32).eval()
         want = ref(input_ids=prompt, decoder_input_ids=canvas).logits
     torch.testing.assert_close(model.canvas_logits(prompt, canvas), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("alignment", [0, 7, 3 << 20])
+def test_refuses_a_bad_alignment(gg, tmp_path, alignment):
+    path = _rewrite(gg, tmp_path, extra={"general.alignment": (alignment, gguf.GGUFValueType.UINT32)})
+    _refused(path, "general.alignment must be a power of two")
+
+
+@pytest.mark.parametrize("key,value", [("diffusion-gemma.attention.key_length", 0),
+                                       ("diffusion-gemma.block_count", 0)])
+def test_refuses_a_zero_size(gg, tmp_path, key, value):
+    _refused(_rewrite(gg, tmp_path, replace={key: value}), key, "positive integer")
+
+
+def test_refuses_a_size_of_the_wrong_type(gg, tmp_path):
+    key = "diffusion-gemma.block_count"
+    path = _rewrite(gg, tmp_path, drop_key=key, extra={key: ("four", gguf.GGUFValueType.STRING)})
+    _refused(path, key, "positive integer")
+
+
+@pytest.mark.parametrize("n_tensors,n_kv,body", [
+    (1 << 60, 0, b""),  # a tensor count no file holds
+    (0, 1, struct.pack("<Q", 1 << 40) + b"k"),  # a key claiming a terabyte
+    (0, 1, struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 1 << 58)),  # a string array of 2^58 entries
+])
+def test_corrupt_header_counts_read_nothing_big(tmp_path, n_tensors, n_kv, body):
+    """Counts and lengths the file cannot hold are refused before anything is read or allocated for them."""
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body + b"\0" * 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _refused(path, str(path))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: no big allocation

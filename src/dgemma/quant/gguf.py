@@ -18,6 +18,7 @@ and per layer `blk.N.` + `attn_norm`, `attn_{q,k,v,output}`, `attn_{q,k}_norm`, 
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -183,6 +184,13 @@ class GGUFFile:
             raise QuantError(f"{self.path}: GGUF metadata key {key!r} is missing")
         return self.meta[key]
 
+    def count(self, key: str) -> int:
+        """A metadata value that must be a positive integer (a layer count, a head size)."""
+        v = self.need(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise QuantError(f"{self.path}: GGUF metadata key {key!r} must be a positive integer, got {v!r}")
+        return v
+
     def type_name(self, name: str) -> str:
         return _gguf().GGMLQuantizationType(int(self.tensors[name].tensor_type)).name
 
@@ -213,19 +221,23 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 
 
 class _Header:
-    """Sequential little-endian reads over the file's header bytes."""
+    """Sequential little-endian reads over the file's header bytes (a mapped file), every length checked against
+    what is left before it is read."""
 
-    def __init__(self, buf: bytes, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf, path: Path, start: int = 0):
+        self.buf, self.pos, self.path = buf, start, path
 
     def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise QuantError(f"{self.path}: GGUF header is truncated")
+        if n < 0 or self.pos + n > len(self.buf):
+            raise QuantError(f"{self.path}: GGUF header is truncated or corrupt (a length of {n} bytes at offset "
+                             f"{self.pos} runs past the end of the file)")
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
 
     def scalar(self, vtype: int):
+        if vtype not in _SCALAR:
+            raise QuantError(f"{self.path}: unknown GGUF value type {vtype} at offset {self.pos}")
         fmt = "<" + _SCALAR[vtype]
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
@@ -243,6 +255,9 @@ class _Header:
             if sub in _NUMPY:  # numeric arrays in one read
                 arr = np.frombuffer(self.take(count * np.dtype(_NUMPY[sub]).itemsize), dtype=_NUMPY[sub])
                 return arr.tolist()
+            if sub not in (8, 9) or count * 8 > len(self.buf) - self.pos:  # each entry takes 8 bytes at least
+                raise QuantError(f"{self.path}: GGUF array of {count} entries of type {sub} at offset {self.pos} "
+                                 f"cannot fit in the file")
             return [self.value(sub) for _ in range(count)]
         raise QuantError(f"{self.path}: unknown GGUF value type {vtype}")
 
@@ -258,28 +273,31 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
         if version not in (2, 3):
             raise QuantError(f"{path}: GGUF version {version} is not supported (2, 3)")
         size = path.stat().st_size
-        chunk = 1 << 20
-        while True:  # read as much header as needed (grow until it parses)
-            f.seek(24)
-            buf = f.read(chunk)
-            try:
-                h = _Header(buf, path)
-                meta = {}
-                for _ in range(n_kv):
-                    key = h.string()
-                    meta[key] = h.value(h.scalar(4))
-                infos = []
-                for _ in range(n_tensors):
-                    name = h.string()
-                    dims = tuple(h.scalar(10) for _ in range(h.scalar(4)))
-                    infos.append((name, dims, h.scalar(4), h.scalar(10)))
-                break
-            except QuantError:
-                if 24 + len(buf) >= size:
-                    raise QuantError(f"{path}: GGUF header is truncated or corrupt") from None
-                chunk *= 4
-    align = int(meta.get("general.alignment", 32))
-    start = 24 + h.pos
+        # Every key-value pair takes at least 13 bytes and every tensor entry 24: counts the file cannot hold are
+        # refused before anything is read for them.
+        if n_kv * 13 + n_tensors * 24 > size:
+            raise QuantError(f"{path}: GGUF header claims {n_kv} metadata keys and {n_tensors} tensors, more than "
+                             f"the file's {size} bytes can hold")
+        # The header is parsed straight from the mapped file: one pass, no growing re-reads, and no read or
+        # allocation larger than the file (`_Header.take` checks every length against it first).
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            h = _Header(mapped, path, start=24)
+            meta = {}
+            for _ in range(n_kv):
+                key = h.string()
+                meta[key] = h.value(h.scalar(4))
+            infos = []
+            for _ in range(n_tensors):
+                name = h.string()
+                n_dims = h.scalar(4)
+                if n_dims > 8:
+                    raise QuantError(f"{path}: tensor {name!r} claims {n_dims} dimensions")
+                dims = tuple(h.scalar(10) for _ in range(n_dims))
+                infos.append((name, dims, h.scalar(4), h.scalar(10)))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1) or align > 1 << 20:
+        raise QuantError(f"{path}: general.alignment must be a power of two (at most 2^20), got {align!r}")
+    start = h.pos
     start += (-start) % align
     tensors = {}
     for name, dims, ttype, off in infos:
@@ -306,19 +324,22 @@ def model_config(g: GGUFFile) -> dict[str, Any]:
     if arch != ARCH:
         raise QuantError(f"{g.path}: general.architecture is {arch!r}; dgemma runs {ARCH!r} GGUF files")
     a = ARCH + "."
-    n_layers = int(g.need(a + "block_count"))
+    n_layers = g.count(a + "block_count")
     pattern = g.need(a + "attention.sliding_window_pattern")
     if not isinstance(pattern, list) or len(pattern) != n_layers:
         raise QuantError(f"{g.path}: {a}attention.sliding_window_pattern must list {n_layers} booleans")
     layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
     kv = g.need(a + "attention.head_count_kv")
     kv = kv if isinstance(kv, list) else [kv] * n_layers
-    if len(kv) != n_layers:
-        raise QuantError(f"{g.path}: {a}attention.head_count_kv lists {len(kv)} values for {n_layers} layers")
-    head_dim = int(g.get(a + "attention.key_length_swa", g.need(a + "attention.key_length")))
-    global_head_dim = int(g.need(a + "attention.key_length"))
+    if len(kv) != n_layers or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in kv):
+        raise QuantError(f"{g.path}: {a}attention.head_count_kv must be a positive integer or list {n_layers} of "
+                         f"them")
+    global_head_dim = g.count(a + "attention.key_length")
+    head_dim = g.count(a + "attention.key_length_swa") if a + "attention.key_length_swa" in g.meta else global_head_dim
     ff = g.need(a + "feed_forward_length")
-    ff = ff[0] if isinstance(ff, list) else ff
+    ff = ff[0] if isinstance(ff, list) and ff else ff
+    if not isinstance(ff, int) or isinstance(ff, bool) or ff <= 0:
+        raise QuantError(f"{g.path}: GGUF metadata key {a + 'feed_forward_length'!r} must be a positive integer")
     sliding_kv = next((kv[i] for i, t in enumerate(layer_types) if t == "sliding_attention"), kv[0])
     full_theta = float(g.get(a + "rope.freq_base", 1_000_000.0))
     swa_theta = float(g.get(a + "rope.freq_base_swa", 10_000.0))
@@ -328,16 +349,16 @@ def model_config(g: GGUFFile) -> dict[str, Any]:
         raise QuantError(f"{g.path}: tensor 'token_embd.weight' is missing")
     text = {
         "vocab_size": int(embd.shape[-1] if len(embd.shape) == 2 else 0) or None,
-        "hidden_size": int(g.need(a + "embedding_length")),
+        "hidden_size": g.count(a + "embedding_length"),
         "intermediate_size": int(ff),
         "num_hidden_layers": n_layers,
-        "num_attention_heads": int(g.need(a + "attention.head_count")),
+        "num_attention_heads": g.count(a + "attention.head_count"),
         "num_key_value_heads": int(sliding_kv),
         "head_dim": head_dim,
-        "num_experts": int(g.need(a + "expert_count")),
-        "top_k_experts": int(g.need(a + "expert_used_count")),
-        "moe_intermediate_size": int(g.need(a + "expert_feed_forward_length")),
-        "sliding_window": int(g.need(a + "attention.sliding_window")),
+        "num_experts": g.count(a + "expert_count"),
+        "top_k_experts": g.count(a + "expert_used_count"),
+        "moe_intermediate_size": g.count(a + "expert_feed_forward_length"),
+        "sliding_window": g.count(a + "attention.sliding_window"),
         "layer_types": layer_types,
         "per_layer_config": {str(i): {"head_dim": global_head_dim, "num_key_value_heads": int(kv[i])}
                              for i, t in enumerate(layer_types) if t == "full_attention"},
@@ -354,7 +375,7 @@ def model_config(g: GGUFFile) -> dict[str, Any]:
         "eos_token_id": eos_ids(g) or 1,
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id", 2),
     }
-    return {"model_type": "diffusion_gemma", "canvas_length": int(g.need("diffusion.canvas_length")),
+    return {"model_type": "diffusion_gemma", "canvas_length": g.count("diffusion.canvas_length"),
             "text_config": text}
 
 
