@@ -40,6 +40,39 @@ log = logging.getLogger("dgemma")
 _DEC, _ENC = DECODER, ENCODER
 
 
+# Quantization scales (and 16-bit stored weights) beyond this are corruption: no trained model has weights near it,
+# and such values overflow the activations into garbage. Checked at load with the NaN / infinity check.
+SCALE_LIMIT = 1e6
+
+
+def _finite(t: torch.Tensor, limit: float = float("inf"), chunk: int = 1 << 24) -> bool:
+    """Every value of `t` finite with |x| <= limit, checked a slice at a time (no full-size temporary)."""
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        if part.dtype.itemsize == 1:  # float8: widen first (exactly)
+            part = part.to(torch.float16)
+        if not bool(torch.isfinite(part).all()) or (part.numel() and part.abs().max().item() > limit):
+            return False
+    return True
+
+
+def check_finite(model: DiffusionGemma, source: Path) -> None:
+    """Every floating-point weight, scale and quantized value of the model is finite (a cheap pass at load), so a
+    corrupted checkpoint is a named error instead of silent garbage."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not _finite(p):
+            raise CheckpointError(f"{source}: {checkpoint_key(name)} holds NaN or infinite values")
+    for mname, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if not isinstance(value, QTensor):
+                continue
+            for field_name, t in value.tensors().items():
+                if t.is_floating_point() and not _finite(t, SCALE_LIMIT):
+                    raise CheckpointError(f"{source}: the {field_name} of {DECODER}{mname}.{attr} ({value.scheme}) "
+                                          f"holds NaN or infinite values, or values beyond {SCALE_LIMIT:g}")
+
+
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The text stack's tensors a checkpoint of `cfg` holds (save_pretrained key -> shape), besides the tied copies
     (encoder text weights, lm_head) and the vision tower. Built on the meta device: no memory for any size."""
@@ -170,6 +203,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         from .quant.lowbit import keep_16bit_storage
 
         keep_16bit_storage(model, compute_dtype)
+    check_finite(model, path)
     model.requires_grad_(False)
     model.eval()
     model.generation_config = gen

@@ -62,6 +62,7 @@ def constraint_args(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="Run and inspect DiffusionGemma block-diffusion models.")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text (or ids) from a prompt")
@@ -285,10 +286,22 @@ def main(argv: list[str] | None = None) -> int:
             run = {"solve": sudoku_run.cmd_solve, "eval": sudoku_run.cmd_eval, "demo": sudoku_run.cmd_demo}
             return run[args.sudoku_command](args)
     except (ValueError, TypeError, OSError, ConfigError) as e:  # OSError: missing/unreadable files
+        if args.debug:
+            raise
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - a genuine bug: one line, the traceback on request
+        if args.debug:
+            raise
+        where = e.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        site = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where is not None else ""
+        print(f"dgemma: internal error: {type(e).__name__}: {e}{site} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 1
 
 

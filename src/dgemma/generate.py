@@ -21,6 +21,10 @@ from .vision import prompt_images
 
 RNG_MODES = ("fast", "reference")
 
+class NonFiniteError(ValueError):
+    """The model produced NaN or infinite logits (broken weights, or activations that overflow their dtype)."""
+
+
 # A rule check on a denoising step, for any task: verifier(tokens [B, C], positions [B, C] bool) -> reject [B, C]
 # bool, the positions among `positions` whose token breaks a rule given the rest of `positions` (and whatever the
 # verifier knows, e.g. the prompt). The loop calls it with each step's samples and the positions the entropy bound
@@ -277,6 +281,11 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
         passes += ~(stopped | finished)
         temp = temperature(remaining, n, gen.t_min, gen.t_max) if gen.t_min is not None else None
         hidden = model.decode_hidden(canvas, cache, **sampler.self_conditioning())
+        # The final hidden states are normed, so with finite weights (checked at load) finite hidden states mean
+        # finite logits; checking them costs B x C x H, not B x C x V.
+        if not bool(torch.isfinite(hidden[live]).all()):
+            raise NonFiniteError(f"the model's logits are not finite (canvas {ci}, step {i + 1}, {model.dtype}): its "
+                                 f"weights or the activations are out of range")
         step = sampler.step(hidden, canvas, live, temp)
         accepted = accept_mask(step.entropy, gen.entropy_bound)
         if verifier is not None:  # what breaks a rule is re-noised, not accepted
