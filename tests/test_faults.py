@@ -3,6 +3,7 @@ and the CLI turns any failure into one line (the traceback only with --debug).""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -110,3 +111,34 @@ def test_a_bug_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert len(plain.stderr.strip().splitlines()) == 1
     debug = run("--debug", "info", "--model", str(tmp_path))
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def _sparse_checkpoint(tmp_path: Path, claim: int) -> Path:
+    """A checkpoint whose safetensors file claims a `claim`-byte tensor (a sparse file: no disk used)."""
+    import struct
+
+    path = write_random_checkpoint(tmp_path / "m", "tiny", seed=0)
+    hdr = {"model.decoder.embed_tokens.weight": {"dtype": "F32", "shape": [claim // 4 // 64, 64],
+                                                 "data_offsets": [0, claim]}}
+    raw = json.dumps(hdr).encode()
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + claim)
+    return path
+
+
+def test_a_header_claiming_a_terabyte_is_an_error_not_a_crash(tmp_path, capsys):
+    path = _sparse_checkpoint(tmp_path, 1 << 40)
+    assert cli_main(["generate", "--model", str(path), "--prompt-ids", "1,2", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dgemma: error:") and "model.safetensors" in err
+    assert cli_main(["info", "--model", str(path)]) == 0  # info reads headers only: it describes what is claimed
+
+
+def test_info_on_a_truncated_shard_names_it(tmp_path, capsys):
+    path = write_random_checkpoint(tmp_path / "m", "tiny", seed=0)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert cli_main(["info", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "past the end" in err

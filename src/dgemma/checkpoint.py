@@ -14,6 +14,7 @@ QExperts over QTensors; per-expert keys (`...experts.{e}.gate_proj.weight` etc.)
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import replace
@@ -109,11 +110,7 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def _keys(file: Path) -> list[str]:
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return [k for k in read_header(file)[1] if k != "__metadata__"]
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -259,7 +256,7 @@ def _handle(handles: dict, file: Path):
     if file not in handles:
         try:
             handles[file] = safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError) as e:
+        except (SafetensorError, OSError, RuntimeError) as e:  # RuntimeError: the file cannot be mapped
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return handles[file]
 
@@ -291,18 +288,39 @@ def _read(handles, file: Path, key: str, shape, dtype: torch.dtype, device: torc
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _header(file: Path) -> tuple[int, dict]:
-    """(offset of the data, tensor table) of a safetensors file (already validated by safe_open)."""
-    import json
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (JSON) larger than this is refused unread
 
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
+
+def read_header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, tensor table) of a safetensors file, read without mapping it: the header's length is
+    bounded by the file and MAX_HEADER_BYTES, and every tensor's byte range must lie inside the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{file}: not a safetensors file (its header claims {n} bytes)")
+            table = json.loads(f.read(n))
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (the header is not an object)")
+    for key, entry in table.items():
+        if key == "__metadata__":
+            continue
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
+        offsets = entry.get("data_offsets") if ok else None
+        if not (ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= size - 8 - n):
+            raise CheckpointError(f"{file}: tensor {key!r} has a malformed entry or lies past the end of the file")
+    return 8 + n, table
 
 
 def _read_unmapped(file: Path, key: str) -> torch.Tensor:
     """A float tensor read into freshly allocated (aligned) memory with file reads."""
-    start, table = _header(file)
+    start, table = read_header(file)
     info = table[key]
     begin, end = info["data_offsets"]
     out = torch.empty(info["shape"], dtype=_FLOAT_DTYPES[info["dtype"]])

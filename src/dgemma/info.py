@@ -4,12 +4,12 @@ each part of the model."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-from safetensors import safe_open
 
-from .checkpoint import detect_quant, find_gguf, weight_files
+from .checkpoint import detect_quant, find_gguf, read_header, weight_files
 from .errors import CheckpointError
 from .keys import map_key
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
@@ -83,19 +83,17 @@ def describe(path: Path) -> dict:
     parts: dict[str, dict[str, int]] = {}
     text_params = vision_params = 0
     for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                dt = sl.get_dtype()
-                stored[dt] = stored.get(dt, 0) + n
-                _add(parts, part_of(key), _weights_in(key, dt, n), n * ELEMENT_BYTES.get(dt, 1))
-                if map_key(key)[0] == "vision":
-                    vision_params += n
-                else:
-                    text_params += n
+        for key, entry in read_header(file)[1].items():  # headers only: nothing is mapped or read
+            if key == "__metadata__":
+                continue
+            n = math.prod(entry["shape"])
+            dt = entry["dtype"]
+            stored[dt] = stored.get(dt, 0) + n
+            _add(parts, part_of(key), _weights_in(key, dt, n), n * ELEMENT_BYTES.get(dt, 1))
+            if map_key(key)[0] == "vision":
+                vision_params += n
+            else:
+                text_params += n
     info = _summary(path, cfg, gen, fmt.label if fmt else None, parts, stored, text_params, vision_params,
                     (path / "tokenizer.json").is_file(), _has_chat_template(path))
     info["vision"] = _vision(path, vision_params)

@@ -311,7 +311,7 @@ class Reader:
             self.release()
             try:
                 self._handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as e:
+            except (SafetensorError, OSError, RuntimeError) as e:  # RuntimeError: cannot be mapped
                 raise QuantError(f"{file}: not a readable safetensors file ({e})") from None
             self._file = file
         return self._handle
