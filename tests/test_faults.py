@@ -142,3 +142,17 @@ def test_info_on_a_truncated_shard_names_it(tmp_path, capsys):
     assert cli_main(["info", "--model", str(path)]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "past the end" in err
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", "x"), ("int4", "x"), ("int4", 48)])
+def test_a_bad_group_size_names_the_field(quantized, tmp_path, scheme, group):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(quantized[scheme], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = group
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantization_config.group_size") as e:
+        dgemma.load_model(path)
+    assert "config.json" in str(e.value)

@@ -17,7 +17,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 import dgemma
 from dgemma import CheckpointError
-from dgemma.quant.gguf import GGUFTensor
+from dgemma.quant.gguf import GGUFTensor, read_header
 from dgemma.quant.modules import QExperts, QLinear
 
 import quant_writers as qw
@@ -343,3 +343,20 @@ def test_corrupt_header_counts_read_nothing_big(tmp_path, n_tensors, n_kv, body)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _refused(path, str(path))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: no big allocation
+
+
+def test_an_unknown_tensor_type_names_the_tensor(gg, tmp_path):
+    """A tensor entry whose GGML type number no gguf release knows: the error names the tensor."""
+    data = bytearray(gg["path"].read_bytes())
+    meta, tensors = read_header(gg["path"])
+    name = "blk.0.attn_q.weight"
+    # the type field follows the name, dim count and dims in the tensor table; find it from the header layout
+    needle = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(needle) + len(needle)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    type_at = at + 4 + 8 * n_dims
+    assert struct.unpack_from("<I", data, type_at)[0] == tensors[name].tensor_type
+    struct.pack_into("<I", data, type_at, 999)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    _refused(bad, name, "GGML type 999")

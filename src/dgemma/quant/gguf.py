@@ -192,7 +192,7 @@ class GGUFFile:
         return v
 
     def type_name(self, name: str) -> str:
-        return _gguf().GGMLQuantizationType(int(self.tensors[name].tensor_type)).name
+        return _type_name(self.path, name, self.tensors[name].tensor_type)
 
 
 @dataclass
@@ -301,11 +301,22 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
     start += (-start) % align
     tensors = {}
     for name, dims, ttype, off in infos:
+        _type_name(path, name, ttype)  # an unknown type is named with its tensor
         t = TensorInfo(name, dims, ttype, start + off)
         if t.offset + t.n_bytes > size:
             raise QuantError(f"{path}: tensor {name!r} lies past the end of the file (truncated download?)")
         tensors[name] = t
     return meta, tensors
+
+
+def _type_name(path: Path, name: str, ttype: int) -> str:
+    try:
+        qtype = _gguf().GGMLQuantizationType(int(ttype))
+        _gguf().GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise QuantError(f"{path}: tensor {name!r} has GGML type {ttype}, which this gguf package does not know") \
+            from None
+    return qtype.name
 
 
 def open_gguf(path: Path) -> GGUFFile:

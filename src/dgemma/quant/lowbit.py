@@ -244,6 +244,9 @@ def parse_config(qc: dict, src: str) -> DgemmaQuant:
     group = qc.get("group_size", DEFAULT_GROUP if scheme == "int4" else None)
     if scheme == "int4" and group not in GROUPS:
         raise QuantError(f"{src}: quantization_config.group_size must be one of {list(GROUPS)}, got {group!r}")
+    if scheme == "int8" and group is not None:  # int8 is per channel: no groups
+        raise QuantError(f"{src}: quantization_config.group_size must be absent (null) for int8 (per-channel "
+                         f"scales), got {group!r}")
     version = qc.get("version", 1)
     if version != 1:
         raise QuantError(f"{src}: quantization_config.version {version!r} is newer than this dgemma reads (1)")
