@@ -156,3 +156,32 @@ def test_a_bad_group_size_names_the_field(quantized, tmp_path, scheme, group):
     with pytest.raises(CheckpointError, match="quantization_config.group_size") as e:
         dgemma.load_model(path)
     assert "config.json" in str(e.value)
+
+
+def test_a_missing_quantized_tensor_is_blamed_on_the_weights_file(quantized, tmp_path):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(quantized["int4"], path)
+    f = path / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
+    key = next(k for k in tensors if "q_proj" in k and "scale" in k)
+    del tensors[key]
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(CheckpointError, match="missing") as e:
+        dgemma.load_model(path)
+    assert str(f) in str(e.value) and key in str(e.value)
+
+
+def test_quantized_tensors_without_a_config_are_not_called_nvfp4_only(quantized, tmp_path):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(quantized["int4"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="int4") as e:
+        dgemma.load_model(path)
+    assert "quantization_config" in str(e.value)

@@ -442,8 +442,9 @@ def check_kind(kind: str, fmt: QuantFormat | None, where: str) -> None:
     if kind == "dense":
         return
     if fmt is None:
-        raise QuantError(f"{where}: {kind} tensors, but neither hf_quant_config.json nor config.json's "
-                         "quantization_config describes a quantized checkpoint")
+        looks = {"nvfp4": "NVFP4 or dgemma int4 (packed codes)"}.get(kind, kind)
+        raise QuantError(f"{where}: quantized tensors ({looks} layout by their names), but neither "
+                         "hf_quant_config.json nor config.json's quantization_config describes a quantized checkpoint")
     if kind not in fmt.kind.split("+"):
         raise QuantError(f"{where}: {kind} tensors, but {fmt.source} announces {fmt.kind}")
 

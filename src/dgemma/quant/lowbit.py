@@ -279,7 +279,7 @@ def _expect(shape_of, dtype_of, where, key: str, shape: tuple[int, ...], dtype: 
     try:
         got = tuple(shape_of(key))
     except KeyError:
-        raise QuantError(f"{where(key)}: missing (the int8/int4 layout needs it)") from None
+        raise QuantError(f"{where(key)}: missing (the int8/int4 layout config.json announces needs it)") from None
     if got != shape:
         raise QuantError(f"{where(key)}: shape {list(got)}, expected {list(shape)}")
     if dtype_of(key) != dtype:
@@ -329,8 +329,11 @@ def load_into(model: torch.nn.Module, files: dict, q: DgemmaQuant, device: torch
         except (SafetensorError, OSError) as e:
             raise QuantError(f"{f}: not a readable safetensors file ({e})") from None
 
+    shards = sorted({str(f) for f in files.values()})
+    stored_in = shards[0] if len(shards) == 1 else f"the checkpoint's {len(shards)} weight files"
+
     def where(key: str) -> str:
-        return f"{files.get(key, q.source)}: tensor {key!r}"
+        return f"{files[key]}: tensor {key!r}" if key in files else f"{stored_in}: tensor {key!r}"
 
     def shape_of(key: str) -> tuple[int, ...]:
         if key not in meta:
