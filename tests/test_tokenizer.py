@@ -272,3 +272,13 @@ def test_model_with_corrupted_tokenizer_fails_to_load(ckpt, tmp_path):
     (bad / "tokenizer.json").write_text("{", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer.json"):
         dgemma.load_model(bad)
+
+
+def test_stable_prefix_holds_back_partial_characters_and_stop_prefixes():
+    from dgemma.tokenizer import stable_prefix
+
+    assert stable_prefix("hello") == 5
+    assert stable_prefix("caf\ufffd") == 3  # an incomplete character waits for the next tokens
+    assert stable_prefix("say ST", stop=["STOP"]) == 4  # "ST" may grow into "STOP"
+    assert stable_prefix("say STx", stop=["STOP"]) == 7
+    assert stable_prefix("S\ufffd", stop=["S\ufffdX"]) == 0

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from .generate import generate, plan_canvases, resolve_settings
+from .generate import check_prompt_ids, generate, plan_canvases, resolve_settings
 
 SEED_MASK = (1 << 62) - 1
 SIDECAR_SUFFIX = ".dgemma-batch.json"  # next to the output: which input and settings it belongs to
@@ -114,11 +114,12 @@ def _prompt_ids(model, obj: dict) -> list[int]:
         raise LineError('give exactly one of "prompt", "messages" or "prompt_ids"')
     if "prompt_ids" in obj:
         ids = obj["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, list):
             raise LineError('"prompt_ids" must be a list of integers')
-        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise LineError(f"token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        try:
+            check_prompt_ids(ids, model.config.vocab_size)
+        except (TypeError, ValueError) as e:
+            raise LineError(f'"prompt_ids": {e}') from None
         return ids
     if tok is None:
         raise LineError('this model has no tokenizer; give "prompt_ids"')

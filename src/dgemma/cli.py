@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_generate(args) -> int:
     from .checkpoint import load_model
     from .generate import Commit, Done, Draft, stream
+    from .tokenizer import stable_prefix
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.prefill_chunk is not None:
@@ -369,7 +370,7 @@ def cmd_generate(args) -> int:
                     # is printed whole. A trailing incomplete character waits for the next canvas.
                     streamed_ids += [t for t in ev.ids[0].tolist() if t != pad]
                     text = tok.decode(streamed_ids)
-                    stable = text.rstrip("\ufffd")
+                    stable = text[:stable_prefix(text)]
                     if stable.startswith(shown):
                         sys.stdout.write(stable[len(shown):])
                         shown = stable

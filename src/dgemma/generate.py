@@ -101,15 +101,21 @@ def _as_batch(prompt_ids, vocab: int, pad_id: int, device: torch.device) -> tupl
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt must hold at least one token")
     for r in rows:
-        for x in r:
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise TypeError(f"prompt ids must be integers, got {x!r}")
-            if not 0 <= x < vocab:
-                raise ValueError(f"prompt id {x} is outside the vocabulary [0, {vocab})")
+        check_prompt_ids(r, vocab)
     width = max(len(r) for r in rows)
     pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     return ids.to(device), pad.to(device), single
+
+
+def check_prompt_ids(ids, vocab: int) -> None:
+    """Prompt ids must be integers in [0, vocab): TypeError / ValueError naming the first that is not (the one check
+    behind generate, the server and batch)."""
+    for x in ids:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"prompt ids must be integers, got {x!r}")
+        if not 0 <= x < vocab:
+            raise ValueError(f"token id {x} is outside the vocabulary [0, {vocab})")
 
 
 def resolve_settings(model, max_new_tokens: int | None, overrides: dict) -> GenerationConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jinja2
@@ -201,3 +202,17 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer.config, indent=2) + "\n", encoding="utf-8")
     if tokenizer.chat_template is not None:
         (path / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+def stable_prefix(text: str, stop: Sequence[str] = ()) -> int:
+    """How much of a growing decoded text can be shown now: not a trailing incomplete character (U+FFFD until the
+    next tokens complete it) nor a tail that may still grow into one of the `stop` strings."""
+    safe = len(text)
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                safe = min(safe, len(text) - k)
+                break
+    while safe > 0 and text[safe - 1] == "\ufffd":
+        safe -= 1
+    return safe

@@ -33,7 +33,7 @@ from ..config import ConfigError
 from ..limits import Limits
 from ..images import ImageError, chat_prompt, extract_images
 from ..constraints import ConstraintError, compile_constraint, fill_id
-from ..generate import resolve_settings
+from ..generate import check_prompt_ids, resolve_settings
 from ..sampler import temperature
 from ..tokenizer import TokenizerError
 from .engine import Engine, EngineBusy, Job
@@ -395,9 +395,10 @@ def make_job(state: ServerState, req, prompt_ids: list[int], emit: Callable[[dic
     if len(prompt_ids) > state.max_prompt:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {state.max_prompt}",
                        param="prompt", code="prompt_too_long")
-    bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})", param="prompt")
+    try:
+        check_prompt_ids(prompt_ids, cfg.vocab_size)
+    except (TypeError, ValueError) as e:
+        raise APIError(400, str(e), param="prompt") from None
     max_new = req.max_new_tokens()
     if max_new is None:
         gen = state.model.generation_config

@@ -28,6 +28,7 @@ import torch
 from ..ar import ar_stream
 from ..config import GenerationConfig
 from ..generate import Commit, Done, Draft, plan_canvases, resolve_settings, stream
+from ..tokenizer import stable_prefix
 
 log = logging.getLogger(__name__)
 
@@ -274,15 +275,7 @@ class Engine:
             self._emit_delta(job, text[:cut], info)
             self.finish(job, "stop", text[:cut])
             return
-        safe = len(text)
-        for s in job.stop:  # hold back a tail that may grow into a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        while safe > 0 and text[safe - 1] == "\ufffd":
-            safe -= 1
-        self._emit_delta(job, text[:safe], info)
+        self._emit_delta(job, text[:stable_prefix(text, job.stop)], info)
 
     def _emit_delta(self, job: Job, upto: str, info: dict[str, Any]) -> None:
         delta = upto[len(job.sent):] if upto.startswith(job.sent) else ""
