@@ -393,3 +393,70 @@ def test_template_parsing():
     assert parts[4] == "}" and (parts[5].min_tokens, parts[5].max_tokens) == (1, None)
     with pytest.raises(ConstraintError, match="malformed hole"):
         Template.parse("x {{hole:3")
+
+
+# -- real-world schemas: exact or refused ------------------------------------------------------------------------------
+@pytest.mark.parametrize("schema,keyword,path", [
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}, {}]}, "oneOf", "/"),
+    ({"type": "object", "properties": {"v": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 5}}},
+     "pattern", "/properties/v"),
+    ({"type": "string", "pattern": "^(\\d+\\.\\d+\\.\\d+.*)$"}, "pattern", "/"),  # `.` could write a quote
+    ({"type": "string", "pattern": "[^a]"}, "pattern", "/"),
+    ({"type": "string", "pattern": "\\s+"}, "pattern", "/"),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                {"type": "object", "properties": {"b": {"type": "integer"}}}]}, "allOf", "/"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf", "/"),  # 3 is both
+    ({"type": "string", "format": "ipv6"}, "format", "/"),
+    ({"type": "object", "properties": {"x": {"anyOf": [{"type": "string"}], "type": "string"}}}, "anyOf",
+     "/properties/x"),
+])
+def test_schemas_that_would_be_weakened_are_refused_naming_keyword_and_path(schema, keyword, path):
+    with pytest.raises(ConstraintError) as e:
+        Constraint.json_schema(schema).regex_text()
+    assert repr(keyword) in str(e.value) and f"(at {path})" in str(e.value)
+
+
+def _instances(schema, texts):
+    rx = Constraint.json_schema(schema).regex_text()
+    return [t for t in texts if re.fullmatch(rx, t)]
+
+
+def test_draft4_boolean_exclusive_bounds():
+    d4 = {"$schema": "http://json-schema.org/draft-04/schema#"}
+    schema = {**d4, "type": "integer", "minimum": 5, "exclusiveMinimum": True, "maximum": 8, "exclusiveMaximum": True}
+    assert _instances(schema, [str(i) for i in range(0, 12)]) == ["6", "7"]
+    schema = {**d4, "type": "integer", "minimum": 5, "exclusiveMinimum": False, "maximum": 6}
+    assert _instances(schema, [str(i) for i in range(0, 12)]) == ["5", "6"]
+
+
+def test_formats_are_exact_subsets():
+    import datetime
+
+    good = ['"2024-02-28T13:05:09Z"', '"1999-12-01T00:00:00.5+05:30"']
+    bad = ['"2024-02-30T13:05:09Z"', '"2024-13-01T00:00:00Z"', '"2024-01-01T00:00:00"', '"02024-01-01T00:00:00Z"',
+           '"2024-01-01t00:00:00Z"']
+    assert _instances({"type": "string", "format": "date-time"}, good + bad) == good
+    for text in good:
+        datetime.datetime.fromisoformat(json.loads(text).replace("Z", "+00:00"))
+    assert _instances({"type": "string", "format": "ipv4"}, ['"10.0.0.255"', '"256.1.1.1"', '"1.2.3"']) == \
+        ['"10.0.0.255"']
+
+
+def test_anchored_patterns_and_annotation_only_subschemas():
+    schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
+                                               "note": {"description": "anything"}},
+              "required": ["v", "note"], "additionalProperties": False}
+    rx = Constraint.json_schema(schema).regex_text()
+    assert re.fullmatch(rx, '{"v":"1.25","note":3}')
+    assert not re.fullmatch(rx, '{"v":"1","note":3}')
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generated_instances_of_patterned_and_formatted_schemas_validate(model, seed):
+    schema = {"type": "object", "properties": {
+        "when": {"type": "string", "format": "date"}, "tag": {"type": "string", "pattern": "^[a-z]{2}-[0-9]$"},
+        "kind": {"oneOf": [{"const": "a"}, {"const": "b"}]}}, "required": ["when", "tag", "kind"],
+        "additionalProperties": False}
+    r = _generate_or_cut(model, "JSON:", seed, 128, Constraint.json_schema(schema), json_schema=schema)
+    if r is not None:
+        jsonschema.validate(json.loads(r.text), schema)

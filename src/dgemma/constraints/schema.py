@@ -1,11 +1,12 @@
 """JSON schema -> regex: checked with `jsonschema`, compiled with outlines-core's `build_regex_from_schema`, with
-the keywords it would silently ignore either implemented here (numeric bounds) or refused (a 400 beats invalid
-output)."""
+every keyword it would weaken either implemented here (numeric bounds, Draft-4 exclusive bounds, string formats,
+anchored patterns) or refused naming the keyword and its path: a 400 beats output that does not validate."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import jsonschema
 from outlines_core.json_schema import build_regex_from_schema
@@ -19,7 +20,25 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 UNSUPPORTED = ("multipleOf", "not", "if", "then", "else", "contains", "minContains", "maxContains",
                "patternProperties", "dependentRequired", "dependentSchemas", "minProperties", "maxProperties",
                "propertyNames", "unevaluatedProperties", "unevaluatedItems", "dependencies")
-DATA = ("enum", "const", "default", "examples")  # values that are instances, not schemas
+# Keywords that describe and never constrain: a subschema of only these accepts any value.
+ANNOTATIONS = ("description", "title", "$comment", "examples", "default", "deprecated", "readOnly", "writeOnly",
+               "$schema", "$id", "$anchor")
+COMBINATORS = ("anyOf", "oneOf", "allOf")
+# String formats as regexes of valid JSON string content, each a subset of what the format allows (dates stop at the
+# 28th so every date exists): exact in the sense that every output validates. Other formats are refused.
+_DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+FORMATS = {
+    "date-time": _DATE + "T" + _TIME,
+    "date": _DATE,
+    "time": _TIME,
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    "email": r"[a-z0-9][a-z0-9._+-]{0,30}@[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z]{2,10}){1,3}",
+    "hostname": r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?){0,4}",
+    "ipv4": r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+    "uri": r"https?://[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?){1,4}"
+           r"(?:/[A-Za-z0-9._~-]{1,30}){0,6}",
+}
 
 
 def canonical(schema) -> str:
@@ -70,18 +89,118 @@ SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
+def _refuse(keyword: str, path: str, why: str = "is not supported") -> ConstraintError:
+    return ConstraintError(f"json_schema keyword {keyword!r} (at {path or '/'}) {why}")
+
+
+def _safe_pattern(pattern: str, path: str) -> str:
+    """A `pattern` as the regex of a JSON string's content: anchors at its ends removed (outlines-core matches the
+    whole string), refused when it could write a quote, a backslash or a control character (characters JSON must
+    escape; pasted raw they would break the JSON) or when it uses a construct this check cannot see through."""
+    inner = pattern[1:] if pattern.startswith("^") else pattern
+    if inner.endswith("$") and not inner.endswith("\\$"):
+        inner = inner[:-1]
+    try:
+        tree = re._parser.parse(inner)  # noqa: SLF001 - the standard library's own regex parser
+    except re.error as e:
+        raise _refuse("pattern", path, f"is not a valid regex ({e})") from None
+    bad = {ord('"'), ord("\\"), *range(0x20), 0x7F}
+
+    def may_write_bad(items) -> bool:
+        for op, arg in items:
+            name = str(op)
+            if name in ("ANY", "NOT_LITERAL", "AT"):
+                return True  # `.`, [^x] and anchors inside the pattern
+            if name == "LITERAL" and arg in bad:
+                return True
+            if name == "IN":
+                if any(str(o) == "NEGATE" for o, _ in arg):
+                    return True
+                for o, a in arg:
+                    if str(o) == "LITERAL" and a in bad or str(o) == "RANGE" and any(a[0] <= b <= a[1] for b in bad):
+                        return True
+                    if str(o) == "CATEGORY" and str(a) not in ("CATEGORY_DIGIT", "CATEGORY_WORD"):
+                        return True  # \s (control characters), \S / \W / \D (quotes)
+            if name == "CATEGORY" and str(arg) not in ("CATEGORY_DIGIT", "CATEGORY_WORD"):
+                return True
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and may_write_bad(arg[2]):
+                return True
+            if name == "SUBPATTERN" and may_write_bad(arg[-1]):
+                return True
+            if name == "BRANCH" and any(may_write_bad(b) for b in arg[1]):
+                return True
+            if name in ("GROUPREF", "GROUPREF_EXISTS", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+                return True
+        return False
+
+    if may_write_bad(tree):
+        raise _refuse("pattern", path, f"{pattern!r} may write a quote, a backslash or a control character (or uses "
+                      f"an anchor, look-around or backreference inside); write it with explicit character classes")
+    return inner
+
+
+def _draft4_bounds(node: dict) -> dict:
+    """Draft 4's boolean exclusiveMinimum / exclusiveMaximum (a flag on minimum / maximum) in the later form."""
+    for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(flag), bool):
+            node = dict(node)
+            if node.pop(flag) and bound in node:
+                node[flag] = node.pop(bound)
+    return node
+
+
+def _disjoint(branches: list) -> bool:
+    """oneOf branches no value can match twice: each a different single type, or each a set of constants."""
+    types = [b.get("type") if isinstance(b, dict) else None for b in branches]
+    if all(isinstance(t, str) for t in types) and len(set(types)) == len(types) and \
+            not {"integer", "number"} <= set(types):
+        return True
+    values = []
+    for b in branches:
+        if not isinstance(b, dict) or not ("const" in b or "enum" in b) or set(b) - {"const", "enum", *ANNOTATIONS}:
+            return False
+        values.append([json.dumps(v, sort_keys=True) for v in ([b["const"]] if "const" in b else b["enum"])])
+    flat = [v for vs in values for v in vs]
+    return len(flat) == len(set(flat))
+
+
 def _walk(node, marks: dict[str, str], path: str):
     """Rewrite one schema (recursively through its subschemas)."""
+    if isinstance(node, dict) and not set(node) - set(ANNOTATIONS):
+        node = {}  # only annotations: any value
     if node is True or node == {}:
         return copy.deepcopy(FLAT)
     if not isinstance(node, dict):
         return node
     for k in UNSUPPORTED:
         if k in node:
-            raise ConstraintError(f"json_schema keyword {k!r} (at {path or '/'}) is not supported")
+            raise _refuse(k, path)
     if node.get("uniqueItems") is True:
-        raise ConstraintError(f"json_schema keyword 'uniqueItems' (at {path or '/'}) is not supported")
-    node = dict(node)
+        raise _refuse("uniqueItems", path)
+    node = _draft4_bounds(dict((k, v) for k, v in node.items() if k not in ANNOTATIONS))
+    combined = [k for k in COMBINATORS if k in node]
+    if combined:
+        others = sorted(set(node) - set(COMBINATORS) - {"$defs", "definitions"})
+        if len(combined) > 1 or others:
+            raise _refuse(combined[0], path, f"beside {', '.join(combined[1:] + others)} is not supported (the "
+                          f"compiled form would drop one side); nest them instead")
+        if "allOf" in node and len(node["allOf"]) > 1:
+            raise _refuse("allOf", path, "with more than one subschema is not supported (merge them into one)")
+        if "oneOf" in node and not _disjoint(node["oneOf"]):
+            raise _refuse("oneOf", path, "with branches that a value could match twice is not supported (use "
+                          "anyOf, or branches of different types or distinct constants)")
+    if "format" in node:
+        fmt = node["format"]
+        if fmt not in FORMATS:
+            raise _refuse("format", path, f"{fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+        if "pattern" in node or node.get("type", "string") != "string":
+            raise _refuse("format", path, "beside pattern, or on a non-string type, is not supported")
+        node["pattern"] = FORMATS[node.pop("format")]
+    if "pattern" in node:
+        if any(k in node for k in ("minLength", "maxLength")):
+            raise _refuse("pattern", path, "beside minLength / maxLength is not supported (the compiled form keeps "
+                          "only the lengths); put the length into the pattern")
+        node["pattern"] = _safe_pattern(node["pattern"], path)
     for k in SCHEMA_MAPS:
         if isinstance(node.get(k), dict):
             node[k] = {name: _walk(v, marks, f"{path}/{k}/{name}") for name, v in node[k].items()}
