@@ -360,3 +360,19 @@ def test_an_unknown_tensor_type_names_the_tensor(gg, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(bytes(data))
     _refused(bad, name, "GGML type 999")
+
+
+def test_an_array_over_the_limit_is_refused_before_it_is_read(tmp_path):
+    """2^28 float32 scores fit in a 1 GiB (sparse) file but would be ~18 GB as Python floats: refused unread."""
+    from dgemma.quant.gguf import MAX_ARRAY
+
+    path = tmp_path / "big-array.gguf"
+    key = b"tokenizer.ggml.scores"
+    count = MAX_ARRAY * 16
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key +
+                struct.pack("<IIQ", 9, 6, count))
+        f.truncate(f.tell() + 4 * count)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _refused(path, "over the limit")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024

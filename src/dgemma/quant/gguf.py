@@ -220,6 +220,9 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
+MAX_ARRAY = 1 << 24  # entries of one metadata array: as Python values they cost ~30-60 bytes each
+
+
 class _Header:
     """Sequential little-endian reads over the file's header bytes (a mapped file), every length checked against
     what is left before it is read."""
@@ -252,6 +255,9 @@ class _Header:
             return self.string()
         if vtype == 9:
             sub, count = self.scalar(4), self.scalar(10)
+            if count > MAX_ARRAY:
+                raise QuantError(f"{self.path}: a GGUF array of {count} entries at offset {self.pos} is over the "
+                                 f"limit of {MAX_ARRAY} (the largest real ones, vocabularies and merges, are < 2^20)")
             if sub in _NUMPY:  # numeric arrays in one read
                 arr = np.frombuffer(self.take(count * np.dtype(_NUMPY[sub]).itemsize), dtype=_NUMPY[sub])
                 return arr.tolist()
