@@ -14,6 +14,7 @@ QExperts over QTensors; per-expert keys (`...experts.{e}.gate_proj.weight` etc.)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -293,9 +294,19 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header (JSON) larger than this is 
 
 def read_header(file: Path) -> tuple[int, dict]:
     """(offset of the data, tensor table) of a safetensors file, read without mapping it: the header's length is
-    bounded by the file and MAX_HEADER_BYTES, and every tensor's byte range must lie inside the file."""
+    bounded by the file and MAX_HEADER_BYTES, and every tensor's byte range must lie inside the file. Parsed once
+    per file version (the loader asks for every tensor it reads)."""
     try:
-        size = file.stat().st_size
+        st = file.stat()
+    except OSError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return _parsed_header(str(file), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_header(name: str, size: int, mtime_ns: int) -> tuple[int, dict]:
+    file = Path(name)
+    try:
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
