@@ -53,6 +53,10 @@ class Commit:
     ids: torch.Tensor  # [batch, canvas] committed ids (pad after EOS / for finished rows)
     steps: list[int]  # denoising passes per row for this canvas
     finished: torch.Tensor  # bool [batch], rows that have produced EOS
+    # With stream(logprobs=k): each committed id's log-probability under its position's final-step distribution
+    # [batch, canvas], and that distribution's k most probable ids and their log-probabilities ([batch, canvas, k]).
+    logprobs: torch.Tensor | None = None
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -163,6 +167,7 @@ def stream(
     max_soft_tokens: int | None = None,
     verifier: Verifier | None = None,
     settings: GenerationConfig | None = None,
+    logprobs: int | None = None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
     """Run generation, yielding events. Settings: generation_config names as keyword overrides of the model's
@@ -173,7 +178,8 @@ def stream(
     Image prompts: `images` (PIL images, paths or bytes, in prompt order) or their processor outputs
     `pixel_values` + `image_position_ids`; the prompt holds begin-of-image, N image tokens, end-of-image per image.
     `verifier(tokens, accepted) -> reject`: a rule check on each step's proposal (see `Verifier`); the positions it
-    rejects are re-noised instead of accepted, and a row whose argmax canvas it rejects does not stop early."""
+    rejects are re-noised instead of accepted, and a row whose argmax canvas it rejects does not stop early.
+    `logprobs=k` (0 or more): each Commit carries its ids' log-probabilities and the top k (see Commit)."""
     cfg = model.config
     if settings is not None and (overrides or max_new_tokens is not None):
         raise ValueError("pass settings= or generation overrides (max_new_tokens included), not both")
@@ -192,7 +198,25 @@ def stream(
     sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
     if verifier is not None and not callable(verifier):
         raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
-    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier)
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise ValueError(f"logprobs must be a non-negative integer or None, got {logprobs!r}")
+    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs)
+
+
+def token_logprobs(sampler: CanvasSampler, ids: torch.Tensor, k: int):
+    """Log-probabilities of `ids` [B, C] under each row's final-step distribution (`sampler.ranking`, the
+    temperature-scaled one it drew from), floored at float32's smallest normal so they stay finite, and the top k."""
+    tiny = torch.finfo(torch.float32).tiny
+    probs = isinstance(getattr(sampler, "inner", sampler), FastSampler)  # else ranking holds the scaled logits
+    rows = []
+    for b in range(ids.shape[0]):
+        dist = sampler.ranking(b).float()
+        logp = torch.log(dist.clamp_min(tiny)) if probs else torch.log_softmax(dist, dim=-1)
+        rows.append(logp.clamp_min(math.log(tiny)))
+    logp = torch.stack(rows)
+    chosen = logp.gather(-1, ids[..., None].to(logp.device)).squeeze(-1).cpu()
+    top = logp.topk(k, dim=-1) if k else None
+    return chosen, None if top is None else (top.values.cpu(), top.indices.cpu())
 
 
 def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):
@@ -225,9 +249,10 @@ def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
 
 
 def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-         vision_s: float = 0.0, verifier: Verifier | None = None) -> Iterator[Draft | Commit | Done]:
+         vision_s: float = 0.0, verifier: Verifier | None = None,
+         logprobs: int | None = None) -> Iterator[Draft | Commit | Done]:
     # The contexts are re-entered around each resume of the generator, so they never leak to the consumer.
-    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier)
+    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs)
     while True:
         with torch.inference_mode(), row_invariant(sampler.row_invariant):
             try:
@@ -238,7 +263,8 @@ def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
 
 
 def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-          vision_s: float = 0.0, verifier: Verifier | None = None) -> Iterator[Draft | Commit | Done]:
+          vision_s: float = 0.0, verifier: Verifier | None = None,
+          logprobs: int | None = None) -> Iterator[Draft | Commit | Done]:
     """prefill -> per canvas: denoise steps -> commit (the canvas is encoded into the cache before the next)."""
     batch, prompt_len = prompt.shape
     n_canvases = plan_canvases(model.config, gen, prompt_len)
@@ -267,7 +293,8 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
         sampler.on_commit(ids, finished)
         committed.append(ids)
         steps.append(canvas_passes.tolist())
-        yield Commit(ci, ids.cpu(), steps[-1], finished.cpu())
+        lp = token_logprobs(sampler, ids, logprobs) if logprobs is not None else (None, None)
+        yield Commit(ci, ids.cpu(), steps[-1], finished.cpu(), *lp)
         if bool(finished.all()):
             break
     timings["total_s"] = time.perf_counter() - t_start
