@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import dgemma
 from dgemma import hardware
-from dgemma.measure import Clock, run_timed
-from dgemma.presets import write_random_checkpoint
+from dgemma.bench.measure import Clock, run_timed
+from dgemma.checkpoint.write import write_random_checkpoint
 
 
 def step_seconds(model, prompt, steps: int, repeats: int) -> float:

@@ -55,7 +55,7 @@ def main() -> int:
         return 2
     import gguf
 
-    from dgemma.quant.gguf import GGUFTensor, dequantize_rows, open_gguf, read_raw, tokenizer_from_gguf
+    from dgemma.checkpoint.gguf import GGUFTensor, dequantize_rows, open_gguf, read_raw, tokenizer_from_gguf
 
     path = pkg.assemble(Path(args.out) / pkg.MODEL_NAME)
     failures = []

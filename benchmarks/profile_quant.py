@@ -90,12 +90,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from dgemma import hardware
-    from dgemma.checkpoint import load_model
+    from dgemma.checkpoint.load import load_model
     from dgemma.model import Attention, Router
     from dgemma.presets import FULL, SLIDING
     from dgemma.quant import lowbit
     from dgemma.quant.modules import QExperts
-    from dgemma.quant.quantize import random_quantized_checkpoint
+    from dgemma.checkpoint.quantize import random_quantized_checkpoint
     import dgemma.sampler as sampler_mod
 
     if args.threads:

@@ -42,7 +42,7 @@ def small_models(root: Path, seeds: list[int]) -> dict:
     from refmodels import build
 
     import dgemma
-    from dgemma.quant.quantize import quantize_checkpoint
+    from dgemma.checkpoint.quantize import quantize_checkpoint
 
     out: dict = {s: [] for s in SCHEMES}
     for seed in seeds:
@@ -62,7 +62,7 @@ def small_models(root: Path, seeds: list[int]) -> dict:
 
 def sudoku(root: Path, n: int, size: int = 9) -> dict:
     import dgemma
-    from dgemma.quant.quantize import quantize_checkpoint
+    from dgemma.checkpoint.quantize import quantize_checkpoint
     from dgemma.tasks.sudoku_run import BUNDLED_MODELS, evaluate
 
     bundled = BUNDLED_MODELS[size]

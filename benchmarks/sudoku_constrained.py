@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dgemma.checkpoint import load_model
+from dgemma.checkpoint.load import load_model
 from dgemma.constraints import Constraint, Hole, Template
 from dgemma.hardware import cpu_model
 from dgemma.tasks import sudoku

@@ -1,5 +1,5 @@
 """The vision tower's time per image at the real shapes, batched over images (the same as `dgemma bench --vision`;
-this script also takes --layers and --max-soft-tokens). See dgemma/vision_bench.py for what is measured.
+this script also takes --layers and --max-soft-tokens). See dgemma/bench/vision.py for what is measured.
 
     OMP_NUM_THREADS=2 python benchmarks/vision_tower.py --images 1,2 --dtypes bfloat16,float32 --repeats 0 \
         --threads 2 --json-out benchmarks/results/vision_tower_cpu.json
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from dgemma.vision_bench import cli_run
+from dgemma.bench.vision import cli_run
 
 
 def main() -> int:

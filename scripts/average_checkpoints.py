@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from dgemma.presets import staged_dir
+from dgemma.checkpoint.write import staged_dir
 
 
 def average(srcs: list[Path]) -> dict:

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sudoku as T  # noqa: E402
 
-from dgemma.checkpoint import load_model  # noqa: E402
+from dgemma.checkpoint.load import load_model  # noqa: E402
 from dgemma.numerics import row_invariant  # noqa: E402
 from dgemma.tasks import sudoku  # noqa: E402
 from dgemma.train import Example, TrainConfig, collate, losses  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_sudoku import write_base  # noqa: E402
 
-from dgemma.checkpoint import load_model  # noqa: E402
+from dgemma.checkpoint.load import load_model  # noqa: E402
 from dgemma.tasks import sudoku  # noqa: E402
 from dgemma.tasks.sudoku_run import default_model_path, evaluate  # noqa: E402
 

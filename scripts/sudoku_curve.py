@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dgemma.checkpoint import load_model
+from dgemma.checkpoint.load import load_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import evaluate
 

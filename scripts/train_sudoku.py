@@ -28,7 +28,9 @@ import torch
 
 from dgemma.config import ModelConfig
 from dgemma.hardware import cpu_model
-from dgemma.presets import config_dict, generation_config_dict, random_state_dict, write_checkpoint
+from dgemma.presets import config_dict, random_state_dict
+from dgemma.config import generation_config_dict
+from dgemma.checkpoint.write import write_checkpoint
 from dgemma.tasks import sudoku
 from dgemma.tokenizer import build_byte_tokenizer
 from dgemma.train import TrainConfig, finetune

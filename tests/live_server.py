@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from dgemma.checkpoint import load_model
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.load import load_model
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.serve import ConnectionLimits, Limits, create_app, make_server
 from dgemma.tasks import sudoku
 

@@ -8,7 +8,7 @@ import torch
 
 import dgemma
 from dgemma.ar import ar_generate, ar_stream
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from refmodels import build  # noqa: E402

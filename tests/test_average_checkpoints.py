@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dgemma.checkpoint import load_model
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.load import load_model
+from dgemma.checkpoint.write import write_random_checkpoint
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "average_checkpoints.py"
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgemma import bench
+from dgemma.bench import run as bench
 from dgemma.config import ModelConfig
-from dgemma.bench import BenchOptions
-from dgemma.presets import preset_config, random_model, write_random_checkpoint
+from dgemma.bench.run import BenchOptions
+from dgemma.presets import preset_config, random_model
+from dgemma.checkpoint.write import write_random_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -221,7 +222,7 @@ def test_cli_smoke(tmp_path):
 def test_quantized_bench_counts_each_flop_once(tmp_path):
     """`dgemma bench --quantize` reads the model's own config.json and records one step's FLOPs once (the
     breakdown's total, not the total added to its parts)."""
-    from dgemma.quant import fullbench
+    from dgemma.bench import fullsize as fullbench
 
     out = tmp_path / "r.json"
     args = argparse.Namespace(quantize="int4", preset="tiny", model_dir=str(tmp_path / "m"), seed=0, threads=None,

@@ -19,9 +19,9 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextRotaryEmbedding
 
-from dgemma.checkpoint import expected_tensors
+from dgemma.checkpoint.load import expected_tensors
 from dgemma.config import ConfigError, ModelConfig
-from dgemma.keys import map_key
+from dgemma.checkpoint.keys import map_key
 from dgemma.model import rope_inv_freq
 
 from refmodels import VISION

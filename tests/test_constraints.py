@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgemma.checkpoint import load_model
+from dgemma.checkpoint.load import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
@@ -21,7 +21,7 @@ from dgemma.constraints.dp import ClassScorer, best_canvas, class_max, class_sco
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.vocab import TokenTable
 from dgemma.generate import Done, Draft, generate, stream
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 PAD, EOS = 0, 1
 PIECES = (None, None, b"a", b"b", b"ab", b"ba", b"c", b"bc")  # ids 0 (pad), 1 (EOS), then text tokens

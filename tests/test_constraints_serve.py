@@ -13,7 +13,7 @@ import openai
 import pytest
 from live_server import LiveServer
 
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 FAST = {"max_denoising_steps": 4}  # validity never depends on the step count; the contract runs the default
 

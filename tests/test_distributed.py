@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import dgemma
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.train import TrainConfig, finetune
 
 SRC = str(Path(dgemma.__file__).resolve().parents[1])

@@ -18,8 +18,8 @@ import dgemma
 from dgemma import CheckpointError
 from dgemma.cli import main as cli_main
 from dgemma.generate import NonFiniteError
-from dgemma.presets import write_random_checkpoint
-from dgemma.quant.quantize import random_quantized_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
+from dgemma.checkpoint.quantize import random_quantized_checkpoint
 
 SCHEMES = ["int8", "int4", "fp8", "nvfp4"]
 

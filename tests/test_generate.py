@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.sampler import accept_mask
 
 PROMPTS = [[5, 17, 3, 9, 11, 40, 41, 42, 43, 44, 70, 71, 72], [7, 8], [100, 101, 102, 103, 104]]

@@ -17,7 +17,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 import dgemma
 from dgemma import CheckpointError
-from dgemma.quant.gguf import GGUFTensor, read_header
+from dgemma.checkpoint.gguf import GGUFTensor, read_header
 from dgemma.quant.modules import QExperts, QLinear
 
 import quant_writers as qw
@@ -267,7 +267,7 @@ def test_info_reports_gguf_types_and_bits_per_weight(gg):
 
 
 def test_header_parser_agrees_with_the_gguf_package(gg):
-    from dgemma.quant.gguf import open_gguf
+    from dgemma.checkpoint.gguf import open_gguf
 
     ours = open_gguf(gg["path"])
     theirs = gguf.GGUFReader(str(gg["path"]))
@@ -286,7 +286,7 @@ def test_header_parser_agrees_with_the_gguf_package(gg):
 def test_block_dequantizers_agree_with_the_gguf_package(qtype):
     """dgemma's torch dequantizers (Q8_0, Q5_0, Q4_K, Q6_K; the others go through gguf.quants) give exactly the
     gguf package's floats, rows and experts alike."""
-    from dgemma.quant.gguf import dequantize_blocks
+    from dgemma.checkpoint.gguf import dequantize_blocks
 
     raw = qw.random_blocks(qtype, (3, 16), 512, seed=11)
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
@@ -364,7 +364,7 @@ def test_an_unknown_tensor_type_names_the_tensor(gg, tmp_path):
 
 def test_an_array_over_the_limit_is_refused_before_it_is_read(tmp_path):
     """2^28 float32 scores fit in a 1 GiB (sparse) file but would be ~18 GB as Python floats: refused unread."""
-    from dgemma.quant.gguf import MAX_ARRAY
+    from dgemma.checkpoint.gguf import MAX_ARRAY
 
     path = tmp_path / "big-array.gguf"
     key = b"tokenizer.ggml.scores"

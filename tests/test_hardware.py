@@ -7,7 +7,7 @@ import torch
 
 import dgemma
 from dgemma import hardware
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import dgemma
-from dgemma.checkpoint import CheckpointError
+from dgemma.checkpoint.load import CheckpointError
 from imagemodels import BOI, EOI, IMAGE, PROCESSOR, build_vision_checkpoint
 from refmodels import ref_generate
 
@@ -170,7 +170,7 @@ def test_bidirectional_runs_matter(models):
 def test_images_with_quantized_text_weights(models, tmp_path, scheme):
     """A quantized checkpoint keeps its vision tower dense: image prompts work and stay close to the unquantized
     model's logits (the text weights changed, the soft tokens did not)."""
-    from dgemma.quant.quantize import quantize_checkpoint
+    from dgemma.checkpoint.quantize import quantize_checkpoint
 
     _, model, path = models
     quantize_checkpoint(path, tmp_path / scheme, scheme)

@@ -230,7 +230,7 @@ def test_page_attaches_an_image(browser, server, tmp_path):
 def test_vision_bench_smoke():
     """`dgemma bench --vision`'s measurement on one real-width layer at the smallest budget: the row it reports."""
     from dgemma.vision import VisionConfig
-    from dgemma.vision_bench import run, tower_flops
+    from dgemma.bench.vision import run, tower_flops
 
     r = run([1], ["float32"], max_soft_tokens=70, layers=1, repeats=0, log=lambda _: None)
     (row,) = r["rows"]

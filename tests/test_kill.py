@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 TRAIN = ["--steps", "8", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--save-every", "2", "--log-every",
          "1"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from live_server import LiveServer, sudoku_shaped_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"

@@ -219,7 +219,7 @@ def test_16bit_token_table_computes_like_its_fp32_copy(monkeypatch):
 
 
 def test_nvfp4_pair_table_is_exact_for_every_byte_and_scale():
-    from dgemma.quant.formats import _BYTES, FP8, pair_table
+    from dgemma.checkpoint.formats import _BYTES, FP8, pair_table
 
     scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
     want = (scales[:, None, None] * _BYTES[None]).reshape(-1)  # [scale code, byte, 2] flattened
@@ -232,7 +232,7 @@ def test_nvfp4_pair_table_is_exact_for_every_byte_and_scale():
 
 @pytest.mark.parametrize("divides", [False, True])
 def test_nvfp4_fast_linear_matches_the_formula(divides):
-    from dgemma.quant.formats import FP8, NVFP4Tensor
+    from dgemma.checkpoint.formats import FP8, NVFP4Tensor
 
     g = torch.Generator().manual_seed(7)
     e, n, k = 3, 48, 64

@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 import dgemma
 import dgemma.quant.lowbit as L
-import dgemma.quant.quantize as Q
+import dgemma.checkpoint.quantize as Q
 from dgemma.cli import main as cli_main
-from dgemma.quant.formats import NVFP4Tensor, e2m1_table
+from dgemma.checkpoint.formats import NVFP4Tensor, e2m1_table
 from dgemma.quant.modules import QExperts, QLinear
 from refmodels import build
 
@@ -269,8 +269,8 @@ _RSS = textwrap.dedent("""
     import json, resource, sys
     import torch
     torch.set_num_threads(1)
-    from dgemma.quant import quantize as Q
-    from dgemma.checkpoint import weight_files
+    from dgemma.checkpoint import quantize as Q
+    from dgemma.checkpoint.load import weight_files
     if sys.argv[1] == "quantize":
         Q.quantize_checkpoint(sys.argv[2], sys.argv[3], "int8", progress=False, shard_bytes=16 << 20)
     else:
@@ -281,7 +281,7 @@ _RSS = textwrap.dedent("""
 
 def test_streaming_quantize_memory_bound(tmp_path):
     """Quantizing a ~100 MB model grows the process by far less than the model: one tensor + one shard."""
-    from dgemma.presets import write_random_checkpoint
+    from dgemma.checkpoint.write import write_random_checkpoint
 
     src = write_random_checkpoint(tmp_path / "mid", "small-moe", seed=0, num_hidden_layers=2, vocab_size=8192)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from live_server import LiveServer
 
 from dgemma.ar import ar_generate
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.serve import ConnectionLimits, Limits
 from dgemma.serve.app import host_policy
 

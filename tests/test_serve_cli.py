@@ -13,7 +13,7 @@ import pytest
 from live_server import free_port
 
 from dgemma.cli import main
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -12,7 +12,7 @@ import torch
 from refmodels import ref_generate
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from dgemma.checkpoint import load_model
+from dgemma.checkpoint.load import load_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import BUNDLED_MODELS, evaluate, task_spec
 

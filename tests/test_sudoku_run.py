@@ -19,7 +19,7 @@ import torch
 
 import dgemma
 from dgemma.cli import main as cli_main
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.tasks import sudoku, sudoku_run
 
 # Project Euler 96, grid 01.

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from test_page import CHROMIUM, browser, page, run_to_end, settings  # noqa: F401 (pytest fixtures)
 
-from dgemma.checkpoint import load_model
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.load import load_model
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.serve import Limits, create_app, make_server
 from dgemma.tasks import sudoku
 from live_server import LiveServer, free_port

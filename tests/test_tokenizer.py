@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dgemma
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.tokenizer import (
     BYTE_CHAT_TEMPLATE,
     BYTE_SPECIALS,

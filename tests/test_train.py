@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import dgemma
 from dgemma.cli import main as cli_main
 from dgemma.lora import load_adapter, merge_lora
-from dgemma.presets import write_random_checkpoint
+from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.train import Example, TrainConfig, TrainError, collate, finetune, load_examples, losses, lr_at
 
 CANVAS = 16

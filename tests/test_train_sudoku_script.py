@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dgemma.checkpoint import load_model
+from dgemma.checkpoint.load import load_model
 from dgemma.tasks import sudoku
 from dgemma.tasks.sudoku_run import solve_batch
 

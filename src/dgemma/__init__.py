@@ -1,6 +1,7 @@
 """dgemma: run, serve, inspect and fine-tune DiffusionGemma block-diffusion language models."""
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint.load import load_model
+from .errors import CheckpointError
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .generate import Commit, Done, Draft, GenerationResult, generate, stream
 from .images import ImageError, Prompt, chat_prompt, preprocess_images, text_prompt

@@ -387,7 +387,7 @@ def run_batch(opts: BatchOptions) -> dict:
 
 
 def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
-    from .checkpoint import load_model
+    from .checkpoint.load import load_model
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -402,7 +402,7 @@ class BatchWorker:
 
     def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int,
                  limits: LineLimits | None = None):
-        from .checkpoint import load_model
+        from .checkpoint.load import load_model
 
         torch.set_num_threads(threads)
         self.model = load_model(model, dtype=dtype, device=device)

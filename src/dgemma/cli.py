@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint.load import load_model
     from .generate import Commit, Done, Draft, stream
     from .tokenizer import stable_prefix
 
@@ -409,12 +409,12 @@ def cmd_info(args) -> int:
 
 def cmd_random(args) -> int:
     from .config import read_json
-    from .presets import write_random_checkpoint
+    from .checkpoint.write import write_random_checkpoint
 
     config = read_json(Path(args.config)) if args.config else None
     name = args.config or args.preset
     if args.quantize:
-        from .quant.quantize import random_quantized_checkpoint
+        from .checkpoint.quantize import random_quantized_checkpoint
 
         out = random_quantized_checkpoint(args.out, args.preset, args.quantize, seed=args.seed, dtype=args.dtype,
                                           std=args.std, group=args.group_size, overwrite=args.force,
@@ -429,7 +429,7 @@ def cmd_random(args) -> int:
 
 def cmd_quantize(args) -> int:
     from .quant.qtensor import QuantError
-    from .quant.quantize import quantize_checkpoint
+    from .checkpoint.quantize import quantize_checkpoint
 
     try:
         out = quantize_checkpoint(args.input, args.output, args.scheme, group=args.group_size, overwrite=args.force,
@@ -441,18 +441,18 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchOptions, render, run_bench
+    from .bench.run import BenchOptions, render, run_bench
 
     if args.quantize:
-        from .quant.fullbench import run
+        from .bench.fullsize import run
 
         return run(args)
     if args.constrained:
-        from .constraints.bench import cli_run
+        from .bench.constrained import cli_run
 
         return cli_run(args)
     if args.vision:
-        from .vision_bench import cli_run as vision_run
+        from .bench.vision import cli_run as vision_run
 
         return vision_run(args)
     opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
@@ -501,7 +501,7 @@ def _api_key(args) -> str | None:
 
 
 def cmd_serve(args) -> int:
-    from .checkpoint import load_model
+    from .checkpoint.load import load_model
     from .serve import create_app, make_server
     from .tasks.sudoku_run import default_model_path
 

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 
-from .checkpoint import detect_quant, find_gguf, read_header, weight_files
+from .checkpoint.load import detect_quant, find_gguf, read_header, weight_files
 from .errors import CheckpointError
-from .keys import map_key
+from .checkpoint.keys import map_key
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
 from .quant.qtensor import QuantError
 
@@ -121,7 +121,7 @@ def _vision(path: Path, params: int) -> dict | None:
 
 def describe_gguf(path: Path) -> dict:
     """The same summary for a GGUF file, from its metadata and tensor table."""
-    from .quant import gguf as G
+    from .checkpoint import gguf as G
 
     try:
         g = G.open_gguf(path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .model import Linear
 from .numerics import linear
-from .keys import checkpoint_key
+from .checkpoint.keys import checkpoint_key
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = {"text": ("text",), "vision": ("vision",), "both": ("text", "vision")}

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import distributed
-from .checkpoint import load_model
+from .checkpoint.load import load_model
 from .hardware import resolve_device
 from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter
 from .model import DiffusionGemma
-from .keys import checkpoint_key
-from .presets import write_checkpoint
+from .checkpoint.keys import checkpoint_key
+from .checkpoint.write import write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

@@ -22,9 +22,9 @@ import torch
 from ..generate import Draft, stream
 from ..presets import random_model
 from ..tokenizer import BYTE_SPECIALS, Tokenizer
-from .compile import Constraint, compile_constraint
-from .dp import best_canvas, class_scores
-from .vocab import _byte_level_decoder
+from ..constraints.compile import Constraint, compile_constraint
+from ..constraints.dp import best_canvas, class_scores
+from ..constraints.vocab import _byte_level_decoder
 
 SCHEMA = {
     "type": "object",
@@ -165,7 +165,7 @@ def _dp_at(vocab: int, canvas: int, constraint: Constraint, eos_ids, fill: int, 
 
 def cli_run(args) -> int:
     """`dgemma bench --constrained`: one line per dtype, then the full result as JSON (also to --json-out)."""
-    from ..bench import machine_info
+    from .run import machine_info
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

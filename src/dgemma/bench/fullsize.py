@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import hardware
-from ..measure import Clock, measure_peak, run_timed
+from .measure import Clock, measure_peak, run_timed
 
 
 def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
@@ -44,9 +44,9 @@ def weight_bytes(path: Path) -> int:
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
+    from ..checkpoint.load import load_model
     from ..config import ModelConfig
-    from .quantize import random_quantized_checkpoint
+    from ..checkpoint.quantize import random_quantized_checkpoint
 
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 (a step's time is taken between steps), got {args.steps}")

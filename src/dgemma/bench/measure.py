@@ -1,6 +1,6 @@
 """What the benchmarks measure with: the machine's matmul peak at a model's shapes, a device-synchronised clock, and
 one timed generate call (a timestamp at the end of every denoising step). Shared by `dgemma bench` (bench.py), the
-quantized full-size bench (quant/fullbench.py) and the scripts in benchmarks/."""
+quantized full-size bench (bench/fullsize.py) and the scripts in benchmarks/."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .generate import Done, Draft
+from ..config import ModelConfig
+from ..generate import Done, Draft
 
 
 def sync(device: torch.device) -> None:

@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
-from . import hardware
-from .checkpoint import load_model
-from .hardware import resolve_dtype
-from .config import ModelConfig
+from .. import hardware
+from ..checkpoint.load import load_model
+from ..hardware import resolve_dtype
+from ..config import ModelConfig
 from .measure import Clock, measure_peak, run_timed, timed
-from .presets import PRESETS, preset_config, random_model, write_random_checkpoint
+from ..checkpoint.write import write_random_checkpoint
+from ..presets import PRESETS, preset_config, random_model
 
 REAL_TOKENS_PER_FORWARD = 16.0  # ~accepted tokens per decoder pass the release reports for the 26B-A4B model
 # bf16 logits tolerance, the same as tests/test_parity.py: a faithful port agrees bit for bit; allow 4 bf16 ulps at

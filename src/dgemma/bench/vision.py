@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .hardware import describe
-from .images import ImageProcessorConfig, preprocess_images
-from .vision import VisionConfig, VisionEncoder
+from ..hardware import describe
+from ..images import ImageProcessorConfig, preprocess_images
+from ..vision import VisionConfig, VisionEncoder
 
 TEXT_HIDDEN = 2816  # the 26B-A4B text width (the projector's output)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..numerics import linear as dense_linear
-from .qtensor import QTensor, QuantError, register
+from ..quant.qtensor import QTensor, QuantError, register
 
 FP8 = torch.float8_e4m3fn
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -90,7 +90,7 @@ class NVFP4Tensor(QTensor):
                         out: torch.Tensor | None = None) -> torch.Tensor:
         """e2m1 x block scale [out, in] (exact in `dtype`), without the global scale: one table gather per packed
         byte (`pair_table`) instead of the formula's several passes."""
-        from .kernels import SCRATCH
+        from ..quant.kernels import SCRATCH
 
         packed, scale = _pick(self.packed, index), _pick(self.scale, index)
         n, half = packed.shape[-2:]
@@ -107,8 +107,8 @@ class NVFP4Tensor(QTensor):
     def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x @ W.T: the unscaled weight expanded into scratch (`expand_unscaled`), the GEMM in x.dtype, and the
         per-row global scale applied to the output columns (in fp32)."""
-        from . import lowbit
-        from .kernels import SCRATCH
+        from ..quant import lowbit
+        from ..quant.kernels import SCRATCH
 
         if self.is_fused and index is None:
             raise ValueError(f"nvfp4 QTensor of shape {list(self.shape)} holds experts: pass index=")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .qtensor import QTensor, QuantError, register
+from ..quant.qtensor import QTensor, QuantError, register
 
 ARCH = "diffusion-gemma"
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -525,7 +525,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, device: 
     from ..config import ConfigError, GenerationConfig, ModelConfig
     from ..hardware import default_compute_dtype
     from ..model import DiffusionGemma, Linear
-    from .modules import QExperts, QLinear
+    from ..quant.modules import QExperts, QLinear
 
     path = Path(path)
     try:

@@ -7,9 +7,9 @@ tied text weights and `lm_head.weight` may be present or absent. The vision towe
 Only safetensors is read: nothing is ever unpickled.
 
 Quantized checkpoints (detected from `hf_quant_config.json` or config.json's `quantization_config`, see
-dgemma.quant.formats) keep their quantized linear layers and experts packed: those modules become QLinear /
+dgemma.checkpoint.formats) keep their quantized linear layers and experts packed: those modules become QLinear /
 QExperts over QTensors; per-expert keys (`...experts.{e}.gate_proj.weight` etc.) are stacked into one
-[E, 2I, H] / [E, H, I] QTensor per layer. A GGUF file (or a directory holding one) is read by dgemma.quant.gguf.
+[E, 2I, H] / [E, H, I] QTensor per layer. A GGUF file (or a directory holding one) is read by dgemma.checkpoint.gguf.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, GenerationConfig, ModelConfig, read_json
-from .errors import CheckpointError
-from .hardware import DTYPES, default_compute_dtype, resolve_device, resolve_dtype
-from .images import ImageProcessorConfig
+from ..config import ConfigError, GenerationConfig, ModelConfig, read_json
+from ..errors import CheckpointError
+from ..hardware import DTYPES, default_compute_dtype, resolve_device, resolve_dtype
+from ..images import ImageProcessorConfig
 from .keys import DECODER, ENCODER, checkpoint_key, map_key
-from .model import DiffusionGemma, Linear
-from .quant.formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
+from ..model import DiffusionGemma, Linear
+from .formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
                             read_stacked, split_key)
-from .quant.modules import QExperts, QLinear
-from .quant.qtensor import QTensor, QuantError
-from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
-from .vision import VisionConfig, VisionEncoder
+from ..quant.modules import QExperts, QLinear
+from ..quant.qtensor import QTensor, QuantError
+from ..vision import CHECKPOINT_PREFIX as VISION_PREFIX
+from ..vision import VisionConfig, VisionEncoder
 
 log = logging.getLogger("dgemma")
 
@@ -121,7 +121,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     path = Path(path)
     gguf_file = find_gguf(path)
     if gguf_file is not None:
-        from .quant.gguf import load_gguf
+        from .gguf import load_gguf
 
         return load_gguf(gguf_file, dtype=dtype, device=device)
     if not path.is_dir():
@@ -198,7 +198,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         handles.clear()
     model.load_state_dict(state, assign=True, strict=True)
     if compute_dtype != target_dtype:
-        from .quant.lowbit import keep_16bit_storage
+        from ..quant.lowbit import keep_16bit_storage
 
         keep_16bit_storage(model, compute_dtype)
     check_finite(model, path)
@@ -217,7 +217,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
             model.image_processor = replace(model.image_processor, patch_size=model.vision.cfg.patch_size,
                                             pooling_kernel_size=model.vision.cfg.pooling_kernel_size)
     if (path / "tokenizer.json").is_file():
-        from .tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         model.tokenizer = Tokenizer.from_dir(path)
     return model
@@ -385,7 +385,7 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
     swap QLinear / QExperts into `model` (or fill its dense expert weights when per-expert keys are unquantized).
     Returns the keys left for the dense loader and the dgemma names of the parameters replaced."""
     if fmt is not None and fmt.producer == "dgemma":  # dgemma's own int8 / int4 layout
-        from .quant.lowbit import load_into, parse_config
+        from .lowbit import load_into, parse_config
 
         return load_into(model, files, parse_config(fmt.raw, fmt.source), device)
     reader = Reader(files)

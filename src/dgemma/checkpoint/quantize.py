@@ -33,8 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import lowbit
-from .qtensor import QuantError
+from ..quant import lowbit
+from ..quant.qtensor import QuantError
+from .lowbit import weight_keys
 
 SCHEMES = ("int8", "int4", "fp8", "nvfp4")
 FP8 = torch.float8_e4m3fn
@@ -147,7 +148,7 @@ class Source:
 
 class CheckpointSource(Source):
     def __init__(self, path: Path):
-        from ..checkpoint import weight_files
+        from .load import weight_files
 
         self.files = weight_files(path)
         self.meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -191,7 +192,7 @@ class RandomSource(Source):
 
     def __init__(self, cfg, seed: int, std: float, dtype: torch.dtype):
         from ..model import DiffusionGemma
-        from ..keys import checkpoint_key
+        from .keys import checkpoint_key
 
         with torch.device("meta"):
             model = DiffusionGemma(cfg)
@@ -341,7 +342,7 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
         if scheme in ("int8", "int4"):
             f = (random_encoded(scheme, out, inn, src.std, src.generator(key), opt.group, dt, src.pool) if src.random
                  else _int_fields(scheme, src.get(key), opt.group))
-            codes, scale = lowbit.weight_keys(scheme, key)
+            codes, scale = weight_keys(scheme, key)
             put(codes, f["weight"] if scheme == "int8" else f["packed"])
             put(scale, f["scale"])
         else:  # fp8
@@ -364,7 +365,7 @@ def emit(src: Source, key: str, opt: Options, put: Callable[[str, torch.Tensor],
                 if name not in fields:
                     fields[name] = torch.empty((n_exp, *t.shape), dtype=t.dtype)
                 fields[name][e] = t
-        codes, scale = lowbit.weight_keys(scheme, key)
+        codes, scale = weight_keys(scheme, key)
         put(codes, fields["weight"] if scheme == "int8" else fields["packed"])
         put(scale, fields["scale"])
         return
@@ -444,7 +445,7 @@ def check_shapes(src: Source, opt: Options) -> None:
 def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_from: Path | None = None,
           overwrite: bool = False, extra: dict[str, str] | None = None) -> Path:
     """Stream every tensor of `src` into a new checkpoint at `out` (atomic: `presets.staged_dir`)."""
-    from ..presets import staged_dir
+    from .write import staged_dir
 
     check_options(opt.scheme, opt.group)
     check_shapes(src, opt)
@@ -497,7 +498,9 @@ def random_quantized_checkpoint(out: str | Path, preset: str, scheme: str, seed:
     (e.g. one the reference saved) instead of the preset's."""
     from ..hardware import resolve_dtype
     from ..config import ModelConfig
-    from ..presets import check_target, config_dict, generation_config_dict
+    from ..config import generation_config_dict
+    from ..presets import config_dict
+    from .write import check_target
     from ..tokenizer import build_byte_tokenizer, save_tokenizer
 
     check_options(scheme, group)

@@ -88,7 +88,7 @@ class DgemmaReplica:
     def __init__(self, spec: ReplicaSpec, num_cpus: float = 1.0):
         import torch
 
-        from ..checkpoint import load_model
+        from ..checkpoint.load import load_model
         from .app import create_app
 
         torch.set_num_threads(spec.threads or max(1, int(num_cpus)))

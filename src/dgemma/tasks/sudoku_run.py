@@ -197,7 +197,7 @@ class GridView(LiveView):
 
 def _load(args, size: int, cache: dict):
     """The model for a grid size: --model for every size when given, else the bundled one (loaded once)."""
-    from ..checkpoint import load_model
+    from ..checkpoint.load import load_model
 
     key = "model" if args.model else size
     if key not in cache:
