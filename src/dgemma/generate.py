@@ -16,6 +16,7 @@ import torch
 
 from .config import GenerationConfig
 from .numerics import row_invariant
+from .prefix_cache import PrefixCache, prefill
 from .sampler import CanvasSampler, FastSampler, ReferenceSampler, StableAndConfident, accept_mask, temperature
 from .vision import prompt_images
 
@@ -68,6 +69,7 @@ class GenerationResult:
     finish_reason: str  # "eos" or "length"
     timings: dict[str, float] = field(default_factory=dict)
     text: str | None = None
+    cached_tokens: int | None = None  # prompt tokens restored from a PrefixCache (None: no cache was passed)
 
     @property
     def forwards(self) -> int:
@@ -78,6 +80,8 @@ class GenerationResult:
              "seed": self.seed, "finish_reason": self.finish_reason, "timings": self.timings}
         if self.text is not None:
             d["text"] = self.text
+        if self.cached_tokens is not None:
+            d["cached_tokens"] = self.cached_tokens
         return d
 
 
@@ -168,6 +172,7 @@ def stream(
     verifier: Verifier | None = None,
     settings: GenerationConfig | None = None,
     logprobs: int | None = None,
+    prefix_cache: PrefixCache | None = None,
     **overrides,
 ) -> Iterator[Draft | Commit | Done]:
     """Run generation, yielding events. Settings: generation_config names as keyword overrides of the model's
@@ -179,7 +184,9 @@ def stream(
     `pixel_values` + `image_position_ids`; the prompt holds begin-of-image, N image tokens, end-of-image per image.
     `verifier(tokens, accepted) -> reject`: a rule check on each step's proposal (see `Verifier`); the positions it
     rejects are re-noised instead of accepted, and a row whose argmax canvas it rejects does not stop early.
-    `logprobs=k` (0 or more): each Commit carries its ids' log-probabilities and the top k (see Commit)."""
+    `logprobs=k` (0 or more): each Commit carries its ids' log-probabilities and the top k (see Commit).
+    `prefix_cache`: a PrefixCache; prompt blocks it holds are restored instead of prefilled (see prefix_cache.py),
+    and each result reports its `cached_tokens`."""
     cfg = model.config
     if settings is not None and (overrides or max_new_tokens is not None):
         raise ValueError("pass settings= or generation overrides (max_new_tokens included), not both")
@@ -200,7 +207,9 @@ def stream(
         raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
         raise ValueError(f"logprobs must be a non-negative integer or None, got {logprobs!r}")
-    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs)
+    if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
+        raise TypeError(f"prefix_cache must be a dgemma.PrefixCache, got {type(prefix_cache).__name__}")
+    return _run(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs, prefix_cache)
 
 
 def token_logprobs(sampler: CanvasSampler, ids: torch.Tensor, k: int):
@@ -249,10 +258,10 @@ def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
 
 
 def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-         vision_s: float = 0.0, verifier: Verifier | None = None,
-         logprobs: int | None = None) -> Iterator[Draft | Commit | Done]:
+         vision_s: float = 0.0, verifier: Verifier | None = None, logprobs: int | None = None,
+         prefix_cache: PrefixCache | None = None) -> Iterator[Draft | Commit | Done]:
     # The contexts are re-entered around each resume of the generator, so they never leak to the consumer.
-    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs)
+    gen_iter = _loop(model, prompt, pad, gen, sampler, seeds, images, vision_s, verifier, logprobs, prefix_cache)
     while True:
         with torch.inference_mode(), row_invariant(sampler.row_invariant):
             try:
@@ -263,8 +272,8 @@ def _run(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
 
 
 def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
-          vision_s: float = 0.0, verifier: Verifier | None = None,
-          logprobs: int | None = None) -> Iterator[Draft | Commit | Done]:
+          vision_s: float = 0.0, verifier: Verifier | None = None, logprobs: int | None = None,
+          prefix_cache: PrefixCache | None = None) -> Iterator[Draft | Commit | Done]:
     """prefill -> per canvas: denoise steps -> commit (the canvas is encoded into the cache before the next)."""
     batch, prompt_len = prompt.shape
     n_canvases = plan_canvases(model.config, gen, prompt_len)
@@ -273,7 +282,7 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
         timings["vision_s"] = vision_s
     t_start = time.perf_counter()
     cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * model.config.canvas_length, pad)
-    model.encode(prompt, cache, images=images)
+    cached = prefill(model, prompt, pad, cache, images, prefix_cache)  # no cache: model.encode
     timings["prefill_s"] = time.perf_counter() - t_start
 
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)  # rows that produced EOS
@@ -298,7 +307,11 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
         if bool(finished.all()):
             break
     timings["total_s"] = time.perf_counter() - t_start
-    yield Done(_results(model, torch.cat(committed, dim=1), steps, passes, finished, gen, seeds, timings))
+    results = _results(model, torch.cat(committed, dim=1), steps, passes, finished, gen, seeds, timings)
+    if prefix_cache is not None:
+        for r, n in zip(results, cached):
+            r.cached_tokens = n
+    yield Done(results)
 
 
 def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finished: torch.Tensor, ci: int,

@@ -7,6 +7,10 @@ reference's dynamic cache keeps, so the decoder's sliding layers see the same ke
 
 Batches of prompts with different lengths are left-padded: row b's position of slot s is s - pad[b], and slots
 before pad[b] are never attended to (attention then runs per row over exactly the row's own keys).
+
+For prefix caching (prefix_cache.py) a cache can also record what sliding layers write before their window drops
+it (`recording`), be set to the state an encode of a prefix leaves (`load_prefix`), and assemble a padded batch
+from batch-1 caches (`place_row`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ class KVCache:
         """max_tokens: the most positions ever cached (prompt + committed canvases); scratch: canvas length."""
         self.config = config
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.length = 0  # slots written so far (absolute slot index of the next token)
+        # layer -> states each encoder pass wrote, in pass order (see `recording`); None: not recording
+        self.recorded: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         scratch = config.canvas_length if scratch is None else scratch
+        self.scratch = scratch
         self.keep = [config.sliding_window - 1 if s.sliding else None for s in config.layers]
         self.start = [0] * config.num_hidden_layers  # absolute slot held in buffer slot 0
         self.count = [0] * config.num_hidden_layers  # buffer slots in use
@@ -55,6 +63,8 @@ class KVCache:
         n, length = self.count[layer], k.shape[2]
         first = self.start[layer]
         buf_k, buf_v = self.k[layer], self.v[layer]
+        if self.recorded is not None and self.keep[layer] is not None:
+            self.recorded.setdefault(layer, []).append((k, v))  # fresh tensors: kept as they are, not copied
         total = n + length
         if total <= buf_k.shape[2]:
             buf_k[:, :, n:total] = k
@@ -89,6 +99,52 @@ class KVCache:
                 self.v[layer][:, :, :keep] = self.v[layer][:, :, extra:extra + keep].clone()
                 self.start[layer] += extra
                 self.count[layer] = keep
+
+    # -- prefix caching -------------------------------------------------------------------------------------------
+    def recording(self, on: bool) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Start (on) or stop recording the states sliding layers write (full layers keep every state in their
+        buffer anyway). Returns what was recorded when stopping: layer -> one (k, v) [B, Hkv, L, D] per pass."""
+        recorded, self.recorded = self.recorded, ({} if on else None)
+        return recorded
+
+    def load_prefix(self, pieces: list[list[tuple[torch.Tensor, torch.Tensor]]], length: int) -> None:
+        """Set an empty batch-1 cache to the state encoding `length` positions leaves. pieces[layer]: consecutive
+        (k, v) [Hkv, n, D] states ending at position `length`: every position for full layers, at least the
+        window for sliding layers (earlier ones are skipped, as `advance` drops them)."""
+        if self.batch_size != 1 or self.length != 0:
+            raise ValueError("load_prefix fills an empty batch-1 cache")
+        for layer, keep in enumerate(self.keep):
+            n = length if keep is None else min(length, keep)
+            pos = length - sum(k.shape[1] for k, _ in pieces[layer])  # position of the first piece's first state
+            first = length - n  # the first position the layer keeps (buffer slot 0)
+            if pos > first:
+                raise ValueError(f"layer {layer} needs positions from {first}, the pieces start at {pos}")
+            for k, v in pieces[layer]:
+                lo, hi = max(pos, first), pos + k.shape[1]
+                if lo < hi:
+                    self.k[layer][0, :, lo - first:hi - first] = k[:, lo - pos:]
+                    self.v[layer][0, :, lo - first:hi - first] = v[:, lo - pos:]
+                pos = hi
+            self.start[layer], self.count[layer] = first, n
+        self.length = length
+
+    def place_row(self, b: int, row: KVCache) -> None:
+        """Fill row b of this left-padded batch cache from an encoded batch-1 cache of that row alone (its
+        positions shifted right by the row's padding): with every row placed, the cache is in the state a batched
+        encode leaves, each row with the row's own states. Padding slots hold zeros (attention never reads them)."""
+        pad = self.pad_list[b] if self.pad_list is not None else 0
+        width = row.length + pad
+        if self.length not in (0, width):
+            raise ValueError(f"row {b} ends at slot {width}, the rows placed before end at {self.length}")
+        for layer, keep in enumerate(self.keep):
+            n = width if keep is None else min(width, keep)  # a batched encode keeps slots [width - n, width)
+            have = row.count[layer]  # min(row length, window) <= n: the row's states fill the last slots
+            self.k[layer][b, :, :n - have].zero_()
+            self.v[layer][b, :, :n - have].zero_()
+            self.k[layer][b, :, n - have:n] = row.k[layer][0, :, :have]
+            self.v[layer][b, :, n - have:n] = row.v[layer][0, :, :have]
+            self.start[layer], self.count[layer] = width - n, n
+        self.length = width
 
     # -- positions and masks for padded batches -------------------------------------------------------------------
     def positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
