@@ -281,3 +281,36 @@ def test_images_are_part_of_the_key(image_model):
         got = image_model.generate(ids, prefix_cache=cache, **inputs, **kw)
         want = image_model.generate(ids, **inputs, **kw)
         assert got.ids == want.ids and got.cached_tokens == want_cached
+
+
+# -- dgemma batch ------------------------------------------------------------------------------------------------
+
+def test_batch_prefills_a_shared_system_prompt_once(tmp_path):
+    """`dgemma batch --prefix-cache-gib`: lines that share a system prompt reuse its blocks, and every line's
+    record is the same in any batch size, with the cache empty or warm."""
+    import json
+
+    from dgemma.batch import BatchOptions, run_batch, run_lines
+    from dgemma.checkpoint.write import write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "model", "tiny", seed=2)
+    system = "You are a careful assistant; answer in one short sentence. " * 5  # 295 bytes: two whole blocks
+    lines = [json.dumps({"id": i, "prompt": system + f"Question {i}: why?", "max_new_tokens": 32}) for i in range(5)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model = dgemma.load_model(ckpt)
+    cache = PrefixCache.from_gib(0.01)
+    records = run_lines(model, list(enumerate(lines, 1)), 0, None, cache)
+    s = cache.stats()
+    assert s["requests"] == 5 and s["cached_tokens"] == 4 * 256  # prefilled once, then restored 4 times
+    again = run_lines(model, list(enumerate(lines, 1)), 0, None, cache)  # every prompt now a full hit
+    assert again == records and cache.stats()["cached_tokens"] == 4 * 256 + s["prompt_tokens"]
+    outs = []
+    for max_batch in (2, 5):
+        out = tmp_path / f"out{max_batch}.jsonl"
+        run_batch(BatchOptions(str(inp), str(out), str(ckpt), max_batch=max_batch, progress=False,
+                               prefix_cache_gib=0.01))
+        outs.append([json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()])
+    assert outs[0] == outs[1] == records
+    with pytest.raises(ValueError, match="prefix-cache-gib"):
+        BatchOptions(str(inp), str(tmp_path / "x.jsonl"), str(ckpt), prefix_cache_gib=-1.0).validate()

@@ -67,9 +67,12 @@ class BatchOptions:
     actor_gpus: float = 0.0
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments (tests: small limits)
     limits: LineLimits = field(default_factory=LineLimits)
+    prefix_cache_gib: float | None = None  # a PrefixCache of this budget per process / actor (None: no cache)
 
     def validate(self) -> None:
         self.limits.validate()
+        if self.prefix_cache_gib is not None and not 0 <= self.prefix_cache_gib < math.inf:
+            raise ValueError(f"--prefix-cache-gib must be a finite number >= 0, got {self.prefix_cache_gib}")
         if self.max_batch < 1 or self.actors < 1:
             raise ValueError("--max-batch and --actors must be at least 1")
         if self.actor_cpus < 0 or self.actor_gpus < 0:
@@ -227,9 +230,10 @@ def _error(line: int, text: str, message: str, limits: LineLimits) -> dict:
     return {"line": line, "id": obj_id, "error": message}
 
 
-def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineLimits | None = None) -> list[dict]:
+def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineLimits | None = None,
+              prefix_cache=None) -> list[dict]:
     """Generate for a chunk of (line number, text) pairs; one output record per pair, in the same order. Lines with
-    equal settings share one batched generation."""
+    equal settings share one batched generation; `prefix_cache` (a PrefixCache) prefills shared prefixes once."""
     limits = limits or LineLimits()
     records: dict[int, dict] = {}
     groups: dict[tuple, list[Task]] = {}
@@ -242,12 +246,12 @@ def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineL
         groups.setdefault(task.key, []).append(task)
     for tasks in groups.values():
         try:
-            results = _generate(model, tasks)
+            results = _generate(model, tasks, prefix_cache)
         except Exception:  # noqa: BLE001 - find the row at fault: rerun the group row by row
             results = []
             for task in tasks:
                 try:
-                    results.extend(_generate(model, [task]))
+                    results.extend(_generate(model, [task], prefix_cache))
                 except Exception as e:  # noqa: BLE001 - reported on the line, the run goes on
                     results.append(e)
         for task, result in zip(tasks, results, strict=True):
@@ -258,10 +262,10 @@ def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineL
     return [records[line] for line, _ in lines]
 
 
-def _generate(model, tasks: list[Task]) -> list:
+def _generate(model, tasks: list[Task], prefix_cache=None) -> list:
     first = tasks[0]
     results = generate(model, [t.prompt_ids for t in tasks], max_new_tokens=first.max_new_tokens,
-                       seed=[t.seed for t in tasks], rng="fast", **first.settings)
+                       seed=[t.seed for t in tasks], rng="fast", prefix_cache=prefix_cache, **first.settings)
     return results if isinstance(results, list) else [results]
 
 
@@ -392,8 +396,15 @@ def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = load_model(opts.model, dtype=opts.dtype, device=opts.device)
+    cache = _prefix_cache(opts.prefix_cache_gib)
     for chunk in _chunks(pending, opts.max_batch):
-        yield run_lines(model, chunk, opts.seed, opts.limits)
+        yield run_lines(model, chunk, opts.seed, opts.limits, cache)
+
+
+def _prefix_cache(gib: float | None):
+    from .prefix_cache import PrefixCache
+
+    return None if gib is None else PrefixCache.from_gib(gib)
 
 
 # -- Ray Data ----------------------------------------------------------------------------------------------------
@@ -401,17 +412,18 @@ class BatchWorker:
     """A Ray Data actor: loads one model, generates for batches of lines (columns "line" and "text")."""
 
     def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int,
-                 limits: LineLimits | None = None):
+                 limits: LineLimits | None = None, prefix_cache_gib: float | None = None):
         from .checkpoint.load import load_model
 
         torch.set_num_threads(threads)
         self.model = load_model(model, dtype=dtype, device=device)
         self.seed = seed
         self.limits = limits or LineLimits()
+        self.prefix_cache = _prefix_cache(prefix_cache_gib)
 
     def __call__(self, batch: dict) -> dict:
         lines = [(int(n), str(t)) for n, t in zip(batch["line"], batch["text"], strict=True)]
-        records = run_lines(self.model, lines, self.seed, self.limits)
+        records = run_lines(self.model, lines, self.seed, self.limits, self.prefix_cache)
         return {"line": [r["line"] for r in records], "record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
@@ -433,7 +445,8 @@ def _ray_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
         out = ds.map_batches(BatchWorker, batch_size=opts.max_batch, batch_format="numpy",
                              fn_constructor_kwargs={"model": opts.model, "dtype": opts.dtype, "device": opts.device,
                                                     "threads": threads, "seed": opts.seed,
-                                                    "limits": opts.limits},
+                                                    "limits": opts.limits,
+                                                    "prefix_cache_gib": opts.prefix_cache_gib},
                              concurrency=opts.actors, num_cpus=opts.actor_cpus,
                              num_gpus=opts.actor_gpus)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

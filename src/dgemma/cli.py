@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--max-tokens", type=int, default=4096, help="a line's max_new_tokens at most (default 4096)")
     bt.add_argument("--max-denoising-steps", type=int, default=256,
                     help="a line's diffusion.max_denoising_steps at most (default 256)")
+    bt.add_argument("--prefix-cache-gib", type=float, default=None,
+                    help="keep prefilled prompt blocks (e.g. a shared system prompt) in a cache of this many GiB "
+                         "per process or actor and reuse them; tokens do not depend on what it holds")
     bt.add_argument("--no-progress", action="store_true")
     bt.add_argument("--ray", action="store_true", help="run on a Ray cluster with Ray Data (needs dgemma[ray])")
     bt.add_argument("--ray-address", default=None, help="cluster to join (default: $RAY_ADDRESS, else local)")
@@ -576,7 +579,7 @@ def cmd_batch(args) -> int:
                         seed=args.seed, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
                         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(), ray=args.ray,
                         ray_address=args.ray_address, actors=args.actors, actor_cpus=args.actor_cpus,
-                        actor_gpus=args.actor_gpus,
+                        actor_gpus=args.actor_gpus, prefix_cache_gib=args.prefix_cache_gib,
                         limits=LineLimits(max_line_chars=args.max_line_chars, max_new_tokens=args.max_tokens,
                                           max_denoising_steps=args.max_denoising_steps))
     print(json.dumps(run_batch(opts)))
