@@ -119,6 +119,9 @@ def test_stream_reports_cached_tokens_in_the_final_event():
     model.generate(BASE, prefix_cache=cache, **KW)
     events = list(dgemma.stream(model, BASE + [7, 8], prefix_cache=cache, **KW))
     assert isinstance(events[-1], dgemma.Done) and events[-1].results[0].cached_tokens == 144
+    commits = [e for e in events if isinstance(e, dgemma.Commit)]  # known before a row ends (a server's usage)
+    assert commits and all(c.cached_tokens == [144] for c in commits)
+    assert all(e.cached_tokens is None for e in dgemma.stream(model, BASE, **KW) if isinstance(e, dgemma.Commit))
 
 
 def test_padded_batch_rows_match_their_solo_runs():

@@ -58,6 +58,7 @@ class Commit:
     # [batch, canvas], and that distribution's k most probable ids and their log-probabilities ([batch, canvas, k]).
     logprobs: torch.Tensor | None = None
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    cached_tokens: list[int] | None = None  # with stream(prefix_cache=...): per row, prompt tokens restored from it
 
 
 @dataclass
@@ -303,7 +304,8 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
         committed.append(ids)
         steps.append(canvas_passes.tolist())
         lp = token_logprobs(sampler, ids, logprobs) if logprobs is not None else (None, None)
-        yield Commit(ci, ids.cpu(), steps[-1], finished.cpu(), *lp)
+        yield Commit(ci, ids.cpu(), steps[-1], finished.cpu(), *lp,
+                     cached_tokens=list(cached) if prefix_cache is not None else None)
         if bool(finished.all()):
             break
     timings["total_s"] = time.perf_counter() - t_start
