@@ -177,6 +177,21 @@ def test_budget_evicts_least_recently_used_leaves_first():
     _assert_same_state(warm, cold)
 
 
+def test_evicting_a_block_drops_what_hangs_below_it():
+    """A block whose prefix is gone can never be reached again: it goes with its parent (and the stats follow)."""
+    model = _model()
+    cache = PrefixCache(1 << 30, block_tokens=BLOCK)
+    _prefilled(model, BASE, cache)  # ten blocks in one chain
+    _prefilled(model, BASE[:64] + _ids(40, 13), cache)  # a branch after four shared blocks: three more
+    root = next(b for b in cache._blocks.values() if b.parent is None)
+    second = next(iter(root.children))
+    cache._evict(second)
+    s = cache.stats()
+    assert s["blocks"] == 1 and s["tokens"] == BLOCK and s["evicted_blocks"] == 12
+    assert s["bytes"] == root.nbytes and root.children == set()
+    assert _prefilled(model, BASE, cache)[2] == BLOCK
+
+
 def test_a_budget_too_small_for_a_block_stores_nothing_and_stays_exact():
     model = _model()
     cache = PrefixCache(100, block_tokens=BLOCK)

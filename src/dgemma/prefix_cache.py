@@ -69,6 +69,7 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._tokens = 0
         self._lock = threading.Lock()
         self._module: weakref.ref | None = None
         self._counts = dict(requests=0, prompt_tokens=0, cached_tokens=0, stored_blocks=0, evicted_blocks=0)
@@ -85,15 +86,14 @@ class PrefixCache:
         stored and evicted so far."""
         with self._lock:
             c = dict(self._counts)
-            return dict(blocks=len(self._blocks), tokens=sum(b.tokens for b in self._blocks.values()),
-                        bytes=self._bytes, budget_bytes=self.budget_bytes, block_tokens=self.block_tokens, **c,
+            return dict(blocks=len(self._blocks), tokens=self._tokens, bytes=self._bytes, budget_bytes=self.budget_bytes, block_tokens=self.block_tokens, **c,
                         hit_rate=c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0)
 
     def clear(self) -> None:
         """Drop every block (e.g. after changing the model's weights in place)."""
         with self._lock:
             self._blocks.clear()
-            self._bytes = 0
+            self._bytes = self._tokens = 0
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -105,7 +105,7 @@ class PrefixCache:
             if owner is None:
                 if self._module is not None:  # the model it was filled by is gone: its blocks mean nothing
                     self._blocks.clear()
-                    self._bytes = 0
+                    self._bytes = self._tokens = 0
                 self._module = weakref.ref(module)
             elif owner is not module:
                 raise ValueError("this PrefixCache holds another model's KV: use one cache per model")
@@ -137,6 +137,7 @@ class PrefixCache:
                     block.parent = parent
                     self._blocks[block.key] = block
                     self._bytes += block.nbytes
+                    self._tokens += block.tokens
                     self._counts["stored_blocks"] += 1
                     if parent is not None:
                         self._blocks[parent].children.add(block.key)
@@ -152,14 +153,20 @@ class PrefixCache:
             self._blocks.move_to_end(block.key)
 
     def _evict(self, key: bytes) -> None:
-        block = self._blocks.pop(key)
-        self._bytes -= block.nbytes
-        self._counts["evicted_blocks"] += 1
-        if block.parent is not None and block.parent in self._blocks:
-            self._blocks[block.parent].children.discard(key)
-        for child in list(block.children):
-            if child in self._blocks:
-                self._evict(child)
+        """Drop a block and whatever is stored below it (no longer reachable). With leaves-first order the
+        oldest block has no children left; the walk is for safety, and iterative since chains can be long."""
+        root = self._blocks[key]
+        if root.parent is not None and root.parent in self._blocks:
+            self._blocks[root.parent].children.discard(key)
+        stack = [key]
+        while stack:
+            block = self._blocks.pop(stack.pop(), None)
+            if block is None:
+                continue
+            self._bytes -= block.nbytes
+            self._tokens -= block.tokens
+            self._counts["evicted_blocks"] += 1
+            stack.extend(block.children)
 
     def _count(self, prompt_tokens: int, cached_tokens: int) -> None:
         with self._lock:
