@@ -10,15 +10,15 @@ Why it is exact: a block's states depend only on the tokens (and images) up to i
 them from the cache state the earlier passes leave. A hit restores that state bit for bit (full-attention layers:
 every position; sliding layers: the window, taken from the blocks' stored states), and the passes after it are
 the ones a miss runs, with the same shapes and inputs. So a request gives the same KV and the same tokens warm as
-on an empty cache, and as with no cache at all when `model.prefill_chunk == block_tokens` (a miss *is* that
+on an empty cache, and as with no cache at all when `module.prefill_chunk == block_tokens` (a miss *is* that
 chunked prefill). Reuse therefore stops at the last whole block the prompts share: a prefix that ends mid-block
 is prefilled from that block's start. Resuming mid-pass would give a pass of another shape, and CPU kernels round
 differently with the shape (GEMMs below 16 rows, attention's key blocks), so it would not be exact. For the same
 reason committed canvases are not stored: they are encoded in passes that start where the prompt ends, not at
 block boundaries, so a later prompt that contains them prefills them in other passes.
 
-The cache belongs to one model and one numerics mode (the dtype, the device, row-invariant GEMMs or not: the
-last is part of each key). Blocks live on the model's device. Eviction is least recently used, leaves first (a
+The cache belongs to one model; the numerics mode (dtype, device, row-invariant GEMMs or not) is part of each
+key, so `rng="fast"` and `"reference"` requests never share blocks. Blocks live on the model's device. Eviction is least recently used, leaves first (a
 block's prefix blocks are used whenever it is, so they stay longer), whole subtrees at once (a block whose parent
 is gone can never be reached). All methods are thread-safe; prefills run outside the lock.
 """
