@@ -38,20 +38,20 @@ def one(preset: str, length: int, steps: int, threads: int) -> dict:
     cfg = model.config
     ids = torch.randint(3, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        cache = model.new_cache(1, length)
+        cache = model.module.new_cache(1, length)
         t0 = time.perf_counter()
-        model.encode(ids, cache)
+        model.module.encode(ids, cache)
         prefill = time.perf_counter() - t0
         canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length))
-        model.decode_hidden(canvas, cache)  # warm-up
+        model.module.decode_hidden(canvas, cache)  # warm-up
         t0 = time.perf_counter()
         for _ in range(steps):
-            model.lm_head(model.decode_hidden(canvas, cache))
+            model.module.lm_head(model.module.decode_hidden(canvas, cache))
         step = (time.perf_counter() - t0) / steps
     kv = sum(k.numel() * k.element_size() * 2 for k in cache.k)
     return {"length": length, "prefill_s": prefill, "prefill_tok_s": length / prefill, "step_s": step,
             "kv_cache_mib": kv / 2**20, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "prefill_chunk": model.prefill_chunk}
+            "prefill_chunk": model.module.prefill_chunk}
 
 
 def main() -> None:

@@ -39,8 +39,8 @@ def proc_status() -> dict[str, float]:
 def model_bytes(model: torch.nn.Module) -> int:
     from dgemma.quant.qtensor import QTensor
 
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for mod in model.modules():
+    total = sum(p.numel() * p.element_size() for p in model.module.parameters())
+    for mod in model.module.modules():
         for v in vars(mod).values():
             if isinstance(v, QTensor):
                 total += v.nbytes
@@ -117,7 +117,7 @@ def main() -> None:
     held = model_bytes(model) / (1 << 30)
 
     timer = Timer()
-    for layer in model.layers:
+    for layer in model.module.layers:
         for mod in layer.modules():
             if isinstance(mod, Attention):
                 timer.hook(mod, "attention")
@@ -127,8 +127,8 @@ def main() -> None:
                 timer.hook(mod, "experts")
         timer.hook(layer.mlp, "dense mlp")
     timer.hook(model.sc_mlp, "sc mlp")
-    timer.wrap(model.embed_tokens, "head", "lm head")
-    timer.wrap(model.embed_tokens, "soft", "sc soft embedding")
+    timer.wrap(model.module.embed_tokens, "head", "lm head")
+    timer.wrap(model.module.embed_tokens, "soft", "sc soft embedding")
     timer.wrap(sampler_mod, "fast_sample", "sampler")
 
     cfg = model.config

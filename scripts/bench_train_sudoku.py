@@ -48,13 +48,14 @@ class Recipe:
     def __init__(self, name: str, tmp: Path):
         size, legacy, self.batch, targets, self.row_invariant, self.bf16 = RECIPES[name]
         base = T.write_base(tmp / name, size, 0)
-        self.model = load_model(base)
+        pipe = load_model(base)
+        self.model = pipe.module
         self.model.requires_grad_(True)
         self.model.train()
-        tok = self.model.tokenizer
+        tok = pipe.tokenizer
         pairs = sudoku.generate_many(self.batch, seed=5, size=size)
         prompt = sudoku.legacy_prompt_text if legacy else sudoku.prompt_text
-        end = self.model.generation_config.eos_ids[0]
+        end = pipe.generation_config.eos_ids[0]
         self.examples = [Example(tok.encode(prompt(p)), tok.encode(s) + [end]) for p, s in pairs]
         self.cfg = TrainConfig(base="", data="", out="", ar_targets=targets)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=self.cfg.betas)

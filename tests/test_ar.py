@@ -18,9 +18,9 @@ def _greedy_from_scratch(model, prompt, n):
     ids, out = list(prompt), []
     with torch.inference_mode():
         for _ in range(n):
-            cache = model.new_cache(1, len(ids), scratch=1)
-            hidden = model.encode(torch.tensor([ids]), cache)
-            nxt = int(model.lm_head(hidden[:, -1]).argmax(-1))
+            cache = model.module.new_cache(1, len(ids), scratch=1)
+            hidden = model.module.encode(torch.tensor([ids]), cache)
+            nxt = int(model.module.lm_head(hidden[:, -1]).argmax(-1))
             out.append(nxt)
             ids.append(nxt)
     return out
@@ -53,5 +53,5 @@ def test_causal_logits_match_reference_encoder(tmp_path):
     with torch.no_grad():
         hidden = ref.model.encoder(input_ids=ids).last_hidden_state
         want = torch.tanh(ref.lm_head(hidden).float() / 30.0) * 30.0
-        got = model.lm_head(model.encode(ids, model.new_cache(1, 13, scratch=1)))
+        got = model.module.lm_head(model.module.encode(ids, model.module.new_cache(1, 13, scratch=1)))
     assert (got - want).abs().max() < 1e-5

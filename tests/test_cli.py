@@ -361,9 +361,9 @@ def test_info_json(jobs, model):
     assert info["parameters"] > 0
     assert 0 < info["active_parameters_per_token"] < info["parameters"]  # top-2 of 4 experts
     # The text stack, with the tied embedding counted once; the encoder's per-layer scalars are not counted.
-    own = sum(p.numel() for name, p in model.named_parameters() if not name.endswith("encoder_layer_scalar"))
+    own = sum(p.numel() for name, p in model.module.named_parameters() if not name.endswith("encoder_layer_scalar"))
     assert info["parameters"] == own
-    assert info["stored_text_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["stored_text_parameters"] == sum(p.numel() for p in model.module.parameters())
     assert info["stored_vision_parameters"] == 0
     assert info["vocab_size"] == TINY_VOCAB and info["num_layers"] == 4 and info["canvas_length"] == 32
     types = [layer["type"] for layer in info["layers"]]

@@ -326,16 +326,16 @@ def test_class_scores_from_the_samplers_pass(model, rng):
     aut = compile_constraint(Constraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}),
                              model.tokenizer, model.config.vocab_size, [1], 0)
     c, v = model.config.canvas_length, model.config.vocab_size
-    sampler = FastSampler(model, [3, 4]) if rng == "fast" else ReferenceSampler(model, 3)
+    sampler = FastSampler(model.module, [3, 4]) if rng == "fast" else ReferenceSampler(model.module, 3)
     live = torch.ones(2, dtype=torch.bool)
     canvas = sampler.init_canvas(live)
     cache = KVCache(model.config, 2, 64, device=model.device, dtype=model.dtype)
-    model.encode(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache)
-    hidden = model.decode_hidden(canvas, cache)
+    model.module.encode(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache)
+    hidden = model.module.decode_hidden(canvas, cache)
     scorer = ClassScorer(aut, c)
     temp = torch.tensor(0.7)
     sampler.step(hidden, canvas, live, temp, visit={1: scorer})
-    raw = model.lm_head(hidden[1]).float() / temp  # the softcapped, temperature-scaled logits of row 1
+    raw = model.module.lm_head(hidden[1]).float() / temp  # the softcapped, temperature-scaled logits of row 1
     probs = torch.softmax(raw, dim=-1)
     members = [(aut.token_class == k).nonzero().flatten() for k in range(aut.n_classes)]
     expect = torch.stack([probs[:, m].max(dim=1).values for m in members], dim=1)

@@ -80,7 +80,7 @@ def test_non_finite_logits_stop_generation_with_an_error(tmp_path):
     generation with a named error instead of empty output."""
     model = dgemma.load_model(write_random_checkpoint(tmp_path / "m", "tiny", seed=0))
     with torch.no_grad():
-        model.embed_tokens.weight[5].fill_(3e38)  # times sqrt(hidden): past float32
+        model.module.embed_tokens.weight[5].fill_(3e38)  # times sqrt(hidden): past float32
     with pytest.raises(NonFiniteError, match="not finite"):
         model.generate([5, 6, 7], max_new_tokens=8, seed=0, max_denoising_steps=2)
 

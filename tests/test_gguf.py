@@ -71,8 +71,8 @@ def test_logits_match_reference_on_the_dequantized_twin(gg):
         want = ref(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
     torch.testing.assert_close(model.canvas_logits(prompt, canvas, sc), want, atol=1e-4, rtol=0)
     # kept as raw blocks: every quantized matrix is a GGUFTensor of its file's type
-    schemes = {m.qweight.scheme for m in model.modules() if isinstance(m, QLinear)}
-    for layer in model.layers:
+    schemes = {m.qweight.scheme for m in model.module.modules() if isinstance(m, QLinear)}
+    for layer in model.module.layers:
         assert isinstance(layer.experts, QExperts)
         schemes |= {layer.experts.gate_up.scheme, layer.experts.down.scheme}
     assert schemes == {"gguf-" + t for k, t in TYPES.items() if k != "token_embd.weight"}
@@ -148,28 +148,28 @@ def test_blocks_dequantize_exactly(gg):
     model = dgemma.load_model(gg["path"], dtype=torch.float32)
     reader = gguf.GGUFReader(str(gg["path"]))
     tensors = {t.name: t for t in reader.tensors}
-    gu = model.layers[1].experts.gate_up
+    gu = model.module.layers[1].experts.gate_up
     raw = np.array(tensors["blk.1.ffn_gate_up_exps.weight"].data)
     for e in range(4):
         assert np.array_equal(gu.dequantize(torch.float32, index=e).numpy(), _q4_k(raw[e]))
-    v = model.layers[2].self_attn.v_proj.qweight
+    v = model.module.layers[2].self_attn.v_proj.qweight
     assert np.array_equal(v.dequantize(torch.float32).numpy(), _q8_0(np.array(tensors["blk.2.attn_v.weight"].data)))
     # every other type: what the gguf package's own dequantizer gives for the file's bytes
-    for name, mod in (("blk.0.attn_q.weight", model.layers[0].self_attn.q_proj),
-                      ("blk.0.attn_k.weight", model.layers[0].self_attn.k_proj),
-                      ("blk.0.attn_output.weight", model.layers[0].self_attn.o_proj),
-                      ("blk.3.ffn_gate.weight", model.layers[3].mlp.gate_proj),
-                      ("blk.3.ffn_down.weight", model.layers[3].mlp.down_proj)):
+    for name, mod in (("blk.0.attn_q.weight", model.module.layers[0].self_attn.q_proj),
+                      ("blk.0.attn_k.weight", model.module.layers[0].self_attn.k_proj),
+                      ("blk.0.attn_output.weight", model.module.layers[0].self_attn.o_proj),
+                      ("blk.3.ffn_gate.weight", model.module.layers[3].mlp.gate_proj),
+                      ("blk.3.ffn_down.weight", model.module.layers[3].mlp.down_proj)):
         t = tensors[name]
         assert np.array_equal(mod.qweight.dequantize(torch.float32).numpy(),
                               gguf.quants.dequantize(np.array(t.data), t.tensor_type)), name
-    down = model.layers[0].experts.down
+    down = model.module.layers[0].experts.down
     t = tensors["blk.0.ffn_down_exps.weight"]
     assert np.array_equal(down.dequantize(torch.float32, index=3).numpy(),
                           gguf.quants.dequantize(np.array(t.data)[3], t.tensor_type))
     # the embedding is dequantized once, densely
     t = tensors["token_embd.weight"]
-    assert torch.equal(model.embed_tokens.weight, torch.from_numpy(gguf.quants.dequantize(np.array(t.data),
+    assert torch.equal(model.module.embed_tokens.weight, torch.from_numpy(gguf.quants.dequantize(np.array(t.data),
                                                                                           t.tensor_type)))
     assert isinstance(gu, GGUFTensor) and gu.nbytes == raw.nbytes and gu.bits_per_weight == 4.5
 

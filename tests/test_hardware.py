@@ -50,10 +50,10 @@ def test_bf16_checkpoint_loads_in_fp32_without_native_bf16(monkeypatch, bf16_ckp
     _pretend(monkeypatch, native=False)
     model = dgemma.load_model(bf16_ckpt)
     assert model.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())
     # The fp32 weights are the stored bf16 values, exactly.
     ref = dgemma.load_model(bf16_ckpt, dtype=torch.bfloat16)
-    assert torch.equal(model.embed_tokens.weight, ref.embed_tokens.weight.float())
+    assert torch.equal(model.module.embed_tokens.weight, ref.module.embed_tokens.weight.float())
     # An explicit dtype still wins.
     assert dgemma.load_model(bf16_ckpt, dtype="bfloat16").dtype == torch.bfloat16
 

@@ -86,11 +86,11 @@ def test_chunked_prefill_keeps_image_runs_whole(models, chunk):
     ids, pv, pos = _inputs(2)
     canvas = torch.arange(8)[None] + 30
     whole = model.canvas_logits(ids, canvas, pixel_values=pv, image_position_ids=pos)
-    model.prefill_chunk = chunk
+    model.module.prefill_chunk = chunk
     try:
         chunked = model.canvas_logits(ids, canvas, pixel_values=pv, image_position_ids=pos)
     finally:
-        model.prefill_chunk = dgemma.model.PREFILL_CHUNK
+        model.module.prefill_chunk = dgemma.model.PREFILL_CHUNK
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)
 
 

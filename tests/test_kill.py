@@ -79,7 +79,7 @@ def test_batch_killed_at_random_points_reruns_to_the_same_file(model, tmp_path):
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return dgemma.load_model(run / "final").state_dict()
+    return dgemma.load_model(run / "final").module.state_dict()
 
 
 def _steps_logged(run: Path) -> list[int]:

@@ -286,7 +286,7 @@ def test_vision_tower_loaded(base):
 def test_dtype_override(base, dtype, want):
     model = dgemma.load_model(base["ckpt"], dtype=dtype)
     assert model.dtype == want
-    assert all(p.dtype == want for p in model.parameters())
+    assert all(p.dtype == want for p in model.module.parameters())
     logits = _logits(model, base)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     # A lower-precision copy of the same weights: same ballpark, not bit-identical.

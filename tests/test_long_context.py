@@ -29,7 +29,7 @@ def test_long_prompt_logits_match_reference(pair):
     sc = 3 * torch.randn(1, 8, 96, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = ref(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
-    assert LONG > 3 * dm.prefill_chunk  # several chunks, each far longer than the window
+    assert LONG > 3 * dm.module.prefill_chunk  # several chunks, each far longer than the window
     got = dm.canvas_logits(prompt, canvas, self_conditioning_logits=sc)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
@@ -39,11 +39,11 @@ def test_chunk_size_does_not_change_the_result(pair, chunk):
     _, dm = pair
     prompt, canvas = _ids(300, seed=3), _ids(8, seed=4)
     want = dm.canvas_logits(prompt, canvas)
-    dm.prefill_chunk = chunk
+    dm.module.prefill_chunk = chunk
     try:
         got = dm.canvas_logits(prompt, canvas)
     finally:
-        dm.prefill_chunk = dgemma.model.PREFILL_CHUNK
+        dm.module.prefill_chunk = dgemma.model.PREFILL_CHUNK
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -66,11 +66,11 @@ def test_attention_sees_one_chunk_of_queries_at_a_time(pair, monkeypatch):
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(dgemma.model.F, "scaled_dot_product_attention", spy)
-    dm.prefill_chunk = 128
+    dm.module.prefill_chunk = 128
     try:
         dm.canvas_logits(_ids(1500, seed=7), _ids(8, seed=8))
     finally:
-        dm.prefill_chunk = dgemma.model.PREFILL_CHUNK
+        dm.module.prefill_chunk = dgemma.model.PREFILL_CHUNK
     window, sliding = dm.config.sliding_window, [s for s in dm.config.layers if s.sliding][0]
     assert sliding.head_dim != [s for s in dm.config.layers if not s.sliding][0].head_dim  # tells the calls apart
     sliding_keys = [k for _, k, _, d in seen if d == sliding.head_dim]

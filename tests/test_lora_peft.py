@@ -76,19 +76,19 @@ def test_peft_loads_finetune_adapter_onto_vision_checkpoint(base, tuned):
 
 def test_adapter_round_trip_and_part_choice(base, tmp_path):
     m = dgemma.load_model(base)
-    names = apply_lora(m, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    names = apply_lora(m.module, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
     assert names and not any(n.startswith("vision") for n in names)
     with torch.no_grad():
-        for mod in lora_modules(m).values():
+        for mod in lora_modules(m.module).values():
             mod.lora_B.normal_(0, 0.05)
-    save_adapter(m, tmp_path / "a")
+    save_adapter(m.module, tmp_path / "a")
     again = dgemma.load_model(base)
-    load_adapter(again, tmp_path / "a")
-    assert set(lora_modules(again)) == set(names)
+    load_adapter(again.module, tmp_path / "a")
+    assert set(lora_modules(again.module)) == set(names)
     prompt, canvas = _inputs(1, batch=1)
     torch.testing.assert_close(again.canvas_logits(prompt, canvas), m.canvas_logits(prompt, canvas), rtol=0, atol=0)
     with pytest.raises(ValueError, match="LoRA targets must be one of text, vision, both"):
-        apply_lora(dgemma.load_model(base), parts="audio")
+        apply_lora(dgemma.load_model(base).module, parts="audio")
 
 
 def test_vision_and_text_adapter_loads_with_peft(base, tmp_path):
@@ -100,13 +100,13 @@ def test_vision_and_text_adapter_loads_with_peft(base, tmp_path):
     import numpy as np
 
     m = dgemma.load_model(base)
-    names = apply_lora(m, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(1), parts="both")
+    names = apply_lora(m.module, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(1), parts="both")
     assert any(n.startswith("vision.") for n in names) and any(n.startswith("layers.") for n in names)
     with torch.no_grad():
-        for mod in lora_modules(m).values():
+        for mod in lora_modules(m.module).values():
             mod.lora_B.normal_(0, 0.1)
-    save_adapter(m, tmp_path / "both")
-    merge_lora(m)
+    save_adapter(m.module, tmp_path / "both")
+    merge_lora(m.module)
     peft_model = PeftModel.from_pretrained(_reference(base), tmp_path / "both")
     keys = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
             for k in load_file(str(tmp_path / "both" / "adapter_model.safetensors"))}

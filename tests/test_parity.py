@@ -365,7 +365,7 @@ def test_bf16_checkpoint_loads_as_bf16(bf16_zoo):
     ref, dm, ckpt = bf16_zoo["bf16_top1"]
     assert '"dtype": "bfloat16"' in (ckpt / "config.json").read_text()
     assert dm.dtype == torch.bfloat16
-    assert all(p.dtype == torch.bfloat16 for p in dm.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in dm.module.parameters())
     assert next(ref.parameters()).dtype == torch.bfloat16
 
 

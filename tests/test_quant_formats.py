@@ -70,11 +70,11 @@ def test_logits_match_reference_on_the_dequantized_twin(layout, base, written):
     orig = _ref_logits(base["ckpt"], base["inputs"])
     assert (orig - want).abs().max() > 1e-3
     # kept packed: experts (and the quantized linear layers) are QTensors, nothing expanded
-    for layer in model.layers:
+    for layer in model.module.layers:
         assert isinstance(layer.experts, QExperts)
         assert layer.experts.gate_up.shape == (4, 64, 64) and layer.experts.down.shape == (4, 64, 32)
         assert layer.experts.gate_up.bits_per_weight < 9
-    quantized_linears = [m for m in model.modules() if isinstance(m, QLinear)]
+    quantized_linears = [m for m in model.module.modules() if isinstance(m, QLinear)]
     assert bool(quantized_linears) == (layout not in ("modelopt-nvfp4", "modelopt-nvfp4-config"))
     out = model.generate(base["inputs"][0][:1], max_new_tokens=8, seed=0, max_denoising_steps=3)
     assert len(out.ids) >= 1 and all(0 <= i < 96 for i in out.ids)
@@ -119,7 +119,7 @@ def test_nvfp4_every_code_and_every_fp8_scale(producer, base, tmp_path):
                                   for c in range(64)] for r in range(32)], dtype=torch.float32)
             expect[(e, j)] = vals * gs if producer == "modelopt" else vals / gs
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    experts = dgemma.load_model(d, dtype=torch.float32).layers[1].experts
+    experts = dgemma.load_model(d, dtype=torch.float32).module.layers[1].experts
     for e in range(2):
         w = experts.gate_up.dequantize(torch.float32, index=e)
         assert torch.equal(w[:32], expect[(e, 0)]) and torch.equal(w[32:], expect[(e, 1)])
@@ -137,7 +137,7 @@ def test_fp8_channel_every_fp8_value(base, tmp_path):
     scale = (torch.rand(64, 1) + 0.5).to(torch.bfloat16)
     tensors[key + ".weight"], tensors[key + ".weight_scale"] = qw.fp8_from_bits(bits), scale
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    q = dgemma.load_model(d, dtype=torch.float32).layers[0].self_attn.q_proj.qweight
+    q = dgemma.load_model(d, dtype=torch.float32).module.layers[0].self_attn.q_proj.qweight
     want = torch.tensor([[qw.fp8_value(int(b)) for b in row] for row in bits.tolist()]) * scale.float()
     assert torch.equal(q.dequantize(torch.float32), want)
 
@@ -149,7 +149,7 @@ def test_fp8_per_tensor_scale_and_weight_without_scales(base, tmp_path, copy_of)
     key = "model.decoder.layers.1.mlp.down_proj"
     tensors[key + ".weight_scale"] = torch.tensor([0.125], dtype=torch.bfloat16)  # strategy "tensor"
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    q = dgemma.load_model(d, dtype=torch.float32).layers[1].mlp.down_proj.qweight
+    q = dgemma.load_model(d, dtype=torch.float32).module.layers[1].mlp.down_proj.qweight
     assert torch.equal(q.dequantize(torch.float32), tensors[key + ".weight"].float() * 0.125)
     bad = copy_of("ct-fp8-channel")
     _edit_tensors(bad, lambda t: t.pop(f"{EXP}.gate_proj.weight"))
@@ -168,13 +168,13 @@ def test_fp8_blocks_straddle_the_gate_up_boundary(tmp_path):
         key = f"model.decoder.layers.{layer}.experts."
         q, s = tensors[key + "gate_up_proj"], tensors[key + "gate_up_proj_scale_inv"]
         assert s.shape == (4, 2, 1)
-        gu = model.layers[layer].experts.gate_up
+        gu = model.module.layers[layer].experts.gate_up
         r, c = torch.arange(160)[:, None], torch.arange(64)[None, :]
         for e in range(4):  # W[r, c] = q[r, c] * s[r // 128, c // 128], rows 0-127 of gate AND up in one block
             want = q[e].float() * s[e][r // 128, c // 128]
             assert torch.equal(gu.dequantize(torch.float32, index=e), want)
             assert torch.equal(gu.dequantize(torch.float32, index=e)[79:81], q[e, 79:81].float() * s[e, 0, 0])
-        down = model.layers[layer].experts.down
+        down = model.module.layers[layer].experts.down
         assert torch.equal(down.dequantize(torch.float32), qw.dequant_fp8_block(tensors[key + "down_proj"],
                                                                                  tensors[key + "down_proj_scale_inv"]))
     g = torch.Generator().manual_seed(0)
@@ -344,13 +344,13 @@ def test_refuses_a_layout_the_config_does_not_announce(copy_of):
 # ---------------------------------------------------------------------------------------------------------------
 def test_qtensor_interface(written):
     model = dgemma.load_model(written["ct-nvfp4"][0], dtype=torch.float32)
-    q = model.layers[0].self_attn.q_proj.qweight
+    q = model.module.layers[0].self_attn.q_proj.qweight
     assert isinstance(q, QTensor) and q.scheme == "nvfp4" and q.shape == (64, 64)
     x = torch.randn(3, 64)
     torch.testing.assert_close(q.linear(x), x @ q.dequantize(torch.float32).T)
     assert q.nbytes == 64 * 32 + 64 * 4 + 64 * 4  # packed codes, fp8 block scales, fp32 global scale per row
     assert q.to("cpu").nbytes == q.nbytes
-    gu = model.layers[0].experts.gate_up
+    gu = model.module.layers[0].experts.gate_up
     with pytest.raises(ValueError):
         gu.linear(x)
     assert torch.equal(gu.dequantize(torch.bfloat16, index=2), gu.dequantize(torch.float32, index=2).bfloat16())
@@ -383,7 +383,7 @@ def test_qexperts_rows_do_not_depend_on_their_neighbours(written):
     from dgemma.numerics import row_invariant
 
     model = dgemma.load_model(written["ct-nvfp4"][0], dtype=torch.float32)
-    layer = model.layers[0]
+    layer = model.module.layers[0]
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
     weights, idx = layer.router(x)
     with row_invariant():

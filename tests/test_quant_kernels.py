@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import dgemma.quant.lowbit as L
+from dgemma.config import GenerationConfig
 from dgemma.numerics import linear as dense_linear
+from dgemma.pipeline import Pipeline
 from dgemma.numerics import row_invariant
 from dgemma.quant import kernels as K
 
@@ -213,9 +215,9 @@ def test_16bit_token_table_computes_like_its_fp32_copy(monkeypatch):
     prompt = torch.randint(3, v, (1, 5), generator=g)
     canvas = torch.randint(3, v, (1, cfg.canvas_length), generator=g)
     sc = torch.randn(1, cfg.canvas_length, v, generator=g)
-    got = model.canvas_logits(prompt, canvas, sc)
+    got = Pipeline(model, GenerationConfig()).canvas_logits(prompt, canvas, sc)
     assert got.dtype == torch.float32
-    assert torch.allclose(got, full.canvas_logits(prompt, canvas, sc), rtol=0, atol=1e-4)
+    assert torch.allclose(got, Pipeline(full, GenerationConfig()).canvas_logits(prompt, canvas, sc), rtol=0, atol=1e-4)
 
 
 def test_nvfp4_pair_table_is_exact_for_every_byte_and_scale():

@@ -74,7 +74,7 @@ def test_dgemma_layout_loads_exactly_the_dequantized_weights(base, quantized, sc
     with safe_open(str(base["ckpt"] / "model.safetensors"), framework="pt") as f:
         for k in f.keys():
             state[k] = f.get_tensor(k)
-    for name, mod in qm.named_modules():
+    for name, mod in qm.module.named_modules():
         if isinstance(mod, QLinear):
             state[f"model.decoder.{name}.weight".replace("decoder.sc_mlp.", "decoder.self_conditioning.")] = \
                 mod.qweight.dequantize()
@@ -98,12 +98,12 @@ def test_dgemma_layout_loads_exactly_the_dequantized_weights(base, quantized, sc
         L.MODE["kernel"] = "auto"
     want = twin.canvas_logits(base["prompt"], base["canvas"])
     assert (got - want).abs().max().item() <= 1e-4
-    n_q = sum(isinstance(m, (QLinear, QExperts)) for m in qm.modules())
+    n_q = sum(isinstance(m, (QLinear, QExperts)) for m in qm.module.modules())
     from dgemma.model import Linear
 
     dense = dgemma.load_model(base["ckpt"], dtype=torch.float32)
-    linears = [n for n, m in dense.named_modules() if isinstance(m, Linear) and "router" not in n]
-    assert n_q == len(linears) + len(dense.layers)  # every linear layer but the router, and each layer's experts
+    linears = [n for n, m in dense.module.named_modules() if isinstance(m, Linear) and "router" not in n]
+    assert n_q == len(linears) + len(dense.module.layers)  # every linear layer but the router, and each layer's experts
 
 
 def test_layouts_on_disk(quantized):
@@ -175,7 +175,7 @@ def test_random_quantized_checkpoint(tmp_path, scheme):
     out = Q.random_quantized_checkpoint(tmp_path / scheme, "tiny", scheme, seed=1, group=32, progress=False)
     model = dgemma.load_model(out)
     assert model.tokenizer is not None
-    experts = model.layers[0].experts
+    experts = model.module.layers[0].experts
     assert isinstance(experts, QExperts) and experts.gate_up.scheme == {"fp8": "fp8-channel"}.get(scheme, scheme)
     w = experts.gate_up.dequantize(index=0)
     assert 0.01 < w.std().item() < 0.04  # random codes scaled to the requested std (0.02)
@@ -199,9 +199,9 @@ def test_bf16_checkpoint_computes_in_fp32_from_16bit_storage(tmp_path, monkeypat
     # (the chunked head) into bf16 rounding flips
     monkeypatch.setitem(lowbit.MODE, "kernel", "dequant")
     lean = dgemma.load_model(out)
-    assert lean.dtype == torch.float32 and lean.embed_tokens.weight.dtype == torch.bfloat16
+    assert lean.dtype == torch.float32 and lean.module.embed_tokens.weight.dtype == torch.bfloat16
     full = dgemma.load_model(out, dtype=torch.float32)
-    assert full.embed_tokens.weight.dtype == torch.float32
+    assert full.module.embed_tokens.weight.dtype == torch.float32
     canvas = torch.randint(3, 262, (2, 32), generator=torch.Generator().manual_seed(3))
     prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     sc = torch.randn(2, 32, 262, generator=torch.Generator().manual_seed(4))
@@ -304,4 +304,4 @@ def test_streaming_quantize_memory_bound(tmp_path):
     grown = peak - baseline
     assert size > 80e6 and largest < size / 4
     assert grown < size / 2, (grown, size, largest)
-    assert dgemma.load_model(tmp_path / "out").layers[0].experts.gate_up.scheme == "int8"
+    assert dgemma.load_model(tmp_path / "out").module.layers[0].experts.gate_up.scheme == "int8"

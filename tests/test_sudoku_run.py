@@ -235,6 +235,7 @@ class _StubModel:
     def __init__(self, tokenizer, texts: list[str]):
         self.tokenizer, self.texts, self.calls = tokenizer, list(texts), []
         self.config = type("Cfg", (), {"canvas_length": 82})()
+        self.source = "stub"
 
     def stream(self, prompts, *, max_new_tokens=None, seed=None, **overrides):
         self.calls.append({"prompts": prompts, "max_new_tokens": max_new_tokens, "seed": seed, **overrides})

@@ -189,13 +189,13 @@ def test_lora_base_plus_adapter_equals_final(lora_run, base):
     final = lora_run / "final"
     merged = dgemma.load_model(final)
     m = dgemma.load_model(base)
-    load_adapter(m, final / "adapter")
+    load_adapter(m.module, final / "adapter")
     g = torch.Generator().manual_seed(0)
     prompt = torch.tensor([m.tokenizer.encode_chat([{"role": "user", "content": "copy abd"}])])
     canvas = torch.randint(0, m.config.vocab_size, (1, CANVAS), generator=g)
     with_adapter = m.canvas_logits(prompt, canvas)
-    merge_lora(m)
-    assert not any(".lora_" in n for n, _ in m.named_parameters())
+    merge_lora(m.module)
+    assert not any(".lora_" in n for n, _ in m.module.named_parameters())
     want = merged.canvas_logits(prompt, canvas)
     torch.testing.assert_close(m.canvas_logits(prompt, canvas), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(with_adapter, want, rtol=0, atol=1e-4)
@@ -289,28 +289,28 @@ def test_load_examples_layout(model, data):
 @pytest.mark.parametrize("sc_prob", [0.0, 1.0])
 def test_losses_finite_and_self_conditioning(base, data, sc_prob):
     m = dgemma.load_model(base)
-    m.requires_grad_(True)
+    m.module.requires_grad_(True)
     ids, pads, p_len, r_len = _batch(m, data)
-    ar, diff = losses(m, ids, pads, p_len, r_len, _obj_cfg(sc_prob=sc_prob), torch.Generator().manual_seed(0))
+    ar, diff = losses(m.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=sc_prob), torch.Generator().manual_seed(0))
     assert ar.dim() == diff.dim() == 0
     assert torch.isfinite(ar) and torch.isfinite(diff)
     # A random model over a 262-token vocabulary: both losses near log(262) ~ 5.57.
     assert 3.0 < ar.item() < 8.0 and 3.0 < diff.item() < 8.0
     (ar + diff).backward()
-    g = m.sc_mlp.gate_proj.weight.grad
+    g = m.module.sc_mlp.gate_proj.weight.grad
     if sc_prob == 0.0:
         assert g is None or float(g.abs().max()) == 0.0  # no self-conditioning signal, no gradient
     else:
         assert g is not None and float(g.abs().max()) > 0.0
-    assert m.embed_tokens.weight.grad is not None and torch.isfinite(m.embed_tokens.weight.grad).all()
+    assert m.module.embed_tokens.weight.grad is not None and torch.isfinite(m.module.embed_tokens.weight.grad).all()
 
 
 def test_self_conditioning_changes_only_the_diffusion_loss(model, data):
     ids, pads, p_len, r_len = _batch(model, data)
     with torch.no_grad():
-        ar0, d0 = losses(model, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0), torch.Generator().manual_seed(3))
-        ar1, d1 = losses(model, ids, pads, p_len, r_len, _obj_cfg(sc_prob=1.0), torch.Generator().manual_seed(3))
-        ar2, d2 = losses(model, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0), torch.Generator().manual_seed(3))
+        ar0, d0 = losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0), torch.Generator().manual_seed(3))
+        ar1, d1 = losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=1.0), torch.Generator().manual_seed(3))
+        ar2, d2 = losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0), torch.Generator().manual_seed(3))
     assert torch.equal(ar0, ar1) and torch.equal(ar0, ar2)
     assert torch.equal(d0, d2)  # deterministic for a generator state
     assert not torch.equal(d0, d1)  # same noise, but the self-conditioning signal enters the decoder
@@ -319,18 +319,18 @@ def test_self_conditioning_changes_only_the_diffusion_loss(model, data):
 def _noisy_canvases(model, data, monkeypatch, t_min: float, n: int, seed: int = 0):
     """Run `losses` and capture the decoder's input canvases next to the clean response block."""
     seen = []
-    real = model.decode_hidden
+    real = model.module.decode_hidden
 
     def spy(canvas, *args, **kwargs):
         seen.append(canvas.clone())
         return real(canvas, *args, **kwargs)
 
-    monkeypatch.setattr(model, "decode_hidden", spy)
+    monkeypatch.setattr(model.module, "decode_hidden", spy)
     ex = load_examples(model, data, chat=True)
     batch = (ex * (n // len(ex) + 1))[:n]
     ids, pads, p_len, r_len = collate(batch, model.generation_config.pad_token_id, model.device)
     with torch.no_grad():
-        losses(model, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0, t_min=t_min), torch.Generator().manual_seed(seed))
+        losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0, t_min=t_min), torch.Generator().manual_seed(seed))
     monkeypatch.undo()
     assert len(seen) == 1  # sc_prob 0: no self-conditioning pass
     assert r_len == CANVAS  # one response canvas, so the block is the response
@@ -368,7 +368,7 @@ def test_ar_loss_ignores_padding(model):
     def ar_loss(batch):
         ids, pads, p_len, r_len = collate(batch, pad, model.device)
         with torch.no_grad():
-            ar, diff = losses(model, ids, pads, p_len, r_len, cfg, torch.Generator().manual_seed(0))
+            ar, diff = losses(model.module, ids, pads, p_len, r_len, cfg, torch.Generator().manual_seed(0))
         assert torch.isfinite(ar) and torch.isfinite(diff)
         return float(ar)
 
@@ -394,7 +394,7 @@ def test_ar_targets(model):
 
     def run(targets: str):
         with torch.no_grad():
-            return losses(model, ids, pads, p_len, r_len, _obj_cfg(ar_targets=targets),
+            return losses(model.module, ids, pads, p_len, r_len, _obj_cfg(ar_targets=targets),
                           torch.Generator().manual_seed(0))
 
     ar_all, d_all = run("all")
@@ -408,7 +408,7 @@ def test_ar_targets(model):
         from dgemma.kv_cache import TrainingKVCache
 
         cache = TrainingKVCache(model.config, len(rows), model.device, model.dtype, pads)
-        logits = model.lm_head(model.encode(ids, cache))[:, :-1]
+        logits = model.module.lm_head(model.module.encode(ids, cache))[:, :-1]
         per = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     real = ids[:, 1:] != pad
     prompt_part = per[:, :p_len - 1][real[:, :p_len - 1]]
@@ -421,9 +421,9 @@ def test_ar_only_skips_the_decoder(model, monkeypatch):
     tok, pad = model.tokenizer, model.generation_config.pad_token_id
     ex = [Example(tok.encode("copy ab"), tok.encode("ab") + [1] + [pad] * (CANVAS - 3))]
     ids, pads, p_len, r_len = collate(ex, pad, model.device)
-    monkeypatch.setattr(model, "decode_hidden", lambda *a, **k: pytest.fail("decoder ran"))
+    monkeypatch.setattr(model.module, "decode_hidden", lambda *a, **k: pytest.fail("decoder ran"))
     with torch.no_grad():
-        ar, diff = losses(model, ids, pads, p_len, r_len, _obj_cfg(diffusion_weight=0.0, ar_targets="response"),
+        ar, diff = losses(model.module, ids, pads, p_len, r_len, _obj_cfg(diffusion_weight=0.0, ar_targets="response"),
                           torch.Generator().manual_seed(0))
     assert float(ar) > 0 and float(diff) == 0.0
 
@@ -521,8 +521,8 @@ def test_a_kill_while_swapping_the_snapshot_resumes_from_the_complete_one(root, 
     os.replace(out / "last", out / ".last.partial")
     finetune(config(base, data, out, steps=4, save_every=2, log_every=1, resume=True))
     assert (out / "last" / "trainer_state.json").is_file() and not (out / ".last.partial").exists()
-    a = dgemma.load_model(straight / "final").state_dict()
-    b = dgemma.load_model(out / "final").state_dict()
+    a = dgemma.load_model(straight / "final").module.state_dict()
+    b = dgemma.load_model(out / "final").module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

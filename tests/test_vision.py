@@ -156,23 +156,12 @@ def test_bad_inputs_and_config():
         VisionConfig.from_dict(dict(VISION, head_dim=6))
 
 
-def _ref_masks(ids, image_token_id, window, attention_mask=None):
-    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaEncoderModel
-    cfg = DiffusionGemmaConfig(text_config=text_config({"use_bidirectional_attention": "vision",
-                                                        "sliding_window": window}))
-    cfg.text_config._attn_implementation = "sdpa"
-    B, L = ids.shape
-    return DiffusionGemmaEncoderModel.create_masks_for_generate(
-        config=cfg, inputs_embeds=torch.zeros(B, L, 0), attention_mask=attention_mask, past_key_values=None,
-        position_ids=torch.arange(L)[None].expand(B, L), mm_token_type_ids=(ids == image_token_id).long())
-
-
-@pytest.mark.parametrize("window", [3, 6, 50])
-def test_prefill_masks_match_reference(window):
-    from dgemma.vision import image_block_ids, prefill_attention_mask
+@pytest.mark.parametrize("seed", [3, 6, 50])
+def test_image_runs_match_reference(seed):
+    from dgemma.vision import image_block_ids
     from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
     IMG, BOI, EOI = 90, 91, 92
-    g = torch.Generator().manual_seed(window)
+    g = torch.Generator().manual_seed(seed)
     rows = []
     for r in range(3):
         ids = torch.randint(10, 80, (40,), generator=g)
@@ -181,31 +170,7 @@ def test_prefill_masks_match_reference(window):
                 ids[start - 1], ids[start:start + n], ids[start + n] = BOI, IMG, EOI
         rows.append(ids)
     ids = torch.stack(rows)
-    ids[2, :4] = 0  # left padding in the text-only row
-    am = (torch.arange(40)[None] >= torch.tensor([0, 0, 4])[:, None]).long()
     blocks = image_block_ids(ids, IMG)
     assert torch.equal(blocks, get_block_sequence_ids_for_mask((ids == IMG).long(), torch.device("cpu")))
-    ref = _ref_masks(ids, IMG, window, am)
-    for kind, w in (("full_attention", None), ("sliding_attention", window)):
-        ours = prefill_attention_mask(blocks, w, key_ok=am)
-        theirs = ref[kind][:, 0]
-        real = am.bool()
-        for b in range(3):
-            assert torch.equal(ours[b][real[b]], theirs[b][real[b]]), (kind, b)
-    # A run longer than the window stays bidirectional in sliding layers.
-    assert prefill_attention_mask(blocks, 3)[0, 15, 15 + 8]
-
-
-def test_place_image_features():
-    from dgemma.vision import place_image_features
-    ids = torch.tensor([[5, 9, 9, 6, 7], [9, 1, 2, 9, 9]])
-    emb = torch.randn(2, 5, 4)
-    feats = torch.randn(5, 4)
-    out = place_image_features(emb, ids, feats, 9)
-    assert torch.equal(out[0, 1:3], feats[:2]) and torch.equal(out[1, 0], feats[2])
-    assert torch.equal(out[1, 3:], feats[3:]) and torch.equal(out[0, 0], emb[0, 0])
-    # Same as the reference's masked_scatter.
-    want = emb.masked_scatter((ids == 9).unsqueeze(-1), feats)
-    assert torch.equal(out, want)
-    with pytest.raises(ValueError, match="5 image tokens but the images give 4"):
-        place_image_features(emb, ids, feats[:4], 9)
+    # The masks built from these runs are checked end to end: image prompts longer than the sliding window give
+    # the reference's logits (tests/test_image_generate.py).

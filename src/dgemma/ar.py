@@ -44,11 +44,11 @@ def ar_stream(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int 
                          f"{model.config.max_position_embeddings} positions")
     eos = _eos_set(model, eos_token_id)
     gen = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(1, total, scratch=1)
+    cache = model.module.new_cache(1, total, scratch=1)
     ids = torch.tensor([prompt_ids], device=model.device)
     for _ in range(max_new_tokens):
-        hidden = model.encode(ids, cache)
-        logits = model.lm_head(hidden[:, -1])
+        hidden = model.module.encode(ids, cache)
+        logits = model.module.lm_head(hidden[:, -1])
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = int(torch.multinomial(probs.cpu(), 1, generator=gen))

@@ -317,7 +317,7 @@ def cmd_generate(args) -> int:
     if args.prefill_chunk is not None:
         if args.prefill_chunk <= 0:
             raise ValueError(f"--prefill-chunk must be a positive integer, got {args.prefill_chunk}")
-        model.prefill_chunk = args.prefill_chunk
+        model.module.prefill_chunk = args.prefill_chunk
     tok = model.tokenizer
     image_inputs: dict = {}
     if args.prompt is not None:

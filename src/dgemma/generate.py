@@ -202,10 +202,13 @@ def stream(
         images = prompt_images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids,
                                max_soft_tokens)
     vision_s = time.perf_counter() - t0
-    sampler = FastSampler(model, seeds) if rng == "fast" else ReferenceSampler(model, seeds[0])
-    sampler = _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template)
+    sampler = FastSampler(model.module, seeds) if rng == "fast" else ReferenceSampler(model.module, seeds[0])
+    sampler = _constrained(model, gen, sampler, prompt, constraint, regex, json_schema, choice, template)
     if verifier is not None and not callable(verifier):
         raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
+    own = getattr(sampler, "verifier", None)  # a constraint's own rule check (JSON-schema keywords: constraints/)
+    if own is not None:
+        verifier = own if verifier is None else (lambda t, p, a=verifier, b=own: a(t, p) | b(t, p))
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
         raise ValueError(f"logprobs must be a non-negative integer or None, got {logprobs!r}")
     if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
@@ -229,7 +232,7 @@ def token_logprobs(sampler: CanvasSampler, ids: torch.Tensor, k: int):
     return chosen, None if top is None else (top.values.cpu(), top.indices.cpu())
 
 
-def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_schema, choice, template):
+def _constrained(model, gen, sampler, prompt, constraint, regex, json_schema, choice, template):
     """The sampler wrapped for constrained / infill decoding (see constraints/), or itself when none is asked.
     `constraint`: a constraints.Constraint, or one per prompt (None for an unconstrained row)."""
     forms = (regex, json_schema, choice, template)
@@ -241,7 +244,7 @@ def _constrained(model, gen, sampler, prompt, seeds, constraint, regex, json_sch
         constraint = Constraint.from_args(regex, json_schema, choice, template)
     elif any(f is not None for f in forms):
         raise ValueError("pass constraint= or one of regex / json_schema / choice / template, not both")
-    return constrain(sampler, model, gen, prompt.shape[0], gen.new_tokens(prompt.shape[1]), seeds, constraint)
+    return constrain(sampler, model, gen, prompt.shape[0], gen.new_tokens(prompt.shape[1]), constraint)
 
 
 def plan_canvases(cfg, gen: GenerationConfig, prompt_len: int) -> int:
@@ -282,8 +285,8 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
     if images is not None:
         timings["vision_s"] = vision_s
     t_start = time.perf_counter()
-    cache = model.new_cache(batch, prompt_len + (n_canvases - 1) * model.config.canvas_length, pad)
-    cached = prefill(model, prompt, pad, cache, images, prefix_cache)  # no cache: model.encode
+    cache = model.module.new_cache(batch, prompt_len + (n_canvases - 1) * model.config.canvas_length, pad)
+    cached = prefill(model.module, prompt, pad, cache, images, prefix_cache)  # no cache: model.module.encode
     timings["prefill_s"] = time.perf_counter() - t_start
 
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)  # rows that produced EOS
@@ -293,7 +296,7 @@ def _loop(model, prompt, pad, gen, sampler: CanvasSampler, seeds, images=None,
     for ci in range(n_canvases):
         if ci > 0:
             t0 = time.perf_counter()
-            model.encode(committed[-1], cache)
+            model.module.encode(committed[-1], cache)
             timings["commit_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         argmax, canvas_passes = yield from _denoise(model, cache, gen, sampler, finished, ci, verifier)
@@ -328,7 +331,7 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
         live = sampler.live(stopped, finished)
         passes += ~(stopped | finished)
         temp = temperature(remaining, n, gen.t_min, gen.t_max) if gen.t_min is not None else None
-        hidden = model.decode_hidden(canvas, cache, **sampler.self_conditioning())
+        hidden = model.module.decode_hidden(canvas, cache, **sampler.self_conditioning())
         # The final hidden states are normed, so with finite weights (checked at load) finite hidden states mean
         # finite logits; checking them costs B x C x H, not B x C x V.
         if not bool(torch.isfinite(hidden[live]).all()):
@@ -383,7 +386,7 @@ def _results(model, out, steps, passes, finished, gen: GenerationConfig, seeds, 
         ids = row.tolist()
         tpf = (torch.tensor(len(ids)) / passes[b].cpu()).item()
         t = dict(timings, tokens_per_s=len(ids) / timings["total_s"] if timings["total_s"] > 0 else 0.0)
-        text = model.tokenizer.decode(ids) if getattr(model, "tokenizer", None) is not None else None
+        text = model.tokenizer.decode(ids) if model.tokenizer is not None else None
         # rows that stopped earlier still ran (batched) canvases; only their own steps count
         results.append(GenerationResult(ids, tpf, [s[b] for s in steps if s[b] > 0], seeds[min(b, len(seeds) - 1)],
                                         "eos" if bool(finished[b]) else "length", t, text))

@@ -14,7 +14,6 @@ import torch
 
 # /proc/cpuinfo flags that give the CPU a fast 16-bit matmul path in oneDNN, per dtype.
 NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-NATIVE_BF16_FLAGS = NATIVE_FLAGS[torch.bfloat16]
 HALF_DTYPES = tuple(NATIVE_FLAGS)
 
 

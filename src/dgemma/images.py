@@ -319,7 +319,7 @@ class Prompt:
 def _vision_ids(model) -> tuple[int, int, int]:
     cfg = model.config
     ids = tuple(getattr(cfg, k, None) for k in ("boi_token_id", "image_token_id", "eoi_token_id"))
-    if getattr(model, "vision", None) is None or any(i is None for i in ids):
+    if model.vision is None or any(i is None for i in ids):
         raise ImageError("this model has no vision tower: image input is not available")
     return ids  # type: ignore[return-value]
 
@@ -330,7 +330,7 @@ def _process(model, images: Sequence[ImageInput], max_soft_tokens: int | None,
         return None, []
     boi, image, eoi = _vision_ids(model)
     processed = preprocess_images(list(images), max_soft_tokens,
-                                  config=getattr(model, "image_processor", None), max_pixels=max_pixels)
+                                  config=model.image_processor, max_pixels=max_pixels)
     runs = [[boi] + [image] * n + [eoi] for n in processed["num_soft_tokens"]]
     return processed, runs
 

@@ -91,7 +91,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEF
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     wanted = lora_parts(parts)
-    if "vision" in wanted and getattr(model, VISION, None) is None:
+    if "vision" in wanted and model.vision is None:
         raise ValueError("LoRA on the vision tower: this model has no vision tower")
     found = _candidates(model, targets, wanted)
     if not found:

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig
-from .generate import generate, stream
 from .kv_cache import KVCache
 from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_tanh, linear, softcap
-from .vision import PromptImages, prompt_images
+from .vision import PromptImages
 
 
 PREFILL_CHUNK = 1024  # prompt tokens per encoder pass: bounds activations and attention masks on long prompts
@@ -286,10 +285,7 @@ class DiffusionGemma(nn.Module):
         self.sc_pre_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.sc_mlp = MLP(h, cfg.intermediate_size)
         self.sc_post_norm = RMSNorm(h, cfg.rms_norm_eps, with_scale=False)
-        self.generation_config = None  # set by the loader
-        self.tokenizer = None  # set by the loader when the checkpoint has one
         self.vision = None  # VisionEncoder, set by the loader when the checkpoint has a vision tower
-        self.image_processor = None  # ImageProcessorConfig, likewise
         self.prefill_chunk = PREFILL_CHUNK
         self._inv_freq: dict[str, torch.Tensor] = {}
         for spec in cfg.layers:
@@ -392,53 +388,3 @@ class DiffusionGemma(nn.Module):
                   scratch: int | None = None) -> KVCache:
         """A cache for up to `max_tokens` encoded positions and canvases of `scratch` (default canvas_length)."""
         return KVCache(self.config, batch_size, max_tokens, self.device, self.dtype, pad, scratch)
-
-    # -- public API ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def canvas_logits(
-        self,
-        prompt_ids: torch.Tensor,
-        canvas_ids: torch.Tensor,
-        self_conditioning_logits: torch.Tensor | None = None,
-        *,
-        pixel_values: torch.Tensor | None = None,
-        image_position_ids: torch.Tensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, C, V] (fp32, softcapped) of one denoising step after prefilling `prompt_ids` (with its
-        images' `pixel_values` / `image_position_ids` from `preprocess_images`, when it has image tokens)."""
-        prompt_ids = _check_ids(prompt_ids, "prompt_ids", self.config.vocab_size, self.device)
-        canvas_ids = _check_ids(canvas_ids, "canvas_ids", self.config.vocab_size, self.device)
-        if canvas_ids.shape[0] != prompt_ids.shape[0]:
-            raise ValueError(f"canvas_ids batch {canvas_ids.shape[0]} != prompt_ids batch {prompt_ids.shape[0]}")
-        if self_conditioning_logits is not None:
-            want = (*canvas_ids.shape, self.config.vocab_size)
-            if tuple(self_conditioning_logits.shape) != want:
-                raise ValueError(f"self_conditioning_logits must have shape {list(want)}, "
-                                 f"got {list(self_conditioning_logits.shape)}")
-            self_conditioning_logits = self_conditioning_logits.to(self.device)  # softmax in fp32, then cast
-        images = prompt_images(self, prompt_ids, None, pixel_values, image_position_ids, mm_token_type_ids)
-        cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1], scratch=canvas_ids.shape[1])
-        self.encode(prompt_ids, cache, images=images)
-        return self.decode(canvas_ids, cache, self_conditioning_logits)
-
-    def generate(self, prompt_ids, **kwargs):
-        """Block-diffusion generation; see dgemma.generate.generate."""
-        return generate(self, prompt_ids, **kwargs)
-
-    def stream(self, prompt_ids, **kwargs):
-        """Yields Draft events after every denoising step and a Commit per canvas; see dgemma.generate.stream."""
-        return stream(self, prompt_ids, **kwargs)
-
-
-def _check_ids(ids, name: str, vocab: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.LongTensor, got {type(ids).__name__}")
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"{name} must be 2-D [batch, length] with length >= 1, got shape {list(ids.shape)}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold integer ids, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab})")
-    return ids.to(device=device, dtype=torch.long)
-

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 
 from .checkpoint.keys import checkpoint_key
+from .hardware import resolve_dtype
+from .model import DiffusionGemma
+from .pipeline import Pipeline
 from .config import (DEFAULT_GLOBAL_HEAD_DIM, DEFAULT_ROPE, FULL, SLIDING, GenerationConfig, ModelConfig,
                      default_layer_types, generation_config_dict, padded_keys)
 
@@ -91,8 +94,6 @@ def _random_parameters(cfg: ModelConfig, seed: int, std: float, dtype: torch.dty
     """(dgemma parameter name, random value) in parameter order: matrices N(0, std) drawn in fp32 from one
     generator seeded with `seed` and then cast, every 1-D weight (norms, scales, layer scalars) 1. Only one fp32
     temporary exists at a time, so a model that fits in `dtype` can be built."""
-    from .model import DiffusionGemma
-
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         shapes = [(n, tuple(p.shape)) for n, p in DiffusionGemma(cfg).named_parameters()]
@@ -113,14 +114,11 @@ def random_state_dict(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype:
 
 
 def random_model(preset: str | dict[str, Any] = "tiny", dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02, **overrides: Any):
-    """A `DiffusionGemma` with random weights, built directly in memory on `device` (no checkpoint on disk).
+                 device: str | torch.device = "cpu", seed: int = 0, std: float = 0.02, **overrides: Any) -> Pipeline:
+    """A model (Pipeline) with random weights, built directly in memory on `device` (no checkpoint on disk).
 
     The weights are those of `random_state_dict`: on CPU this is exactly the model that
     `load_model(write_random_checkpoint(dir, preset, seed=seed, std=std), dtype=dtype)` returns."""
-    from .hardware import resolve_dtype
-    from .model import DiffusionGemma
-
     dtype, device = resolve_dtype(dtype), torch.device(device)
     cfg = preset_config(preset, str(dtype).removeprefix("torch."), **overrides)
     _check_fits(cfg, dtype, device)
@@ -129,9 +127,8 @@ def random_model(preset: str | dict[str, Any] = "tiny", dtype: str | torch.dtype
     model.load_state_dict(dict(_random_parameters(cfg, seed, std, dtype, device)), assign=True, strict=True)
     model.requires_grad_(False)
     model.eval()
-    model.generation_config = GenerationConfig.from_dict(generation_config_dict())
-    model.source = f"random:{preset if isinstance(preset, str) else 'custom'}"
-    return model
+    return Pipeline(model, GenerationConfig.from_dict(generation_config_dict()),
+                    source=f"random:{preset if isinstance(preset, str) else 'custom'}")
 
 
 def _check_fits(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:

@@ -36,6 +36,7 @@ from .config import read_json
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter
 from .model import DiffusionGemma
+from .pipeline import Pipeline
 from .checkpoint.keys import checkpoint_key
 from .checkpoint.write import write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
@@ -105,7 +106,7 @@ class Example:
     response: list[int]  # response + end token, padded with pad to whole canvases
 
 
-def load_examples(model: DiffusionGemma, path: Path, chat: bool, max_line_chars: int = 1 << 20) -> list[Example]:
+def load_examples(model: Pipeline, path: Path, chat: bool, max_line_chars: int = 1 << 20) -> list[Example]:
     """The training examples of a JSONL file; a line that cannot be used is a ValueError naming file and line."""
     tok = model.tokenizer
     if tok is None:
@@ -170,15 +171,16 @@ def collate(batch: list[Example], pad: int, device) -> tuple[torch.Tensor, torch
 
 
 def losses(model: DiffusionGemma, ids: torch.Tensor, pads: torch.Tensor, p_len: int, r_len: int,
-           cfg: TrainConfig, gen: torch.Generator, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           cfg: TrainConfig, gen: torch.Generator, rows: slice | None = None,
+           pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(autoregressive loss, diffusion loss) for one batch; a loss whose weight is 0 is not computed (0.0).
 
     `rows` (data parallel): run the model on these rows only. The random draws still cover the whole batch and
-    both losses are normalised by the whole batch's counts, so the slices' losses add up to the whole batch's."""
+    both losses are normalised by the whole batch's counts, so the slices' losses add up to the whole batch's.
+    `pad_id`: the generation config's pad token (tail padding of the responses)."""
     mc = model.config
     b, dev = ids.shape[0], ids.device
     sub = rows if rows is not None else slice(None)
-    pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
     c = mc.canvas_length
     block = int(torch.randint(0, r_len // c, (1,), generator=gen))
     need_ar = cfg.ar_targets != "none" and cfg.ar_weight != 0
@@ -363,8 +365,9 @@ def finetune(cfg: TrainConfig) -> dict:
     start_dir = resume_from or base
     if resume_from is not None and cfg.lora_rank:
         start_dir = base  # LoRA resumes from the base weights plus the saved adapter
-    model = load_model(start_dir, dtype=cfg.dtype, device=device)
-    examples = load_examples(model, Path(cfg.data), cfg.chat, cfg.max_line_chars)
+    pipe = load_model(start_dir, dtype=cfg.dtype, device=device)
+    examples = load_examples(pipe, Path(cfg.data), cfg.chat, cfg.max_line_chars)
+    model = pipe.module
     if cfg.lora_rank and resume_from is not None and (resume_from / "adapter").is_dir():
         load_adapter(model, resume_from / "adapter")
     elif cfg.lora_rank:
@@ -391,7 +394,7 @@ def finetune(cfg: TrainConfig) -> dict:
     log_path = out / "train_log.jsonl"
     if main:
         _trim_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops entries it will redo
-    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+    pad = pipe.generation_config.pad_token_id if pipe.generation_config.pad_token_id is not None else 0
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -412,9 +415,9 @@ def finetune(cfg: TrainConfig) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             if ctx:
-                ar, diff = objective(ids, pads, p_len, r_len, cfg, gen, rows=ctx.rows(cfg.batch_size))
+                ar, diff = objective(ids, pads, p_len, r_len, cfg, gen, rows=ctx.rows(cfg.batch_size), pad_id=pad)
             else:
-                ar, diff = losses(model, ids, pads, p_len, r_len, cfg, gen)
+                ar, diff = losses(model, ids, pads, p_len, r_len, cfg, gen, pad_id=pad)
             loss = cfg.ar_weight * ar + cfg.diffusion_weight * diff
             values = ctx.sum([loss, ar, diff]) if ctx else [loss.item(), ar.item(), diff.item()]
             if not math.isfinite(values[0]):
@@ -471,7 +474,7 @@ def _snapshot(model, base, out, cfg, step, opt, params, gen, ctx=None) -> Diffus
 
 def _plain_model(base: Path, cfg: TrainConfig) -> DiffusionGemma:
     """An unsharded model on the CPU with the trained model's structure (LoRA wrappers too)."""
-    model = load_model(base, dtype=cfg.dtype, device="cpu")
+    model = load_model(base, dtype=cfg.dtype, device="cpu").module
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, parts=cfg.lora_targets)
     return model

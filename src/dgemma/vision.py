@@ -319,37 +319,6 @@ def image_block_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tenso
     return torch.where(is_img, run, torch.full_like(run, -1))
 
 
-def prefill_attention_mask(block_ids: torch.Tensor, sliding_window: int | None = None,
-                           key_ok: torch.Tensor | None = None) -> torch.Tensor:
-    """Allowed-attention mask [B, L, L] (True = attend) for a prefill starting at position 0:
-    (causal, within the window for sliding layers) OR (query and key in the same image run); AND key_ok (padding).
-    An image run is fully bidirectional even where it is longer than the sliding window, as in the reference."""
-    B, L = block_ids.shape
-    q = torch.arange(L, device=block_ids.device)[:, None]
-    k = torch.arange(L, device=block_ids.device)[None, :]
-    base = k <= q
-    if sliding_window is not None:
-        base = base & (q - k < sliding_window)
-    same_run = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
-    allowed = base[None] | same_run
-    if key_ok is not None:
-        allowed = allowed & key_ok[:, None, :].bool()
-    return allowed
-
-
-def place_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
-                         image_token_id: int) -> torch.Tensor:
-    """Replace, in row-major order, the embeddings at `image_token_id` positions by the soft tokens
-    ([total, hidden], images in prompt order). Text embeddings keep their sqrt(hidden) scaling; features have none."""
-    slots = input_ids == image_token_id
-    n = int(slots.sum())
-    if n != features.shape[0]:
-        raise ValueError(f"the prompt has {n} image tokens but the images give {features.shape[0]} soft tokens")
-    out = embeds.clone()
-    out[slots] = features.to(embeds.dtype)
-    return out
-
-
 # ---- A prompt's images, ready for the chunked prefill ----
 
 @dataclass

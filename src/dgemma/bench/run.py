@@ -522,14 +522,6 @@ def speed_table(result: dict) -> tuple[list[str], list[list[str]]]:
     return [h for h, _ in columns], [[cell(m) for _, cell in columns] for m in result["modes"]]
 
 
-def summary_markdown(result: dict) -> str:
-    """The speed table as Markdown (for benchmarks/NOTES.md)."""
-    headers, rows = speed_table(result)
-    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def render(result: dict, console=None) -> None:
     """Print the benchmark result as rich tables."""
     from rich.console import Console

@@ -28,7 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+from ..config import ConfigError, GenerationConfig, ModelConfig
+from ..errors import CheckpointError
+from ..hardware import default_compute_dtype, resolve_device, resolve_dtype
+from ..model import DiffusionGemma, Linear
+from ..pipeline import Pipeline
+from ..quant.modules import QExperts, QLinear
 from ..quant.qtensor import QTensor, QuantError, register
+from ..tokenizer import Tokenizer
+from .assemble import Parts, assemble
+from .formats import QuantFormat
 
 ARCH = "diffusion-gemma"
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -518,15 +529,9 @@ def gguf_qtensor(g: GGUFFile, names: list[str], shape: tuple[int, ...]) -> GGUFT
     return GGUFTensor(data, qtype, scheme=f"gguf-{name}", shape=tuple(shape))
 
 
-def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
+              device: str | torch.device = "cpu") -> Pipeline:
     """A DiffusionGemma from a GGUF file: config, generation settings and tokenizer from its metadata."""
-    from ..errors import CheckpointError
-    from ..hardware import resolve_device, resolve_dtype
-    from ..config import ConfigError, GenerationConfig, ModelConfig
-    from ..hardware import default_compute_dtype
-    from ..model import DiffusionGemma, Linear
-    from ..quant.modules import QExperts, QLinear
-
     path = Path(path)
     try:
         g = open_gguf(path)
@@ -586,27 +591,12 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, device: 
             else:
                 model.layers[i].experts = QExperts(gguf_qtensor(g, gate_up_names, (e, i2, h)).to(device),
                                                    gguf_qtensor(g, [down_name], (e, h, i2 // 2)).to(device))
+        tokenizer = tokenizer_from_gguf(g)
     except QuantError as e:
         raise CheckpointError(str(e)) from None
-    expected = {n for n, _ in model.named_parameters()}
-    missing = sorted(n for n in expected - set(state) if not n.endswith("encoder_layer_scalar"))
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} weight(s) missing from the GGUF: {', '.join(missing[:8])}")
-    for n in expected - set(state):  # no encoder scalar stored: the reference starts it at 1
-        state[n] = torch.ones(params[n], dtype=target, device=device)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.requires_grad_(False)
-    model.eval()
-    model.generation_config = gen
-    model.source = str(path)
-    from .formats import QuantFormat
-
-    model.quant_format = QuantFormat("gguf", "gguf", str(path), raw={"file_type": g.get("general.file_type")})
-    try:
-        model.tokenizer = tokenizer_from_gguf(g)
-    except QuantError as e:
-        raise CheckpointError(str(e)) from None
-    return model
+    fmt = QuantFormat("gguf", "gguf", str(path), raw={"file_type": g.get("general.file_type")})
+    parts = Parts(path, gen, tokenizer, fmt)
+    return assemble(model, state, parts, target, target, device, name_of=lambda n: f"{n} (dgemma name)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -635,10 +625,6 @@ def tokenizer_from_gguf(g: GGUFFile):
     """dgemma Tokenizer from `tokenizer.ggml.*` metadata (None when the file has no vocabulary). SentencePiece-style
     vocabularies (`llama`, `gemma4`: "▁" for spaces, <0xNN> byte fallback; merges stored or derived from the
     scores) and byte-level BPE (`gpt2`)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
-
-    from ..tokenizer import Tokenizer
-
     tokens = g.get("tokenizer.ggml.tokens")
     if not tokens:
         return None

@@ -28,8 +28,13 @@ from ..config import ConfigError, GenerationConfig, ModelConfig, read_json
 from ..errors import CheckpointError
 from ..hardware import DTYPES, default_compute_dtype, resolve_device, resolve_dtype
 from ..images import ImageProcessorConfig
+from ..tokenizer import Tokenizer
+from .assemble import Parts, assemble
+from .gguf import load_gguf
 from .keys import DECODER, ENCODER, checkpoint_key, map_key
+from .lowbit import load_into, parse_config
 from ..model import DiffusionGemma, Linear
+from ..pipeline import Pipeline
 from .formats import (FLOAT_DTYPES, FP8BlockTensor, QuantFormat, Reader, check_kind, detect, read_matrix,
                             read_stacked, split_key)
 from ..quant.modules import QExperts, QLinear
@@ -40,39 +45,6 @@ from ..vision import VisionConfig, VisionEncoder
 log = logging.getLogger("dgemma")
 
 _DEC, _ENC = DECODER, ENCODER
-
-
-# Quantization scales (and 16-bit stored weights) beyond this are corruption: no trained model has weights near it,
-# and such values overflow the activations into garbage. Checked at load with the NaN / infinity check.
-SCALE_LIMIT = 1e6
-
-
-def _finite(t: torch.Tensor, limit: float = float("inf"), chunk: int = 1 << 24) -> bool:
-    """Every value of `t` finite with |x| <= limit, checked a slice at a time (no full-size temporary)."""
-    flat = t.detach().reshape(-1)
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        if part.dtype.itemsize == 1:  # float8: widen first (exactly)
-            part = part.to(torch.float16)
-        if not bool(torch.isfinite(part).all()) or (part.numel() and part.abs().max().item() > limit):
-            return False
-    return True
-
-
-def check_finite(model: DiffusionGemma, source: Path) -> None:
-    """Every floating-point weight, scale and quantized value of the model is finite (a cheap pass at load), so a
-    corrupted checkpoint is a named error instead of silent garbage."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not _finite(p):
-            raise CheckpointError(f"{source}: {checkpoint_key(name)} holds NaN or infinite values")
-    for mname, module in model.named_modules():
-        for attr, value in vars(module).items():
-            if not isinstance(value, QTensor):
-                continue
-            for field_name, t in value.tensors().items():
-                if t.is_floating_point() and not _finite(t, SCALE_LIMIT):
-                    raise CheckpointError(f"{source}: the {field_name} of {DECODER}{mname}.{attr} ({value.scheme}) "
-                                          f"holds NaN or infinite values, or values beyond {SCALE_LIMIT:g}")
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -115,14 +87,12 @@ def _keys(file: Path) -> list[str]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               vision: bool = True) -> DiffusionGemma:
+               vision: bool = True) -> Pipeline:
     """Load config, weights, generation defaults, tokenizer and (unless `vision=False`) the vision tower from a
     checkpoint directory (or a GGUF file)."""
     path = Path(path)
     gguf_file = find_gguf(path)
     if gguf_file is not None:
-        from .gguf import load_gguf
-
         return load_gguf(gguf_file, dtype=dtype, device=device)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -170,57 +140,36 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) for this config: {shown}")
     for name, key, file in tied:
         sources.setdefault(name, (key, file))
-    missing = [n for n in expected if n not in sources and not n.endswith("encoder_layer_scalar")]
-    if missing:
-        shown = ", ".join(checkpoint_key(n) for n in missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {shown}")
 
     handles: dict[Path, object] = {}
     state: dict[str, torch.Tensor] = {}
     try:
         # File by file, each closed before the next: pages already copied out do not stay mapped (and counted).
-        by_file = sorted(expected, key=lambda n: str(sources[n][1]) if n in sources else "")
-        for name in by_file:
-            shape = expected[name]
-            if name not in sources:  # encoder layer scalar absent: the reference starts it at 1
-                state[name] = torch.ones(shape, dtype=target_dtype, device=device)
-                continue
+        for name in sorted(sources, key=lambda n: str(sources[n][1])):
             key, file = sources[name]
             if file not in handles:
                 handles.clear()
-            state[name] = _read(handles, file, key, shape, target_dtype, device)
-        state.update({n: p for n, p in model.named_parameters() if n in quantized})  # dense per-expert stacks
+            state[name] = _read(handles, file, key, expected[name], target_dtype, device)
         for name, key, file in tied:  # tied copies must at least have the right shape
             got = _shape(handles, file, key)
             if got != expected[name]:
                 raise CheckpointError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(expected[name])}")
     finally:
         handles.clear()
-    model.load_state_dict(state, assign=True, strict=True)
-    if compute_dtype != target_dtype:
-        from ..quant.lowbit import keep_16bit_storage
-
-        keep_16bit_storage(model, compute_dtype)
-    check_finite(model, path)
-    model.requires_grad_(False)
-    model.eval()
-    model.generation_config = gen
-    model.source = str(path)
-    model.quant_format = fmt
+    parts = Parts(path, gen, quant_format=fmt, replaced=quantized)
     if vision and vision_files:
-        model.vision = _load_vision(path, cfg, vision_files, compute_dtype, device)
+        parts.vision = _load_vision(path, cfg, vision_files, compute_dtype, device)
         try:
-            model.image_processor = ImageProcessorConfig.from_dir(path)
+            processor = ImageProcessorConfig.from_dir(path)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
-        if model.image_processor.patch_size != model.vision.cfg.patch_size:  # no processor file: follow the tower
-            model.image_processor = replace(model.image_processor, patch_size=model.vision.cfg.patch_size,
-                                            pooling_kernel_size=model.vision.cfg.pooling_kernel_size)
+        if processor.patch_size != parts.vision.cfg.patch_size:  # no processor file: follow the tower
+            processor = replace(processor, patch_size=parts.vision.cfg.patch_size,
+                                pooling_kernel_size=parts.vision.cfg.pooling_kernel_size)
+        parts.image_processor = processor
     if (path / "tokenizer.json").is_file():
-        from ..tokenizer import Tokenizer
-
-        model.tokenizer = Tokenizer.from_dir(path)
-    return model
+        parts.tokenizer = Tokenizer.from_dir(path)
+    return assemble(model, state, parts, target_dtype, compute_dtype, device)
 
 
 def _load_vision(path: Path, cfg: ModelConfig, files: dict[str, Path], dtype: torch.dtype,
@@ -385,8 +334,6 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
     swap QLinear / QExperts into `model` (or fill its dense expert weights when per-expert keys are unquantized).
     Returns the keys left for the dense loader and the dgemma names of the parameters replaced."""
     if fmt is not None and fmt.producer == "dgemma":  # dgemma's own int8 / int4 layout
-        from .lowbit import load_into, parse_config
-
         return load_into(model, files, parse_config(fmt.raw, fmt.source), device)
     reader = Reader(files)
     linear: dict[str, dict[str, str]] = {}  # checkpoint module prefix -> {suffix: key}

@@ -36,7 +36,6 @@ def automata(model, gen, constraint, batch: int) -> list[TokenAutomaton | None]:
     return out
 
 
-def constrain(sampler, model, gen, batch: int, budget: int, seeds: list[int], constraint) -> ConstrainedSampler:
-    """Wrap `sampler` so each row's output satisfies its constraint within `budget` new tokens (EOS included).
-    (`seeds` is accepted for strategies that draw; the DP itself is deterministic.)"""
+def constrain(sampler, model, gen, batch: int, budget: int, constraint) -> ConstrainedSampler:
+    """Wrap `sampler` so each row's output satisfies its constraint within `budget` new tokens (EOS included)."""
     return ConstrainedSampler(sampler, automata(model, gen, constraint, batch), budget)

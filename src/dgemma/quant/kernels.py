@@ -47,13 +47,6 @@ def dequant_int4(packed: torch.Tensor, scales: torch.Tensor, group: int, dtype: 
     return out
 
 
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 [N, K] with per-row scale [N] -> W [N, K] = q * scale[n]."""
-    out = torch.empty(q.shape, dtype=dtype, device=q.device) if out is None else out
-    return out.copy_(q).mul_(scale.to(dtype).unsqueeze(-1))
-
-
 # -- the kernels -------------------------------------------------------------------------------------------------
 class Scratch:
     """A growable fp32/bf16 buffer reused across calls so expansions do not allocate per expert."""

@@ -50,7 +50,7 @@ class TaskSpec:
 def task_spec(model) -> TaskSpec:
     """The model's `task.json` when it has one; otherwise the grid whose digits (plus an end token) fill its canvas
     (9x9 when none does) with `sudoku.prompt_text`'s layout."""
-    source = getattr(model, "source", None)  # the checkpoint directory (load_model), or a "random:..." label
+    source = model.source  # the checkpoint directory (load_model), or a "random:..." label
     info_file = Path(source) / "task.json" if isinstance(source, str) and source else None
     if info_file is not None and info_file.is_file():
         try:
@@ -257,7 +257,7 @@ def demo_puzzles() -> list[tuple[str, str]]:
 
 def held_out_text(model) -> str:
     """What the model's task.json says it solves on held-out puzzles (so the demo's one puzzle is read in context)."""
-    source = getattr(model, "source", None)
+    source = model.source
     try:
         held = json.loads((Path(source) / "task.json").read_text(encoding="utf-8"))["held_out"]
         return (f", which solves {100 * held['solved']:.1f}% of {held['puzzles']} held-out puzzles "
