@@ -103,9 +103,11 @@ def test_same_tokens_with_and_without_the_cache(window):
         assert got.to_dict()["cached_tokens"] == want_cached and "cached_tokens" not in want.to_dict()
 
 
-def test_warm_equals_cold_with_the_default_prefill_chunk():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warm_equals_cold_with_the_default_prefill_chunk(dtype):
     """With model.prefill_chunk != block_tokens a miss prefills in blocks too: warm requests match an empty cache."""
     model = _model(40, chunk=1024)
+    model.module.to(dtype)
     cache = PrefixCache(1 << 30, block_tokens=BLOCK)
     for ids, want_cached in SEQUENCE:
         got = model.generate(ids, prefix_cache=cache, **KW)
