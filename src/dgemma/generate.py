@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GenerationConfig
+from .constraints import Constraint, constrain
 from .numerics import row_invariant
 from .prefix_cache import PrefixCache, prefill
 from .sampler import CanvasSampler, FastSampler, ReferenceSampler, StableAndConfident, accept_mask, temperature
@@ -238,7 +239,6 @@ def _constrained(model, gen, sampler, prompt, constraint, regex, json_schema, ch
     forms = (regex, json_schema, choice, template)
     if constraint is None and all(f is None for f in forms):
         return sampler
-    from .constraints import Constraint, constrain
 
     if constraint is None:
         constraint = Constraint.from_args(regex, json_schema, choice, template)

@@ -8,12 +8,17 @@ import math
 import re
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
 
-from .checkpoint.load import detect_quant, find_gguf, read_header, weight_files
-from .errors import CheckpointError
+from .checkpoint import gguf as G
 from .checkpoint.keys import map_key
+from .checkpoint.load import detect_quant, find_gguf, read_header, weight_files
 from .config import ConfigError, GenerationConfig, ModelConfig, read_json
+from .errors import CheckpointError
+from .images import ImageProcessorConfig
 from .quant.qtensor import QuantError
+from .vision import VisionConfig
 
 # Bytes per parameter; NVFP4 adds one FP8 scale per 16 values.
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}
@@ -102,9 +107,6 @@ def describe(path: Path) -> dict:
 
 def _vision(path: Path, params: int) -> dict | None:
     """The vision tower's shape and the image budget, when config.json has one and its weights are stored."""
-    from .images import ImageProcessorConfig
-    from .vision import VisionConfig
-
     raw = read_json(path / "config.json").get("vision_config")
     if not isinstance(raw, dict) or not params:
         return None
@@ -121,8 +123,6 @@ def _vision(path: Path, params: int) -> dict | None:
 
 def describe_gguf(path: Path) -> dict:
     """The same summary for a GGUF file, from its metadata and tensor table."""
-    from .checkpoint import gguf as G
-
     try:
         g = G.open_gguf(path)
         cfg = ModelConfig.from_dict(G.model_config(g), str(path))
@@ -202,9 +202,6 @@ def _human(n: float) -> str:
 
 
 def render(info: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     c = Console()
     c.print(f"[bold]{info['path']}[/bold]")
     ex = info["experts"]

@@ -27,18 +27,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .checkpoint.keys import checkpoint_key
 from .checkpoint.load import load_model
-from .hardware import resolve_device
+from .checkpoint.write import write_checkpoint
 from .config import read_json
+from .hardware import resolve_device
 from .kv_cache import TrainingKVCache
 from .lora import apply_lora, load_adapter, lora_modules, lora_parts, save_adapter
 from .model import DiffusionGemma
 from .pipeline import Pipeline
-from .checkpoint.keys import checkpoint_key
-from .checkpoint.write import write_checkpoint
 from .vision import CHECKPOINT_PREFIX as VISION_PREFIX
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -396,8 +398,6 @@ def finetune(cfg: TrainConfig) -> dict:
         _trim_log(log_path, step)  # a fresh run starts a fresh log; a resumed one drops entries it will redo
     pad = pipe.generation_config.pad_token_id if pipe.generation_config.pad_token_id is not None else 0
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),

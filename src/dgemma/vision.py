@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import preprocess_images
 from .numerics import RMSNorm, rms_norm
 
 CHECKPOINT_PREFIX = "model.encoder."
@@ -377,7 +378,6 @@ def prompt_images(model, ids: torch.Tensor, images=None, pixel_values: torch.Ten
     if images is not None:
         if pixel_values is not None or image_position_ids is not None:
             raise ValueError("pass either images or pixel_values/image_position_ids, not both")
-        from .images import preprocess_images
 
         processed = preprocess_images(images, max_soft_tokens=max_soft_tokens, config=model.image_processor)
         pixel_values, image_position_ids = processed["pixel_values"], processed["image_position_ids"]

@@ -18,13 +18,16 @@ import sysconfig
 import time
 
 import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HF
 
-from ..generate import Draft, stream
-from ..presets import random_model
-from ..tokenizer import BYTE_SPECIALS, Tokenizer
 from ..constraints.compile import Constraint, compile_constraint
 from ..constraints.dp import best_canvas, class_scores
 from ..constraints.vocab import _byte_level_decoder
+from ..generate import Draft, stream
+from ..presets import random_model
+from ..tokenizer import BYTE_SPECIALS, Tokenizer
+from .run import machine_info
 
 SCHEMA = {
     "type": "object",
@@ -46,9 +49,6 @@ SCHEMA = {
 
 def trained_tokenizer(vocab_size: int, max_bytes: int = 6 << 20) -> Tokenizer:
     """A byte-level BPE of `vocab_size` tokens (the byte tokenizer's specials first) trained on stdlib sources."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HF
-
     files, size = [], 0
     for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)):
         files.append(f)
@@ -68,9 +68,6 @@ def trained_tokenizer(vocab_size: int, max_bytes: int = 6 << 20) -> Tokenizer:
 def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     """`vocab_size` tokens: the specials, the 256 bytes, then random 2-12 character strings drawn from text-like
     characters (a stand-in for a large real vocabulary's size and piece lengths)."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HF
-
     to_char = {b: c for c, b in _byte_level_decoder().items()}
     rng = random.Random(seed)
     chars = "etaoinshrdlucmfwypvbgkjqxz ETAOINSHRDLUCMFWYPVBGKJQXZ0123456789.,;:!?\"'{}[]()-_/\\\n\t"
@@ -165,8 +162,6 @@ def _dp_at(vocab: int, canvas: int, constraint: Constraint, eos_ids, fill: int, 
 
 def cli_run(args) -> int:
     """`dgemma bench --constrained`: one line per dtype, then the full result as JSON (also to --json-out)."""
-    from .run import machine_info
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = []

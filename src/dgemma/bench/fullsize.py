@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 from .. import hardware
+from ..checkpoint.load import load_model
+from ..checkpoint.quantize import random_quantized_checkpoint
+from ..config import ModelConfig
 from .measure import Clock, measure_peak, run_timed
 
 
@@ -44,10 +47,6 @@ def weight_bytes(path: Path) -> int:
 
 
 def run(args) -> int:
-    from ..checkpoint.load import load_model
-    from ..config import ModelConfig
-    from ..checkpoint.quantize import random_quantized_checkpoint
-
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2 (a step's time is taken between steps), got {args.steps}")
     if args.threads:

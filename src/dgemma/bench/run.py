@@ -31,14 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from .. import hardware
 from ..checkpoint.load import load_model
-from ..hardware import resolve_dtype
-from ..config import ModelConfig
-from .measure import Clock, measure_peak, run_timed, timed
 from ..checkpoint.write import write_random_checkpoint
+from ..config import ModelConfig
+from ..hardware import resolve_dtype
 from ..presets import PRESETS, preset_config, random_model
+from .measure import Clock, measure_peak, run_timed, timed
 
 REAL_TOKENS_PER_FORWARD = 16.0  # ~accepted tokens per decoder pass the release reports for the 26B-A4B model
 # bf16 logits tolerance, the same as tests/test_parity.py: a faithful port agrees bit for bit; allow 4 bf16 ulps at
@@ -524,9 +526,6 @@ def speed_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def render(result: dict, console=None) -> None:
     """Print the benchmark result as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
     c = console or Console()
     cfg, s, mach = result["config"], result["settings"], result["machine"]
     c.print(f"[bold]dgemma bench[/bold] preset [bold]{result['preset']}[/bold]: {cfg['parameters'] / 1e6:.1f} M "

@@ -20,9 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 from ..numerics import linear as dense_linear
+from ..quant import lowbit
+from ..quant.kernels import SCRATCH
 from ..quant.qtensor import QTensor, QuantError, register
+from .lowbit import parse_config
 
 FP8 = torch.float8_e4m3fn
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -90,8 +94,6 @@ class NVFP4Tensor(QTensor):
                         out: torch.Tensor | None = None) -> torch.Tensor:
         """e2m1 x block scale [out, in] (exact in `dtype`), without the global scale: one table gather per packed
         byte (`pair_table`) instead of the formula's several passes."""
-        from ..quant.kernels import SCRATCH
-
         packed, scale = _pick(self.packed, index), _pick(self.scale, index)
         n, half = packed.shape[-2:]
         groups = (*packed.shape[:-1], half * 2 // NVFP4_GROUP, NVFP4_GROUP // 2)
@@ -107,9 +109,6 @@ class NVFP4Tensor(QTensor):
     def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x @ W.T: the unscaled weight expanded into scratch (`expand_unscaled`), the GEMM in x.dtype, and the
         per-row global scale applied to the output columns (in fp32)."""
-        from ..quant import lowbit
-        from ..quant.kernels import SCRATCH
-
         if self.is_fused and index is None:
             raise ValueError(f"nvfp4 QTensor of shape {list(self.shape)} holds experts: pass index=")
         if lowbit.MODE["kernel"] == "dequant" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -213,7 +212,6 @@ def detect(path: Path, config: dict[str, Any]) -> QuantFormat | None:
     if method == "compressed-tensors":
         return _compressed_tensors(qc, src)
     if method == "dgemma":  # dgemma's own int8 / int4 layout (dgemma.quant.lowbit)
-        from .lowbit import parse_config
 
         q = parse_config(qc, src)
         return QuantFormat(q.scheme, "dgemma", src, ignore=q.ignore, raw=qc)
@@ -304,8 +302,6 @@ class Reader:
         self._handle: Any = None
 
     def _open(self, key: str):
-        from safetensors import SafetensorError, safe_open
-
         file = self.files[key]
         if file != self._file:
             self.release()
@@ -323,8 +319,6 @@ class Reader:
         return f"{self.files.get(key, '?')}: tensor {key!r}"
 
     def _slice(self, key: str):
-        from safetensors import SafetensorError
-
         try:
             return self._open(key).get_slice(key)
         except SafetensorError as e:
@@ -337,8 +331,6 @@ class Reader:
         return self._slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
         try:
             return self._open(key).get_tensor(key)
         except SafetensorError as e:

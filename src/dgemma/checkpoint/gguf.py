@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import math
 import mmap
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
-
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ConfigError, GenerationConfig, ModelConfig
 from ..errors import CheckpointError
@@ -40,51 +40,13 @@ from ..quant.qtensor import QTensor, QuantError, register
 from ..tokenizer import Tokenizer
 from .assemble import Parts, assemble
 from .formats import QuantFormat
+from .keys import gguf_param
 
 ARCH = "diffusion-gemma"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
-_GLOBAL = {
-    "token_embd.weight": "embed_tokens.weight",
-    "output_norm.weight": "norm.weight",
-    "self_cond_pre_norm.weight": "sc_pre_norm.weight",
-    "self_cond_gate.weight": "sc_mlp.gate_proj.weight",
-    "self_cond_up.weight": "sc_mlp.up_proj.weight",
-    "self_cond_down.weight": "sc_mlp.down_proj.weight",
-}
-_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
-    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
-    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate_inp.weight": "router.proj.weight",
-    "ffn_gate_inp.scale": "router.scale",
-    "ffn_down_exps.scale": "router.per_expert_scale",
-    "layer_output_scale.weight": "layer_scalar",
-    "enc_layer_output_scale.weight": "encoder_layer_scalar",
-}
 _EXPERT_TENSORS = ("ffn_gate_up_exps.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 _IGNORED = ("rope_freqs.weight", "output.weight")  # rope_freqs feeds the config; the LM head is tied
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # a runtime dependency; say so clearly if it is missing
-        raise QuantError(f"reading GGUF files needs the 'gguf' package ({e}); pip install gguf") from None
-    return gguf
 
 
 @register("gguf-*")
@@ -166,7 +128,6 @@ _TORCH_BLOCKS = {"Q8_0": (32, 34, _q8_0), "Q5_0": (32, 22, _q5_0), "Q4_K": (256,
 
 def dequantize_blocks(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """uint8 [..., rows, bytes per row] of GGUF blocks -> float32 [..., rows, values per row]."""
-    gguf = _gguf()
     name = gguf.GGMLQuantizationType(qtype).name
     if name in _TORCH_BLOCKS:
         block, size, fn = _TORCH_BLOCKS[name]
@@ -221,7 +182,7 @@ class TensorInfo:
 
     @property
     def n_bytes(self) -> int:
-        block, size = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType(self.tensor_type)]
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.tensor_type)]
         return self.n_elements // block * size
 
 
@@ -328,8 +289,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
 
 def _type_name(path: Path, name: str, ttype: int) -> str:
     try:
-        qtype = _gguf().GGMLQuantizationType(int(ttype))
-        _gguf().GGML_QUANT_SIZES[qtype]
+        qtype = gguf.GGMLQuantizationType(int(ttype))
+        gguf.GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise QuantError(f"{path}: tensor {name!r} has GGML type {ttype}, which this gguf package does not know") \
             from None
@@ -449,19 +410,8 @@ def generation_settings(g: GGUFFile) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # tensors
 # ---------------------------------------------------------------------------------------------------------------
-def dgemma_name(name: str) -> str | None:
-    """GGUF tensor name -> dgemma parameter name (None: not a parameter: experts, rope_freqs, untied output)."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
-
-
 def _byte_shape(g: GGUFFile, name: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """(logical numpy shape, stored byte shape [..., rows, bytes per row], qtype) of a tensor."""
-    gguf = _gguf()
     t = g.tensors[name]
     qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
     logical = tuple(int(d) for d in reversed(t.shape))
@@ -525,7 +475,7 @@ def gguf_qtensor(g: GGUFFile, names: list[str], shape: tuple[int, ...]) -> GGUFT
             data[..., off: off + logical[-2], :] = tmp
             off += logical[-2]
             del tmp
-    name = _gguf().GGMLQuantizationType(qtype).name
+    name = gguf.GGMLQuantizationType(qtype).name
     return GGUFTensor(data, qtype, scheme=f"gguf-{name}", shape=tuple(shape))
 
 
@@ -550,12 +500,12 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
     try:
-        unknown = [n for n in g.tensors if dgemma_name(n) is None and n not in _IGNORED
+        unknown = [n for n in g.tensors if gguf_param(n) is None and n not in _IGNORED
                    and not any(n == f"blk.{i}.{e}" for i in range(cfg.num_hidden_layers) for e in _EXPERT_TENSORS)]
         if unknown:
             raise QuantError(f"{path}: {len(unknown)} tensor(s) of no DiffusionGemma weight: {', '.join(unknown[:8])}")
         for name in g.tensors:
-            pname = dgemma_name(name)
+            pname = gguf_param(name)
             if pname is None:
                 continue
             if pname not in params:

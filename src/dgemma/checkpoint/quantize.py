@@ -30,12 +30,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import ModelConfig, generation_config_dict, read_json
+from ..hardware import resolve_dtype
+from ..model import DiffusionGemma
+from ..presets import config_dict
 from ..quant import lowbit
 from ..quant.qtensor import QuantError
+from ..tokenizer import build_byte_tokenizer, save_tokenizer
+from .keys import checkpoint_key
+from .load import weight_files
 from .lowbit import weight_keys
+from .write import check_target, staged_dir
 
 SCHEMES = ("int8", "int4", "fp8", "nvfp4")
 FP8 = torch.float8_e4m3fn
@@ -148,8 +159,6 @@ class Source:
 
 class CheckpointSource(Source):
     def __init__(self, path: Path):
-        from .load import weight_files
-
         self.files = weight_files(path)
         self.meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         by_file: dict[Path, list[str]] = {}
@@ -191,9 +200,6 @@ class RandomSource(Source):
     random = True
 
     def __init__(self, cfg, seed: int, std: float, dtype: torch.dtype):
-        from ..model import DiffusionGemma
-        from .keys import checkpoint_key
-
         with torch.device("meta"):
             model = DiffusionGemma(cfg)
         self.shapes = {checkpoint_key(n): tuple(p.shape) for n, p in model.named_parameters()}
@@ -265,9 +271,6 @@ class Progress:
     """A progress bar over bytes of source weights (rich, on stderr; silent when disabled)."""
 
     def __init__(self, total: int, label: str, enabled: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
         self.bar = RichProgress(TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                                 console=Console(stderr=True), disable=not enabled, transient=False)
         self.task = self.bar.add_task(label, total=total)
@@ -445,8 +448,6 @@ def check_shapes(src: Source, opt: Options) -> None:
 def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_from: Path | None = None,
           overwrite: bool = False, extra: dict[str, str] | None = None) -> Path:
     """Stream every tensor of `src` into a new checkpoint at `out` (atomic: `presets.staged_dir`)."""
-    from .write import staged_dir
-
     check_options(opt.scheme, opt.group)
     check_shapes(src, opt)
     with staged_dir(out, overwrite) as tmp:
@@ -473,8 +474,6 @@ def write(out: Path, src: Source, config: dict[str, Any], opt: Options, copy_fro
 def quantize_checkpoint(src_dir: str | Path, out: str | Path, scheme: str, group: int = lowbit.DEFAULT_GROUP,
                         overwrite: bool = False, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> Path:
     """Quantize a plain (fp32/bf16/fp16) checkpoint directory into `out`."""
-    from ..config import read_json
-
     src_dir = Path(src_dir)
     check_options(scheme, group)
     if not src_dir.is_dir():
@@ -496,13 +495,6 @@ def random_quantized_checkpoint(out: str | Path, preset: str, scheme: str, seed:
     """A random checkpoint written directly in `scheme`'s layout (quantized weights drawn as random codes), with
     the byte-level tokenizer; no dense copy of the model is ever built. `config`: a config.json to use as it is
     (e.g. one the reference saved) instead of the preset's."""
-    from ..hardware import resolve_dtype
-    from ..config import ModelConfig
-    from ..config import generation_config_dict
-    from ..presets import config_dict
-    from .write import check_target
-    from ..tokenizer import build_byte_tokenizer, save_tokenizer
-
     check_options(scheme, group)
     check_target(Path(out), overwrite)
     tok = build_byte_tokenizer()

@@ -26,6 +26,7 @@ Command line: ``python -m dgemma.tasks.sudoku --n 1000 --seed 0 --size 6 --blank
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -507,8 +508,6 @@ def generate_many(n: int, seed: int = 0, blanks: int | tuple[int, int] | None = 
     index = 0
     pool = None
     if workers > 1 and n > 1:
-        import concurrent.futures
-
         pool = concurrent.futures.ProcessPoolExecutor(workers)
     try:
         while len(out) < n:

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.text import Text
 
+from ..ar import ar_generate
+from ..checkpoint.load import load_model
 from ..display import LiveView
 from ..generate import Verifier, resolve_settings
 from . import sudoku
@@ -150,8 +154,6 @@ def read_puzzle_file(path: Path) -> list[tuple[int, str | None, str | None]]:
 def grid_text(puzzle: str, cells: list[str], accepted: list[bool] | None = None, title: str = ""):
     """A rich Text of the grid: givens bold, accepted cells green, the rest dim red; box rules between bands and
     stacks."""
-    from rich.text import Text
-
     shape = sudoku.shape_of(puzzle)
     n, br, bc = shape.n, shape.box_rows, shape.box_cols
     text = Text(f"{title}\n" if title else "")
@@ -197,8 +199,6 @@ class GridView(LiveView):
 
 def _load(args, size: int, cache: dict):
     """The model for a grid size: --model for every size when given, else the bundled one (loaded once)."""
-    from ..checkpoint.load import load_model
-
     key = "model" if args.model else size
     if key not in cache:
         cache[key] = load_model(args.model or default_model_path(size), device=args.device)
@@ -224,8 +224,6 @@ def cmd_solve(args) -> int:
         model = _load(args, size, models)
         puzzles = [rows[k][1] for k in ks]
         if animate:
-            from rich.console import Console
-
             solved = []
             with GridView(model, Console()) as view:
                 for i, p in enumerate(puzzles):  # the seeds --json uses too (puzzle i of a size: seed + i)
@@ -268,8 +266,6 @@ def held_out_text(model) -> str:
 
 def cmd_demo(args) -> int:
     """Solve a 6x6 and a 9x9 puzzle with the bundled models, animating the grid as it denoises."""
-    from rich.console import Console
-
     console = Console()
     animate = console.is_terminal and not args.no_animation
     models: dict = {}
@@ -299,8 +295,6 @@ def cmd_demo(args) -> int:
 
 def solve_ar(model, puzzles: list[str]) -> list[dict]:
     """The autoregressive baseline: greedy left-to-right decoding with the causal stack, one token per pass."""
-    from ..ar import ar_generate
-
     spec = task_spec(model)
     out = []
     for p in puzzles:
