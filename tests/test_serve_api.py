@@ -169,7 +169,7 @@ BAD = {
     "max_tokens_negative": ({"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
     "max_tokens_over_cap": ({"prompt": "x", "max_tokens": 97}, 400, "limit of 96"),
     "max_tokens_string": ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
-    "n_two": ({"prompt": "x", "n": 2}, 400, "n"),
+    "n_over_max_n": ({"prompt": "x", "n": 9}, 400, "limit of 8"),
     "t_order": ({"prompt": "x", "diffusion": {"t_min": 0.9, "t_max": 0.5}}, 400, "t_max must be > t_min"),
     "entropy_zero": ({"prompt": "x", "diffusion": {"entropy_bound": 0}}, 400, "entropy_bound"),
     "steps_zero": ({"prompt": "x", "diffusion": {"max_denoising_steps": 0}}, 400, "max_denoising_steps"),
@@ -430,15 +430,19 @@ def test_max_completion_tokens_caps_chat(server, client):
 
 def test_max_tokens_cut_reports_length():
     """A cut that drops tokens is "length"; one that keeps the EOS is "stop" (engine level, fixed canvases)."""
+    from dgemma.config import GenerationConfig
+    from dgemma.requests import PreparedRequest
     from dgemma.serve.engine import Job, _DiffusionRun
+    from dgemma.tokenizer import IncrementalText
 
     class FakeEngine:
         reason = None
 
-        def advance(self, job, info):
-            pass
+        def advance(self, job, new, commit):
+            job.text = job.text or IncrementalText(lambda ids: "")
+            job.text.push(new)
 
-        def finish(self, job, reason, final_text=None):
+        def finish(self, job, reason):
             job.finished = True
             self.reason = reason
 
@@ -450,7 +454,8 @@ def test_max_tokens_cut_reports_length():
     cases = [([7, 8, 9, 1, 0], 3, "length", [7, 8, 9]), ([7, 1, 0, 0, 0], 3, "stop", [7, 1]),
              ([7, 8, 9, 4, 5], 9, None, [7, 8, 9, 4, 5]), ([7, 8, 9, 4, 5], 5, "length", [7, 8, 9, 4, 5])]
     for row, cap, reason, kept in cases:
-        job, run.engine = Job([3], cap, {}, lambda e: None), FakeEngine()
+        request = PreparedRequest([3], cap, {}, GenerationConfig(), seed=0)
+        job, run.engine = Job(request, lambda e: None), FakeEngine()
         run._commit(job, row, 4, 0, row_finished=1 in row)
         assert job.ids == kept and run.engine.reason == reason, (row, cap)
 

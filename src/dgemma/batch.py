@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from .generate import check_prompt_ids, generate, plan_canvases, resolve_settings
+from .generate import generate
+from .requests import Caps, DiffusionSettings, PreparedRequest, RequestError, check_ids, prepare as prepare_request
 
 SEED_MASK = (1 << 62) - 1
 SIDECAR_SUFFIX = ".dgemma-batch.json"  # next to the output: which input and settings it belongs to
@@ -99,15 +100,7 @@ class LineError(ValueError):
 class Task:
     line: int
     id: Any
-    prompt_ids: list[int]
-    seed: int
-    max_new_tokens: int | None
-    settings: dict[str, Any]
-
-    @property
-    def key(self) -> tuple:
-        """Tasks with equal keys share a batched generation."""
-        return (self.max_new_tokens, tuple(sorted(self.settings.items())))
+    request: PreparedRequest  # tasks with equal request keys share a batched generation
 
 
 def _prompt_ids(model, obj: dict) -> list[int]:
@@ -116,14 +109,10 @@ def _prompt_ids(model, obj: dict) -> list[int]:
     if len(given) != 1:
         raise LineError('give exactly one of "prompt", "messages" or "prompt_ids"')
     if "prompt_ids" in obj:
-        ids = obj["prompt_ids"]
-        if not isinstance(ids, list):
-            raise LineError('"prompt_ids" must be a list of integers')
         try:
-            check_prompt_ids(ids, model.config.vocab_size)
-        except (TypeError, ValueError) as e:
+            return check_ids(model, obj["prompt_ids"], "prompt_ids")
+        except RequestError as e:
             raise LineError(f'"prompt_ids": {e}') from None
-        return ids
     if tok is None:
         raise LineError('this model has no tokenizer; give "prompt_ids"')
     if "prompt" in obj:
@@ -170,9 +159,6 @@ def parse_line(text: str) -> Any:
 
 def prepare(model, line: int, text: str, base_seed: int, limits: LineLimits | None = None) -> Task:
     """Parse and check one input line; raises LineError naming the problem."""
-    from .config import ConfigError
-    from .requests import DiffusionSettings
-
     limits = limits or LineLimits()
     if len(text) > limits.max_line_chars:
         raise LineError(f"the line has {len(text)} characters; the limit is {limits.max_line_chars} "
@@ -188,35 +174,27 @@ def prepare(model, line: int, text: str, base_seed: int, limits: LineLimits | No
     if not ids:
         raise LineError("the prompt is empty")
     seed = obj.get("seed", line_seed(base_seed, line))
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+    if seed is None:
         raise LineError('"seed" must be an integer in [0, 2**63)')
-    max_new = obj.get("max_new_tokens")
-    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new <= 0):
-        raise LineError('"max_new_tokens" must be a positive integer')
     try:
         settings = DiffusionSettings.model_validate(obj.get("diffusion") or {}).overrides()
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
         raise LineError(f"diffusion.{where}: {err.get('msg')}" if where else f"diffusion: {err.get('msg')}") from None
+    caps = Caps(limits.max_new_tokens, limits.max_denoising_steps, "max_new_tokens")
     try:
-        gen = resolve_settings(model, max_new, settings)
-        plan_canvases(model.config, gen, len(ids))
-    except (ValueError, ConfigError) as e:
-        raise LineError(str(e)) from None
-    if gen.new_tokens(len(ids)) > limits.max_new_tokens:
-        raise LineError(f"max_new_tokens {gen.new_tokens(len(ids))} is over the limit of {limits.max_new_tokens} "
-                        f"(--max-tokens)")
-    if gen.max_denoising_steps > limits.max_denoising_steps:
-        raise LineError(f"max_denoising_steps {gen.max_denoising_steps} is over the limit of "
-                        f"{limits.max_denoising_steps} (--max-denoising-steps)")
-    return Task(line, obj.get("id"), ids, seed, max_new, settings)
+        request = prepare_request(model, ids, max_new_tokens=obj.get("max_new_tokens"), settings=settings, seed=seed,
+                                  caps=caps)
+    except RequestError as e:
+        raise LineError(f'"{e.param}": {e}' if e.param in ("seed", "max_new_tokens") else str(e)) from None
+    return Task(line, obj.get("id"), request)
 
 
 def _record(task: Task, result) -> dict:
     return {"line": task.line, "id": task.id, "text": result.text, "ids": result.ids,
-            "finish_reason": result.finish_reason, "seed": task.seed, "steps": result.steps,
-            "tokens_per_forward": result.tokens_per_forward, "prompt_tokens": len(task.prompt_ids)}
+            "finish_reason": result.finish_reason, "seed": task.request.seed, "steps": result.steps,
+            "tokens_per_forward": result.tokens_per_forward, "prompt_tokens": len(task.request.prompt_ids)}
 
 
 def _error(line: int, text: str, message: str, limits: LineLimits) -> dict:
@@ -243,7 +221,7 @@ def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineL
         except LineError as e:
             records[line] = _error(line, text, str(e), limits)
             continue
-        groups.setdefault(task.key, []).append(task)
+        groups.setdefault(task.request.key, []).append(task)
     for tasks in groups.values():
         try:
             results = _generate(model, tasks, prefix_cache)
@@ -263,9 +241,8 @@ def run_lines(model, lines: list[tuple[int, str]], base_seed: int, limits: LineL
 
 
 def _generate(model, tasks: list[Task], prefix_cache=None) -> list:
-    first = tasks[0]
-    results = generate(model, [t.prompt_ids for t in tasks], max_new_tokens=first.max_new_tokens,
-                       seed=[t.seed for t in tasks], rng="fast", prefix_cache=prefix_cache, **first.settings)
+    results = generate(model, [t.request.prompt_ids for t in tasks], settings=tasks[0].request.gen,
+                       seed=[t.request.seed for t in tasks], rng="fast", prefix_cache=prefix_cache)
     return results if isinstance(results, list) else [results]
 
 

@@ -310,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_generate(args) -> int:
     from .checkpoint.load import load_model
+    from .constraints import Constraint
     from .generate import Commit, Done, Draft, stream
-    from .tokenizer import stable_prefix
+    from .requests import Caps, prepare
+    from .tokenizer import IncrementalText
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.prefill_chunk is not None:
@@ -319,7 +321,7 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--prefill-chunk must be a positive integer, got {args.prefill_chunk}")
         model.module.prefill_chunk = args.prefill_chunk
     tok = model.tokenizer
-    image_inputs: dict = {}
+    images, raw_images = None, {}  # preprocessed images / image files for a --prompt-ids prompt
     if args.prompt is not None:
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer.json; use --prompt-ids")
@@ -331,23 +333,25 @@ def cmd_generate(args) -> int:
                 built = chat_prompt(model, [{"role": "user", "content": parts}], max_soft_tokens=args.max_soft_tokens)
             else:
                 built = text_prompt(model, args.prompt, args.image, max_soft_tokens=args.max_soft_tokens)
-            prompt, image_inputs = built.ids, built.image_inputs()
+            prompt, images = built.ids, built.images
         else:
             prompt = (tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                       else tok.encode(args.prompt))
-        if not prompt:
-            raise ValueError("the prompt is empty")
     else:
         prompt = args.prompt_ids
         if args.image:
-            image_inputs = {"images": args.image, "max_soft_tokens": args.max_soft_tokens}
+            raw_images = {"images": args.image, "max_soft_tokens": args.max_soft_tokens}
     overrides = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in GEN_FLAGS.items()}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.eos_token_id is not None:
         overrides["eos_token_id"] = args.eos_token_id
-    overrides.update(constraint_args(args))
-    events = stream(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, rng=args.rng, **image_inputs,
-                    **overrides)
+    forms = constraint_args(args)
+    constraint = Constraint.from_args(**forms)
+    req = prepare(model, prompt, max_new_tokens=args.max_new_tokens, settings=overrides, seed=args.seed,
+                  constraint=("--" + next(iter(forms)).replace("_", "-"), constraint) if constraint else None,
+                  images=images, caps=Caps(tokens_field="max_new_tokens"))
+    events = stream(model, req.prompt_ids, settings=req.gen, seed=req.seed, rng=args.rng, constraint=req.constraint,
+                    **req.image_inputs(), **raw_images)
 
     view = None
     if args.show_canvas:
@@ -358,9 +362,9 @@ def cmd_generate(args) -> int:
         # With --json the live view goes to stderr so stdout stays one JSON object.
         view = CanvasView(tok, console=Console(stderr=args.json))
     result = None
-    pad = model.generation_config.pad_token_id
-    streamed_ids: list[int] = []
-    shown = ""
+    pad = req.gen.pad_token_id
+    # Decode everything so far and print the new part: a character split across two canvases is printed whole.
+    shown = IncrementalText(tok.decode) if tok is not None else None
     with view if view is not None else contextlib.nullcontext():
         for ev in events:
             if isinstance(ev, Draft) and view is not None:
@@ -368,15 +372,8 @@ def cmd_generate(args) -> int:
             elif isinstance(ev, Commit):
                 if view is not None:
                     view.commit(ev)
-                elif not args.json and tok is not None:
-                    # Decode everything so far and print the new part: a character split across two canvases
-                    # is printed whole. A trailing incomplete character waits for the next canvas.
-                    streamed_ids += [t for t in ev.ids[0].tolist() if t != pad]
-                    text = tok.decode(streamed_ids)
-                    stable = text[:stable_prefix(text)]
-                    if stable.startswith(shown):
-                        sys.stdout.write(stable[len(shown):])
-                        shown = stable
+                elif not args.json and shown is not None:
+                    sys.stdout.write(shown.push([t for t in ev.ids[0].tolist() if t != pad]))
                     sys.stdout.flush()
             elif isinstance(ev, Done):
                 result = ev.results[0]
@@ -391,7 +388,7 @@ def cmd_generate(args) -> int:
         elif view is not None:
             print(result.text)
         else:
-            print((result.text or "")[len(shown):] if (result.text or "").startswith(shown) else "")
+            print(shown.flush())
         t = result.timings
         print(f"[{len(result.ids)} tokens, {len(result.steps)} canvas(es), steps {result.steps}, "
               f"{result.tokens_per_forward:.2f} tokens/forward, {t['total_s']:.2f}s, seed {result.seed}]",

@@ -31,6 +31,7 @@ class Limits:
     max_batch: int = limit(8, int, "requests batched into one diffusion run")
     max_running: int = limit(16, int, "requests decoded at once")
     max_pending: int = limit(64, int, "requests waiting beyond --max-running (more get a 429)")
+    max_n: int = limit(8, int, "choices per request (n); they run as one batch")
     max_images: int = limit(8, int, "images per chat request (data: URLs only)")
     max_image_bytes: int = limit(8 << 20, int, "encoded image bytes per request (--max-body-bytes bounds them too)")
     max_image_pixels: int = limit(DEFAULT_MAX_PIXELS, int, "pixels per decoded image (larger ones, e.g. "

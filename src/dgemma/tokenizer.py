@@ -10,14 +10,14 @@ inline."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
-
 
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 
@@ -78,7 +78,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **context: Any) -> str:
+        """Render `messages`; `context`: more template variables (tools, enable_thinking, ...)."""
         if self.chat_template is None:
             raise TokenizerError("this checkpoint has no chat template; pass a raw prompt instead")
         if self._template is None:
@@ -94,14 +96,15 @@ class Tokenizer:
                 raise TokenizerError(f"chat template does not compile: {e}") from None
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                **context, messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **context: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **context))
 
     # -- images ----------------------------------------------------------------------------------------------
     @property
@@ -181,8 +184,6 @@ BYTE_CHAT_TEMPLATE = (
 
 def build_byte_tokenizer() -> Tokenizer:
     """Specials at ids 0-5 (pad, eos, bos, unk, start/end of turn), then one token per byte (ids 6-261)."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-
     vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
@@ -216,3 +217,45 @@ def stable_prefix(text: str, stop: Sequence[str] = ()) -> int:
     while safe > 0 and text[safe - 1] == "\ufffd":
         safe -= 1
     return safe
+
+
+class IncrementalText:
+    """The one incremental detokenizer: ids arrive in pieces, and `push` returns the text that is safe to show now
+    (decoded from all ids so far, so a character split across pieces comes out whole; a trailing incomplete
+    character and a tail that may grow into a stop string are held back). When a stop string appears the text ends
+    before it and `stopped` is set; `flush` returns what was held back."""
+
+    def __init__(self, decode, stop: Sequence[str] = ()):
+        self.decode = decode  # ids -> text
+        self.stop = list(stop)
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """The whole text so far (up to a stop string)."""
+        return self._text
+
+    def push(self, ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        text = self.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._text = True, text[:cut]
+            return self._advance(self._text)
+        self._text = text
+        return self._advance(text[:stable_prefix(text, self.stop)])
+
+    def flush(self) -> str:
+        """The held-back rest of the text (nothing more will come)."""
+        return self._advance(self._text)
+
+    def _advance(self, upto: str) -> str:
+        if not upto.startswith(self.sent):  # a later token changed earlier text: never take back what was sent
+            return ""
+        delta, self.sent = upto[len(self.sent):], upto
+        return delta

@@ -14,25 +14,21 @@ from __future__ import annotations
 import abc
 import collections
 import logging
-import math
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from ..generate import Commit as StreamCommit, Done as StreamDone, Draft as StreamDraft, stream
 from ..ar import ar_stream
-from ..config import GenerationConfig
-from ..generate import Commit, Done, Draft, plan_canvases, resolve_settings, stream
-from ..tokenizer import stable_prefix
+from ..requests import PreparedRequest
+from ..tokenizer import IncrementalText
+from .events import Commit, Done, Draft, Error, Event, Text, TokenLogprob, finite_or_none
 
 log = logging.getLogger(__name__)
-
-DECODERS = ("diffusion", "autoregressive")
 
 
 class EngineBusy(Exception):
@@ -41,29 +37,41 @@ class EngineBusy(Exception):
 
 @dataclass
 class Job:
-    """One request. `emit` receives event dicts from the worker thread (it must be thread-safe).
+    """One prepared request (one choice of it). `emit` receives the job's events from the worker thread (it must be
+    thread-safe).
 
-    `max_new_tokens` is a hard cap on the returned tokens: diffusion runs whole canvases and the job keeps at most
-    this many of their tokens (finish reason "length" when it cut)."""
+    The request's max_new_tokens is a hard cap on the returned tokens: diffusion runs whole canvases and the job
+    keeps at most this many of their tokens (finish reason "length" when it cut)."""
 
-    prompt_ids: list[int]
-    max_new_tokens: int
-    settings: dict[str, Any]  # the request's generation_config overrides (validated by the request schema)
-    emit: Callable[[dict[str, Any]], None]
-    seed: int = field(default_factory=lambda: secrets.randbits(62))
-    decoder: str = "diffusion"
+    request: PreparedRequest
+    emit: Callable[[Event], None]
     drafts: bool = False
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: each returned token's log-probability and the top k
     deadline: float | None = None  # time.monotonic() after which the job is stopped
-    constraint: Any = None  # a constraints.Constraint the output must satisfy (diffusion only)
-    images: dict[str, Any] | None = None  # preprocess_images output for the prompt's images (diffusion only)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    gen: GenerationConfig | None = None  # the settings resolved against the model, once (Engine.settings_for)
     # Progress, owned by the worker.
-    ids: list[int] = field(default_factory=list)
-    sent: str = ""  # text already emitted
+    text: IncrementalText | None = None  # set by the engine (it holds the returned ids)
     steps: list[int] = field(default_factory=list)  # denoising passes per canvas (AR: one per token)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
+
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids if self.text is not None else []
+
+    @property
+    def max_new_tokens(self) -> int:
+        req = self.request
+        return req.max_new_tokens if req.max_new_tokens is not None else req.gen.new_tokens(len(req.prompt_ids))
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def decoder(self) -> str:
+        return self.request.decoder
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -71,18 +79,6 @@ class Job:
     @property
     def active(self) -> bool:
         return not self.finished and not self.cancelled.is_set()
-
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys can share a batch. A job with images runs alone: the vision tower's batched
-        arithmetic is not row-invariant, and a seeded request must give the same tokens alone or under load."""
-        solo = id(self) if self.images is not None else None
-        return (self.decoder, self.max_new_tokens, tuple(sorted(self.settings.items())), solo)
-
-
-def finite_or_none(values: list[float], digits: int = 4) -> list[float | None]:
-    """Rounded floats for JSON, with None where a value is not finite (NaN is not JSON)."""
-    return [round(x, digits) if math.isfinite(x) else None for x in values]
 
 
 class _Run(abc.ABC):
@@ -120,19 +116,20 @@ class _Run(abc.ABC):
 class _DiffusionRun(_Run):
     def __init__(self, engine: Engine, jobs: list[Job]):
         super().__init__(engine, jobs)
-        first = jobs[0]
-        gen = engine.settings_for(first)
+        reqs = [j.request for j in jobs]
+        gen = reqs[0].gen  # the jobs share a key: equal settings
         self.pad, self.eos = gen.pad_token_id, set(gen.eos_ids)
-        constraints = [j.constraint for j in jobs]
-        self.events = stream(engine.model, [j.prompt_ids for j in jobs], settings=gen,
-                             seed=[j.seed for j in jobs], rng="fast",
+        constraints = [r.constraint for r in reqs]
+        wanted = [j.logprobs for j in jobs if j.logprobs is not None]
+        self.events = stream(engine.model, [r.prompt_ids for r in reqs], settings=gen,
+                             seed=[r.seed for r in reqs], rng="fast",
                              constraint=constraints if any(c is not None for c in constraints) else None,
-                             **self._image_inputs(jobs))
+                             logprobs=max(wanted) if wanted else None, **self._image_inputs(reqs))
 
     @staticmethod
-    def _image_inputs(jobs: list[Job]) -> dict[str, Any]:
+    def _image_inputs(reqs: list[PreparedRequest]) -> dict:
         """The batch's images in prompt order, row by row (what generate expects)."""
-        with_images = [j.images for j in jobs if j.images is not None]
+        with_images = [r.images for r in reqs if r.images is not None]
         if not with_images:
             return {}
         return {"pixel_values": torch.cat([i["pixel_values"] for i in with_images]),
@@ -140,33 +137,45 @@ class _DiffusionRun(_Run):
 
     def handle(self, event) -> None:
         eng = self.engine
-        if isinstance(event, Draft):
+        if isinstance(event, StreamDraft):
             eng.forward_passes += 1  # one decoder pass for the whole batch
             for b, job in enumerate(self.jobs):
                 if job.drafts and job.active:
                     ids = event.argmax[b].tolist()
-                    job.emit({"type": "draft", "canvas_index": event.canvas_index, "step": event.step,
-                              "ids": ids, "tokens": eng.token_strings(ids),
-                              "accepted": event.accepted[b].tolist(),
-                              "entropy": finite_or_none(event.entropy[b].tolist()),
-                              "finished": bool(event.finished[b])})
-        elif isinstance(event, Commit):
+                    job.emit(Draft(event.canvas_index, event.step, ids, eng.token_strings(ids),
+                                   event.accepted[b].tolist(), finite_or_none(event.entropy[b].tolist()),
+                                   bool(event.finished[b])))
+        elif isinstance(event, StreamCommit):
             for b, job in enumerate(self.jobs):
                 if job.active and event.steps[b] > 0:
                     self._commit(job, event.ids[b].tolist(), event.steps[b], event.canvas_index,
-                                 bool(event.finished[b]))
-        elif isinstance(event, Done):
+                                 bool(event.finished[b]), self._logprobs(job, event, b))
+        elif isinstance(event, StreamDone):
             for job in self.live:
                 eng.finish(job, "length")
 
-    def _commit(self, job: Job, row: list[int], steps: int, canvas_index: int, row_finished: bool) -> None:
-        new = [t for t in row if t != self.pad] if self.pad is not None else row
-        room = job.max_new_tokens - len(job.ids)
-        kept = new[:room]  # whole canvases were generated; the client gets at most max_tokens of them
-        job.ids.extend(kept)
+    @staticmethod
+    def _logprobs(job: Job, event: StreamCommit, b: int) -> list[TokenLogprob] | None:
+        """Per position of row b's canvas, when the job asked for them."""
+        if job.logprobs is None or event.logprobs is None:
+            return None
+        ids, chosen = event.ids[b].tolist(), event.logprobs[b].tolist()
+        k = job.logprobs
+        tops = ([list(zip(i[:k], v[:k])) for i, v in zip(event.top_logprobs[1][b].tolist(),
+                                                          event.top_logprobs[0][b].tolist())]
+                if k and event.top_logprobs is not None else [[] for _ in ids])
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(ids, chosen, tops)]
+
+    def _commit(self, job: Job, row: list[int], steps: int, canvas_index: int, row_finished: bool,
+                logprobs: list[TokenLogprob] | None = None) -> None:
+        kept_at = [i for i, t in enumerate(row) if self.pad is None or t != self.pad]
+        kept_at = kept_at[:job.max_new_tokens - len(job.ids)]  # whole canvases ran; at most max_tokens come back
+        kept = [row[i] for i in kept_at]
+        new_logprobs = [logprobs[i] for i in kept_at] if logprobs is not None else []
+        job.token_logprobs.extend(new_logprobs)
         job.steps.append(steps)
-        info = {"canvas_index": canvas_index, "ids": row, "tokens": self.engine.token_strings(row), "steps": steps}
-        self.engine.advance(job, info)
+        self.engine.advance(job, kept, lambda text: Commit(text, row, self.engine.token_strings(row), canvas_index,
+                                                           steps, logprobs=new_logprobs))
         if job.finished:  # a stop string
             return
         if row_finished and any(t in self.eos for t in kept):
@@ -179,18 +188,17 @@ class _ARRun(_Run):
     def __init__(self, engine: Engine, jobs: list[Job]):
         super().__init__(engine, jobs)
         (job,) = jobs
-        gen = engine.settings_for(job)
+        gen = job.request.gen
         self.eos = set(gen.eos_ids)
-        self.events = ar_stream(engine.model, job.prompt_ids, job.max_new_tokens, eos_token_id=gen.eos_token_id,
-                                seed=job.seed)
+        self.events = ar_stream(engine.model, job.request.prompt_ids, job.max_new_tokens,
+                                eos_token_id=gen.eos_token_id, seed=job.seed)
 
     def handle(self, token: int) -> None:
         (job,) = self.jobs
         self.engine.forward_passes += 1
-        job.ids.append(token)
         job.steps.append(1)
-        self.engine.advance(job, {"forwards": len(job.steps), "ids": [token],
-                                  "tokens": self.engine.token_strings([token])})
+        self.engine.advance(job, [token], lambda text: Commit(text, [token], self.engine.token_strings([token]),
+                                                              forwards=len(job.steps)))
         if not job.finished and token in self.eos:
             self.engine.finish(job, "stop")
 
@@ -217,23 +225,6 @@ class Engine:
         self._thread.start()
 
     # -- called from request handlers ------------------------------------------------------------------------
-    def settings_for(self, job: Job) -> GenerationConfig:
-        """The job's settings over the model's generation_config, resolved once and kept on the job."""
-        if job.gen is None:
-            job.gen = resolve_settings(self.model, job.max_new_tokens, job.settings)
-        return job.gen
-
-    def check(self, job: Job) -> None:
-        """Raise ValueError naming the problem if `job` cannot run (bad settings, too long for the model)."""
-        if job.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {job.decoder!r}")
-        gen = self.settings_for(job)
-        if job.decoder == "diffusion":
-            plan_canvases(self.model.config, gen, len(job.prompt_ids))
-        elif len(job.prompt_ids) + job.max_new_tokens > self.model.config.max_position_embeddings:
-            raise ValueError(f"prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.max_new_tokens}) exceeds "
-                             f"the model's {self.model.config.max_position_embeddings} positions")
-
     @property
     def pending(self) -> int:
         """Jobs submitted and not yet running."""
@@ -244,13 +235,15 @@ class Engine:
         """Jobs being decoded now (a cancelled one counts until its run lets go of it)."""
         return sum(1 for run in list(self._runs) for job in run.jobs if not job.finished)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs (a request's n choices together, so they can share a batch), all or none."""
         if self._closed:
             raise RuntimeError("the engine is shut down")
-        if self.pending >= self.max_pending:
+        if self.pending + len(jobs) > self.max_pending:
             raise EngineBusy(f"the server is busy ({self.max_running} requests running, {self.max_pending} "
                              "waiting); retry later")
-        self._queue.put(job)
+        for job in jobs:
+            self._queue.put(job)
 
     def close(self) -> None:
         self._closed = True
@@ -263,46 +256,38 @@ class Engine:
             return [str(i) for i in ids]
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
+    def advance(self, job: Job, new: list[int], commit: Callable[[str], Commit]) -> None:
+        """Append `new` to the job's returned ids, emit the event `commit` builds around the text that is now safe
+        to send (not a possible start of a stop string, not a cut UTF-8 sequence), and stop the job if a stop
+        string appeared."""
+        if job.text is None:
+            job.text = IncrementalText(self.text_of, job.stop)
+        job.emit(commit(job.text.push(new)))
+        if job.text.stopped:
+            self.finish(job, "stop")
+
     def text_of(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def advance(self, job: Job, info: dict[str, Any]) -> None:
-        """New ids were appended to `job.ids`: emit the text that is now safe to send (not a possible start of a
-        stop string, not a cut UTF-8 sequence) and stop the job if a stop string appeared."""
-        text = self.text_of(job.ids)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self._emit_delta(job, text[:cut], info)
-            self.finish(job, "stop", text[:cut])
-            return
-        self._emit_delta(job, text[:stable_prefix(text, job.stop)], info)
-
-    def _emit_delta(self, job: Job, upto: str, info: dict[str, Any]) -> None:
-        delta = upto[len(job.sent):] if upto.startswith(job.sent) else ""
-        job.sent = upto if upto.startswith(job.sent) else job.sent
-        kind = "commit" if job.decoder == "diffusion" else "token"
-        job.emit({"type": kind, "text": delta, **info})
-
-    def finish(self, job: Job, reason: str, final_text: str | None = None) -> None:
+    def finish(self, job: Job, reason: str) -> None:
         if job.finished:
             return
         job.finished = True
-        text = self.text_of(job.ids) if final_text is None else final_text
-        if text.startswith(job.sent) and len(text) > len(job.sent):
-            job.emit({"type": "text", "text": text[len(job.sent):]})  # held-back text, no new tokens
-            job.sent = text
+        if job.text is None:
+            job.text = IncrementalText(self.text_of, job.stop)
+        rest = job.text.flush()
+        if rest:
+            job.emit(Text(rest))  # held-back text, no new tokens
         forwards = sum(job.steps)
         # float32 like GenerationResult.tokens_per_forward
         tpf = (torch.tensor(len(job.ids)) / forwards).item() if forwards else 0.0
-        job.emit({"type": "done", "finish_reason": reason, "text": text, "ids": list(job.ids),
-                  "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.ids),
-                  "forward_passes": forwards, "tokens_per_forward": tpf, "steps": list(job.steps),
-                  "seed": job.seed, "decoder": job.decoder})
+        job.emit(Done(reason, job.text.text, list(job.ids), len(job.request.prompt_ids), forwards, tpf,
+                      list(job.steps), job.seed, job.decoder, job.token_logprobs[:len(job.ids)]))
 
     @staticmethod
     def fail(job: Job, message: str, status: int = 500, code: str | None = None) -> None:
         job.finished = True
-        job.emit({"type": "error", "message": message, "status": status, "code": code})
+        job.emit(Error(message, status, code))
 
     def _expire(self, now: float) -> None:
         """Stop every job past its deadline, waiting or running."""
@@ -339,10 +324,11 @@ class Engine:
             if job.decoder == "autoregressive":
                 self._start(_ARRun, [job])
                 continue
-            group = groups.setdefault(job.key, [])
+            key = job.request.key
+            group = groups.setdefault(key, [])
             group.append(job)
             if len(group) == self.max_batch:
-                self._start(_DiffusionRun, groups.pop(job.key))
+                self._start(_DiffusionRun, groups.pop(key))
         for group in groups.values():
             self._start(_DiffusionRun, group)
         return True

@@ -3,7 +3,8 @@
 Extension fields: `diffusion` (per-request sampler settings), `stream_drafts` (a draft event after every denoising
 step), `decoder` ("diffusion" or "autoregressive": the same weights decoded left to right by the causal stack),
 `structured_outputs` (`regex`, `json`, `choice`, `json_object`: vLLM's names) and `infill` (`template`: fixed text
-with holes); OpenAI's `response_format` (`json_object`, `json_schema`) is honoured.
+with holes), `chat_template_kwargs` (e.g. `enable_thinking`); OpenAI's `response_format` (`json_object`,
+`json_schema`), `tools` / `tool_choice`, `n`, `logprobs` / `top_logprobs` are honoured.
 OpenAI fields dgemma does not implement are accepted and listed in the response's `dgemma.ignored`.
 """
 
@@ -11,14 +12,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from ..constraints import Constraint, ConstraintError
 from ..requests import DiffusionSettings
 
 # OpenAI fields that are valid but have no effect here (the diffusion sampler has its own temperature schedule).
-IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-           "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls",
+IGNORED = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+           "parallel_tool_calls",
            "stream_options", "best_of", "echo", "suffix", "metadata", "store", "service_tier", "modalities",
            "reasoning_effort", "prediction", "audio", "functions", "function_call", "web_search_options")
 
@@ -78,14 +79,15 @@ class _Common(BaseModel):
     stream: StrictBool = False
     seed: Seed | None = None
     stop: str | list[str] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    n: PositiveInt = 1  # choices, from seeds seed, seed+1, ... (at most the server's --max-n)
+    logprobs: StrictBool | Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     diffusion: DiffusionSettings | None = None
     stream_drafts: StrictBool = False
     decoder: Literal["diffusion", "autoregressive"] = "diffusion"
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     infill: Infill | None = None
-    _constraint: Any = PrivateAttr(default=None)  # the compiled automaton, set while the request is prepared
 
     # Known OpenAI fields without effect (typed loosely so any client value passes).
     temperature: float | None = None
@@ -106,11 +108,20 @@ class _Common(BaseModel):
     def ignored(self) -> list[str]:
         """Fields the request set that dgemma accepts but does not act on."""
         sent = set(self.model_fields_set) | set(self.model_extra or {})
-        moot = ("diffusion", "stream_drafts") if self.decoder == "autoregressive" else ()
+        moot = ("diffusion", "stream_drafts", "logprobs", "top_logprobs") if self.decoder == "autoregressive" else ()
         return sorted(f for f in sent if f in IGNORED or f in moot or f in (self.model_extra or {}))
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+    def top_k(self) -> int | None:
+        """None: no logprobs; k: each token's log-probability and the k most probable alternatives. Chat sends
+        logprobs: true and top_logprobs: k; completions send logprobs: k."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True:
+            return self.top_logprobs or 0
+        return self.logprobs
 
     def constraint(self) -> tuple[str, Constraint] | None:
         """(request field, Constraint) from response_format / structured_outputs / infill, None when unconstrained.
@@ -166,11 +177,54 @@ class OtherPart(BaseModel):
     type: str
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object (none: no arguments)
+    strict: StrictBool | None = None  # accepted: calls are always generated under the schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImageURLPart | OtherPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -195,7 +249,9 @@ class Message(BaseModel):
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
-    _images: Any = PrivateAttr(default=None)  # preprocess_images output for the prompt's images, set while preparing
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables of the chat template (enable_thinking)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
