@@ -34,7 +34,8 @@ BAD = {  # input line -> a word the error names
     '{"prompt": ""}': "empty",
     '{"prompt": "x", "seed": -3}': "seed",
     '{"prompt": "x", "prompt_ids": [3]}': "exactly one",
-    '{"prompt_ids": [5], "max_new_tokens": 100000}': "positions",
+    '{"prompt_ids": [5], "max_new_tokens": 100000}': "max_new_tokens 100000 is over the limit of 4096",
+    '{"prompt_ids": [5], "max_new_tokens": 4000}': "positions",
 }
 
 

@@ -234,3 +234,25 @@ def test_thought_channel_is_reasoning_content(client):
         content += delta.content or ""
     assert (reasoning, content) == (msg.model_extra["reasoning_content"], msg.content)
     assert CALL_OPEN not in content
+
+
+# -- prefix cache --------------------------------------------------------------------------------------------------
+def test_prefix_cache_reports_cached_tokens_and_changes_nothing(tmp_path_factory):
+    path = write_random_checkpoint(tmp_path_factory.mktemp("cache") / "tiny", "tiny", seed=0)
+    system = {"role": "system", "content": "You answer briefly and politely. " * 20}  # ~660 prompt tokens
+    turns = [[system, {"role": "user", "content": q}] for q in ("first question", "second question")]
+    limits = Limits(max_tokens=64, prefix_cache_gib=0.05)
+    with LiveServer(path, limits=limits) as warm:
+        c = openai.OpenAI(base_url=warm.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        first, second = (chat(c, messages=m, max_tokens=32) for m in turns)
+    with LiveServer(path, limits=limits) as cold:
+        c = openai.OpenAI(base_url=cold.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        alone = chat(c, messages=turns[1], max_tokens=32)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert alone.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 512  # the shared blocks of 128 tokens
+    assert second.choices[0].message.content == alone.choices[0].message.content
+
+
+def test_no_prefix_cache_no_cached_tokens(client):
+    assert chat(client, max_tokens=8).usage.prompt_tokens_details is None

@@ -282,3 +282,15 @@ def test_stable_prefix_holds_back_partial_characters_and_stop_prefixes():
     assert stable_prefix("say ST", stop=["STOP"]) == 4  # "ST" may grow into "STOP"
     assert stable_prefix("say STx", stop=["STOP"]) == 7
     assert stable_prefix("S\ufffd", stop=["S\ufffdX"]) == 0
+
+
+def test_incremental_text_streams_whole_characters_and_stops():
+    from dgemma.tokenizer import IncrementalText, build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    ids = tok.encode("café STOP more")
+    text = IncrementalText(tok.decode, stop=["STOP"])
+    deltas = [text.push([i]) for i in ids]
+    assert "\ufffd" not in "".join(deltas)  # the two bytes of "é" come out as one character
+    assert "".join(deltas) + text.flush() == "café " and text.stopped and text.text == "café "
+    assert text.push(tok.encode("x")) == ""  # nothing after a stop

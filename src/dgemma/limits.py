@@ -32,6 +32,8 @@ class Limits:
     max_running: int = limit(16, int, "requests decoded at once")
     max_pending: int = limit(64, int, "requests waiting beyond --max-running (more get a 429)")
     max_n: int = limit(8, int, "choices per request (n); they run as one batch")
+    prefix_cache_gib: float | None = limit(None, float, "GiB of prompt KV kept for later requests that share a "
+                                                        "prefix (default: no prefix cache)")
     max_images: int = limit(8, int, "images per chat request (data: URLs only)")
     max_image_bytes: int = limit(8 << 20, int, "encoded image bytes per request (--max-body-bytes bounds them too)")
     max_image_pixels: int = limit(DEFAULT_MAX_PIXELS, int, "pixels per decoded image (larger ones, e.g. "

@@ -132,6 +132,9 @@ def lowest_temperature(gen: GenerationConfig) -> float | None:
 def _check_settings(model, gen: GenerationConfig, prompt_len: int, decoder: str, settings: dict, caps: Caps) -> None:
     cfg = model.config
     new = gen.new_tokens(prompt_len)
+    if caps.max_new_tokens is not None and new > caps.max_new_tokens:  # the entry point's bound comes first
+        raise RequestError(f"{caps.tokens_field} {new} is over " +
+                           caps.over.format(limit=caps.max_new_tokens, flag="--max-tokens"), caps.tokens_field)
     if decoder == "autoregressive" and prompt_len + new > cfg.max_position_embeddings:
         raise RequestError(f"prompt ({prompt_len} tokens) + {caps.tokens_field} ({new}) exceeds the model's "
                            f"{cfg.max_position_embeddings} positions", caps.tokens_field)
@@ -141,9 +144,6 @@ def _check_settings(model, gen: GenerationConfig, prompt_len: int, decoder: str,
         except ValueError as e:
             raise RequestError(str(e), "diffusion" if settings and "position" not in str(e) else caps.tokens_field
                                ) from None
-    if caps.max_new_tokens is not None and new > caps.max_new_tokens:
-        raise RequestError(f"{caps.tokens_field} {new} is over " +
-                           caps.over.format(limit=caps.max_new_tokens, flag="--max-tokens"), caps.tokens_field)
     if decoder == "autoregressive":
         return
     cap = caps.max_denoising_steps

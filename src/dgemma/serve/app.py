@@ -23,6 +23,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..limits import Limits
+from ..prefix_cache import PrefixCache
 from .engine import Engine
 from .middleware import BodyLimit, HostCheck, host_policy
 from .openai import APIError, error_body, validation_error
@@ -81,8 +82,9 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
     limits = limits or Limits()
     cfg = model.config
     max_prompt = limits.max_prompt_tokens or max(cfg.max_position_embeddings - cfg.canvas_length, 1)
+    cache = PrefixCache.from_gib(limits.prefix_cache_gib) if limits.prefix_cache_gib is not None else None
     engine = Engine(model, max_batch=limits.max_batch, max_pending=limits.max_pending,
-                    max_running=limits.max_running)
+                    max_running=limits.max_running, prefix_cache=cache)
     state = ServerState(model=model, engine=engine, name=model_name, limits=limits, api_key=api_key,
                         task=task_info(Path(model_dir) if model_dir else None), created=int(time.time()),
                         max_prompt=max_prompt, max_chars=limits.max_prompt_chars or 16 * max_prompt,

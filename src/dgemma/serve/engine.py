@@ -54,6 +54,7 @@ class Job:
     text: IncrementalText | None = None  # set by the engine (it holds the returned ids)
     steps: list[int] = field(default_factory=list)  # denoising passes per canvas (AR: one per token)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens restored from the engine's prefix cache
     finished: bool = False
 
     @property
@@ -124,7 +125,8 @@ class _DiffusionRun(_Run):
         self.events = stream(engine.model, [r.prompt_ids for r in reqs], settings=gen,
                              seed=[r.seed for r in reqs], rng="fast",
                              constraint=constraints if any(c is not None for c in constraints) else None,
-                             logprobs=max(wanted) if wanted else None, **self._image_inputs(reqs))
+                             logprobs=max(wanted) if wanted else None, prefix_cache=engine.prefix_cache,
+                             **self._image_inputs(reqs))
 
     @staticmethod
     def _image_inputs(reqs: list[PreparedRequest]) -> dict:
@@ -147,6 +149,8 @@ class _DiffusionRun(_Run):
                                    bool(event.finished[b])))
         elif isinstance(event, StreamCommit):
             for b, job in enumerate(self.jobs):
+                if event.cached_tokens is not None:
+                    job.cached_tokens = event.cached_tokens[b]
                 if job.active and event.steps[b] > 0:
                     self._commit(job, event.ids[b].tolist(), event.steps[b], event.canvas_index,
                                  bool(event.finished[b]), self._logprobs(job, event, b))
@@ -208,8 +212,10 @@ class Engine:
 
     max_running: jobs decoded at once (rows of all runs); max_pending: jobs waiting beyond those."""
 
-    def __init__(self, model, max_batch: int = 8, max_pending: int = 64, max_running: int = 16):
+    def __init__(self, model, max_batch: int = 8, max_pending: int = 64, max_running: int = 16,
+                 prefix_cache=None):
         self.model = model
+        self.prefix_cache = prefix_cache  # a PrefixCache shared by every diffusion run, or None
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -282,7 +288,8 @@ class Engine:
         # float32 like GenerationResult.tokens_per_forward
         tpf = (torch.tensor(len(job.ids)) / forwards).item() if forwards else 0.0
         job.emit(Done(reason, job.text.text, list(job.ids), len(job.request.prompt_ids), forwards, tpf,
-                      list(job.steps), job.seed, job.decoder, job.token_logprobs[:len(job.ids)]))
+                      list(job.steps), job.seed, job.decoder, job.token_logprobs[:len(job.ids)],
+                      job.cached_tokens))
 
     @staticmethod
     def fail(job: Job, message: str, status: int = 500, code: str | None = None) -> None:

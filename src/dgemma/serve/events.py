@@ -78,6 +78,7 @@ class Done:
     seed: int
     decoder: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens restored from the prefix cache (None: no cache)
 
     @property
     def completion_tokens(self) -> int:

@@ -157,8 +157,12 @@ def usage(dones: list[Done]) -> dict:
     completion = sum(d.completion_tokens for d in dones)
     passes = sum(d.forward_passes for d in dones)
     tpf = dones[0].tokens_per_forward if len(dones) == 1 else (completion / passes if passes else 0.0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "tokens_per_forward": tpf, "forward_passes": passes}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "tokens_per_forward": tpf, "forward_passes": passes}
+    cached = [d.cached_tokens for d in dones if d.cached_tokens is not None]
+    if cached:  # OpenAI's field; the choices share the prompt, the first one's prefill counts
+        out["prompt_tokens_details"] = {"cached_tokens": cached[0]}
+    return out
 
 
 def extension(dones: list[Done], ignored: list[str]) -> dict:

@@ -12,7 +12,7 @@ from ..constraints import Constraint, ConstraintError
 from ..images import ImageError, chat_prompt, extract_images
 from ..requests import Caps, PreparedRequest, RequestError, prepare
 from ..tokenizer import TokenizerError
-from . import tools as tool_calls
+from .tools import ToolError, chat_messages, plan, template_knows_tools
 from .messages import OutputView
 from .openai import APIError, parse_body, validate
 from .schema import ChatRequest, CompletionRequest
@@ -93,7 +93,7 @@ def chat_prompt_ids(state: ServerState, req: ChatRequest) -> tuple[list[int], di
                            param="tools" if req.tools else "chat_template_kwargs")
         return image_prompt(state, req)
     try:
-        messages, context = tool_calls.chat_messages(req, tool_calls.template_knows_tools(tok.chat_template))
+        messages, context = chat_messages(req, template_knows_tools(tok.chat_template))
         text = tok.apply_chat_template(messages, add_generation_prompt=True, **context)
     except (ValueError, TokenizerError) as e:
         raise APIError(400, str(e), param="messages") from None
@@ -153,8 +153,8 @@ def prepare_body(state: ServerState, body: bytes, chat: bool) -> Prepared:
     view = OutputView()
     if chat:
         try:
-            tools = tool_calls.plan(req)
-        except tool_calls.ToolError as e:
+            tools = plan(req)
+        except ToolError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_tools") from None
         if tools.constraint is not None:
             if constraint is not None:
