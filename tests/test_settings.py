@@ -15,13 +15,35 @@ from dgemma.requests import DiffusionSettings
 
 def test_one_declaration_of_the_diffusion_settings():
     assert set(DIFFUSION_SETTINGS) == {"max_denoising_steps", "entropy_bound", "t_min", "t_max",
-                                       "stability_threshold", "confidence_threshold"}
+                                       "stability_threshold", "confidence_threshold", "step_cache"}
     assert {name for name, _ in GEN_FLAGS.values()} == set(DIFFUSION_SETTINGS)
     assert set(DiffusionSettings.model_fields) == set(DIFFUSION_SETTINGS)
     assert {f.name for f in dataclasses.fields(GenerationConfig)} >= set(DIFFUSION_SETTINGS)
 
 
-@pytest.mark.parametrize("name", sorted(DIFFUSION_SETTINGS))
+NUMERIC = sorted(n for n, s in DIFFUSION_SETTINGS.items() if not s.choices)
+CHOICES = sorted(n for n, s in DIFFUSION_SETTINGS.items() if s.choices)
+
+
+@pytest.mark.parametrize("name", CHOICES)
+def test_choices_agree_everywhere(name):
+    """Every declared choice is accepted by the HTTP/batch schema, GenerationConfig and the CLI; others by none."""
+    s = DIFFUSION_SETTINGS[name]
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    flag = next(a for a in gen._actions if a.dest == name)
+    assert tuple(flag.choices) == s.choices
+    for v in s.choices:
+        DiffusionSettings.model_validate({name: v})
+        GenerationConfig().replace(**{name: v})
+    for v in ("OFF", "", 1, True, None):
+        with pytest.raises(ValidationError):
+            DiffusionSettings.model_validate({name: v}) if v is not None else DiffusionSettings.model_validate(
+                {name: "nope"})
+        with pytest.raises(ValueError, match=name):
+            GenerationConfig().replace(**{name: v})
+
+
+@pytest.mark.parametrize("name", NUMERIC)
 def test_bounds_agree_everywhere(name):
     """Just inside the declared range is accepted by the HTTP/batch schema and by GenerationConfig; just outside is
     refused by both."""

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per encoder pass (default 1024; memory grows with chunk x prompt)")
     for flag, (name, typ) in GEN_FLAGS.items():
-        g.add_argument(flag, type=typ, default=None, help=f"{DIFFUSION_SETTINGS[name].help} (default: the model's)")
+        g.add_argument(flag, type=typ, default=None, choices=DIFFUSION_SETTINGS[name].choices or None,
+                       help=f"{DIFFUSION_SETTINGS[name].help} (default: the model's)")
     g.add_argument("--eos-token-id", type=_eos, default=None, help="EOS id(s), comma-separated")
     con = g.add_mutually_exclusive_group()
     con.add_argument("--regex", default=None, help="the output fully matches this regex (@FILE: read it from a file)")

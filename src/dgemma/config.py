@@ -345,21 +345,42 @@ def _image_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class StepCachePolicy:
+    """Reuse across denoising steps (`step_cache`): a canvas position whose accepted token stayed the same for
+    `settle` steps in a row is settled; the next passes compute only the other positions (their queries, K/V, MLP
+    and experts, and their LM-head rows), attending to the settled positions' K/V from the pass that last computed
+    them, and reuse the settled positions' logits. Every `refresh`-th step (and each canvas's first) computes every
+    position again."""
+
+    settle: int
+    refresh: int
+
+
+STEP_CACHE: dict[str, StepCachePolicy | None] = {"off": None, "fast": StepCachePolicy(settle=2, refresh=4)}
+STEP_CACHE_POLICIES = tuple(STEP_CACHE)
+
+
+@dataclass(frozen=True)
 class Setting:
     """One per-request diffusion setting: its type, range and meaning. A value outside the range is refused by
     every entry point (Python API, CLI, HTTP, batch) with the same bounds; null disables a nullable one."""
 
-    kind: type  # int or float
+    kind: type  # int, float or str (one of `choices`)
     lo: float
     hi: float
     help: str
     lo_open: bool = False  # lo itself is excluded
     nullable: bool = False
+    choices: tuple[str, ...] = ()
 
     def check(self, name: str, value: Any) -> None:
         if value is None:
             if not self.nullable:
                 raise ValueError(f"{name} must be set (it has no 'off' value)")
+            return
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
             return
         ok_type = (isinstance(value, int) if self.kind is int else isinstance(value, (int, float)) and
                    math.isfinite(value)) and not isinstance(value, bool)
@@ -373,6 +394,10 @@ class Setting:
 def _setting(default: Any, kind: type, lo: float, hi: float, help: str, *, lo_open: bool = False,
              nullable: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"setting": Setting(kind, lo, hi, help, lo_open, nullable)})
+
+
+def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"setting": Setting(str, 0, 0, help, choices=choices)})
 
 
 @dataclass
@@ -395,6 +420,8 @@ class GenerationConfig:
     confidence_threshold: float | None = _setting(0.005, float, 0, 1e6, "the mean entropy under which a canvas "
                                                   "counts as confident (null: never stop early)", lo_open=True,
                                                   nullable=True)
+    step_cache: str = _choice("off", STEP_CACHE_POLICIES, "reuse work across denoising steps for positions whose "
+                              "token has settled: off (exact), fast (see docs/design.md)")
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None

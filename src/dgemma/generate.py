@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import GenerationConfig
+from .config import STEP_CACHE, GenerationConfig
 from .constraints import Constraint, constrain
 from .numerics import row_invariant
 from .prefix_cache import PrefixCache, prefill
@@ -203,7 +203,9 @@ def stream(
         images = prompt_images(model, prompt, images, pixel_values, image_position_ids, mm_token_type_ids,
                                max_soft_tokens)
     vision_s = time.perf_counter() - t0
-    sampler = FastSampler(model.module, seeds) if rng == "fast" else ReferenceSampler(model.module, seeds[0])
+    reuse = STEP_CACHE[gen.step_cache] is not None
+    sampler = (FastSampler(model.module, seeds, reuse) if rng == "fast" else
+               ReferenceSampler(model.module, seeds[0], reuse))
     sampler = _constrained(model, gen, sampler, prompt, constraint, regex, json_schema, choice, template)
     if verifier is not None and not callable(verifier):
         raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
@@ -323,26 +325,34 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
              verifier: Verifier | None = None):
     """Denoise one canvas, yielding a Draft per step. Returns (argmax canvas, decoder passes per row)."""
     stopper = StableAndConfident.from_config(gen)
+    policy = STEP_CACHE[gen.step_cache]
     stopped = torch.zeros_like(finished)  # rows whose denoising stopped early (stable and confident)
     canvas = argmax = sampler.init_canvas(sampler.live(stopped, finished))
     passes = torch.zeros(finished.shape[0], dtype=torch.int32, device=finished.device)
+    streak = torch.zeros(canvas.shape, dtype=torch.int32, device=canvas.device)  # steps each token stayed accepted
     n = gen.max_denoising_steps
     for i, remaining in enumerate(range(n, 0, -1)):
         live = sampler.live(stopped, finished)
         passes += ~(stopped | finished)
         temp = temperature(remaining, n, gen.t_min, gen.t_max) if gen.t_min is not None else None
-        hidden = model.module.decode_hidden(canvas, cache, **sampler.self_conditioning())
+        positions = None
+        if policy is not None and i % policy.refresh:
+            positions = unsettled_positions(streak < policy.settle)
+        hidden = model.module.decode_hidden(canvas, cache, **sampler.self_conditioning(), positions=positions)
         # The final hidden states are normed, so with finite weights (checked at load) finite hidden states mean
         # finite logits; checking them costs B x C x H, not B x C x V.
         if not bool(torch.isfinite(hidden[live]).all()):
             raise NonFiniteError(f"the model's logits are not finite (canvas {ci}, step {i + 1}, {model.dtype}): its "
                                  f"weights or the activations are out of range")
-        step = sampler.step(hidden, canvas, live, temp)
+        step = sampler.step(hidden, canvas, live, temp, positions=positions)
         accepted = accept_mask(step.entropy, gen.entropy_bound)
         if verifier is not None:  # what breaks a rule is re-noised, not accepted
             accepted = accepted & ~_checked(verifier, step.sampled, accepted)
         # accepted positions keep their sample, the rest are re-noised; rows that are not live keep their state
-        canvas = torch.where(live[:, None], torch.where(accepted, step.sampled, step.noise), canvas)
+        new = torch.where(live[:, None], torch.where(accepted, step.sampled, step.noise), canvas)
+        if policy is not None:
+            streak = torch.where(accepted & (new == canvas), streak + 1, torch.where(accepted, 1, 0))
+        canvas = new
         argmax = torch.where(live[:, None], step.argmax, argmax)
         if stopper is not None:
             stop = stopper(argmax, step.entropy.mean(dim=-1))
@@ -354,6 +364,17 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
         if not bool(sampler.live(stopped, finished).any()):
             break
     return argmax, passes
+
+
+def unsettled_positions(active: torch.Tensor) -> torch.Tensor:
+    """[B, C] bool -> [B, A] positions for a step-cache pass, A the most any row has: each row's active positions
+    first, the rest filled with its first one (recomputed twice, identically), so a row's pass does not depend on
+    its batch neighbours. A row with none recomputes position 0."""
+    counts = active.sum(dim=1)
+    width = max(int(counts.max()), 1)
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :width]
+    k = torch.arange(width, device=active.device)[None]
+    return torch.where(k < counts[:, None], order, order[:, :1])
 
 
 def _checked(verifier: Verifier, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

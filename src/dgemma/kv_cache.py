@@ -80,13 +80,22 @@ class KVCache:
         self.count[layer] = keep
         return full_k, full_v, first
 
-    def read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def read(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Decoder: cached + canvas states (the canvas in scratch slots; cached slots are not modified), and the
-        absolute slot of the first returned key."""
-        n, length = self.count[layer], k.shape[2]
+        absolute slot of the first returned key. `slots` [B, A] (step cache): `k`/`v` are those canvas positions
+        only; the canvas's other scratch slots keep the states an earlier pass left there."""
+        n = self.count[layer]
         buf_k, buf_v = self.k[layer], self.v[layer]
-        buf_k[:, :, n:n + length] = k
-        buf_v[:, :, n:n + length] = v
+        if slots is None:
+            length = k.shape[2]
+            buf_k[:, :, n:n + length] = k
+            buf_v[:, :, n:n + length] = v
+        else:
+            length = self.scratch
+            index = (slots + n)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            buf_k.scatter_(2, index, k)
+            buf_v.scatter_(2, index, v)
         return buf_k[:, :, :n + length], buf_v[:, :, :n + length], self.start[layer]
 
     def advance(self, n: int) -> None:

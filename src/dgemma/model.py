@@ -126,8 +126,10 @@ class Attention(nn.Module):
         *,
         write_cache: bool,
         mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """write_cache: append this pass's K/V to the cache (encoder); else read it, K/V in scratch (decoder)."""
+        """write_cache: append this pass's K/V to the cache (encoder); else read it, K/V in scratch (decoder).
+        `slots` [B, A]: `x` holds only these canvas positions (step cache; see KVCache.read)."""
         b, length, _ = x.shape
         cos, sin = rope
         q = apply_rope(self.q_norm(self.q_proj(x).view(b, length, -1, self.head_dim)), cos, sin)
@@ -137,7 +139,7 @@ class Attention(nn.Module):
         v = self.v_norm(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         qstart = cache.length  # the first query's absolute slot (the canvas follows the cache)
-        k, v, kstart = cache.write(layer, k, v) if write_cache else cache.read(layer, k, v)
+        k, v, kstart = cache.write(layer, k, v) if write_cache else cache.read(layer, k, v, slots)
         if mask is not None and mask.dim() == 3:  # per-row mask (image runs): broadcast over heads
             mask = mask[:, None]
         if cache.pad_list is None:
@@ -260,9 +262,10 @@ class Layer(nn.Module):
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))
 
     def forward(self, x, rope, cache: KVCache, layer: int, *, write_cache: bool, encoder_scalar: bool,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), rope, cache, layer, write_cache=write_cache, mask=mask)
+            self.self_attn(self.input_layernorm(x), rope, cache, layer, write_cache=write_cache, mask=mask,
+                           slots=slots)
         )
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])
@@ -365,23 +368,34 @@ class DiffusionGemma(nn.Module):
         return self.lm_head(self.decode_hidden(canvas, cache, sc_logits))
 
     def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
-                      sc_probs: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      sc_probs: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack up to the final norm. `sc_probs` may replace softmax(sc_logits) when the caller
-        already holds it in the embedding dtype; `sc_mask` [B] (training) zeroes the signal for some rows."""
+        already holds it in the embedding dtype; `sc_mask` [B] (training) zeroes the signal for some rows.
+        `positions` [B, A] (step cache): compute only these canvas positions -> [B, A, H]; they attend to the
+        other positions' K/V as the cache's scratch holds them from an earlier pass over this canvas."""
+        length = canvas.shape[1]
+        if positions is not None:
+            canvas = canvas.gather(1, positions)
         x = self.embed(canvas)
         if sc_logits is not None or sc_probs is not None:
             if sc_probs is None:
                 sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
+            if positions is not None:
+                sc_probs = sc_probs.gather(1, positions[..., None].expand(-1, -1, sc_probs.shape[-1]))
             soft = self.embed_tokens.soft(sc_probs) * self.embed_scale(x.dtype).to(x.device)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
             x = x + self.sc_mlp(self.sc_pre_norm(soft))
         # (With no previous logits the signal is zero and the MLP adds exactly zero.)
         x = self.sc_post_norm(x)
-        dev, length = canvas.device, canvas.shape[1]
-        ropes = self._ropes(cache.positions(cache.length, length, dev), x.dtype)
+        pos = cache.positions(cache.length, length, canvas.device)
+        if positions is not None:
+            pos = pos.expand(canvas.shape[0], -1).gather(1, positions)
+        ropes = self._ropes(pos, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, ropes[self.config.layers[i].kind], cache, i, write_cache=False, encoder_scalar=False)
+            x = layer(x, ropes[self.config.layers[i].kind], cache, i, write_cache=False, encoder_scalar=False,
+                      slots=positions)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_tokens: int, pad: torch.Tensor | None = None,

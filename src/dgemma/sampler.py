@@ -156,8 +156,20 @@ class CanvasSampler(abc.ABC):
 
     row_invariant: bool  # run the model so that a row's arithmetic does not depend on its batch neighbours
 
-    def __init__(self, model):
+    def __init__(self, model, reuse: bool = False):
         self.model = model
+        self.reuse = reuse  # step cache: keep the last LM-head output to reuse the rows of settled positions
+        self.last_head: torch.Tensor | None = None
+
+    def head(self, hidden: torch.Tensor, positions: torch.Tensor | None, fn) -> torch.Tensor:
+        """fn(hidden) (an LM head) -> [B, C, V]; with `positions` [B, A] the hidden states are those positions'
+        only, and the other rows are the last pass's (step cache)."""
+        out = fn(hidden)
+        if positions is None:
+            self.last_head = out if self.reuse else None
+            return out
+        self.last_head.scatter_(1, positions[..., None].expand(-1, -1, out.shape[-1]), out)
+        return self.last_head
 
     @abc.abstractmethod
     def live(self, stopped: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
@@ -169,9 +181,11 @@ class CanvasSampler(abc.ABC):
 
     @abc.abstractmethod
     def step(self, hidden: torch.Tensor, canvas: torch.Tensor, live: torch.Tensor, temp,
-             visit: Mapping[int, Callable[[int, torch.Tensor], None]] | None = None) -> Step:
+             visit: Mapping[int, Callable[[int, torch.Tensor], None]] | None = None,
+             positions: torch.Tensor | None = None) -> Step:
         """Propose from the decoder's final hidden states [B, C, H]; keep what the next pass conditions on.
-        `visit` {row: fn(start, probs)}: hand row's step distribution (fp32, positions start ..) to fn, in chunks."""
+        `visit` {row: fn(start, probs)}: hand row's step distribution (fp32, positions start ..) to fn, in chunks.
+        `positions` [B, A] (step cache): `hidden` holds these positions only (see `head`)."""
 
     @abc.abstractmethod
     def ranking(self, row: int) -> torch.Tensor:
@@ -192,8 +206,8 @@ class FastSampler(CanvasSampler):
 
     row_invariant = True
 
-    def __init__(self, model, seeds: list[int]):
-        super().__init__(model)
+    def __init__(self, model, seeds: list[int], reuse: bool = False):
+        super().__init__(model, reuse)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.probs: torch.Tensor | None = None
 
@@ -212,8 +226,8 @@ class FastSampler(CanvasSampler):
         canvas = torch.zeros(b, c, dtype=torch.long, device=self.model.device)
         return self._draw(live, canvas, lambda g: torch.randint(0, v, (c,), generator=g))
 
-    def step(self, hidden, canvas, live, temp, visit=None):
-        raw = self.model.lm_head_raw(hidden)
+    def step(self, hidden, canvas, live, temp, visit=None, positions=None):
+        raw = self.head(hidden, positions, self.model.lm_head_raw)
         b, c, v = raw.shape
         if self.probs is None:
             self.probs = hidden.new_zeros(b, c, v)
@@ -238,8 +252,8 @@ class ReferenceSampler(CanvasSampler):
 
     row_invariant = False
 
-    def __init__(self, model, seed: int):
-        super().__init__(model)
+    def __init__(self, model, seed: int, reuse: bool = False):
+        super().__init__(model, reuse)
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
         self.logits: torch.Tensor | None = None
 
@@ -254,8 +268,8 @@ class ReferenceSampler(CanvasSampler):
         self.logits, self.batch = None, live.shape[0]
         return self._noise()
 
-    def step(self, hidden, canvas, live, temp, visit=None):
-        logits = self.model.lm_head(hidden)
+    def step(self, hidden, canvas, live, temp, visit=None, positions=None):
+        logits = self.head(hidden, positions, self.model.lm_head)
         if temp is not None:
             logits = logits / temp
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)

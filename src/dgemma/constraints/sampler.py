@@ -71,10 +71,10 @@ class ConstrainedSampler(CanvasSampler):
     def ranking(self, row):
         return self.inner.ranking(row)
 
-    def step(self, hidden, canvas, live, temp, visit=None) -> Step:
+    def step(self, hidden, canvas, live, temp, visit=None, positions=None) -> Step:
         c = self.canvas_length
         scorers = {b: ClassScorer(row.aut, c) for b, row in enumerate(self.rows) if row is not None and bool(live[b])}
-        st = self.inner.step(hidden, canvas, live, temp, visit={**(visit or {}), **scorers})
+        st = self.inner.step(hidden, canvas, live, temp, visit={**(visit or {}), **scorers}, positions=positions)
         sampled, argmax, entropy, noise = st.sampled.clone(), st.argmax.clone(), st.entropy.clone(), st.noise.clone()
         dev = argmax.device
         for b, scorer in scorers.items():

@@ -1,0 +1,108 @@
+"""step_cache: reuse across denoising steps for settled positions. "off" is today's computation; a pass over a subset
+of positions attends to the others' K/V as the last pass left them, so with nothing changed it gives the full
+pass's rows; a policy under which nothing settles computes exactly what "off" computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgemma import config as C
+from dgemma.config import GenerationConfig
+from dgemma.generate import unsettled_positions
+from dgemma.presets import random_model
+from dgemma.requests import DiffusionSettings
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny", seed=4)
+
+
+def _prefilled(model, batch: int = 2):
+    net = model.module
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 200, (batch, 9), generator=g)
+    c = model.config.canvas_length
+    cache = net.new_cache(batch, prompt.shape[1], scratch=c)
+    net.encode(prompt, cache)
+    canvas = torch.randint(3, 200, (batch, c), generator=g)
+    probs = torch.softmax(torch.randn(batch, c, model.config.vocab_size, generator=g), -1)
+    return net, cache, canvas, probs
+
+
+def test_unsettled_positions_rows_are_independent():
+    active = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    pos = unsettled_positions(active)
+    assert pos.shape == (3, 3)
+    assert pos[0].tolist() == [1, 2, 4]
+    assert pos[1].tolist() == [0, 0, 0]  # one active position, repeated
+    assert pos[2].tolist() == [0, 0, 0]  # none: position 0
+    alone = unsettled_positions(active[1:2])
+    assert alone.tolist() == [[0]]  # the row's own set, whatever its neighbours
+
+
+@torch.inference_mode()
+def test_pass_over_all_positions_is_the_full_pass(model):
+    net, cache, canvas, probs = _prefilled(model)
+    full = net.decode_hidden(canvas, cache, sc_probs=probs)
+    every = torch.arange(canvas.shape[1]).expand(canvas.shape[0], -1)
+    torch.testing.assert_close(net.decode_hidden(canvas, cache, sc_probs=probs, positions=every), full,
+                               rtol=0, atol=1e-6)
+
+
+@torch.inference_mode()
+def test_subset_pass_after_a_full_pass_gives_the_full_rows(model):
+    net, cache, canvas, probs = _prefilled(model)
+    full = net.decode_hidden(canvas, cache, sc_probs=probs)  # leaves every position's K/V in the scratch
+    active = torch.zeros(canvas.shape, dtype=torch.bool)
+    active[0, [1, 5, 9]] = True
+    active[1, [0, 30]] = True
+    pos = unsettled_positions(active)
+    part = net.decode_hidden(canvas, cache, sc_probs=probs, positions=pos)
+    assert part.shape == (2, 3, model.config.hidden_size)
+    torch.testing.assert_close(part, full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_subset_pass_sees_the_stale_states_of_the_others(model):
+    """The settled positions' K/V are the last pass's: change a settled token without recomputing it and the
+    active rows do not see the change (that is the approximation the policy makes)."""
+    net, cache, canvas, probs = _prefilled(model, batch=1)
+    net.decode_hidden(canvas, cache, sc_probs=probs)
+    pos = torch.tensor([[3, 4]])
+    before = net.decode_hidden(canvas, cache, sc_probs=probs, positions=pos)
+    changed = canvas.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % 200 + 3
+    after = net.decode_hidden(changed, cache, sc_probs=probs, positions=pos)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    fresh = net.decode_hidden(changed, cache, sc_probs=probs)[:, 3:5]
+    assert not torch.allclose(fresh, before, atol=1e-7)
+
+
+@pytest.mark.parametrize("rng", ["fast", "reference"])
+def test_policy_where_nothing_settles_is_the_exact_path(model, monkeypatch, rng):
+    want = model.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=64, seed=3, rng=rng, entropy_bound=50.0)
+    monkeypatch.setitem(C.STEP_CACHE, "fast", C.StepCachePolicy(settle=10**6, refresh=4))
+    got = model.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=64, seed=3, rng=rng, entropy_bound=50.0,
+                         step_cache="fast")
+    assert [r.ids for r in got] == [r.ids for r in want]
+    assert [r.steps for r in got] == [r.steps for r in want]
+
+
+def test_fast_policy_runs_and_off_is_the_default(model):
+    assert GenerationConfig().step_cache == "off"
+    base = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0)
+    off = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0, step_cache="off")
+    assert off.ids == base.ids and off.steps == base.steps
+    fast = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0, step_cache="fast")
+    assert len(fast.ids) > 0 and all(0 <= t < model.config.vocab_size for t in fast.ids)
+
+
+def test_setting_is_declared_once_and_checked_everywhere():
+    with pytest.raises(ValueError, match="step_cache must be one of 'off', 'fast'"):
+        GenerationConfig().replace(step_cache="always")
+    assert DiffusionSettings(step_cache="fast").overrides() == {"step_cache": "fast"}
+    with pytest.raises(ValueError):
+        DiffusionSettings(step_cache="always")
