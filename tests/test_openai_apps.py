@@ -256,3 +256,30 @@ def test_prefix_cache_reports_cached_tokens_and_changes_nothing(tmp_path_factory
 
 def test_no_prefix_cache_no_cached_tokens(client):
     assert chat(client, max_tokens=8).usage.prompt_tokens_details is None
+
+
+def test_markers_that_are_special_tokens_are_kept_for_reading():
+    """Gemma 4's thought and call markers are special tokens: a job read for them decodes them (EOS and pad
+    still dropped), so the thought channel splits off; a plain job's text drops them as before."""
+    from types import SimpleNamespace
+
+    from tokenizers import AddedToken
+
+    from dgemma.config import GenerationConfig
+    from dgemma.requests import PreparedRequest
+    from dgemma.serve.engine import Engine, Job
+    from dgemma.serve.messages import OutputView
+    from dgemma.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    tok.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|channel>", "<channel|>")])
+    ids = [tok.token_to_id("<|channel>"), *tok.encode("thought\nhmm"), tok.token_to_id("<channel|>"),
+           *tok.encode("yes"), 1, 0]  # then EOS, pad
+    fake = SimpleNamespace(tokenizer=tok, text_of=tok.decode)
+    request = PreparedRequest([5], 8, {}, GenerationConfig(eos_token_id=1, pad_token_id=0), seed=0)
+    read = Engine._text(fake, Job(request, print, markup=True))
+    plain = Engine._text(fake, Job(request, print))
+    read.push(ids), plain.push(ids)
+    assert plain.text == "thought\nhmmyes"
+    msg = OutputView(thinking=True).message(read.text)
+    assert (msg.reasoning, msg.content) == ("hmm", "yes")

@@ -48,6 +48,7 @@ class Job:
     drafts: bool = False
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: each returned token's log-probability and the top k
+    markup: bool = False  # keep special tokens in the text (Gemma 4 writes its thought and call markers as such)
     deadline: float | None = None  # time.monotonic() after which the job is stopped
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Progress, owned by the worker.
@@ -267,7 +268,7 @@ class Engine:
         to send (not a possible start of a stop string, not a cut UTF-8 sequence), and stop the job if a stop
         string appeared."""
         if job.text is None:
-            job.text = IncrementalText(self.text_of, job.stop)
+            job.text = self._text(job)
         job.emit(commit(job.text.push(new)))
         if job.text.stopped:
             self.finish(job, "stop")
@@ -275,12 +276,20 @@ class Engine:
     def text_of(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
+    def _text(self, job: Job) -> IncrementalText:
+        if not job.markup or self.tokenizer is None:
+            return IncrementalText(self.text_of, job.stop)
+        gen = job.request.gen
+        hidden = {*gen.eos_ids, *([gen.pad_token_id] if gen.pad_token_id is not None else [])}
+        return IncrementalText(lambda ids: self.tokenizer.decode([i for i in ids if i not in hidden],
+                                                                 skip_special_tokens=False), job.stop)
+
     def finish(self, job: Job, reason: str) -> None:
         if job.finished:
             return
         job.finished = True
         if job.text is None:
-            job.text = IncrementalText(self.text_of, job.stop)
+            job.text = self._text(job)
         rest = job.text.flush()
         if rest:
             job.emit(Text(rest))  # held-back text, no new tokens

@@ -71,6 +71,11 @@ class OutputView:
     sent: tuple[str, str] = ("", "")  # reasoning and content already streamed
     called: bool = False  # the stream ended in a tool call
 
+    @property
+    def reads_markup(self) -> bool:
+        """Whether the text is read for markers (the text must then keep special tokens)."""
+        return self.thinking or self.tools is not None
+
     def split(self, text: str, final: bool) -> tuple[str | None, str, bool]:
         """(reasoning, content, a call) readable from `text` now; partial text holds back what may change."""
         reasoning, rest = None, text
@@ -80,8 +85,8 @@ class OutputView:
                 end = body.find(THOUGHT_CLOSE)
                 if end < 0:
                     body = body if final else body[:stable_prefix(body, [THOUGHT_CLOSE])]
-                    return _strip_newline(body, final), "", False
-                reasoning, rest = _strip_newline(body[:end], True), body[end + len(THOUGHT_CLOSE):]
+                    return _strip_newline(body), "", False
+                reasoning, rest = _strip_newline(body[:end]), body[end + len(THOUGHT_CLOSE):]
             elif not final and THOUGHT_OPEN.startswith(text):
                 return None, "", False  # the channel may be opening
         if self.tools == "call" or (self.tools == "auto" and rest.startswith(CALL_OPEN)):
@@ -128,8 +133,6 @@ class OutputView:
         return out
 
 
-def _strip_newline(text: str, final: bool) -> str:
-    """The thought channel's text without the newline after its name (held back until known)."""
-    if text.startswith("\n"):
-        return text[1:]
-    return text
+def _strip_newline(text: str) -> str:
+    """The thought channel's text without the newline after its name."""
+    return text[1:] if text.startswith("\n") else text

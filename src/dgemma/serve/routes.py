@@ -43,7 +43,8 @@ async def run(state: ServerState, request: Request, prepared: Prepared, chat: bo
     deadline = time.monotonic() + state.limits.request_timeout
     for i, one in enumerate(prepared.choices):
         choices.jobs.append(Job(one, choices.emitter(i), drafts=req.stream_drafts, stop=req.stop or [],
-                                logprobs=req.top_k() if one.decoder == "diffusion" else None, deadline=deadline))
+                                logprobs=req.top_k() if one.decoder == "diffusion" else None, deadline=deadline,
+                                markup=prepared.view.reads_markup))
     try:
         state.engine.submit(*choices.jobs)
     except EngineBusy as e:
