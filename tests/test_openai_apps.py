@@ -206,7 +206,7 @@ def test_chat_logprobs(client):
 
 
 def test_completion_logprobs_streamed_equal_whole(client):
-    body = dict(model="tiny", prompt="Hi", max_tokens=40, seed=5, logprobs=2, extra_body=FAST)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 40, "seed": 5, "logprobs": 2, "extra_body": FAST}
     whole = client.completions.create(**body).choices[0].logprobs
     assert len(whole.token_logprobs) == len(whole.tokens) and all(v <= 0 for v in whole.token_logprobs)
     assert all(len(t) <= 2 for t in whole.top_logprobs)
@@ -216,12 +216,12 @@ def test_completion_logprobs_streamed_equal_whole(client):
 
 
 # -- reasoning -----------------------------------------------------------------------------------------------------
-THOUGHT = {"regex": f"<\\|channel>thought\\n[a-z]{{3,6}}<channel\\|>[a-z]{{2,5}}"}
+THOUGHT = {"regex": "<\\|channel>thought\\n[a-z]{3,6}<channel\\|>[a-z]{2,5}"}
 
 
 def test_thought_channel_is_reasoning_content(client):
-    kw = dict(max_tokens=40, extra_body={"structured_outputs": THOUGHT,
-                                         "chat_template_kwargs": {"enable_thinking": True}})
+    kw = {"max_tokens": 40, "extra_body": {"structured_outputs": THOUGHT,
+                                           "chat_template_kwargs": {"enable_thinking": True}}}
     msg = chat(client, **kw).choices[0].message
     raw = chat(client, max_tokens=40, extra_body={"structured_outputs": THOUGHT}).choices[0].message.content
     assert raw.startswith(THOUGHT_OPEN) and THOUGHT_CLOSE in raw  # thinking off: the text as generated

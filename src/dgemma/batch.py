@@ -29,7 +29,8 @@ import torch
 from pydantic import ValidationError
 
 from .generate import generate
-from .requests import Caps, DiffusionSettings, PreparedRequest, RequestError, check_ids, prepare as prepare_request
+from .requests import Caps, DiffusionSettings, PreparedRequest, RequestError, check_ids
+from .requests import prepare as prepare_request
 
 SEED_MASK = (1 << 62) - 1
 SIDECAR_SUFFIX = ".dgemma-batch.json"  # next to the output: which input and settings it belongs to

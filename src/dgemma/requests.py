@@ -32,11 +32,6 @@ def _not_bool(v: Any) -> Any:
     return v
 
 
-def Number(**bounds: float) -> Any:  # noqa: N802 (a type alias with bounds)
-    """A finite number (an integer is fine, a boolean is not) within `bounds` (pydantic's gt/ge/le)."""
-    return Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False, **bounds)]
-
-
 def _field_type(s: Setting) -> Any:
     if s.choices:
         return Annotated[Literal[s.choices], Field(description=s.help)]

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Commit as StreamCommit, Done as StreamDone, Draft as StreamDraft, stream
 from ..ar import ar_stream
+from ..generate import Commit as StreamCommit
+from ..generate import Done as StreamDone
+from ..generate import Draft as StreamDraft
+from ..generate import stream
 from ..requests import PreparedRequest
 from ..tokenizer import IncrementalText
 from .events import Commit, Done, Draft, Error, Event, Text, TokenLogprob, finite_or_none

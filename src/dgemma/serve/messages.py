@@ -135,4 +135,4 @@ class OutputView:
 
 def _strip_newline(text: str) -> str:
     """The thought channel's text without the newline after its name."""
-    return text[1:] if text.startswith("\n") else text
+    return text.removeprefix("\n")

@@ -204,7 +204,7 @@ async def collect(request: Request, choices: Choices, reply: Reply) -> JSONRespo
         while len(dones) < len(choices.jobs):
             try:
                 index, event = await asyncio.wait_for(choices.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if await request.is_disconnected():
                     return JSONResponse(error_body("client disconnected"), status_code=499)
                 continue

@@ -12,11 +12,11 @@ from ..constraints import Constraint, ConstraintError
 from ..images import ImageError, chat_prompt, extract_images
 from ..requests import Caps, PreparedRequest, RequestError, prepare
 from ..tokenizer import TokenizerError
-from .tools import ToolError, chat_messages, plan, template_knows_tools
 from .messages import OutputView
 from .openai import APIError, parse_body, validate
 from .schema import ChatRequest, CompletionRequest
 from .state import ServerState
+from .tools import ToolError, chat_messages, plan, template_knows_tools
 
 RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools")
 
