@@ -56,6 +56,11 @@ class TokenAutomaton:
     dist: torch.Tensor  # [S] tokens from each state to DONE (EOS included); INF where DONE is out of reach
     fixed_dst: torch.Tensor  # [S] bool: an edge into this state places a fixed (template) token
     fill_id: int  # the token after EOS (pad), also written past the budget
+    # A JSON schema's verifier (verify.SchemaCheck) and what it needs to decode a canvas: each token's bytes
+    # (None for special tokens) and the EOS ids. None for constraints the automaton holds alone.
+    check: object = None
+    pieces: tuple | None = None
+    eos_ids: tuple = ()
 
     @functools.cached_property
     def layout(self) -> Layout:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +21,9 @@ from outlines_core import Index
 
 from .automaton import INF, TokenAutomaton
 from .errors import ConstraintError
-from .schema import canonical, schema_regex
+from .schema import CompileLimits, canonical, compile_schema, schema_regex
 from .template import Template
+from .verify import SchemaCheck
 from .vocab import SENTINEL, TokenTable, outlines_vocabulary, sentinel_id, token_table
 
 KINDS = ("regex", "json", "choice", "template")
@@ -162,14 +166,82 @@ def ascii_classes(regex: str) -> str:
     return "".join(out)
 
 
-def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex") -> Edges:
+def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex",
+                limits: CompileLimits | None = None, where: str = "") -> Edges:
+    """Token-level edges of `regex` (see `index_edges`), built within `limits`: in a forked child process where
+    the platform has fork (killed past the time or memory limit), so a regex whose automaton explodes is refused
+    (naming `where`, the part of the constraint that makes most of it) instead of exhausting memory."""
+    limits = limits or CompileLimits()
+    _check_parentheses(regex, what)
+    outlines_vocabulary(table, exclude)  # built (and cached) here, not in the child
+    if not hasattr(os, "fork"):
+        return index_edges(regex, table, exclude, what, limits.states, where)
+    return _bounded(index_edges, (regex, table, exclude, what, limits.states, where), limits,
+                    f"{what} {regex[:80]!r}" if what in ("regex", "hole regex") else what, where)
+
+
+def _rss_mb(pid: int) -> float:
+    """Anonymous resident memory of a process in MB (Linux; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _bounded(fn, args, limits: CompileLimits, what: str, where: str):
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child():
+        try:
+            result = ("ok", fn(*args))
+        except ConstraintError as e:
+            result = ("error", str(e))
+        except BaseException as e:  # noqa: BLE001 - a Rust panic or MemoryError: reported, never raised here
+            result = ("error", f"{what} cannot be compiled: {type(e).__name__}: {e}")
+        send.send(result)
+
+    base = _rss_mb(os.getpid())
+    proc = ctx.Process(target=child, daemon=True)
+    proc.start()
+    send.close()
+    deadline = time.monotonic() + limits.seconds
+    part = f" (the largest part is at {where})" if where else ""
+    try:
+        while True:
+            if recv.poll(0.02):
+                kind, value = recv.recv()
+                if kind == "error":
+                    raise ConstraintError(value)
+                return value
+            if not proc.is_alive() and not recv.poll(0):
+                raise ConstraintError(f"compiling the {what} failed (the compiler process ended with code "
+                                      f"{proc.exitcode}){part}")
+            if time.monotonic() > deadline:
+                raise ConstraintError(f"the {what} took more than {limits.seconds:g} s to compile{part}; "
+                                      f"simplify it there or raise DGEMMA_COMPILE_SECONDS")
+            if _rss_mb(proc.pid) - base > limits.memory_mb:
+                raise ConstraintError(f"the {what} needs more than {limits.memory_mb:g} MB to compile{part}; "
+                                      f"simplify it there or raise DGEMMA_COMPILE_MEMORY_MB")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
+
+
+def index_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: str = "regex",
+                max_states: int | None = None, where: str = "") -> Edges:
     """Token-level edges of `regex` (the whole output must match) over the text tokens of `table`.
 
     outlines-core's Index follows leftmost-first match semantics: once a match is reached, lower-priority
     alternatives and tokens that run on past the match are cut (for `1|12|123` it allows only "1"). The regex is
     therefore compiled followed by SENTINEL (U+10FFFF), given a token of its own: nothing matches before the end,
     so every continuation is kept, and the accepting states are those whose SENTINEL edge reaches a match."""
-    _check_parentheses(regex, what)
     vocab = outlines_vocabulary(table, exclude)
     try:
         index = Index(f"(?:{ascii_classes(regex)}){SENTINEL}", vocab)
@@ -178,6 +250,10 @@ def regex_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: st
             raise
         raise ConstraintError(f"{what} {regex[:200]!r} cannot be compiled: {e}") from None
     trans = index.get_transitions()
+    if max_states is not None and len(trans) > max_states:
+        raise ConstraintError(f"the {what} compiles to more than {max_states} automaton states ({len(trans)})"
+                              + (f"; the largest part is at {where}" if where else "") +
+                              "; simplify it there or raise DGEMMA_COMPILE_STATES")
     start = index.get_initial_state()
     eos, sentinel = len(table.pieces), sentinel_id(table)  # outlines' EOS id and the sentinel's (vocab.py)
     names = sorted(set(trans) | {start} | {d for row in trans.values() for d in row.values()})
@@ -278,9 +354,11 @@ _lock = threading.Lock()
 CACHE_SIZE = 32
 
 
-def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_ids, fill_id: int) -> TokenAutomaton:
+def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_ids, fill_id: int,
+                       limits: CompileLimits | None = None) -> TokenAutomaton:
     """The token automaton of `constraint` for this tokenizer and vocabulary (cached). Raises ConstraintError for a
-    malformed constraint or one that matches nothing the vocabulary can write."""
+    malformed constraint, one that matches nothing the vocabulary can write, or one past `limits`."""
+    limits = limits or CompileLimits()
     if tokenizer is None:
         raise ConstraintError("constrained generation needs the model's tokenizer (tokenizer.json)")
     eos_ids = tuple(sorted(set(eos_ids)))
@@ -293,14 +371,23 @@ def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_i
             _cache.move_to_end(key)
             return _cache[key]
     exclude = frozenset(eos_ids) | {fill_id}
+    check = None
     if constraint.kind == "template":
         e = template_edges(constraint.template, tokenizer, table, exclude)
+    elif constraint.kind == "json":
+        compiled = compile_schema(constraint.value, limits)
+        e = regex_edges(compiled.regex, table, exclude, constraint.describe(), limits, compiled.largest)
+        # every JSON output is checked with jsonschema before it may end (the keywords the regex leaves to the
+        # verifier, on every prefix too): an output that ends with EOS validates
+        check = SchemaCheck(json.loads(constraint.value), tuple(compiled.checks))
     else:
-        e = regex_edges(constraint.regex_text(), table, exclude, constraint.describe())
+        e = regex_edges(constraint.regex_text(), table, exclude, constraint.describe(), limits)
     aut = TokenAutomaton.build(e.src, e.tok, e.dst, e.n_states, e.start, e.finals, vocab_size, eos_ids, fill_id,
                                e.fixed)
     if aut.min_tokens >= INF:
         raise ConstraintError(f"the {constraint.describe()} matches no text that this model's vocabulary can write")
+    if check is not None:
+        aut.check, aut.pieces, aut.eos_ids = check, table.pieces, eos_ids
     with _lock:
         _cache[key] = aut
         while len(_cache) > CACHE_SIZE:

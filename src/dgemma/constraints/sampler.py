@@ -18,7 +18,10 @@ import torch
 
 from ..sampler import CanvasSampler, Step
 from .automaton import TokenAutomaton
-from .dp import CanvasPlan, ClassScorer, ClassScores, best_canvas, draw_in_class, plan_canvas
+from .dp import CanvasPath, CanvasPlan, ClassScorer, ClassScores, best_canvas, draw_in_class, plan_canvas
+
+REPAIR_ROUNDS = 8  # DP re-runs per step that steer the argmax canvas off what the verifier rejects
+PENALTY = -1e3  # added to a rejected class's log-probability at its position (finite: the path stays valid)
 
 
 @dataclass
@@ -30,6 +33,50 @@ class RowState:
     end: int | None = None  # state at the end of the current argmax canvas
     complete: bool = True  # False once no valid output fits the budget (the text stays a valid prefix)
     plan: CanvasPlan | None = None  # the current canvas's plan (same for all its steps)
+    prefix: bytearray = None  # the committed output's bytes (rows whose automaton has a verifier)
+    doomed: bool = False  # the committed text breaks the schema: the output may not end (finish_reason length)
+
+    def __post_init__(self):
+        self.prefix = bytearray()
+
+    def text_of(self, tokens: torch.Tensor) -> tuple[list[int], bool]:
+        """Byte length of each token of a canvas up to its first non-text token, and whether that is EOS."""
+        pieces = self.aut.pieces
+        lengths = []
+        for t in tokens.tolist():
+            p = pieces[t] if 0 <= t < len(pieces) else None
+            if not p:
+                return lengths, t in self.aut.eos_ids
+            lengths.append(len(p))
+        return lengths, False
+
+    def rejected(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """bool [C]: positions of `tokens` (a canvas after the committed text) inside a span the verifier
+        rejects; None when nothing is rejected. Spans wholly in the committed text mark the row doomed."""
+        lengths, complete = self.text_of(tokens)
+        pieces = self.aut.pieces
+        data = bytes(self.prefix) + b"".join(pieces[t] for t in tokens[:len(lengths)].tolist())
+        spans = self.aut.check.offending(data, complete)
+        if spans == []:
+            return None
+        bad = torch.zeros(tokens.numel(), dtype=torch.bool)
+        if spans is None:  # not one JSON value: cannot happen under the automaton; reject the whole canvas
+            bad[:] = True
+            return bad
+        base = len(self.prefix)
+        ends = torch.tensor(lengths, dtype=torch.int64).cumsum(0) + base
+        starts = ends - torch.tensor(lengths, dtype=torch.int64)
+        for s, e in spans:
+            if e == base and lengths:  # finished by this canvas's first token (a number's end): continue it
+                bad[0] = True
+                continue
+            if e <= base:
+                self.doomed = True
+                continue
+            bad[:len(lengths)] |= (starts < e) & (ends > s)
+        if complete and len(lengths) < tokens.numel():
+            bad[len(lengths)] = True  # the EOS of an output that does not validate
+        return bad
 
     def left(self, canvas: int) -> torch.Tensor:
         """Budget still unused at each of the canvas's C + 1 boundaries."""
@@ -79,8 +126,10 @@ class ConstrainedSampler(CanvasSampler):
         dev = argmax.device
         for b, scorer in scorers.items():
             row = self.rows[b]
-            path = best_canvas(scorer.scores(self.inner.ranking(b)), row.aut, row.state, row.left(c), row.plan_for(c),
-                               st.argmax[b])
+            scores = scorer.scores(self.inner.ranking(b))
+            path = best_canvas(scores, row.aut, row.state, row.left(c), row.plan_for(c), st.argmax[b])
+            if row.aut.check is not None:
+                path = self.repair(row, scores, path, st.argmax[b])
             argmax[b] = path.argmax.to(dev)
             sampled[b] = draw_in_class(st.sampled[b], path, row.aut).to(dev)
             if bool(path.fixed.any()):
@@ -91,8 +140,61 @@ class ConstrainedSampler(CanvasSampler):
             row.end, row.complete = int(path.states[-1]), path.complete
         return Step(sampled, argmax, entropy, noise)
 
+    def repair(self, row: RowState, scores: ClassScores, path: CanvasPath, argmax: torch.Tensor) -> CanvasPath:
+        """Steer the argmax canvas off what the verifier rejects: the rejected positions' classes are penalised
+        and the DP re-run (a few rounds). A canvas still rejected may not end the output: its EOS and what
+        follows become fill, so the output ends for length rather than invalid."""
+        c = path.argmax.numel()
+        bad = row.rejected(path.argmax)
+        logp = None
+        for _ in range(REPAIR_ROUNDS):
+            if bad is None or row.doomed:
+                break
+            logp = scores.logp.clone() if logp is None else logp
+            pos = bad.nonzero().flatten()
+            logp[pos, path.classes[pos]] += PENALTY
+            path = best_canvas(ClassScores(logp, scores.ranking), row.aut, row.state, row.left(c),
+                               row.plan_for(c), argmax)
+            bad = row.rejected(path.argmax)
+        if bad is not None or row.doomed:
+            ended = path.states[1:] == row.aut.done
+            if bool(ended.any()):
+                first = int(ended.nonzero()[0])
+                argmax = path.argmax.clone()
+                argmax[first:] = row.aut.fill_id
+                classes = path.classes.clone()
+                classes[first:] = row.aut.token_class[row.aut.fill_id]
+                states = path.states.clone()
+                states[first + 1:] = states[first]
+                path = CanvasPath(argmax, classes, states, path.fixed, False)
+        return path
+
+    @property
+    def verifier(self):
+        """The rule check generate.stream runs on each step's samples (see generate.Verifier): positions whose
+        token lies in a span a row's JSON-schema verifier rejects are re-noised. None when no row needs it."""
+        rows = [(b, r) for b, r in enumerate(self.rows) if r is not None and r.aut.check is not None and
+                r.aut.check.prefixes]
+        if not rows:
+            return None
+
+        def check(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            reject = torch.zeros(tokens.shape, dtype=torch.bool)
+            for b, row in rows:
+                doomed = row.doomed
+                bad = row.rejected(tokens[b].cpu())
+                row.doomed = doomed  # a proposal does not doom a row; only its committed text does
+                if bad is not None:
+                    reject[b] = bad
+            return reject.to(tokens.device) & positions
+
+        return check
+
     def on_commit(self, ids: torch.Tensor, finished: torch.Tensor) -> None:
-        for row in self.rows:
+        for b, row in enumerate(self.rows):
             if row is not None and row.end is not None:
+                if row.aut.check is not None:
+                    lengths, _ = row.text_of(ids[b].cpu())
+                    row.prefix += b"".join(row.aut.pieces[t] for t in ids[b, :len(lengths)].tolist())
                 row.state, row.end, row.plan = row.end, None, None
                 row.used += ids.shape[1]

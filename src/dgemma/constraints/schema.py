@@ -1,12 +1,30 @@
-"""JSON schema -> regex: checked with `jsonschema`, compiled with outlines-core's `build_regex_from_schema`, with
-every keyword it would weaken either implemented here (numeric bounds, Draft-4 exclusive bounds, string formats,
-anchored patterns) or refused naming the keyword and its path: a 400 beats output that does not validate."""
+"""JSON schema -> regex + the keywords a verifier holds.
+
+The schema is checked with `jsonschema`, rewritten here into a schema outlines-core's `build_regex_from_schema`
+compiles exactly (every output it admits validates), and compiled. What a regex cannot say is handled three ways:
+
+- rewritten to an exact subset: numeric bounds and `multipleOf` (number regexes), formats (regexes of a subset of
+  each RFC's strings), `allOf` merged, `anyOf` / `oneOf` beside other keywords distributed into the branches,
+  `$ref` inlined (recursive ones cut at a depth bound: the recursion stops where the schema lets it, an optional
+  property or an empty array), `minProperties` as more required properties, `dependentRequired` as required
+  properties, `patternProperties` and `additionalProperties` schemas on required names;
+- held by the verifier (`verify.py`): `uniqueItems`, `not`, `if` / `then` / `else`, `contains`, `propertyNames`,
+  `dependentSchemas`, overlapping `oneOf`, `maxProperties`, lengths beside a pattern or format, ... are dropped from
+  the regex and checked on the decoded canvas, which re-noises the offending span;
+- refused naming the keyword and its path (`ConstraintError`): what neither can hold (remote `$ref`,
+  `$dynamicRef`, conflicting `allOf` parts, unsatisfiable schemas).
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
+import os
 import re
+import time
+from dataclasses import dataclass, field
 
 import jsonschema
 from outlines_core.json_schema import build_regex_from_schema
@@ -16,29 +34,65 @@ from .numbers import number_range
 
 WHITESPACE = r"[ ]?"  # JSON whitespace allowed between tokens: compact output, at most one space
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-# keywords outlines-core does not enforce; accepting them would let invalid instances through
-UNSUPPORTED = ("multipleOf", "not", "if", "then", "else", "contains", "minContains", "maxContains",
-               "patternProperties", "dependentRequired", "dependentSchemas", "minProperties", "maxProperties",
-               "propertyNames", "unevaluatedProperties", "unevaluatedItems", "dependencies")
+# Keywords the regex does not hold and the verifier does (checked on the decoded output, see verify.py).
+VERIFIED = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentSchemas",
+            "propertyNames", "unevaluatedProperties", "unevaluatedItems", "uniqueItems", "maxProperties",
+            "minProperties", "dependencies", "dependentRequired", "patternProperties")
 # Keywords that describe and never constrain: a subschema of only these accepts any value.
 ANNOTATIONS = ("description", "title", "$comment", "examples", "default", "deprecated", "readOnly", "writeOnly",
-               "$schema", "$id", "$anchor")
+               "$schema", "$id", "$anchor", "id", "contentEncoding", "contentMediaType", "contentSchema",
+               "$vocabulary", "$dynamicAnchor", "$recursiveAnchor", "example", "discriminator", "nullable")
+# What outlines-core compiles exactly once the rewriting below is done; any other key is an annotation (JSON
+# Schema ignores unknown keywords) and is dropped before it sees the schema.
+OUTLINES = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+            "maxItems", "minLength", "maxLength", "pattern", "enum", "const", "anyOf")
+REFUSED = ("$dynamicRef", "$recursiveRef")
 COMBINATORS = ("anyOf", "oneOf", "allOf")
-# String formats as regexes of valid JSON string content, each a subset of what the format allows (dates stop at the
-# 28th so every date exists): exact in the sense that every output validates. Other formats are refused.
-_DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+MAX_REF_DEPTH = 2  # a recursive $ref is expanded this many times along one path, then cut
+MAX_BRANCHES = 64  # anyOf x oneOf products beside other keywords
+
+# String formats as regexes of valid JSON string content, each a subset of what its RFC allows (dates stop at the
+# 28th so every date exists; no character JSON must escape). Formats not listed are annotations (JSON Schema's
+# validators ignore unknown formats) and constrain nothing.
+_DATE = r"(?:19|20)[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_LABEL = r"[a-z](?:[a-z0-9-]{0,20}[a-z0-9])?"
+_HOST = rf"{_LABEL}(?:\.{_LABEL}){{0,3}}\.[a-z]{{2,6}}"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16 = r"[0-9a-f]{1,4}"
+_SEG = r"[A-Za-z0-9._~-]{1,20}"
+_URI = rf"https?://{_HOST}(?:/{_SEG}){{0,5}}/?(?:\?[a-z0-9_]{{1,10}}=[A-Za-z0-9._~-]{{0,20}})?"
 FORMATS = {
     "date-time": _DATE + "T" + _TIME,
     "date": _DATE,
     "time": _TIME,
-    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
-    "email": r"[a-z0-9][a-z0-9._+-]{0,30}@[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z]{2,10}){1,3}",
-    "hostname": r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?){0,4}",
-    "ipv4": r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
-    "uri": r"https?://[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?){1,4}"
-           r"(?:/[A-Za-z0-9._~-]{1,30}){0,6}",
+    "duration": r"P(?:[1-9][0-9]{0,3}(?:Y|M|W|D)|T[1-9][0-9]{0,3}(?:H|M|S))",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[1-5][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+    "email": rf"[a-z0-9](?:[a-z0-9_+-]{{0,20}}[a-z0-9])?(?:\.[a-z0-9]{{1,20}}){{0,2}}@{_HOST}",
+    "idn-email": rf"[a-z0-9](?:[a-z0-9_+-]{{0,20}}[a-z0-9])?@{_HOST}",
+    "hostname": _HOST,
+    "idn-hostname": _HOST,
+    "ipv4": _IPV4,
+    # full form (8 groups) or :: with up to 6 groups on either side, or an IPv4 tail (RFC 4291 2.2)
+    "ipv6": rf"(?:{_H16}:){{7}}{_H16}|(?:{_H16}:){{1,6}}:{_H16}|::(?:{_H16}:){{0,5}}{_H16}|::ffff:{_IPV4}",
+    "uri": _URI,
+    "iri": _URI,
+    "uri-reference": rf"{_URI}|(?:/{_SEG}){{1,5}}",
+    "iri-reference": rf"{_URI}|(?:/{_SEG}){{1,5}}",
+    "uri-template": _URI,
+    "json-pointer": r"(?:/(?:[A-Za-z0-9_-]|~[01]){0,20}){0,6}",
+    "relative-json-pointer": r"(?:0|[1-9][0-9]{0,3})(?:#|(?:/(?:[A-Za-z0-9_-]|~[01]){0,20}){0,6})",
+    "regex": r"[a-z0-9]{1,20}",
 }
+
+
+class _Unsat(Exception):
+    """A subschema no value satisfies (a recursion cut, an empty type intersection, ...), with where and why."""
+
+    def __init__(self, keyword: str, path: str, why: str):
+        super().__init__(why)
+        self.keyword, self.path, self.why = keyword, path, why
 
 
 def canonical(schema) -> str:
@@ -47,7 +101,7 @@ def canonical(schema) -> str:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise ConstraintError(f"json_schema is not valid JSON ({e})") from None
-    if not isinstance(schema, dict):
+    if not isinstance(schema, (dict, bool)):
         raise ConstraintError(f"json_schema must be a JSON object, got {type(schema).__name__}")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
@@ -57,25 +111,38 @@ def canonical(schema) -> str:
     return json.dumps(schema)  # key order kept: properties come out in the order the schema lists them
 
 
-def _numeric(node: dict, marks: dict[str, str]):
-    """A bounded integer / number schema becomes a const marker whose quoted text is replaced by its regex."""
-    types = node.get("type")
-    names = [types] if isinstance(types, str) else list(types) if isinstance(types, list) else []
-    numeric = [t for t in names if t in ("integer", "number")]
-    if not numeric or "enum" in node or "const" in node or not any(k in node for k in BOUNDS):
-        return node
-    rx = number_range(node, integer="number" not in numeric)
-    if rx is None:
-        raise ConstraintError(f"json_schema: no {numeric[0]} satisfies the bounds "
-                              f"{ {k: node[k] for k in BOUNDS if k in node} }")
-    mark = f"DGEMMANUMBER{len(marks)}X"
-    marks[mark] = rx
-    rest = [t for t in names if t not in numeric]
-    if not rest:
-        return {"const": mark}
-    other = {k: v for k, v in node.items() if k not in BOUNDS}
-    other["type"] = rest if len(rest) > 1 else rest[0]
-    return {"anyOf": [{"const": mark}, other]}
+def _refuse(keyword: str, path: str, why: str = "is not supported") -> ConstraintError:
+    return ConstraintError(f"json_schema keyword {keyword!r} (at {path or '/'}) {why}")
+
+
+def _env(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ConstraintError(f"{name} must be a number, got {value!r}") from None
+
+
+@dataclass
+class CompileLimits:
+    """Bounds on compiling one constraint; past one the constraint is refused (a ConstraintError naming the
+    schema path that blew up), never a MemoryError or a hang. Defaults from the environment:
+    DGEMMA_COMPILE_SECONDS, DGEMMA_COMPILE_MEMORY_MB, DGEMMA_COMPILE_STATES."""
+
+    seconds: float = field(default_factory=lambda: _env("DGEMMA_COMPILE_SECONDS", 30.0))  # wall time
+    memory_mb: float = field(default_factory=lambda: _env("DGEMMA_COMPILE_MEMORY_MB", 1024.0))  # index build
+    states: int = field(default_factory=lambda: int(_env("DGEMMA_COMPILE_STATES", 200_000)))  # automaton states
+    regex_chars: int = 2_000_000  # the schema's regex
+    nodes: int = 20_000  # subschemas visited while rewriting ($ref expansions included)
+
+
+@dataclass
+class CompiledSchema:
+    regex: str
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (path, keyword) the verifier holds
+    largest: str = "/"  # the path of the subschema that makes most of the regex (named when a limit is hit)
 
 
 # Free-form values ({}, an object without properties, an array without items) stand for bounded-depth JSON: scalars,
@@ -84,59 +151,123 @@ def _numeric(node: dict, marks: dict[str, str]):
 SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
 FLAT = {"anyOf": [*SCALAR["anyOf"], {"type": "array", "items": SCALAR},
                   {"type": "object", "additionalProperties": SCALAR}]}
-SCHEMA_MAPS = ("properties", "$defs", "definitions")
-SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
-SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
-def _refuse(keyword: str, path: str, why: str = "is not supported") -> ConstraintError:
-    return ConstraintError(f"json_schema keyword {keyword!r} (at {path or '/'}) {why}")
+_RUST_META = set("\\.+*?()|[]{}^$#&-~")
+_CLASS_META = set("\\[]^-&~")
+_BAD = '"\\\\\\x00-\\x1f'  # inside a class: what a JSON string cannot hold raw (quote, backslash, controls)
+_CATEGORIES = {"CATEGORY_DIGIT": "0-9", "CATEGORY_WORD": "0-9A-Za-z_", "CATEGORY_SPACE": " "}
+_NOT_CATEGORIES = {"CATEGORY_NOT_DIGIT": "0-9", "CATEGORY_NOT_WORD": "0-9A-Za-z_", "CATEGORY_NOT_SPACE": " "}
+_JSON_ESCAPES = {0x22: '\\\\"', 0x5C: "\\\\\\\\", 0x08: "\\\\b", 0x0C: "\\\\f", 0x0A: "\\\\n",
+                 0x0D: "\\\\r", 0x09: "\\\\t"}
+
+
+def _lit(c: int, in_class: bool = False) -> str:
+    ch = chr(c)
+    return "\\" + ch if ch in (_CLASS_META if in_class else _RUST_META) else ch
+
+
+def _json_char(c: int) -> str:
+    """The regex of character `c` as JSON string text (escaped where JSON must escape it)."""
+    if c in _JSON_ESCAPES:
+        return _JSON_ESCAPES[c]
+    if c < 0x20:
+        return f"\\\\u{c:04x}"
+    return _lit(c)
+
+
+class _PatternError(Exception):
+    pass
+
+
+def _emit(items, top: bool = False) -> str:
+    """A parsed Python regex (re._parser) as a regex of JSON string text that matches a subset of its strings:
+    characters JSON escapes are written escaped, `.` and negated classes leave out the quote, the backslash and
+    control characters, `\\s` is a space. Anchors are allowed only at the ends."""
+    items = list(items)
+    out = []
+    for n, (op, arg) in enumerate(items):
+        name = str(op)
+        if name == "LITERAL":
+            out.append(_json_char(arg))
+        elif name == "NOT_LITERAL":
+            out.append(f"[^{_lit(arg, True)}{_BAD}]")
+        elif name == "ANY":
+            out.append(f"[^{_BAD}]")
+        elif name == "IN":
+            out.append(_emit_class(arg))
+        elif name == "CATEGORY":
+            out.append(_emit_class([(op, arg)]))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            lo, hi, sub = arg
+            hi_text = "" if hi == re._constants.MAXREPEAT else str(hi)  # noqa: SLF001
+            out.append(f"(?:{_emit(sub)}){{{lo},{hi_text}}}")
+        elif name == "SUBPATTERN":
+            if arg[1] or arg[2]:
+                raise _PatternError("inline flags")
+            out.append(f"(?:{_emit(arg[3])})")
+        elif name == "BRANCH":
+            out.append("(?:" + "|".join(_emit(b, top) for b in arg[1]) + ")")
+        elif name == "AT" and top and (n == 0 or n == len(items) - 1) and str(arg) in (
+                "AT_BEGINNING", "AT_BEGINNING_STRING", "AT_END", "AT_END_STRING"):
+            continue  # the whole string is generated: an anchor at an end holds
+        else:
+            raise _PatternError(name.lower())
+    return "".join(out)
+
+
+def _emit_class(items) -> str:
+    negate = any(str(o) == "NEGATE" for o, _ in items)
+    pos, neg = [], []  # members; negated categories inside a positive class become alternatives
+    for o, a in items:
+        o = str(o)
+        if o == "NEGATE":
+            continue
+        if o == "LITERAL":
+            if negate or not (a in _JSON_ESCAPES or a < 0x20):
+                pos.append(_lit(a, True))
+        elif o == "RANGE":
+            lo, hi = a
+            if negate:
+                pos.append(f"{_lit(lo, True)}-{_lit(hi, True)}")
+            else:  # the part of the range JSON writes raw (no quote, backslash or control character)
+                for a0, a1 in ((lo, min(hi, 0x21)), (max(lo, 0x23), min(hi, 0x5B)), (max(lo, 0x5D), hi)):
+                    a0 = max(a0, 0x20)
+                    if a0 <= a1:
+                        pos.append(f"{_lit(a0, True)}-{_lit(a1, True)}")
+        elif o == "CATEGORY":
+            a = str(a)
+            if a in _CATEGORIES:
+                pos.append(_CATEGORIES[a])
+            elif a in _NOT_CATEGORIES and not negate:
+                neg.append(f"[^{_NOT_CATEGORIES[a]}{_BAD}]")
+            else:
+                raise _PatternError("negated category in a negated class")
+        else:
+            raise _PatternError(o.lower())
+    if negate:
+        return f"[^{''.join(pos)}{_BAD}]"
+    alts = ([f"[{''.join(pos)}]"] if pos else []) + neg
+    if not alts:
+        raise _PatternError("a class of characters JSON must escape")
+    return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
 
 def _safe_pattern(pattern: str, path: str) -> str:
-    """A `pattern` as the regex of a JSON string's content: anchors at its ends removed (outlines-core matches the
-    whole string), refused when it could write a quote, a backslash or a control character (characters JSON must
-    escape; pasted raw they would break the JSON) or when it uses a construct this check cannot see through."""
-    inner = pattern[1:] if pattern.startswith("^") else pattern
-    if inner.endswith("$") and not inner.endswith("\\$"):
-        inner = inner[:-1]
+    """A `pattern` as the regex of a JSON string's text matching a subset of its strings (see `_emit`): a pattern
+    is a search, the string generated is one whole match (anchors at the ends hold). Refused, naming the
+    keyword and path, for look-arounds, backreferences, anchors inside and inline flags."""
     try:
-        tree = re._parser.parse(inner)  # noqa: SLF001 - the standard library's own regex parser
+        tree = re._parser.parse(pattern)  # noqa: SLF001 - the standard library's own regex parser
     except re.error as e:
         raise _refuse("pattern", path, f"is not a valid regex ({e})") from None
-    bad = {ord('"'), ord("\\"), *range(0x20), 0x7F}
-
-    def may_write_bad(items) -> bool:
-        for op, arg in items:
-            name = str(op)
-            if name in ("ANY", "NOT_LITERAL", "AT"):
-                return True  # `.`, [^x] and anchors inside the pattern
-            if name == "LITERAL" and arg in bad:
-                return True
-            if name == "IN":
-                if any(str(o) == "NEGATE" for o, _ in arg):
-                    return True
-                for o, a in arg:
-                    if str(o) == "LITERAL" and a in bad or str(o) == "RANGE" and any(a[0] <= b <= a[1] for b in bad):
-                        return True
-                    if str(o) == "CATEGORY" and str(a) not in ("CATEGORY_DIGIT", "CATEGORY_WORD"):
-                        return True  # \s (control characters), \S / \W / \D (quotes)
-            if name == "CATEGORY" and str(arg) not in ("CATEGORY_DIGIT", "CATEGORY_WORD"):
-                return True
-            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and may_write_bad(arg[2]):
-                return True
-            if name == "SUBPATTERN" and may_write_bad(arg[-1]):
-                return True
-            if name == "BRANCH" and any(may_write_bad(b) for b in arg[1]):
-                return True
-            if name in ("GROUPREF", "GROUPREF_EXISTS", "ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
-                return True
-        return False
-
-    if may_write_bad(tree):
-        raise _refuse("pattern", path, f"{pattern!r} may write a quote, a backslash or a control character (or uses "
-                      f"an anchor, look-around or backreference inside); write it with explicit character classes")
-    return inner
+    items = list(tree)
+    if len(items) == 1 and str(items[0][0]) == "BRANCH":
+        items = [items[0]]
+    try:
+        return _emit(items, top=True)
+    except _PatternError as e:
+        raise _refuse("pattern", path, f"{pattern!r} uses {e} (not supported)") from None
 
 
 def _draft4_bounds(node: dict) -> dict:
@@ -164,71 +295,602 @@ def _disjoint(branches: list) -> bool:
     return len(flat) == len(set(flat))
 
 
-def _walk(node, marks: dict[str, str], path: str):
-    """Rewrite one schema (recursively through its subschemas)."""
-    if isinstance(node, dict) and not set(node) - set(ANNOTATIONS):
-        node = {}  # only annotations: any value
-    if node is True or node == {}:
-        return copy.deepcopy(FLAT)
-    if not isinstance(node, dict):
-        return node
-    for k in UNSUPPORTED:
-        if k in node:
-            raise _refuse(k, path)
-    if node.get("uniqueItems") is True:
-        raise _refuse("uniqueItems", path)
-    node = _draft4_bounds(dict((k, v) for k, v in node.items() if k not in ANNOTATIONS))
-    combined = [k for k in COMBINATORS if k in node]
-    if combined:
-        others = sorted(set(node) - set(COMBINATORS) - {"$defs", "definitions"})
-        if len(combined) > 1 or others:
-            raise _refuse(combined[0], path, f"beside {', '.join(combined[1:] + others)} is not supported (the "
-                          f"compiled form would drop one side); nest them instead")
-        if "allOf" in node and len(node["allOf"]) > 1:
-            raise _refuse("allOf", path, "with more than one subschema is not supported (merge them into one)")
-        if "oneOf" in node and not _disjoint(node["oneOf"]):
-            raise _refuse("oneOf", path, "with branches that a value could match twice is not supported (use "
-                          "anyOf, or branches of different types or distinct constants)")
-    if "format" in node:
-        fmt = node["format"]
-        if fmt not in FORMATS:
-            raise _refuse("format", path, f"{fmt!r} is not supported (supported: {', '.join(FORMATS)})")
-        if "pattern" in node or node.get("type", "string") != "string":
-            raise _refuse("format", path, "beside pattern, or on a non-string type, is not supported")
-        node["pattern"] = FORMATS[node.pop("format")]
-    if "pattern" in node:
-        if any(k in node for k in ("minLength", "maxLength")):
-            raise _refuse("pattern", path, "beside minLength / maxLength is not supported (the compiled form keeps "
-                          "only the lengths); put the length into the pattern")
-        node["pattern"] = _safe_pattern(node["pattern"], path)
-    for k in SCHEMA_MAPS:
-        if isinstance(node.get(k), dict):
-            node[k] = {name: _walk(v, marks, f"{path}/{k}/{name}") for name, v in node[k].items()}
-    for k in SCHEMA_VALUES:
-        if isinstance(node.get(k), dict) or node.get(k) is True:
-            node[k] = _walk(node[k], marks, f"{path}/{k}")
-    for k in SCHEMA_LISTS:
-        if isinstance(node.get(k), list):
-            node[k] = [_walk(v, marks, f"{path}/{k}/{i}") for i, v in enumerate(node[k])]
-    if node.get("type") == "object" and "properties" not in node and node.get("additionalProperties") in (None, FLAT):
-        node["additionalProperties"] = copy.deepcopy(FLAT)
-    elif node.get("type") == "object" and node.get("additionalProperties") == FLAT:
-        node["additionalProperties"] = False  # listed properties only: still valid, and small
-    if node.get("type") == "array" and "items" not in node and "prefixItems" not in node:
-        node["items"] = copy.deepcopy(FLAT)
-    return _numeric(node, marks)
+def _separate(branches: list[tuple[str, object]]) -> bool:
+    """Make oneOf branches that differ in their required properties exclusive: branch i leaves out one property
+    that branch j requires and i does not, so no value of i has all of j's. Edits the branches in place (each
+    keeps a subset of its values); False when some pair cannot be told apart this way (the verifier holds it)."""
+    reqs = [set(b.get("required", [])) if isinstance(b, dict) else None for _, b in branches]
+    if any(r is None for r in reqs):
+        return False
+    drops: list[set] = [set() for _ in branches]
+    for i, (_, b) in enumerate(branches):
+        for j in range(len(branches)):
+            if i == j:
+                continue
+            only_j = sorted(reqs[j] - reqs[i])
+            if not only_j or b.get("additionalProperties", True) is not False and not b.get("properties"):
+                return False
+            drops[i].add(only_j[0])
+    for (_, b), names in zip(branches, drops):
+        b["properties"] = {k: v for k, v in (b.get("properties") or {}).items() if k not in names}
+        b["additionalProperties"] = False  # only the listed properties are written anyway (a subset)
+    return True
 
 
-def schema_regex(schema_text: str) -> str:
-    """The regex of a canonical schema's JSON instances (compact: at most one space between tokens)."""
-    marks: dict[str, str] = {}
-    schema = _walk(copy.deepcopy(json.loads(schema_text)), marks, "")
+def _types(node: dict) -> list[str] | None:
+    t = node.get("type")
+    return [t] if isinstance(t, str) else list(t) if isinstance(t, list) else None
+
+
+def _multiples(node: dict, integer: bool, path: str) -> str | None:
+    """`multipleOf` (with the bounds beside it) as an alternation of up to 48 of its values, each checked with
+    jsonschema's own arithmetic (0.07 / 0.01 is not an integer in floating point): a subset, exact."""
+    m = node["multipleOf"]
+    lo = max([v for v in (node.get("minimum"), node.get("exclusiveMinimum")) if v is not None], default=None)
+    hi = min([v for v in (node.get("maximum"), node.get("exclusiveMaximum")) if v is not None], default=None)
+    if lo is not None:
+        k0 = math.ceil(lo / m)
+        ks = range(k0, k0 + 200)
+    elif hi is not None:
+        k0 = math.floor(hi / m)
+        ks = range(k0, k0 - 200, -1)
+    else:
+        ks = [0, *itertools.chain.from_iterable((k, -k) for k in range(1, 100))]
+    digits = max(0, -math.floor(math.log10(abs(m)))) + 2 if m < 1 else 0
+    check = jsonschema.Draft202012Validator({k: node[k] for k in ("multipleOf", *BOUNDS) if k in node} |
+                                            {"type": "integer" if integer else "number"})
+    out: list[str] = []
+    for k in ks:
+        v = k * m
+        text = str(int(round(v))) if float(v).is_integer() else f"{v:.{digits}f}".rstrip("0").rstrip(".")
+        if text in out or text == "-0":
+            continue
+        if check.is_valid(json.loads(text)):
+            out.append(text)
+            if len(out) == 48:
+                break
+    if not out:
+        raise _Unsat("multipleOf", path, f"no value of multipleOf {m} found within the bounds")
+    return "|".join(re.escape(t) for t in out)
+
+
+def _search(pattern: str, name: str, path: str) -> bool:
+    """Whether a patternProperties pattern matches a property name (a search, as JSON Schema says)."""
     try:
-        regex = build_regex_from_schema(json.dumps(schema), WHITESPACE)
+        return re.search(pattern, name) is not None
+    except re.error as e:
+        raise _refuse("patternProperties", path, f"pattern {pattern!r} is not a valid regex ({e})") from None
+
+
+REFS_KEY = "$dgemmaExpandedRefs"  # inside a merged schema: the $refs expanded to make it
+
+
+def _tag(node, refs: tuple):
+    """`node` carrying the $refs expanded to build it (see REFS_KEY)."""
+    if not refs or not isinstance(node, dict):
+        return node
+    return {**node, REFS_KEY: [*node.get(REFS_KEY, ()), *refs]}
+
+
+class _Compiler:
+    def __init__(self, root, limits: CompileLimits):
+        self.root = root
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.seconds
+        self.marks: dict[str, str] = {}
+        self.checks: list[tuple[str, str]] = []
+        self.nodes = 0
+
+    def mark(self, regex: str) -> dict:
+        """A const marker whose quoted text is replaced by `regex` after outlines-core compiled the schema."""
+        name = f"DGEMMAMARK{len(self.marks)}X"
+        self.marks[name] = regex
+        return {"const": name}
+
+    def check(self, path: str, keyword: str) -> None:
+        if (path, keyword) not in self.checks:
+            self.checks.append((path, keyword))
+
+    # -- $ref ------------------------------------------------------------------------------------------------------
+    def resolve(self, ref: str, path: str):
+        if not ref.startswith("#"):
+            raise _refuse("$ref", path, f"{ref!r} points outside the schema (only local references, '#...', are "
+                          f"compiled)")
+        target = self.root
+        for part in ref[1:].lstrip("/").split("/") if ref not in ("#", "#/") else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            part = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), part)
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise _refuse("$ref", path, f"{ref!r} does not resolve inside the schema")
+        return target
+
+    def expand(self, node, path: str, refs: tuple):
+        """`node` with a top-level $ref replaced by its target (siblings merged in), as (node, refs)."""
+        while True:
+            if isinstance(node, dict) and REFS_KEY in node:
+                node = dict(node)
+                refs = (*refs, *node.pop(REFS_KEY))
+            if not (isinstance(node, dict) and "$ref" in node):
+                return node, refs
+            ref = node["$ref"]
+            if refs.count(ref) >= MAX_REF_DEPTH:
+                raise _Unsat("$ref", path, f"recursive reference {ref!r} cut after {MAX_REF_DEPTH} expansions")
+            refs = (*refs, ref)
+            target = self.resolve(ref, path)
+            rest = {k: v for k, v in node.items() if k != "$ref" and k not in ANNOTATIONS and
+                    k not in ("$defs", "definitions")}
+            node = self.merge(target, rest, path, refs) if rest else target
+
+    # -- allOf: merging two schemas into one whose instances are those of both (or a subset) ---------------------
+    def merge(self, a, b, path: str, refs: tuple):
+        """The merged schema; the $refs expanded on the way travel inside it (REFS_KEY) so that the walk counts
+        them towards the recursion bound."""
+        base = refs
+        a, refs = self.expand(a, path, refs)
+        b, refs = self.expand(b, path, refs)
+        if a is False or b is False:
+            raise _Unsat("allOf", path, "a part is the false schema")
+        if isinstance(a, dict):
+            a = dict(a)
+            refs = (*refs, *a.pop(REFS_KEY, ()))
+        if isinstance(b, dict):
+            b = dict(b)
+            refs = (*refs, *b.pop(REFS_KEY, ()))
+        new = refs[len(base):]
+        if a is True or a == {}:
+            return _tag(b, new)
+        if b is True or b == {}:
+            return _tag(a, new)
+        a, b = _draft4_bounds(a), _draft4_bounds(b)
+        out = dict(a)
+        for k, v in b.items():
+            if k in ANNOTATIONS or k in ("$defs", "definitions"):
+                continue
+            if k not in out:
+                out[k] = v
+                continue
+            u = out[k]
+            if u == v:
+                continue
+            if k == "type":
+                ta, tb = _types(a), _types(b)
+                common = [t for t in ta if t in tb] + (["integer"] if "integer" in ta and "number" in tb or
+                                                       "number" in ta and "integer" in tb else [])
+                if not common:
+                    raise _Unsat("type", path, f"allOf parts of types {ta} and {tb} have no value in common")
+                out[k] = sorted(set(common)) if len(set(common)) > 1 else common[0]
+            elif k == "properties":
+                out[k] = dict(u)
+                for name, s in v.items():
+                    if name not in u:
+                        out[k][name] = s
+                    elif s is False or u[name] is False:
+                        out[k][name] = False  # the property must be absent
+                    else:
+                        out[k][name] = self.merge(u[name], s, f"{path}/properties/{name}", refs)
+            elif k == "required":
+                out[k] = list(dict.fromkeys([*u, *v]))
+            elif k in ("items", "additionalProperties", "not") and isinstance(u, (dict, bool)) and \
+                    isinstance(v, (dict, bool)):
+                if k == "not":
+                    out[k] = {"anyOf": [u, v]}
+                elif u is False or v is False:
+                    out[k] = False
+                else:
+                    out[k] = self.merge(u, v, f"{path}/{k}", refs)
+            elif k in ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties", "minContains"):
+                out[k] = max(u, v)
+            elif k in ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties", "maxContains"):
+                out[k] = min(u, v)
+            elif k == "uniqueItems":
+                out[k] = bool(u or v)
+            elif k == "enum":
+                keep = [x for x in u if json.dumps(x, sort_keys=True) in {json.dumps(y, sort_keys=True) for y in v}]
+                if not keep:
+                    raise _Unsat("enum", path, "allOf parts' enums have no value in common")
+                out[k] = keep
+            elif k == "allOf":
+                out[k] = [*u, *v]
+            elif k in ("anyOf", "oneOf"):
+                out.setdefault("allOf", []).append({k: v})
+            else:
+                raise _refuse("allOf", path, f"parts with different {k!r} ({json.dumps(u)[:60]} and "
+                              f"{json.dumps(v)[:60]}) cannot be merged")
+        if "required" in out and isinstance(out.get("additionalProperties"), bool) and \
+                not out["additionalProperties"]:
+            missing = [n for n in out["required"] if n not in out.get("properties", {})]
+            if missing and not out.get("patternProperties"):
+                raise _Unsat("required", path, f"{missing} required but additionalProperties is false")
+        return _tag(out, new)
+
+    # -- the walk ----------------------------------------------------------------------------------------------------
+    def walk(self, node, path: str, refs: tuple = ()):
+        """The rewritten subschema (outlines-core's subset), raising _Unsat where no value can satisfy it."""
+        self.nodes += 1
+        if self.nodes > self.limits.nodes:
+            raise ConstraintError(f"json_schema expands to more than {self.limits.nodes} subschemas ($ref "
+                                  f"expansions and oneOf/anyOf combinations included; limit reached at {path or '/'})")
+        if time.monotonic() > self.deadline:
+            raise ConstraintError(f"json_schema took more than {self.limits.seconds:g} s to compile (at {path or '/'})"
+                                  f"; raise the compile limit or simplify the schema there")
+        node, refs = self.expand(node, path, refs)
+        if node is False:
+            raise _Unsat("false", path, "the false schema admits no value")
+        if node is True or not isinstance(node, dict):
+            return copy.deepcopy(FLAT)
+        for k in REFUSED:
+            if k in node:
+                raise _refuse(k, path)
+        node = _draft4_bounds({k: v for k, v in node.items() if k not in ANNOTATIONS})
+        node.pop("$defs", None)
+        node.pop("definitions", None)
+        if not node:
+            return copy.deepcopy(FLAT)
+        if "if" in node and ("then" in node or "else" in node):
+            cond, then, other = node.pop("if"), node.pop("then", True), node.pop("else", True)
+            negated = self.negation(cond, node, path, refs)
+            if negated is None:
+                self.check(path, "if")  # the else branch's "not if" is the verifier's
+            branches = [{"allOf": [cond, then]}, {"allOf": [negated, other]} if negated is not None else other]
+            node.setdefault("allOf", []).append({"anyOf": branches})
+        elif "if" in node:
+            node.pop("if")  # if alone constrains nothing
+        if "allOf" in node:
+            parts = node.pop("allOf")
+            for i, p in enumerate(parts):
+                node = self.merge(node, p, f"{path}/allOf/{i}", refs)
+            return self.walk(node, path, refs)
+        combined = [k for k in ("anyOf", "oneOf") if k in node]
+        siblings = {k: v for k, v in node.items() if k not in combined}
+        if combined:
+            lists = [[(k, i, b) for i, b in enumerate(node[k])] for k in combined]
+            branches = list(itertools.product(*lists))
+            if len(branches) > MAX_BRANCHES:
+                raise _refuse(combined[0], path, f"beside {combined[1]} makes {len(branches)} combinations (limit "
+                              f"{MAX_BRANCHES})")
+            merged_all = []
+            for combo in branches:
+                where = path + "/" + "/".join(f"{k}/{i}" for k, i, _ in combo)
+                try:
+                    merged = siblings
+                    for _, _, b in combo:
+                        merged = self.merge(merged or {}, b, where, refs)
+                except _Unsat:
+                    continue  # a branch no value satisfies is left out
+                merged_all.append((where, dict(merged) if isinstance(merged, dict) else merged))
+            if "oneOf" in node and not (_disjoint(node["oneOf"]) and not siblings and len(combined) == 1):
+                if not (len(combined) == 1 and _separate(merged_all)):
+                    self.check(path, "oneOf")  # exactly one: the verifier checks what the anyOf cannot
+            out = []
+            for where, merged in merged_all:
+                try:
+                    out.append(self.walk(merged, where, refs))
+                except _Unsat:
+                    continue
+            if not out:
+                raise _Unsat(combined[0], path, "no branch can be satisfied")
+            return out[0] if len(out) == 1 else {"anyOf": out}
+        return self.walk_plain(node, path, refs)
+
+    def walk_plain(self, node: dict, path: str, refs: tuple):
+        types = _types(node)
+        if "not" in node:
+            self.check(path, "not")
+        for k in ("if", "contains", "propertyNames", "dependentSchemas", "unevaluatedProperties",
+                  "unevaluatedItems"):
+            if k in node and not (k == "if" and "then" not in node and "else" not in node):
+                self.check(path, k)
+        if node.get("uniqueItems") is True:
+            self._unique_items(node, path, refs)
+        if "const" in node or "enum" in node:
+            values = [node["const"]] if "const" in node else node["enum"]
+            # only the listed values the keywords beside them allow (checked by jsonschema itself): exact
+            cls = jsonschema.validators.validator_for(self.root if isinstance(self.root, dict) else {},
+                                                      default=jsonschema.Draft202012Validator)
+            check = cls({k: v for k, v in node.items() if k not in ("const", "enum")},
+                        format_checker=jsonschema.FormatChecker())
+            try:
+                keep = [v for v in values if check.is_valid(v)]
+            except Exception:  # noqa: BLE001 - a keyword jsonschema cannot evaluate out of context: verify
+                keep = values
+                self.check(path, "enum")
+            if not keep:
+                raise _Unsat("enum" if "enum" in node else "const", path, "no listed value satisfies the "
+                             "keywords beside it")
+            return {"enum": keep} if len(keep) > 1 else {"const": keep[0]}
+        numeric = [t for t in (types or []) if t in ("integer", "number")]
+        if "format" in node:
+            fmt = node.pop("format")
+            if fmt in FORMATS and (types is None or "string" in types):
+                if "pattern" in node:
+                    self.check(path, "format")  # both: the pattern is compiled, the format verified
+                else:
+                    node["pattern"] = FORMATS[fmt]
+                    node["type"] = "string"
+                    types = ["string"]
+                    for k in ("minLength", "maxLength"):
+                        if k in node:
+                            self.check(path, k)
+                            node.pop(k)
+        if "pattern" in node:
+            node["pattern"] = _safe_pattern(node["pattern"], path)
+            for k in ("minLength", "maxLength"):
+                if k in node:
+                    self.check(path, k)  # outlines-core would keep only the lengths: the verifier holds them
+                    node.pop(k)
+        if (types is None or "object" in types) and any(k in node for k in (
+                "properties", "required", "additionalProperties", "patternProperties", "minProperties",
+                "maxProperties", "dependentRequired", "dependencies")):
+            self._object(node, path, refs)
+        if (types is None or "array" in types) and any(k in node for k in (
+                "items", "prefixItems", "minItems", "maxItems", "additionalItems")):
+            self._array(node, path, refs)
+        if types and "object" in types and "properties" not in node and "additionalProperties" not in node:
+            node["additionalProperties"] = copy.deepcopy(FLAT)
+        if types and "array" in types and "items" not in node and "prefixItems" not in node:
+            node["items"] = copy.deepcopy(FLAT)
+        for k in ("minLength", "maxLength", "minItems", "maxItems"):
+            if k in node and k.startswith("min") and node.get("max" + k[3:], math.inf) < node[k]:
+                raise _Unsat(k, path, f"{k} {node[k]} is above max{k[3:]} {node['max' + k[3:]]}")
+        out = {k: v for k, v in node.items() if k in OUTLINES or k in BOUNDS or k == "multipleOf"}
+        if types is None:
+            kinds = [t for t, keys in (("object", ("properties", "additionalProperties", "required")),
+                                       ("array", ("items", "prefixItems")), ("string", ("pattern", "minLength",
+                                       "maxLength")), ("number", BOUNDS + ("multipleOf",))) if any(k in out for k in keys)]
+            if not kinds:
+                return copy.deepcopy(FLAT)  # only keywords that hold no value down (and verified ones)
+            if len(kinds) > 1:
+                raise _refuse(kinds[0], path, f"keywords of several types ({', '.join(kinds)}) without 'type' are "
+                              f"not supported; give 'type'")
+            out["type"] = kinds[0]
+        return self._numeric(out, path)
+
+    def negation(self, cond, base: dict, path: str, refs: tuple):
+        """A schema of the values `cond` rejects, for conditions on listed properties' values (const / enum,
+        the usual discriminator) and on required names; None for other conditions."""
+        cond, _ = self.expand(cond, path + "/if", refs)
+        if not isinstance(cond, dict) or set(cond) - {"properties", "required", "type", *ANNOTATIONS}:
+            return None
+        alts = []
+        for name, sub in (cond.get("properties") or {}).items():
+            sub, _ = self.expand(sub, f"{path}/if/properties/{name}", refs)
+            if not isinstance(sub, dict) or set(sub) - {"const", "enum", *ANNOTATIONS} or not sub:
+                return None
+            banned = {json.dumps(v, sort_keys=True) for v in ([sub["const"]] if "const" in sub else sub["enum"])}
+            own, _ = self.expand((base.get("properties") or {}).get(name, {}), f"{path}/properties/{name}", refs)
+            if isinstance(own, dict) and ("enum" in own or "const" in own):
+                values = [own["const"]] if "const" in own else own["enum"]
+            elif isinstance(own, dict) and own.get("type") == "boolean":
+                values = [True, False]
+            else:
+                return None
+            rest = [v for v in values if json.dumps(v, sort_keys=True) not in banned]
+            if rest:
+                alts.append({"required": [name], "properties": {name: {"enum": rest}}})
+        for name in cond.get("required") or []:
+            alts.append({"properties": {name: False}})  # the name is absent
+        if "type" in cond:
+            return None
+        if not alts:
+            return False
+        return alts[0] if len(alts) == 1 else {"anyOf": alts}
+
+    def _unique_items(self, node: dict, path: str, refs: tuple) -> None:
+        """uniqueItems: verified; refused when the items can take fewer distinct values than minItems."""
+        items = node.get("items")
+        items, _ = self.expand(items, path + "/items", refs) if isinstance(items, dict) else (items, refs)
+        n = None
+        if isinstance(items, dict):
+            if "enum" in items:
+                n = len(items["enum"])
+            elif "const" in items:
+                n = 1
+            elif items.get("type") == "boolean":
+                n = 2
+            elif items.get("type") == "null":
+                n = 1
+        if n is not None and node.get("minItems", 0) > n:
+            raise _Unsat("uniqueItems", path, f"minItems {node['minItems']} unique items of {n} possible values")
+        if node.get("maxItems", 2) > 1:
+            self.check(path, "uniqueItems")
+
+    def _object(self, node: dict, path: str, refs: tuple) -> None:
+        props = dict(node.get("properties") or {})
+        required = list(dict.fromkeys(node.get("required") or []))
+        extra = node.get("additionalProperties", True)
+        patterns = node.pop("patternProperties", None) or {}
+        # dependencies (array form) / dependentRequired: a required trigger makes its dependents required; an
+        # optional trigger with listed dependents makes them required too (a subset); else the verifier holds it
+        deps = dict(node.pop("dependentRequired", None) or {})
+        schema_deps = dict(node.pop("dependentSchemas", None) or {})
+        for k, v in (node.pop("dependencies", None) or {}).items():
+            (deps if isinstance(v, list) else schema_deps)[k] = v
+        for trigger, needed in deps.items():
+            if trigger in required or all(n in props for n in needed):
+                if trigger in props or trigger in required:
+                    required.extend(n for n in needed if n not in required)
+            else:
+                self.check(path, "dependentRequired")
+        for trigger in schema_deps:
+            if trigger not in required and trigger in props:
+                props.pop(trigger)  # never written: the dependent schema never applies (a subset)
+            elif trigger in required or extra is not False:
+                self.check(path, "dependentSchemas")
+        # required names the properties do not list: their schema from patternProperties / additionalProperties
+        for name in required:
+            if name in props:
+                continue
+            matching = [s for p, s in patterns.items() if _search(p, name, path)]
+            if matching:
+                props[name] = matching[0] if len(matching) == 1 else {"allOf": matching}
+            elif extra is False:
+                raise _Unsat("required", path, f"{name!r} is required but not allowed (additionalProperties false)")
+            else:
+                props[name] = extra if isinstance(extra, dict) else {}
+        if patterns:
+            for name in list(props):
+                extra_parts = [s for p, s in patterns.items() if _search(p, name, path)]
+                if extra_parts:
+                    props[name] = {"allOf": [props[name], *extra_parts]}
+        mn, mx = node.pop("minProperties", 0), node.pop("maxProperties", None)
+        if len(required) < mn:
+            for name in props:
+                if len(required) >= mn:
+                    break
+                if name not in required:
+                    required.append(name)
+            if len(required) < mn:
+                if extra is False:
+                    raise _Unsat("minProperties", path, f"minProperties {mn} but only {len(required)} properties "
+                                 f"are allowed")
+                if node.get("properties") is not None or patterns:
+                    raise _refuse("minProperties", path, f"{mn} above the {len(required)} listed properties is not "
+                                  f"supported (only listed properties are written); list more properties")
+                self.check(path, "minProperties")
+        if mx is not None and len(required) > mx:
+            raise _Unsat("maxProperties", path, f"maxProperties {mx} but {len(required)} properties are required")
+        if mx is not None and (len(props) > mx or not props):
+            self.check(path, "maxProperties")
+        walked = {}
+        for name, s in props.items():
+            try:
+                walked[name] = self.walk(s, f"{path}/properties/{name}", refs)
+            except _Unsat:
+                if name in required:
+                    raise
+                continue  # an optional property no value satisfies is never written
+        node.pop("dependentRequired", None)
+        if walked or node.get("properties") is not None or patterns:
+            node["properties"] = walked
+            # listed properties only (outlines-core writes no others): a subset of what additional ones allow
+            node["additionalProperties"] = False
+        elif isinstance(extra, dict):
+            try:
+                node["additionalProperties"] = self.walk(extra, f"{path}/additionalProperties", refs)
+            except _Unsat:
+                node["additionalProperties"] = False
+        elif extra is False:
+            node["additionalProperties"] = False
+        else:
+            node["additionalProperties"] = copy.deepcopy(FLAT)
+        if required:
+            node["required"] = [n for n in required if n in walked]
+        else:
+            node.pop("required", None)
+
+    def _array(self, node: dict, path: str, refs: tuple) -> None:
+        items, extra = node.get("items"), node.pop("additionalItems", True)
+        prefix = node.get("prefixItems")
+        if isinstance(items, list):  # Draft 4-2019 tuple form
+            prefix, items = items, extra
+        mn, mx = node.get("minItems", 0), node.get("maxItems")
+        if prefix is not None:
+            if mx is not None:
+                prefix = prefix[:mx]
+            walked = []
+            for i, s in enumerate(prefix):
+                try:
+                    walked.append(self.walk(s, f"{path}/prefixItems/{i}", refs))
+                except _Unsat:
+                    if i < mn:
+                        raise
+                    break  # the array stops before an item no value satisfies
+            node["prefixItems"] = walked
+            if len(walked) < len(prefix) or len(walked) >= mn:
+                items = False  # exactly the prefix (outlines-core writes all of it): a subset
+            elif items is None:
+                items = True
+        if items is False:
+            node["items"] = False
+        elif items is not None:
+            try:
+                node["items"] = self.walk(items, f"{path}/items", refs)
+            except _Unsat:
+                if mn > len(node.get("prefixItems", [])):
+                    raise
+                node["items"] = False
+        if node.get("items") is False and not node.get("prefixItems"):
+            node.pop("items")
+            node["maxItems"] = 0
+            node.pop("minItems", None)
+
+    def _numeric(self, node: dict, path: str):
+        """Bounded or multipleOf integer / number schemas become const markers whose text is replaced by their
+        regex after compiling."""
+        names = _types(node) or []
+        numeric = [t for t in names if t in ("integer", "number")]
+        if not numeric or "enum" in node or "const" in node or not any(k in node for k in (*BOUNDS, "multipleOf")):
+            for k in (*BOUNDS, "multipleOf"):
+                node.pop(k, None)
+            return node
+        integer = "number" not in numeric
+        if "multipleOf" in node:
+            rx = _multiples(node, integer, path)
+        else:
+            rx = number_range(node, integer=integer)
+            if rx is None:
+                raise _Unsat("minimum", path, f"no {numeric[0]} satisfies the bounds "
+                             f"{ {k: node[k] for k in BOUNDS if k in node} }")
+        rest = [t for t in names if t not in numeric]
+        if not rest:
+            return self.mark(rx)
+        other = {k: v for k, v in node.items() if k not in (*BOUNDS, "multipleOf")}
+        other["type"] = rest if len(rest) > 1 else rest[0]
+        return {"anyOf": [self.mark(rx), other]}
+
+
+def compile_schema(schema_text: str, limits: CompileLimits | None = None) -> CompiledSchema:
+    """The regex of a canonical schema's JSON instances (compact: at most one space between tokens) and the
+    keywords the verifier holds. Raises ConstraintError naming keyword and path for what is refused."""
+    limits = limits or CompileLimits()
+    root = json.loads(schema_text)
+    c = _Compiler(root, limits)
+    try:
+        schema = c.walk(root, "")
+    except _Unsat as e:
+        raise _refuse(e.keyword, e.path, f"makes the schema unsatisfiable: {e.why}") from None
+    except RecursionError:
+        raise ConstraintError("json_schema is nested too deeply to compile") from None
+    text = json.dumps(schema)
+    try:
+        regex = build_regex_from_schema(text, WHITESPACE)
     except BaseException as e:  # outlines-core raises ValueError / TypeError, a Rust panic as BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConstraintError(f"json_schema cannot be compiled: {e}") from None
-    for mark, rx in marks.items():
+    for mark, rx in c.marks.items():
         regex = regex.replace(f'"{mark}"', f"(?:{rx})")
-    return regex
+    if len(regex) > limits.regex_chars:
+        raise ConstraintError(f"json_schema compiles to a regex of {len(regex)} characters (limit "
+                              f"{limits.regex_chars}); the largest part is at {_largest(schema)}")
+    return CompiledSchema(regex, c.checks, _largest(schema))
+
+
+def _largest(schema, path: str = "") -> str:
+    """The JSON path of the subschema whose compact JSON is largest among the deepest that hold most of it."""
+    best, size = path or "/", len(json.dumps(schema))
+    children = []
+    if isinstance(schema, dict):
+        for k, v in schema.items():
+            if isinstance(v, dict):
+                children += [(f"{path}/{k}/{n}", s) for n, s in v.items()] if k == "properties" else \
+                    [(f"{path}/{k}", v)]
+            elif isinstance(v, list):
+                children += [(f"{path}/{k}/{i}", s) for i, s in enumerate(v) if isinstance(s, dict)]
+    for p, s in children:
+        if len(json.dumps(s)) > size / 2:
+            return _largest(s, p)
+    return best
+
+
+def schema_regex(schema_text: str) -> str:
+    """The regex of a schema whose every keyword the regex holds (template holes, which have no verifier)."""
+    compiled = compile_schema(schema_text)
+    if compiled.checks:
+        path, keyword = compiled.checks[0]
+        raise _refuse(keyword, path, "is held by the output verifier, which template holes do not have")
+    return compiled.regex
