@@ -12,8 +12,31 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DIFFUSION_SETTINGS, ConfigError
+from rich.console import Console
+
+from . import info
+from .batch import BatchOptions, LineLimits, run_batch
+from .bench import constrained as bench_constrained
+from .bench import fullsize as bench_fullsize
+from .bench import run as bench_run
+from .bench import vision as bench_vision
+from .checkpoint.load import load_model
+from .checkpoint.quantize import quantize_checkpoint, random_quantized_checkpoint
+from .checkpoint.write import write_random_checkpoint
+from .config import DIFFUSION_SETTINGS, ConfigError, read_json
+from .constraints import Constraint
+from .display import CanvasView
+from .generate import Commit, Done, Draft, stream
+from .images import chat_prompt, text_prompt
 from .limits import ConnectionLimits, Limits
+from .presets import PRESETS
+from .quant.qtensor import QuantError
+from .requests import Caps, prepare
+from .serve import create_app, make_server
+from .tasks import sudoku_run
+from .tasks.sudoku_run import default_model_path
+from .tokenizer import IncrementalText
+from .train import TrainConfig, finetune
 
 # TrainConfig fields that `dgemma finetune` takes as --flags (type and default from the dataclass)
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "lora_rank", "lora_alpha",
@@ -109,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("random-checkpoint", help="write a random DiffusionGemma checkpoint with a byte tokenizer")
     r.add_argument("out", help="output directory (must not exist or be empty, unless --force)")
-    from .presets import PRESETS
 
     r.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     r.add_argument("--seed", type=int, default=0)
@@ -159,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", required=True, help="base checkpoint directory")
     f.add_argument("--data", required=True, help='JSONL with {"prompt": ..., "response": ...} per line')
     f.add_argument("--out", required=True, help="output directory (final/, last/, train_log.jsonl)")
-    from .train import TrainConfig
 
     defaults = TrainConfig(base="", data="", out="")
     for name in TRAIN_FLAGS:
@@ -285,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "batch":
             return cmd_batch(args)
         if args.command == "sudoku":
-            from .tasks import sudoku_run
-
             run = {"solve": sudoku_run.cmd_solve, "eval": sudoku_run.cmd_eval, "demo": sudoku_run.cmd_demo}
             return run[args.sudoku_command](args)
     except (ValueError, TypeError, OSError, ConfigError) as e:  # OSError: missing/unreadable files
@@ -310,12 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .checkpoint.load import load_model
-    from .constraints import Constraint
-    from .generate import Commit, Done, Draft, stream
-    from .requests import Caps, prepare
-    from .tokenizer import IncrementalText
-
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.prefill_chunk is not None:
         if args.prefill_chunk <= 0:
@@ -327,8 +340,6 @@ def cmd_generate(args) -> int:
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer.json; use --prompt-ids")
         if args.image:
-            from .images import chat_prompt, text_prompt
-
             if args.chat:
                 parts = [*({"type": "image", "path": p} for p in args.image), {"type": "text", "text": args.prompt}]
                 built = chat_prompt(model, [{"role": "user", "content": parts}], max_soft_tokens=args.max_soft_tokens)
@@ -356,9 +367,7 @@ def cmd_generate(args) -> int:
 
     view = None
     if args.show_canvas:
-        from rich.console import Console
 
-        from .display import CanvasView
 
         # With --json the live view goes to stderr so stdout stays one JSON object.
         view = CanvasView(tok, console=Console(stderr=args.json))
@@ -398,25 +407,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import describe, render
-
-    info = describe(Path(args.model))
+    summary = info.describe(Path(args.model))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        render(info)
+        info.render(summary)
     return 0
 
 
 def cmd_random(args) -> int:
-    from .config import read_json
-    from .checkpoint.write import write_random_checkpoint
-
     config = read_json(Path(args.config)) if args.config else None
     name = args.config or args.preset
     if args.quantize:
-        from .checkpoint.quantize import random_quantized_checkpoint
-
         out = random_quantized_checkpoint(args.out, args.preset, args.quantize, seed=args.seed, dtype=args.dtype,
                                           std=args.std, group=args.group_size, overwrite=args.force,
                                           progress=sys.stderr.isatty(), config=config)
@@ -429,9 +431,6 @@ def cmd_random(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quant.qtensor import QuantError
-    from .checkpoint.quantize import quantize_checkpoint
-
     try:
         out = quantize_checkpoint(args.input, args.output, args.scheme, group=args.group_size, overwrite=args.force,
                                   progress=not args.no_progress and sys.stderr.isatty())
@@ -442,37 +441,27 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.run import BenchOptions, render, run_bench
-
     if args.quantize:
-        from .bench.fullsize import run
-
-        return run(args)
+        return bench_fullsize.run(args)
     if args.constrained:
-        from .bench.constrained import cli_run
-
-        return cli_run(args)
+        return bench_constrained.cli_run(args)
     if args.vision:
-        from .bench.vision import cli_run as vision_run
-
-        return vision_run(args)
-    opts = BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
+        return bench_vision.cli_run(args)
+    opts = bench_run.BenchOptions(preset=args.preset, dtypes=args.dtypes, steps=args.steps, prompt_len=args.prompt_len,
                         seed=args.seed, device=args.device, reference=not args.no_reference, threads=args.threads,
                         repeats=args.repeats, min_time_s=args.min_time_s, tokens_per_forward=args.tokens_per_forward)
     try:
-        result = run_bench(opts)
+        result = bench_run.run_bench(opts)
     except MemoryError as e:
         print(f"dgemma: error: {e}", file=sys.stderr)
         return 2
     if args.json_out:  # before the table, so a closed pipe (`| head`) cannot lose the results
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    render(result)
+    bench_run.render(result)
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from .train import TrainConfig, finetune
-
     cfg = TrainConfig(base=args.model, data=args.data, out=args.out, freeze_router=args.freeze_router,
                       chat=not args.no_chat, device=args.device, dtype=args.dtype, resume=args.resume,
                       distributed=args.distributed, lora_targets=args.lora_targets,
@@ -502,10 +491,6 @@ def _api_key(args) -> str | None:
 
 
 def cmd_serve(args) -> int:
-    from .checkpoint.load import load_model
-    from .serve import create_app, make_server
-    from .tasks.sudoku_run import default_model_path
-
     _limits(args).validate(_flag)
     for name in ("max_connections", "read_timeout", "keep_alive_timeout"):
         if not getattr(args, name) > 0:
@@ -570,9 +555,6 @@ def _serve_ray(args, path: Path, api_key: str | None) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import BatchOptions, LineLimits, run_batch
-    from .tasks.sudoku_run import default_model_path
-
     opts = BatchOptions(input=args.input, output=args.output, model=args.model or str(default_model_path()),
                         seed=args.seed, max_batch=args.max_batch, dtype=args.dtype, device=args.device,
                         threads=args.threads, progress=not args.no_progress and sys.stderr.isatty(), ray=args.ray,
