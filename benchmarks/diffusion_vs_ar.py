@@ -1,0 +1,121 @@
+"""Diffusion against left-to-right decoding, side by side on the same weights.
+
+One process: the machine's matmul peak (the model's shapes, its compute dtype) and read bandwidth, then the same
+quantized random checkpoint timed two ways: one denoising step over the canvas (`dgemma bench`'s timing), and
+left-to-right decoding (`decoder="autoregressive"`: the causal stack, one token per pass, greedy, EOS ignored).
+Prints tokens/s for diffusion at the release's stated 15 and 20 tokens per forward pass and at the tokens per
+forward pass the bundled Sudoku models reach on their held-out puzzles (measured here), and for left to right;
+with each one's floors: a denoising step's compute floor (2 x active parameters x canvas at the peak) and
+bandwidth floor (every stored byte once), a left-to-right token's bandwidth floor (the active share of the stored
+bytes once) and compute floor (2 x active parameters).
+
+    python benchmarks/diffusion_vs_ar.py --preset 26b-a4b --scheme int4 --threads 1 --out benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dgemma import load_model
+from dgemma.ar import ar_generate
+from dgemma.bench.fullsize import measure_bandwidth, weight_bytes
+from dgemma.bench.measure import Clock, measure_peak, run_timed
+from dgemma.checkpoint.quantize import random_quantized_checkpoint
+from dgemma.config import ModelConfig
+from dgemma.hardware import describe
+from dgemma.tasks import sudoku, sudoku_run
+
+MODELS = Path(__file__).resolve().parents[1] / "src" / "dgemma" / "models"
+
+
+def sudoku_tokens_per_forward(n: int) -> dict[str, float]:
+    """Mean tokens per decoder pass of the bundled Sudoku models on held-out puzzles (seed 424242)."""
+    out = {}
+    for name, blanks in (("sudoku", (30, 50)), ("sudoku6", (12, 24))):
+        model = load_model(MODELS / name)
+        size = sudoku_run.task_spec(model).size
+        puzzles = [p for p, _ in sudoku.generate_many(n, seed=424242, blanks=blanks, size=size)]
+        res = sudoku_run.solve_batch(model, puzzles, seed=0, batch_size=16)
+        out[f"{size}x{size}"] = sum(r["tokens_per_forward"] for r in res) / len(res)
+    return out
+
+
+def ar_token_s(model, prompt: list[int], tokens: int) -> float:
+    """Seconds per left-to-right token after the prefill: (n + k tokens) - (1 token), over k."""
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        ar_generate(model, prompt, max_new_tokens=n, eos_token_id=[])
+        return time.perf_counter() - t
+
+    run(1)  # warm-up
+    return (run(1 + tokens) - run(1)) / tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small-moe")
+    ap.add_argument("--scheme", default="int4")
+    ap.add_argument("--model-dir", default=None, help="default /tmp/dgemma-bench/<preset>-<scheme> (written once)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=3, help="denoising steps timed (a step's time is taken between)")
+    ap.add_argument("--ar-tokens", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--sudoku-puzzles", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir or f"/tmp/dgemma-bench/{args.preset}-{args.scheme}")
+    if not (model_dir / "config.json").is_file():
+        random_quantized_checkpoint(model_dir, args.preset, args.scheme, seed=0, dtype="bfloat16",
+                                    group=32 if args.preset == "tiny" else 64, progress=False)
+    load_start = os.getloadavg()
+    sudoku_tpf = sudoku_tokens_per_forward(args.sudoku_puzzles)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    model = load_model(model_dir)
+    device = model.device
+    peak = measure_peak(cfg, model.dtype, device)["gflops"] * 1e9
+    bandwidth = measure_bandwidth() * 1e9
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    clock = Clock(device)
+    run_timed(model, prompt, cfg.canvas_length, args.steps, 0, "fast", clock)
+    step_s = clock.record()["step_s"]
+    token_s = ar_token_s(model, prompt[0].tolist(), args.ar_tokens)
+
+    stored = weight_bytes(model_dir)
+    active_bytes = stored * cfg.active_params / cfg.num_params
+    canvas = cfg.canvas_length
+    floors = {"diffusion_step_compute_s": 2 * cfg.active_params * canvas / peak,
+              "diffusion_step_bandwidth_s": stored / bandwidth,
+              "ar_token_bandwidth_s": active_bytes / bandwidth, "ar_token_compute_s": 2 * cfg.active_params / peak}
+    tpf = {"stated_15": 15.0, "stated_20": 20.0, **{f"sudoku_{k}": v for k, v in sudoku_tpf.items()}}
+    diffusion = {k: {"tokens_per_forward": v, "tokens_per_s": v / step_s,
+                     "vs_left_to_right": (v / step_s) / (1 / token_s)} for k, v in tpf.items()}
+    result = {"machine": {**describe(), "threads": torch.get_num_threads(), "load_start": load_start,
+                          "load_end": os.getloadavg()},
+              "preset": args.preset, "scheme": args.scheme, "compute_dtype": str(model.dtype),
+              "matmul_peak_gflops": peak / 1e9, "read_bandwidth_gbs": bandwidth / 1e9, "weights_gb": stored / 1e9,
+              "active_weight_gb": active_bytes / 1e9, "diffusion_step_s": step_s, "ar_token_s": token_s,
+              "ar_tokens_per_s": 1 / token_s, "diffusion": diffusion, "floors": floors}
+    m = result["machine"]
+    print(f"{args.preset} {args.scheme} on {m['cpu']}, {m['threads']} thread(s), load {load_start[0]:.1f}: "
+          f"peak {peak / 1e9:.1f} GFLOP/s ({model.dtype}), read {bandwidth / 1e9:.1f} GB/s")
+    print(f"  denoising step {step_s:.3f} s (floors: compute {floors['diffusion_step_compute_s']:.3f} s, "
+          f"bandwidth {floors['diffusion_step_bandwidth_s']:.3f} s)")
+    print(f"  left to right {token_s:.3f} s/token = {1 / token_s:.2f} tokens/s (floors: bandwidth "
+          f"{floors['ar_token_bandwidth_s']:.4f} s, compute {floors['ar_token_compute_s']:.4f} s)")
+    for k, d in diffusion.items():
+        print(f"  diffusion at {d['tokens_per_forward']:.2f} tokens/forward ({k}): {d['tokens_per_s']:.2f} tokens/s "
+              f"= {d['vs_left_to_right']:.2f}x left to right")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
