@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import DiffusionGemma
+from .pipeline import Pipeline
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ARResult:
     text: str | None = None
 
 
-def _eos_set(model: DiffusionGemma, eos_token_id) -> set[int]:
+def _eos_set(model: Pipeline, eos_token_id) -> set[int]:
     """The call's EOS ids, else the checkpoint's generation_config ones."""
     if eos_token_id is None:
         return set(model.generation_config.eos_ids)
@@ -31,7 +31,7 @@ def _eos_set(model: DiffusionGemma, eos_token_id) -> set[int]:
 
 
 @torch.inference_mode()
-def ar_stream(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int = 256, eos_token_id=None,
+def ar_stream(model: Pipeline, prompt_ids: list[int], max_new_tokens: int = 256, eos_token_id=None,
               temperature: float = 0.0, seed: int = 0):
     """Yield each new token id; greedy when temperature is 0."""
     if not prompt_ids:
@@ -60,7 +60,7 @@ def ar_stream(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int 
         ids = torch.tensor([[nxt]], device=model.device)
 
 
-def ar_generate(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int = 256, eos_token_id=None,
+def ar_generate(model: Pipeline, prompt_ids: list[int], max_new_tokens: int = 256, eos_token_id=None,
                 temperature: float = 0.0, seed: int = 0) -> ARResult:
     t0 = time.perf_counter()
     out = list(ar_stream(model, prompt_ids, max_new_tokens, eos_token_id, temperature, seed))
