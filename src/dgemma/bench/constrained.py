@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HF
 
 from ..constraints.compile import Constraint, compile_constraint
 from ..constraints.dp import best_canvas, class_scores
-from ..constraints.vocab import _byte_level_decoder
+from ..constraints.vocab import byte_level_decoder
 from ..generate import Draft, stream
 from ..presets import random_model
 from ..tokenizer import BYTE_SPECIALS, Tokenizer
@@ -68,7 +68,7 @@ def trained_tokenizer(vocab_size: int, max_bytes: int = 6 << 20) -> Tokenizer:
 def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     """`vocab_size` tokens: the specials, the 256 bytes, then random 2-12 character strings drawn from text-like
     characters (a stand-in for a large real vocabulary's size and piece lengths)."""
-    to_char = {b: c for c, b in _byte_level_decoder().items()}
+    to_char = {b: c for c, b in byte_level_decoder().items()}
     rng = random.Random(seed)
     chars = "etaoinshrdlucmfwypvbgkjqxz ETAOINSHRDLUCMFWYPVBGKJQXZ0123456789.,;:!?\"'{}[]()-_/\\\n\t"
     pieces: dict[str, int] = {t: i for i, t in enumerate(BYTE_SPECIALS)}

@@ -17,7 +17,7 @@ SENTINEL = "\U0010FFFF"  # the last code point (a noncharacter): marks the end o
 
 
 @functools.cache
-def _byte_level_decoder() -> dict[str, int]:
+def byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte -> printable character table, inverted (the ByteLevel pre-tokenizer's alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -75,7 +75,7 @@ def token_table(tokenizer, vocab_size: int) -> TokenTable:
         if not t.get("special"):
             strings[t["id"]] = t["content"]  # added text tokens decode to their content as written
     added = {t["id"] for t in spec.get("added_tokens", [])}
-    byte_level = _byte_level_decoder() if "ByteLevel" in kinds else None
+    byte_level = byte_level_decoder() if "ByteLevel" in kinds else None
     pieces: list[bytes | None] = [None] * vocab_size
     for i, s in strings.items():
         if not 0 <= i < vocab_size or i in special or not s:
