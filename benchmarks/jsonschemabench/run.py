@@ -15,6 +15,7 @@ import collections
 import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def validate(schema: dict, text: str) -> str | None:
     return None if err is None else f"{err.message[:200]} at {list(err.absolute_path)}"
 
 
-def run_one(model, name: str, schema: dict, seeds=SEEDS) -> dict:
+def run_one(model, name: str, schema: dict, seeds=SEEDS, steps: int | None = None) -> dict:
     rec: dict = {"name": name}
     t0 = time.perf_counter()
     gen = model.generation_config
@@ -62,7 +63,8 @@ def run_one(model, name: str, schema: dict, seeds=SEEDS) -> dict:
     prompt = model.tokenizer.encode("JSON:")
     for seed in seeds:
         t0 = time.perf_counter()
-        r = model.generate(prompt, constraint=c, seed=seed, max_new_tokens=MAX_NEW_TOKENS)
+        extra = {} if steps is None else {"max_denoising_steps": steps}
+        r = model.generate(prompt, constraint=c, seed=seed, max_new_tokens=MAX_NEW_TOKENS, **extra)
         why = validate(schema, r.text) if r.finish_reason == "eos" else "finish_reason length"
         rec["outputs"].append({"seed": seed, "finish_reason": r.finish_reason, "valid": why is None,
                                "why": why, "tokens": len(r.ids), "gen_s": round(time.perf_counter() - t0, 2),
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--subset", action="append")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--compile-only", action="store_true", help="compile, generate nothing")
+    ap.add_argument("--steps", type=int, help="max_denoising_steps (default: the model's, 48); a random model "
+                    "never stops early, so fewer steps make the run shorter, and give the verifier fewer chances")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     a = ap.parse_args()
     sample = json.loads((HERE / "sample.json").read_text())
@@ -83,14 +87,15 @@ def main() -> None:
         model.tokenizer = build_byte_tokenizer()
     results = {"sample": {k: sample[k] for k in ("source", "commit", "seed", "per_subset", "max_bytes")},
                "model": "dgemma.presets.random_model('tiny')", "seeds": list(SEEDS),
-               "max_new_tokens": MAX_NEW_TOKENS, "machine": platform.processor() or platform.machine(),
+               "max_new_tokens": MAX_NEW_TOKENS, "max_denoising_steps": a.steps or model.generation_config.max_denoising_steps,
+               "command": "python benchmarks/jsonschemabench/run.py " + " ".join(sys.argv[1:]), "machine": platform.processor() or platform.machine(),
                "dgemma": getattr(dgemma, "__version__", "?"), "subsets": {}}
     for subset, block in sample["subsets"].items():
         if a.subset and subset not in a.subset:
             continue
         recs = []
         for name, schema in list(block["schemas"].items())[:a.limit]:
-            rec = run_one(model, name, schema, () if a.compile_only else SEEDS)
+            rec = run_one(model, name, schema, () if a.compile_only else SEEDS, a.steps)
             recs.append(rec)
             outs = rec.get("outputs", [])
             print(f"{subset:16} {name[:40]:40} " + (

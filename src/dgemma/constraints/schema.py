@@ -50,6 +50,10 @@ REFUSED = ("$dynamicRef", "$recursiveRef")
 COMBINATORS = ("anyOf", "oneOf", "allOf")
 MAX_REF_DEPTH = 2  # a recursive $ref is expanded this many times along one path, then cut
 MAX_BRANCHES = 64  # anyOf x oneOf products beside other keywords
+# Counted repeats compile to one automaton state per count: larger upper bounds (maxLength, maxItems, {m,n} in a
+# pattern) are lowered to these (a subset of the valid values; an output of 1024 tokens holds no more anyway).
+LENGTH_CAP = 256
+ITEMS_CAP = 32
 
 # String formats as regexes of valid JSON string content, each a subset of what its RFC allows (dates stop at the
 # 28th so every date exists; no character JSON must escape). Formats not listed are annotations (JSON Schema's
@@ -200,6 +204,8 @@ def _emit(items, top: bool = False) -> str:
             out.append(_emit_class([(op, arg)]))
         elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
             lo, hi, sub = arg
+            if hi != re._constants.MAXREPEAT and hi > LENGTH_CAP:  # noqa: SLF001
+                hi = max(lo, LENGTH_CAP)  # fewer repeats: a subset, and no automaton of thousands of states
             hi_text = "" if hi == re._constants.MAXREPEAT else str(hi)  # noqa: SLF001
             out.append(f"(?:{_emit(sub)}){{{lo},{hi_text}}}")
         elif name == "SUBPATTERN":
@@ -251,6 +257,35 @@ def _emit_class(items) -> str:
     if not alts:
         raise _PatternError("a class of characters JSON must escape")
     return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+
+def _pattern_with_length(pattern: str, lo: int, hi: int | None, path: str) -> str | None:
+    """A pattern that is one character class repeated (`^[a-z0-9_]+$`, `\\d{3,}`) with minLength / maxLength
+    folded into the count, exactly; None for other patterns."""
+    items = [it for it in re._parser.parse(pattern) if str(it[0]) != "AT"]  # noqa: SLF001
+    if len(items) != 1 or str(items[0][0]) not in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+        return None
+    rlo, rhi, sub = items[0][1]
+    sub = list(sub)
+    if len(sub) != 1 or str(sub[0][0]) not in ("IN", "LITERAL", "ANY", "CATEGORY", "NOT_LITERAL"):
+        return None
+    if any(str(op) == "AT" and str(arg) not in ("AT_BEGINNING", "AT_END", "AT_BEGINNING_STRING", "AT_END_STRING")
+           for op, arg in re._parser.parse(pattern)):  # noqa: SLF001
+        return None
+    if not pattern.startswith("^") or not pattern.endswith("$"):
+        return None  # a search: the match may be part of a longer string; the count alone says nothing
+    a = max(rlo, lo)
+    b = min(x for x in (rhi if rhi != re._constants.MAXREPEAT else None, hi) if x is not None) \
+        if (hi is not None or rhi != re._constants.MAXREPEAT) else None  # noqa: SLF001
+    if b is not None and a > b:
+        raise _Unsat("pattern", path, f"the pattern's {rlo}..{rhi} characters and minLength / maxLength meet nowhere")
+    if b is not None and b > LENGTH_CAP:
+        b = max(a, LENGTH_CAP)
+    try:
+        unit = _emit(sub)
+    except _PatternError as e:
+        raise _refuse("pattern", path, f"{pattern!r} uses {e} (not supported)") from None
+    return f"(?:{unit}){{{a},{'' if b is None else b}}}"
 
 
 def _safe_pattern(pattern: str, path: str) -> str:
@@ -363,6 +398,7 @@ def _search(pattern: str, name: str, path: str) -> bool:
 
 
 REFS_KEY = "$dgemmaExpandedRefs"  # inside a merged schema: the $refs expanded to make it
+MEMBERS_KEY = "$dgemmaMembers"  # on a free object: (minProperties, maxProperties) its regex holds
 
 
 def _tag(node, refs: tuple):
@@ -617,11 +653,26 @@ class _Compiler:
                             self.check(path, k)
                             node.pop(k)
         if "pattern" in node:
-            node["pattern"] = _safe_pattern(node["pattern"], path)
-            for k in ("minLength", "maxLength"):
-                if k in node:
-                    self.check(path, k)  # outlines-core would keep only the lengths: the verifier holds them
-                    node.pop(k)
+            lengths = node.pop("minLength", None), node.pop("maxLength", None)
+            folded = None
+            if lengths != (None, None):
+                try:
+                    folded = _pattern_with_length(node["pattern"], lengths[0] or 0, lengths[1], path)
+                except re.error:
+                    folded = None
+            if folded is not None:
+                node["pattern"] = folded  # already a regex of JSON text: not re-emitted below
+                node["$dgemmaEmitted"] = True
+            else:
+                for k, v in zip(("minLength", "maxLength"), lengths):
+                    if v is not None:
+                        self.check(path, k)  # outlines-core would keep only the lengths: the verifier holds them
+            if not node.pop("$dgemmaEmitted", False):
+                node["pattern"] = _safe_pattern(node["pattern"], path)
+        if node.get("maxLength", 0) > LENGTH_CAP and node.get("minLength", 0) <= LENGTH_CAP:
+            node["maxLength"] = LENGTH_CAP
+        if node.get("maxItems", 0) > ITEMS_CAP and node.get("minItems", 0) <= ITEMS_CAP:
+            node["maxItems"] = ITEMS_CAP
         if (types is None or "object" in types) and any(k in node for k in (
                 "properties", "required", "additionalProperties", "patternProperties", "minProperties",
                 "maxProperties", "dependentRequired", "dependencies")):
@@ -637,6 +688,8 @@ class _Compiler:
             if k in node and k.startswith("min") and node.get("max" + k[3:], math.inf) < node[k]:
                 raise _Unsat(k, path, f"{k} {node[k]} is above max{k[3:]} {node['max' + k[3:]]}")
         out = {k: v for k, v in node.items() if k in OUTLINES or k in BOUNDS or k == "multipleOf"}
+        if MEMBERS_KEY in node and types == ["object"]:
+            return self.mark(self.members_regex(out["additionalProperties"], *node[MEMBERS_KEY]))
         if types is None:
             kinds = [t for t, keys in (("object", ("properties", "additionalProperties", "required")),
                                        ("array", ("items", "prefixItems")), ("string", ("pattern", "minLength",
@@ -678,6 +731,18 @@ class _Compiler:
         if not alts:
             return False
         return alts[0] if len(alts) == 1 else {"anyOf": alts}
+
+    def members_regex(self, value, lo: int, hi: int | None) -> str:
+        """An object of lo..hi members with names of at most 20 characters and values of schema `value`."""
+        val = build_regex_from_schema(json.dumps(value), WHITESPACE)
+        key = r'"(?:[^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt]){1,20}"'
+        member = f"{key}{WHITESPACE}:{WHITESPACE}(?:{val})"
+        more = f"(?:{WHITESPACE},{WHITESPACE}{member})"
+        body = f"{member}{more}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+        if hi == 0:
+            return rf"\{{{WHITESPACE}\}}"
+        return rf"\{{{WHITESPACE}{body}{WHITESPACE}\}}" if lo > 0 else \
+            rf"\{{{WHITESPACE}(?:{body})?{WHITESPACE}\}}"
 
     def _unique_items(self, node: dict, path: str, refs: tuple) -> None:
         """uniqueItems: verified; refused when the items can take fewer distinct values than minItems."""
@@ -750,11 +815,14 @@ class _Compiler:
                 if node.get("properties") is not None or patterns:
                     raise _refuse("minProperties", path, f"{mn} above the {len(required)} listed properties is not "
                                   f"supported (only listed properties are written); list more properties")
-                self.check(path, "minProperties")
+                if mn > 1:
+                    self.check(path, "minProperties")  # two equal names would count once: the verifier sees it
         if mx is not None and len(required) > mx:
             raise _Unsat("maxProperties", path, f"maxProperties {mx} but {len(required)} properties are required")
-        if mx is not None and (len(props) > mx or not props):
+        if mx is not None and len(props) > mx:
             self.check(path, "maxProperties")
+        if not props and extra is not False and (mn or mx is not None):
+            node[MEMBERS_KEY] = (mn, mx)  # a free object with a member count: its own regex (walk_plain)
         walked = {}
         for name, s in props.items():
             try:
