@@ -43,7 +43,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     n = results["size"]
-    same = ", same training budget" if len(results["runs"]) > 1 else ""
+    same = ", same training budget" if results.get("same_budget") else ""  # runs compared side by side
     fig.suptitle(f"Sudoku {n}x{n}: {results['n']} held-out puzzles (seed {results['seed']}){same}")
     fig.tight_layout()
     fig.savefig(path)
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--same-budget", action="store_true",
+                    help="the runs are alternatives trained on the same budget (said in the plot's title), not "
+                         "consecutive stages of one model")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +73,7 @@ def main(argv=None) -> int:
     if (results.get("n"), results.get("seed"), results.get("size")) != (args.n, args.seed, args.size):
         results = {"n": args.n, "seed": args.seed, "size": args.size, "blanks": list(sudoku.default_blanks(args.size)),
                    "runs": {}}
+    results["same_budget"] = args.same_budget or results.get("same_budget", False)
     start = {k: int(v) for k, _, v in (s.partition("=") for s in args.start)}
     for spec in args.run:
         name, _, folder = spec.partition("=")
