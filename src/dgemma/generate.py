@@ -209,7 +209,7 @@ def stream(
     sampler = _constrained(model, gen, sampler, prompt, constraint, regex, json_schema, choice, template)
     if verifier is not None and not callable(verifier):
         raise TypeError(f"verifier must be callable, got {type(verifier).__name__}")
-    own = getattr(sampler, "verifier", None)  # a constraint's own rule check (JSON-schema keywords: constraints/)
+    own = sampler.verifier  # a constraint's own rule check (JSON-schema keywords: constraints/)
     if own is not None:
         verifier = own if verifier is None else (lambda t, p, a=verifier, b=own: a(t, p) | b(t, p))
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
@@ -223,7 +223,7 @@ def token_logprobs(sampler: CanvasSampler, ids: torch.Tensor, k: int):
     """Log-probabilities of `ids` [B, C] under each row's final-step distribution (`sampler.ranking`, the
     temperature-scaled one it drew from), floored at float32's smallest normal so they stay finite, and the top k."""
     tiny = torch.finfo(torch.float32).tiny
-    probs = isinstance(getattr(sampler, "inner", sampler), FastSampler)  # else ranking holds the scaled logits
+    probs = sampler.ranking_is_probs
     rows = []
     for b in range(ids.shape[0]):
         dist = sampler.ranking(b).float()

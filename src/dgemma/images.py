@@ -318,7 +318,7 @@ class Prompt:
 
 def _vision_ids(model) -> tuple[int, int, int]:
     cfg = model.config
-    ids = tuple(getattr(cfg, k, None) for k in ("boi_token_id", "image_token_id", "eoi_token_id"))
+    ids = (cfg.boi_token_id, cfg.image_token_id, cfg.eoi_token_id)
     if model.vision is None or any(i is None for i in ids):
         raise ImageError("this model has no vision tower: image input is not available")
     return ids  # type: ignore[return-value]

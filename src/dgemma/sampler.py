@@ -155,6 +155,8 @@ class CanvasSampler(abc.ABC):
     """A sampling strategy for one generation. Rows outside `live` keep their previous state."""
 
     row_invariant: bool  # run the model so that a row's arithmetic does not depend on its batch neighbours
+    ranking_is_probs: bool  # `ranking` holds probabilities (else the temperature-scaled logits)
+    verifier = None  # a rule check the strategy brings (constrained output: JSON-schema keywords), else None
 
     def __init__(self, model, reuse: bool = False):
         self.model = model
@@ -205,6 +207,7 @@ class FastSampler(CanvasSampler):
     straight into the self-conditioning buffer, so no fp32 [B, C, V] temporary is made."""
 
     row_invariant = True
+    ranking_is_probs = True
 
     def __init__(self, model, seeds: list[int], reuse: bool = False):
         super().__init__(model, reuse)
@@ -251,6 +254,7 @@ class ReferenceSampler(CanvasSampler):
     logits are the next step's self-conditioning input. Every row is computed until it stops, as in the reference."""
 
     row_invariant = False
+    ranking_is_probs = False
 
     def __init__(self, model, seed: int, reuse: bool = False):
         super().__init__(model, reuse)

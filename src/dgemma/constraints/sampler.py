@@ -93,6 +93,7 @@ class ConstrainedSampler(CanvasSampler):
         super().__init__(inner.model)
         self.inner = inner
         self.row_invariant = inner.row_invariant
+        self.ranking_is_probs = inner.ranking_is_probs
         self.canvas_length = inner.model.config.canvas_length
         self.rows = [None if a is None else RowState(a, a.start, 0, budget) for a in automata]
 
@@ -145,6 +146,10 @@ class ConstrainedSampler(CanvasSampler):
         and the DP re-run (a few rounds). A canvas still rejected may not end the output: its EOS and what
         follows become fill, so the output ends for length rather than invalid."""
         c = path.argmax.numel()
+        aut = row.aut
+        if not aut.check.prefixes and not bool((path.states == aut.done).any()) and \
+                int(aut.dist[path.states[-1]]) > 1:
+            return path  # only whole outputs are checked, and this canvas cannot end one: nothing to do
         bad = row.rejected(path.argmax)
         logp = None
         for _ in range(REPAIR_ROUNDS):
