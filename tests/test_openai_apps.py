@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import httpx
 import jsonschema
@@ -15,9 +16,10 @@ from live_server import LiveServer
 
 from dgemma.checkpoint.write import write_random_checkpoint
 from dgemma.serve import Limits
-from dgemma.serve.messages import CALL_OPEN, THOUGHT_CLOSE, THOUGHT_OPEN
+from dgemma.serve.messages import CALL_OPEN, THOUGHT_CLOSE, THOUGHT_OPEN, call_text
 from dgemma.serve.prepare import chat_prompt_ids
 from dgemma.serve.schema import ChatRequest
+from dgemma.serve.tools import plan
 
 FAST = {"diffusion": {"max_denoising_steps": 4}}
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -81,6 +83,15 @@ def test_required_tool_call_always_validates(client, seed):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     valid_call(call)
+
+
+def test_parameters_without_type_are_an_object():
+    """A parameters schema without "type" ({} accepts any JSON value) still makes the arguments an object."""
+    req = ChatRequest.model_validate({"messages": ASK, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"description": "anything"}}}]})
+    regex = re.compile(plan(req).constraint.value)
+    assert regex.fullmatch(call_text("f", '{"x":1}'))
+    assert not any(regex.fullmatch(call_text("f", v)) for v in ("1", "[1]", '"s"'))
 
 
 def test_named_tool_call(client):

@@ -49,6 +49,7 @@ def _arguments_regex(index: int, parameters: dict[str, Any] | None) -> str:
     param = f"tools.{index}.function.parameters"
     if schema.get("type", "object") != "object":
         raise ToolError(f"{param}: must be a JSON schema of type \"object\"", param)
+    schema = {**schema, "type": "object"}  # no type would let the arguments be any JSON value
     try:
         return Constraint.json_schema(schema).regex_text()
     except ConstraintError as e:
