@@ -397,6 +397,10 @@ def _search(pattern: str, name: str, path: str) -> bool:
         raise _refuse("patternProperties", path, f"pattern {pattern!r} is not a valid regex ({e})") from None
 
 
+_TYPE_KEYWORDS = {"object": ("properties", "required", "additionalProperties"),
+                  "array": ("items", "prefixItems", "minItems", "maxItems"),
+                  "string": ("pattern", "minLength", "maxLength"),
+                  "number": (*BOUNDS, "multipleOf")}
 REFS_KEY = "$dgemmaExpandedRefs"  # inside a merged schema: the $refs expanded to make it
 MEMBERS_KEY = "$dgemmaMembers"  # on a free object: (minProperties, maxProperties) its regex holds
 
@@ -688,6 +692,11 @@ class _Compiler:
             if k in node and k.startswith("min") and node.get("max" + k[3:], math.inf) < node[k]:
                 raise _Unsat(k, path, f"{k} {node[k]} is above max{k[3:]} {node['max' + k[3:]]}")
         out = {k: v for k, v in node.items() if k in OUTLINES or k in BOUNDS or k == "multipleOf"}
+        if types is not None:  # keywords of other types constrain nothing here (outlines-core would obey them)
+            for kind, keys in _TYPE_KEYWORDS.items():
+                if kind not in types and not (kind == "number" and "integer" in types):
+                    for k in keys:
+                        out.pop(k, None)
         if MEMBERS_KEY in node and types == ["object"]:
             return self.mark(self.members_regex(out["additionalProperties"], *node[MEMBERS_KEY]))
         if types is None:
@@ -696,10 +705,10 @@ class _Compiler:
                                        "maxLength")), ("number", BOUNDS + ("multipleOf",))) if any(k in out for k in keys)]
             if not kinds:
                 return copy.deepcopy(FLAT)  # only keywords that hold no value down (and verified ones)
-            if len(kinds) > 1:
-                raise _refuse(kinds[0], path, f"keywords of several types ({', '.join(kinds)}) without 'type' are "
-                              f"not supported; give 'type'")
-            out["type"] = kinds[0]
+            out["type"] = kinds[0]  # keywords of several types without 'type': values of the first (a subset)
+            for kind in kinds[1:]:
+                for k in _TYPE_KEYWORDS[kind]:
+                    out.pop(k, None)
         return self._numeric(out, path)
 
     def negation(self, cond, base: dict, path: str, refs: tuple):
