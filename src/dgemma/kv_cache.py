@@ -187,7 +187,9 @@ class TrainingKVCache(KVCache):
         self.count[layer] = self.k[layer].shape[2]
         return self.k[layer], self.v[layer], self.start[layer]
 
-    def read(self, layer, k, v):
+    def read(self, layer, k, v, slots=None):
+        if slots is not None:
+            raise ValueError("the training cache has no canvas scratch: step_cache passes are for generation")
         return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2), self.start[layer]
 
     def advance(self, n: int) -> None:
