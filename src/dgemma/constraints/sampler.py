@@ -88,6 +88,26 @@ class RowState:
         return self.plan
 
 
+def _in_class(aut: TokenAutomaton, scores: ClassScores, j: int, k: int, banned: set[int]) -> int | None:
+    """The most probable token of class `k` at position `j` that is not `banned` (None: there is none)."""
+    members = aut.order[aut.offsets[k]:aut.offsets[k + 1]]
+    if members.numel() <= len(banned):
+        ok = torch.tensor([int(t) not in banned for t in members.tolist()], dtype=torch.bool)
+        members = members[ok]
+        if members.numel() == 0:
+            return None
+    if scores.ranking is None:
+        for t in members.tolist():
+            if t not in banned:
+                return t
+        return None
+    vals = scores.ranking[j].index_select(0, members.to(scores.ranking.device)).float().cpu()
+    for i in torch.argsort(vals, descending=True, stable=True).tolist():
+        if int(members[i]) not in banned:
+            return int(members[i])
+    return None
+
+
 class ConstrainedSampler(CanvasSampler):
     def __init__(self, inner: CanvasSampler, automata: list[TokenAutomaton | None], budget: int):
         super().__init__(inner.model)
@@ -152,14 +172,30 @@ class ConstrainedSampler(CanvasSampler):
             return path  # only whole outputs are checked, and this canvas cannot end one: nothing to do
         bad = row.rejected(path.argmax)
         logp = None
+        banned: dict[int, set[int]] = {}  # tokens the verifier rejected at each position
         for _ in range(REPAIR_ROUNDS):
             if bad is None or row.doomed:
                 break
-            logp = scores.logp.clone() if logp is None else logp
-            pos = bad.nonzero().flatten()
-            logp[pos, path.classes[pos]] += PENALTY
-            path = best_canvas(ClassScores(logp, scores.ranking), row.aut, row.state, row.left(c),
-                               row.plan_for(c), argmax)
+            tokens, rerun = path.argmax.clone(), False
+            for j in bad.nonzero().flatten().tolist():
+                banned.setdefault(j, set()).add(int(tokens[j]))
+                # another token of the same class keeps the path (same edges): try that before a new path
+                alt = _in_class(aut, scores, j, int(path.classes[j]), banned[j])
+                if alt is None:
+                    logp = scores.logp.clone() if logp is None else logp
+                    logp[j, path.classes[j]] += PENALTY
+                    rerun = True
+                else:
+                    tokens[j] = alt
+            if rerun:
+                path = best_canvas(ClassScores(logp, scores.ranking), aut, row.state, row.left(c),
+                                   row.plan_for(c), argmax)
+                tokens = path.argmax.clone()
+                for j, ban in banned.items():  # rejected tokens stay out where their class has others
+                    if int(tokens[j]) in ban:
+                        alt = _in_class(aut, scores, j, int(path.classes[j]), ban)
+                        tokens[j] = tokens[j] if alt is None else alt
+            path = CanvasPath(tokens, path.classes, path.states, path.fixed, path.complete)
             bad = row.rejected(path.argmax)
         if bad is not None or row.doomed:
             ended = path.states[1:] == row.aut.done

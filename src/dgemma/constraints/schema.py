@@ -50,9 +50,9 @@ REFUSED = ("$dynamicRef", "$recursiveRef")
 COMBINATORS = ("anyOf", "oneOf", "allOf")
 MAX_REF_DEPTH = 2  # a recursive $ref is expanded this many times along one path, then cut
 MAX_BRANCHES = 64  # anyOf x oneOf products beside other keywords
-# Counted repeats compile to one automaton state per count: larger upper bounds (maxLength, maxItems, {m,n} in a
+# Counted repeats compile to automaton states per count (up to 4 per character of UTF-8): larger upper bounds (maxLength, maxItems, {m,n} in a
 # pattern) are lowered to these (a subset of the valid values; an output of 1024 tokens holds no more anyway).
-LENGTH_CAP = 256
+LENGTH_CAP = 64
 ITEMS_CAP = 32
 
 # String formats as regexes of valid JSON string content, each a subset of what its RFC allows (dates stop at the
@@ -330,26 +330,38 @@ def _disjoint(branches: list) -> bool:
     return len(flat) == len(set(flat))
 
 
-def _separate(branches: list[tuple[str, object]]) -> bool:
+def _separate(branches: list[tuple[str, object]], pure: bool) -> list[int] | None:
     """Make oneOf branches that differ in their required properties exclusive: branch i leaves out one property
-    that branch j requires and i does not, so no value of i has all of j's. Edits the branches in place (each
-    keeps a subset of its values); False when some pair cannot be told apart this way (the verifier holds it)."""
+    that branch j requires and i does not, so no value of i has all of j's. `pure`: the branches are only
+    `required` lists beside shared keywords, so a branch whose names include all of another's matches both
+    whenever it matches at all, and is dropped. Edits the branches in place (each keeps a subset of its values)
+    and returns the branches kept; None when some pair cannot be told apart this way (the verifier holds it)."""
     reqs = [set(b.get("required", [])) if isinstance(b, dict) else None for _, b in branches]
     if any(r is None for r in reqs):
-        return False
+        return None
     drops: list[set] = [set() for _ in branches]
+    keep = []
     for i, (_, b) in enumerate(branches):
+        ok = True
         for j in range(len(branches)):
             if i == j:
                 continue
             only_j = sorted(reqs[j] - reqs[i])
-            if not only_j or b.get("additionalProperties", True) is not False and not b.get("properties"):
-                return False
+            if not only_j:
+                if pure:
+                    ok = False  # every value of branch i also matches branch j
+                    break
+                return None
+            if b.get("additionalProperties", True) is not False and not b.get("properties"):
+                return None
             drops[i].add(only_j[0])
-    for (_, b), names in zip(branches, drops):
-        b["properties"] = {k: v for k, v in (b.get("properties") or {}).items() if k not in names}
+        if ok:
+            keep.append(i)
+    for i in keep:
+        b = branches[i][1]
+        b["properties"] = {k: v for k, v in (b.get("properties") or {}).items() if k not in drops[i]}
         b["additionalProperties"] = False  # only the listed properties are written anyway (a subset)
-    return True
+    return keep
 
 
 def _types(node: dict) -> list[str] | None:
@@ -420,12 +432,26 @@ class _Compiler:
         self.marks: dict[str, str] = {}
         self.checks: list[tuple[str, str]] = []
         self.nodes = 0
+        self.sizes: dict[str, int] = {}  # regex characters made at each path (named when a limit is hit)
+        self.expanded: dict[str, int] = {}  # each mark's regex length with the marks inside it substituted
 
-    def mark(self, regex: str) -> dict:
+    def mark(self, regex: str, path: str) -> dict:
         """A const marker whose quoted text is replaced by `regex` after outlines-core compiled the schema."""
         name = f"DGEMMAMARK{len(self.marks)}X"
         self.marks[name] = regex
+        inner = re.findall(r"DGEMMAMARK\d+X", regex)  # marks inside: their expanded text counts
+        self.expanded[name] = len(regex) + sum(self.expanded[m] - len(m) - 2 for m in inner)
+        self.sizes[path or "/"] = max(self.sizes.get(path or "/", 0), self.expanded[name])
         return {"const": name}
+
+    def largest(self) -> str:
+        """Where a schema that blew a limit is largest: the part (below the top) that makes most of its regex."""
+        total = self.sizes.get("/", 0) or max(self.sizes.values(), default=0)
+        parts = [(size, path) for path, size in self.sizes.items() if path != "/"]
+        if not parts or not total:
+            return "/"
+        size, path = max(parts)
+        return f"{path} ({min(100, round(100 * size / total))}% of it)"
 
     def check(self, path: str, keyword: str) -> None:
         if (path, keyword) not in self.checks:
@@ -603,8 +629,13 @@ class _Compiler:
                     continue  # a branch no value satisfies is left out
                 merged_all.append((where, dict(merged) if isinstance(merged, dict) else merged))
             if "oneOf" in node and not (_disjoint(node["oneOf"]) and not siblings and len(combined) == 1):
-                if not (len(combined) == 1 and _separate(merged_all)):
+                pure = all(isinstance(b, dict) and not set(b) - {"required", *ANNOTATIONS} for b in node["oneOf"])
+                kept = _separate(merged_all, pure) if len(combined) == 1 and \
+                    len(merged_all) == len(node["oneOf"]) else None
+                if kept is None:
                     self.check(path, "oneOf")  # exactly one: the verifier checks what the anyOf cannot
+                else:
+                    merged_all = [merged_all[i] for i in kept]
             out = []
             for where, merged in merged_all:
                 try:
@@ -698,7 +729,7 @@ class _Compiler:
                     for k in keys:
                         out.pop(k, None)
         if MEMBERS_KEY in node and types == ["object"]:
-            return self.mark(self.members_regex(out["additionalProperties"], *node[MEMBERS_KEY]))
+            return self.mark(self.members_regex(out["additionalProperties"], *node[MEMBERS_KEY]), path)
         if types is None:
             kinds = [t for t, keys in (("object", ("properties", "additionalProperties", "required")),
                                        ("array", ("items", "prefixItems")), ("string", ("pattern", "minLength",
@@ -709,7 +740,37 @@ class _Compiler:
             for kind in kinds[1:]:
                 for k in _TYPE_KEYWORDS[kind]:
                     out.pop(k, None)
+        kinds = [out["type"]] if isinstance(out.get("type"), str) else list(out.get("type") or [])
+        if "object" in kinds and isinstance(out.get("properties"), dict):
+            obj = self.mark(self.object_regex(out), path)
+            rest = [t for t in kinds if t != "object"]
+            if not rest:
+                return obj
+            other = {k: v for k, v in out.items() if k not in _TYPE_KEYWORDS["object"]}
+            other["type"] = rest if len(rest) > 1 else rest[0]
+            return {"anyOf": [obj, self._numeric(other, path)]}
         return self._numeric(out, path)
+
+    def object_regex(self, node: dict) -> str:
+        """An object with listed properties only: the required ones in the schema's order, then each optional one
+        or not (when none is required, the first optional one is written: a subset). Linear in the number of
+        properties (outlines-core's form, any optional property first, is quadratic, and nested objects
+        multiplied it: megabytes of regex for real-world schemas)."""
+        props, required = node["properties"], [n for n in node.get("required", []) if n in node["properties"]]
+        order = required + [n for n in props if n not in required]
+        if not order:
+            return rf"\{{{WHITESPACE}\}}"
+        if not required:
+            required = order[:1]
+
+        def member(name: str) -> str:
+            value = build_regex_from_schema(json.dumps(props[name]), WHITESPACE)
+            return f"{re.escape(json.dumps(name))}{WHITESPACE}:{WHITESPACE}(?:{value})"
+
+        sep = f"{WHITESPACE},{WHITESPACE}"
+        body = sep.join(member(n) for n in required)
+        body += "".join(f"(?:{sep}{member(n)})?" for n in order if n not in required)
+        return rf"\{{{WHITESPACE}{body}{WHITESPACE}\}}"
 
     def negation(self, cond, base: dict, path: str, refs: tuple):
         """A schema of the values `cond` rejects, for conditions on listed properties' values (const / enum,
@@ -914,10 +975,10 @@ class _Compiler:
                              f"{ {k: node[k] for k in BOUNDS if k in node} }")
         rest = [t for t in names if t not in numeric]
         if not rest:
-            return self.mark(rx)
+            return self.mark(rx, path)
         other = {k: v for k, v in node.items() if k not in (*BOUNDS, "multipleOf")}
         other["type"] = rest if len(rest) > 1 else rest[0]
-        return {"anyOf": [self.mark(rx), other]}
+        return {"anyOf": [self.mark(rx, path), other]}
 
 
 def compile_schema(schema_text: str, limits: CompileLimits | None = None) -> CompiledSchema:
@@ -939,29 +1000,12 @@ def compile_schema(schema_text: str, limits: CompileLimits | None = None) -> Com
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise ConstraintError(f"json_schema cannot be compiled: {e}") from None
-    for mark, rx in c.marks.items():
+    for mark, rx in reversed(c.marks.items()):  # outer marks first: their regexes hold earlier (inner) marks
         regex = regex.replace(f'"{mark}"', f"(?:{rx})")
     if len(regex) > limits.regex_chars:
         raise ConstraintError(f"json_schema compiles to a regex of {len(regex)} characters (limit "
-                              f"{limits.regex_chars}); the largest part is at {_largest(schema)}")
-    return CompiledSchema(regex, c.checks, _largest(schema))
-
-
-def _largest(schema, path: str = "") -> str:
-    """The JSON path of the subschema whose compact JSON is largest among the deepest that hold most of it."""
-    best, size = path or "/", len(json.dumps(schema))
-    children = []
-    if isinstance(schema, dict):
-        for k, v in schema.items():
-            if isinstance(v, dict):
-                children += [(f"{path}/{k}/{n}", s) for n, s in v.items()] if k == "properties" else \
-                    [(f"{path}/{k}", v)]
-            elif isinstance(v, list):
-                children += [(f"{path}/{k}/{i}", s) for i, s in enumerate(v) if isinstance(s, dict)]
-    for p, s in children:
-        if len(json.dumps(s)) > size / 2:
-            return _largest(s, p)
-    return best
+                              f"{limits.regex_chars}); the largest part is at {c.largest()}")
+    return CompiledSchema(regex, c.checks, c.largest())
 
 
 def schema_regex(schema_text: str) -> str:

@@ -32,7 +32,7 @@ class Value:
     start: int
     end: int  # one past the last byte (the scan's end when unfinished)
     done: bool
-    value: object = None  # a container holds only its finished members
+    value: object = None  # a container holds its finished members (and an unfinished container's, partly)
     members: list[tuple[object, int, Value]] = field(default_factory=list)  # (key or index, member start, value)
 
     def at(self, path) -> Value | None:
@@ -121,6 +121,11 @@ class _Scan:
                 return v, self.n
             v.members.append((key, member_start, child))
             if not child.done:
+                if isinstance(child.value, (dict, list)):  # an unfinished container: its finished members
+                    if is_object:
+                        v.value[key] = child.value
+                    else:
+                        v.value.append(child.value)
                 return v, self.n
             if is_object:
                 v.value[key] = child.value
@@ -202,4 +207,13 @@ class SchemaCheck:
                 node = root
             if root.done or node.done or err.validator in MONOTONE:
                 spans.append(_span(err, node))
+        if not spans and not root.done and not complete and isinstance(root.value, (dict, list)) and \
+                data[-1:] not in b'",]} ':
+            # the last scalar may be whole already (a one-digit enum value before the canvas ends): if taking
+            # it as finished breaks a rule that only gets worse, reject it now, while it is still in this canvas
+            early = scan(data, True)
+            for err in self.validator.iter_errors(early.value):
+                node = early.at(err.absolute_path)
+                if err.validator in MONOTONE and node is not None:
+                    spans.append(_span(err, node))
         return spans
