@@ -11,10 +11,11 @@ from .automaton import TokenAutomaton
 from .compile import Constraint, compile_constraint
 from .errors import ConstraintError
 from .sampler import ConstrainedSampler
+from .schema import CompileLimits
 from .template import Hole, Template
 
-__all__ = ["Constraint", "ConstraintError", "ConstrainedSampler", "Hole", "Template", "TokenAutomaton",
-           "compile_constraint", "constrain", "fill_id"]
+__all__ = ["CompileLimits", "Constraint", "ConstraintError", "ConstrainedSampler", "Hole", "Template",
+           "TokenAutomaton", "compile_constraint", "constrain", "fill_id"]
 
 
 def fill_id(gen) -> int:

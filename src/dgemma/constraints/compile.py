@@ -9,9 +9,11 @@ cached per (constraint, tokenizer, vocabulary size, EOS ids, pad id).
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -192,11 +194,25 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the compile child: be killed when the process that waits for it ends (Linux), so a killed server or
+    benchmark leaves no index build running on."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
 def _bounded(fn, args, limits: CompileLimits, what: str, where: str):
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
 
+    parent = os.getpid()
+
     def child():
+        _die_with_parent(parent)
         try:
             result = ("ok", fn(*args))
         except ConstraintError as e:
