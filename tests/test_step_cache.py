@@ -91,18 +91,39 @@ def test_policy_where_nothing_settles_is_the_exact_path(model, monkeypatch, rng)
     assert [r.steps for r in got] == [r.steps for r in want]
 
 
-def test_fast_policy_runs_and_off_is_the_default(model):
+@pytest.mark.parametrize("policy", [p for p in C.STEP_CACHE if p != "off"])
+def test_policies_run_and_off_is_the_default(model, policy):
     assert GenerationConfig().step_cache == "off"
     base = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0)
     off = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0, step_cache="off")
     assert off.ids == base.ids and off.steps == base.steps
-    fast = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0, step_cache="fast")
+    fast = model.generate([5, 6, 7], max_new_tokens=64, seed=1, entropy_bound=50.0, step_cache=policy)
     assert len(fast.ids) > 0 and all(0 <= t < model.config.vocab_size for t in fast.ids)
 
 
 def test_setting_is_declared_once_and_checked_everywhere():
-    with pytest.raises(ValueError, match="step_cache must be one of 'off', 'fast'"):
+    with pytest.raises(ValueError, match="step_cache must be one of 'off', 'fast', 'fastest'"):
         GenerationConfig().replace(step_cache="always")
     assert DiffusionSettings(step_cache="fast").overrides() == {"step_cache": "fast"}
     with pytest.raises(ValueError):
         DiffusionSettings(step_cache="always")
+
+
+def test_fast_passes_compute_fewer_positions(model, monkeypatch):
+    """With tokens settling (a high entropy bound accepts most of them), the off-refresh passes of "fast" run the
+    decoder on a subset of the canvas; "off" never does."""
+    seen = {"off": [], "fast": []}
+    real = model.module.decode_hidden
+    for policy in seen:
+        def spy(canvas, cache, *a, positions=None, _p=policy, **k):
+            seen[_p].append(canvas.shape[1] if positions is None else positions.shape[1])
+            return real(canvas, cache, *a, positions=positions, **k)
+
+        monkeypatch.setattr(model.module, "decode_hidden", spy)
+        model.generate([5, 6, 7], max_new_tokens=32, seed=2, entropy_bound=1e6, stability_threshold=None,
+                       max_denoising_steps=8, step_cache=policy)
+        monkeypatch.undo()
+    c = model.config.canvas_length
+    assert seen["off"] == [c] * 8
+    assert seen["fast"][0] == c and seen["fast"][2] == c  # a canvas's first step and every second one: all
+    assert min(seen["fast"][1::2]) < c
