@@ -27,8 +27,12 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .checkpoint.load import load_model
 from .generate import generate
+from .prefix_cache import PrefixCache
 from .requests import Caps, DiffusionSettings, PreparedRequest, RequestError, check_ids
 from .requests import prepare as prepare_request
 
@@ -350,9 +354,6 @@ def run_batch(opts: BatchOptions) -> dict:
         before += n <= resumed_at
     pending = input_lines(inp, resumed_at)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     progress = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn(),
                         console=Console(stderr=True), disable=not opts.progress)
@@ -369,8 +370,6 @@ def run_batch(opts: BatchOptions) -> dict:
 
 
 def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
-    from .checkpoint.load import load_model
-
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = load_model(opts.model, dtype=opts.dtype, device=opts.device)
@@ -379,9 +378,7 @@ def _local_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
         yield run_lines(model, chunk, opts.seed, opts.limits, cache)
 
 
-def _prefix_cache(gib: float | None):
-    from .prefix_cache import PrefixCache
-
+def _prefix_cache(gib: float | None) -> PrefixCache | None:
     return None if gib is None else PrefixCache.from_gib(gib)
 
 
@@ -391,8 +388,6 @@ class BatchWorker:
 
     def __init__(self, model: str, dtype: str | None, device: str, threads: int, seed: int,
                  limits: LineLimits | None = None, prefix_cache_gib: float | None = None):
-        from .checkpoint.load import load_model
-
         torch.set_num_threads(threads)
         self.model = load_model(model, dtype=dtype, device=device)
         self.seed = seed
@@ -406,7 +401,7 @@ class BatchWorker:
 
 
 def _ray_records(opts: BatchOptions, pending) -> Iterator[list[dict]]:
-    import ray
+    import ray  # optional (pip install dgemma[ray])
 
     items = [{"line": n, "text": t} for n, t in pending]
     if not items:

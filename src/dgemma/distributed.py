@@ -92,6 +92,7 @@ class LossModule(nn.Module):
 
 def wrap(ctx: Context, model: nn.Module, fn) -> nn.Module:
     """DDP or FSDP2 around the objective `fn(model, ...)`; the model's parameters stay reachable as `.model`."""
+    # torch.distributed's wrappers are imported where used: not every torch build has them (they are optional)
     module = LossModule(model, fn)
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

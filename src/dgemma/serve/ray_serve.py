@@ -86,6 +86,7 @@ class _ReplicaHeader:
 @serve.ingress()  # the app is built per replica, after its model has loaded
 class DgemmaReplica:
     def __init__(self, spec: ReplicaSpec, num_cpus: float = 1.0):
+        # imported in the replica's process, where the model is loaded (this module itself needs only Ray)
         import torch
 
         from ..checkpoint.load import load_model
