@@ -59,13 +59,15 @@ def run_one(model, name: str, schema: dict, seeds=SEEDS, steps: int | None = Non
                    compile_s=round(time.perf_counter() - t0, 3))
         return rec
     rec.update(compiled=True, compile_s=round(time.perf_counter() - t0, 3), states=aut.n_states,
-               classes=aut.n_classes, outputs=[])
+               classes=aut.n_classes, min_tokens=aut.min_tokens, fits=aut.min_tokens <= MAX_NEW_TOKENS, outputs=[])
     prompt = model.tokenizer.encode("JSON:")
     for seed in seeds:
         t0 = time.perf_counter()
         extra = {} if steps is None else {"max_denoising_steps": steps}
         r = model.generate(prompt, constraint=c, seed=seed, max_new_tokens=MAX_NEW_TOKENS, **extra)
-        why = validate(schema, r.text) if r.finish_reason == "eos" else "finish_reason length"
+        why = validate(schema, r.text) if r.finish_reason == "eos" else \
+            "finish_reason length" + ("" if rec["fits"] else f" (no valid output fits: the shortest is "
+                                      f"{aut.min_tokens} tokens, EOS included)")
         rec["outputs"].append({"seed": seed, "finish_reason": r.finish_reason, "valid": why is None,
                                "why": why, "tokens": len(r.ids), "gen_s": round(time.perf_counter() - t0, 2),
                                "text": r.text[:300]})
@@ -108,13 +110,14 @@ def main() -> None:
             "schemas": len(recs), "compiled": sum(r["compiled"] for r in recs),
             "compiled_pct": round(100 * sum(r["compiled"] for r in recs) / max(len(recs), 1), 1),
             "outputs": len(outs), "valid": sum(o["valid"] for o in outs),
+            "outputs_that_fit": sum(len(r["outputs"]) for r in recs if r.get("fits")),
             "valid_pct": round(100 * sum(o["valid"] for o in outs) / max(len(outs), 1), 1),
             "refusals": dict(collections.Counter(r["keyword"] for r in recs if not r["compiled"])),
             "records": recs}
-    print(f"\n{'subset':16} {'schemas':>7} {'compiled':>9} {'valid':>12}  refusals")
+    print(f"\n{'subset':16} {'schemas':>7} {'compiled':>9} {'valid':>12} {'fit':>5}  refusals")
     for subset, s in results["subsets"].items():
         print(f"{subset:16} {s['schemas']:7} {s['compiled_pct']:8.1f}% {s['valid']:5}/{s['outputs']:<4} "
-              f"{s['valid_pct']:5.1f}%  {s['refusals']}")
+              f"{s['valid_pct']:5.1f}% {s['outputs_that_fit']:5}  {s['refusals']}")
     pct = [s["compiled_pct"] for s in results["subsets"].values()]
     results["mean_compiled_pct"] = round(sum(pct) / max(len(pct), 1), 1)
     print(f"mean compiled per subset: {results['mean_compiled_pct']}%")

@@ -628,7 +628,10 @@ class _Compiler:
                 except _Unsat:
                     continue  # a branch no value satisfies is left out
                 merged_all.append((where, dict(merged) if isinstance(merged, dict) else merged))
-            if "oneOf" in node and not (_disjoint(node["oneOf"]) and not siblings and len(combined) == 1):
+            disjoint = combined == ["oneOf"] and len(merged_all) == len(node["oneOf"]) and \
+                _disjoint([{k: v for k, v in m.items() if k != REFS_KEY} if isinstance(m, dict) else m
+                           for _, m in merged_all])  # after $refs are expanded and siblings merged in
+            if "oneOf" in node and not disjoint:
                 pure = all(isinstance(b, dict) and not set(b) - {"required", *ANNOTATIONS} for b in node["oneOf"])
                 kept = _separate(merged_all, pure) if len(combined) == 1 and \
                     len(merged_all) == len(node["oneOf"]) else None
@@ -753,14 +756,16 @@ class _Compiler:
 
     def object_regex(self, node: dict) -> str:
         """An object with listed properties only: the required ones in the schema's order, then each optional one
-        or not (when none is required, the first optional one is written: a subset). Linear in the number of
+        or not (when none is required: {} or the first property then any of the others, a subset). Linear in the
+        number of
         properties (outlines-core's form, any optional property first, is quadratic, and nested objects
         multiplied it: megabytes of regex for real-world schemas)."""
         props, required = node["properties"], [n for n in node.get("required", []) if n in node["properties"]]
         order = required + [n for n in props if n not in required]
         if not order:
             return rf"\{{{WHITESPACE}\}}"
-        if not required:
+        head_optional = not required
+        if head_optional:  # {} or the first property followed by any of the others (a subset, still linear)
             required = order[:1]
 
         def member(name: str) -> str:
@@ -770,6 +775,8 @@ class _Compiler:
         sep = f"{WHITESPACE},{WHITESPACE}"
         body = sep.join(member(n) for n in required)
         body += "".join(f"(?:{sep}{member(n)})?" for n in order if n not in required)
+        if head_optional:
+            body = f"(?:{body})?"
         return rf"\{{{WHITESPACE}{body}{WHITESPACE}\}}"
 
     def negation(self, cond, base: dict, path: str, refs: tuple):
