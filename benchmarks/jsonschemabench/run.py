@@ -31,9 +31,16 @@ SEEDS = (0, 1)
 MAX_NEW_TOKENS = 1024
 
 
+LIMITS = (("automaton states", "limit: states"), ("s to compile", "limit: time"), ("MB to compile", "limit: memory"),
+          ("regex of", "limit: regex size"), ("subschemas", "limit: subschemas"))
+
+
 def keyword_of(message: str) -> str:
+    """The keyword a refusal names, or which compile limit it hit."""
     m = re.search(r"keyword '([^']+)'", message)
-    return m.group(1) if m else "other: " + message[:80]
+    if m:
+        return m.group(1)
+    return next((name for text, name in LIMITS if text in message), "other: " + message[:80])
 
 
 def validate(schema: dict, text: str) -> str | None:
