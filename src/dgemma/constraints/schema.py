@@ -897,7 +897,10 @@ class _Compiler:
         if mx is not None and len(required) > mx:
             raise _Unsat("maxProperties", path, f"maxProperties {mx} but {len(required)} properties are required")
         if mx is not None and len(props) > mx:
-            self.check(path, "maxProperties")
+            # only the required properties and the first optional ones up to mx are ever written (a subset)
+            room = mx - len(required)
+            optional = [n for n in props if n not in required]
+            props = {n: v for n, v in props.items() if n in required or n in optional[:room]}
         if not props and extra is not False and (mn or mx is not None):
             node[MEMBERS_KEY] = (mn, mx)  # a free object with a member count: its own regex (walk_plain)
         walked = {}
