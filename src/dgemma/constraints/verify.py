@@ -19,7 +19,7 @@ import jsonschema
 
 # errors that only grow as an unfinished container gets more members
 MONOTONE = ("uniqueItems", "maxItems", "maxProperties", "additionalProperties", "propertyNames", "maxContains",
-            "unevaluatedProperties", "unevaluatedItems")
+            "unevaluatedProperties", "unevaluatedItems", "maxLength")
 # errors a finished container shows at its end (something is missing): the closing bracket is the offending span
 AT_CLOSE = ("required", "minProperties", "minItems", "contains", "minContains", "dependentRequired",
             "dependencies")
@@ -68,8 +68,8 @@ class _Scan:
             return self.container(i, b"]", False)
         if c == b'"':
             j = self.string_end(i)
-            if j is None:
-                return Value(i, self.n, False), self.n
+            if j is None:  # unfinished: the text so far, for maxLength (a string only grows)
+                return Value(i, self.n, False, _partial_string(self.b[i:])), self.n
             return Value(i, j, True, json.loads(self.b[i:j])), j
         j = i
         while j < self.n and self.b[j] not in _SCALAR_END:
@@ -121,7 +121,7 @@ class _Scan:
                 return v, self.n
             v.members.append((key, member_start, child))
             if not child.done:
-                if isinstance(child.value, (dict, list)):  # an unfinished container: its finished members
+                if isinstance(child.value, (dict, list, str)):  # unfinished: what is there so far
                     if is_object:
                         v.value[key] = child.value
                     else:
@@ -141,6 +141,16 @@ class _Scan:
                 return v, j + 1
             else:
                 return v, self.n
+
+
+def _partial_string(text: bytes) -> str | None:
+    """The characters of an unfinished JSON string so far (a trailing partial escape or UTF-8 sequence left out)."""
+    for cut in range(len(text), max(len(text) - 8, 0), -1):
+        try:
+            return json.loads(text[:cut] + b'"')
+        except ValueError:
+            continue
+    return None
 
 
 def scan(data: bytes, complete: bool = False) -> Value | None:
