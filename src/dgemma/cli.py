@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-dir", default=None, help="with --quantize: where the checkpoint is (written if absent)")
     b.add_argument("--constrained", action="store_true",
                    help="measure constrained decoding instead: step time with a realistic JSON schema vs unconstrained")
+    b.add_argument("--schema", default=None, metavar="FILE",
+                   help="with --constrained: the JSON schema to measure (default: a realistic user record)")
     b.add_argument("--vision", action="store_true",
                    help="time the vision tower per image instead, at the real shapes (d 1152, 27 layers, 2520 "
                    "patches); --images, --dtypes, --repeats (0: one call), --threads, --device, --json-out")

@@ -16,6 +16,7 @@ import os
 import random
 import sysconfig
 import time
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
@@ -95,7 +96,8 @@ def _step_times(model, prompt, steps: int, seed: int, **kw) -> tuple[list[float]
 
 
 def run(preset: str = "small-moe", dtype: str = "bfloat16", steps: int = 8, repeats: int = 3, seed: int = 0,
-        big_vocab: int = 262144) -> dict:
+        big_vocab: int = 262144, schema: dict | None = None) -> dict:
+    """`schema`: the JSON schema to measure (default SCHEMA, a realistic user record)."""
     model = random_model(preset, dtype, seed=seed)
     cfg = model.config
     t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def run(preset: str = "small-moe", dtype: str = "bfloat16", steps: int = 8, repe
     tokenizer_s = time.perf_counter() - t0
     gen = model.generation_config
     fill = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_ids[0]
-    constraint = Constraint.json_schema(SCHEMA)
+    constraint = Constraint.json_schema(SCHEMA if schema is None else schema)
     t0 = time.perf_counter()
     aut = compile_constraint(constraint, model.tokenizer, cfg.vocab_size, gen.eos_ids, fill)
     compile_s = time.perf_counter() - t0
@@ -166,7 +168,8 @@ def cli_run(args) -> int:
         torch.set_num_threads(args.threads)
     results = []
     for dtype in [d for d in args.dtypes.replace(" ", "").split(",") if d]:
-        r = run(args.preset, dtype, steps=args.steps, repeats=args.repeats, seed=args.seed)
+        schema = json.loads(Path(args.schema).read_text(encoding="utf-8")) if args.schema else None
+        r = run(args.preset, dtype, steps=args.steps, repeats=args.repeats, seed=args.seed, schema=schema)
         results.append(r)
         s, big = r["step_s"], r["big_vocab"]
         print(f"{r['preset']} {dtype}: step {s['unconstrained'] * 1e3:.1f} ms unconstrained, "
