@@ -93,17 +93,19 @@ def get_model(name: str, request: Request) -> dict:
     return state.card()
 
 
-@router.post("/v1/chat/completions", openapi_extra=_body("ChatRequest"))
-async def chat_completions(request: Request) -> Response:
+async def _complete(request: Request, chat: bool) -> Response:
+    """A chat or text completion: authorize, prepare off the event loop (tokenizing, compiling constraints), run."""
     state = _authorized(request)
     body = await request.body()
-    prepared = await asyncio.get_running_loop().run_in_executor(state.prep, prepare_body, state, body, True)
-    return await run(state, request, prepared, chat=True)
+    prepared = await asyncio.get_running_loop().run_in_executor(state.prep, prepare_body, state, body, chat)
+    return await run(state, request, prepared, chat=chat)
+
+
+@router.post("/v1/chat/completions", openapi_extra=_body("ChatRequest"))
+async def chat_completions(request: Request) -> Response:
+    return await _complete(request, chat=True)
 
 
 @router.post("/v1/completions", openapi_extra=_body("CompletionRequest"))
 async def completions(request: Request) -> Response:
-    state = _authorized(request)
-    body = await request.body()
-    prepared = await asyncio.get_running_loop().run_in_executor(state.prep, prepare_body, state, body, False)
-    return await run(state, request, prepared, chat=False)
+    return await _complete(request, chat=False)
