@@ -379,11 +379,12 @@ class DiffusionGemma(nn.Module):
             canvas = canvas.gather(1, positions)
         x = self.embed(canvas)
         if sc_logits is not None or sc_probs is not None:
+            signal = sc_probs if sc_probs is not None else sc_logits
+            if positions is not None:  # the computed positions' rows only (softmax is per row: gather first)
+                signal = signal.gather(1, positions[..., None].expand(-1, -1, signal.shape[-1]))
             if sc_probs is None:
-                sc_probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
-            if positions is not None:
-                sc_probs = sc_probs.gather(1, positions[..., None].expand(-1, -1, sc_probs.shape[-1]))
-            soft = self.embed_tokens.soft(sc_probs) * self.embed_scale(x.dtype).to(x.device)
+                signal = torch.softmax(signal, dim=-1, dtype=torch.float32).to(self.dtype)
+            soft = self.embed_tokens.soft(signal) * self.embed_scale(x.dtype).to(x.device)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
             x = x + self.sc_mlp(self.sc_pre_norm(soft))
