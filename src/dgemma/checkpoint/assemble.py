@@ -90,3 +90,9 @@ def check_finite(model: DiffusionGemma, source: Path) -> None:
                 if t.is_floating_point() and not _finite(t, SCALE_LIMIT):
                     raise CheckpointError(f"{source}: the {field_name} of {DECODER}{mname}.{attr} ({value.scheme}) "
                                           f"holds NaN or infinite values, or values beyond {SCALE_LIMIT:g}")
+
+
+def set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Replace the submodule `name` (dotted) of `model`: readers swap quantized modules in this way."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -38,7 +38,7 @@ from ..pipeline import Pipeline
 from ..quant.modules import QExperts, QLinear
 from ..quant.qtensor import QTensor, QuantError, register
 from ..tokenizer import Tokenizer
-from .assemble import Parts, assemble
+from .assemble import Parts, assemble, set_module
 from .formats import QuantFormat
 from .keys import gguf_param
 
@@ -517,7 +517,7 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None,
             qname = g.type_name(name)
             mod_name = pname[: -len(".weight")] if pname.endswith(".weight") else None
             if qname not in FLOAT_TYPES and mod_name in modules and isinstance(modules[mod_name], Linear):
-                _set(model, mod_name, QLinear(gguf_qtensor(g, [name], want).to(device)))
+                set_module(model, mod_name, QLinear(gguf_qtensor(g, [name], want).to(device)))
                 continue
             state[pname] = dequantize_rows(g, name, target).reshape(want).to(device)
         for i in range(cfg.num_hidden_layers):
@@ -621,8 +621,3 @@ def tokenizer_from_gguf(g: GGUFFile):
               "pad_token": name("tokenizer.ggml.padding_token_id"), "unk_token": name("tokenizer.ggml.unknown_token_id"),
               "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False))}
     return Tokenizer(tok, config, g.get("tokenizer.chat_template"))
-
-
-def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -29,7 +29,7 @@ from ..errors import CheckpointError
 from ..hardware import DTYPES, default_compute_dtype, resolve_device, resolve_dtype
 from ..images import ImageProcessorConfig
 from ..tokenizer import Tokenizer
-from .assemble import Parts, assemble
+from .assemble import Parts, assemble, set_module
 from .gguf import load_gguf
 from .keys import DECODER, ENCODER, checkpoint_key, map_key
 from .lowbit import load_into, parse_config
@@ -380,7 +380,7 @@ def load_quantized(model: DiffusionGemma, files: dict[str, Path], fmt: QuantForm
                              "this model")
         out, inn = modules[mod_name].weight.shape
         q = read_matrix(reader, group, out, inn, fmt, prefix, dtype, device)
-        _set_module(model, mod_name, QLinear(q) if isinstance(q, QTensor) else _dense_linear(q))
+        set_module(model, mod_name, QLinear(q) if isinstance(q, QTensor) else _dense_linear(q))
         replaced.add(name)
         reader.release()
 
@@ -462,8 +462,3 @@ def _dense_linear(weight: torch.Tensor) -> Linear:
         lin = Linear(weight.shape[1], weight.shape[0])
     lin.weight = torch.nn.Parameter(weight, requires_grad=False)
     return lin
-
-
-def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
