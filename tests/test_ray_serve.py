@@ -187,5 +187,7 @@ def test_cli_and_builder_check_their_arguments(capsys):
     assert "--min-replicas and --max-replicas" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown argument"):
         app_builder({"replica": "2"})
-    app = app_builder({"replicas": "2", "replica_cpus": "0.5", "max_batch": "4"})
+    with pytest.raises(ValueError, match="--compile-seconds must be a positive"):
+        app_builder({"compile_seconds": "-1"})
+    app = app_builder({"replicas": "2", "replica_cpus": "0.5", "max_batch": "4", "compile_states": "5000"})
     assert isinstance(app, serve.Application)

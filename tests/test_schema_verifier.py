@@ -189,6 +189,56 @@ def test_compile_limits_refuse_naming_the_part_that_blew_up(model):
         compile_schema(json.dumps(deep), CompileLimits(nodes=10))
 
 
+def test_compile_limit_flags_reach_the_compile(tmp_path, capsys):
+    """--compile-* of `dgemma generate` / `dgemma serve` (and create_app's compile_limits) bound the compile: a tiny
+    state limit refuses a schema the defaults compile, naming where and the flag."""
+    from fastapi.testclient import TestClient
+
+    from dgemma.cli import build_parser, compile_limits, main
+    from dgemma.requests import prepare
+    from dgemma.serve import create_app
+
+    path = write_random_checkpoint(tmp_path / "m", "tiny", seed=3)
+    wide = {"type": "object", "properties": {"n": {"type": "integer"}, "wide": {"type": "array", "items": {
+        "type": "object", "properties": {k: {"type": "string", "format": "uri"} for k in "qrstuvwx"}}}}}
+    (tmp_path / "s.json").write_text(json.dumps(wide))
+    parse = build_parser().parse_args
+    assert compile_limits(parse(["serve", "--compile-states", "300", "--compile-seconds", "7.5"])) == \
+        CompileLimits(seconds=7.5, states=300)
+    assert compile_limits(parse(["serve", "--compile-memory-mb", "64"])).memory_mb == 64
+    assert compile_limits(parse(["serve"])) == CompileLimits()
+    common = ["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "16", "--max-denoising-steps",
+              "2", "--json", "--stats", "--json-schema", f"@{tmp_path / 's.json'}"]
+    assert main([*common, "--compile-states", "0"]) == 2
+    assert "--compile-states must be a positive number" in capsys.readouterr().err
+    assert main([*common, "--compile-states", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "--json-schema: " in err and "more than 300 automaton states" in err and "at /properties/wide/items" in err
+    assert "raise --compile-states" in err
+    model = load_model(path)  # the limits travel with a constraint to the generation's compile
+    with pytest.raises(ConstraintError, match="more than 300 automaton states"):
+        generate(model, [5, 6], max_new_tokens=16,
+                 constraint=Constraint.json_schema(wide).with_limits(CompileLimits(states=300)))
+
+    app = create_app(model, compile_limits=CompileLimits(states=300))
+    body = {"prompt": "x", "max_tokens": 16, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "w", "schema": wide}}}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_constraint" and "at /properties/wide/items" in err["message"]
+        ok = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16, "seed": 1,
+                                                  "structured_outputs": {"regex": "[0-9]{2}"}})
+        assert ok.status_code == 200 and re.fullmatch("[0-9]{2}", ok.json()["choices"][0]["text"]), ok.text
+
+    req = prepare(model, [5, 6], constraint=("response_format", Constraint.json_schema(wide)),
+                  compile_limits=CompileLimits(states=20_000))  # compiled (last: a compiled constraint is cached)
+    assert req.constraint.limits == CompileLimits(states=20_000)
+    assert main(common) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] in ("eos", "length")
+
+
 # -- property test: random schemas with the verifier's keywords ----------------------------------------------------
 LEAVES = st.sampled_from([
     {"type": "integer", "minimum": 0, "maximum": 50, "multipleOf": 5},

@@ -80,6 +80,7 @@ def test_serve_model_name_key_file_and_hosts(tmp_path):
     (["--api-key", "a", "--api-key-file", "f"], "not both"),
     (["--api-key-file", "/no/such/key"], "/no/such/key"),
     (["--request-timeout", "0"], "--request-timeout"),
+    (["--compile-states", "0"], "--compile-states"),
 ])
 def test_serve_bad_flags(args, needle, capsys):
     assert main(["serve", *args]) == 2  # in-process: refused before any model is loaded or port bound

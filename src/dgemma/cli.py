@@ -24,7 +24,7 @@ from .checkpoint.load import load_model
 from .checkpoint.quantize import quantize_checkpoint, random_quantized_checkpoint
 from .checkpoint.write import write_random_checkpoint
 from .config import DIFFUSION_SETTINGS, ConfigError, read_json
-from .constraints import Constraint
+from .constraints import CompileLimits, Constraint
 from .display import CanvasView
 from .generate import Commit, Done, Draft, stream
 from .images import chat_prompt, text_prompt
@@ -82,6 +82,24 @@ def constraint_args(args) -> dict:
     return out
 
 
+def add_compile_flags(parser) -> None:
+    """--compile-seconds / --compile-memory-mb / --compile-states, derived from `CompileLimits`' fields."""
+    for f in fields(CompileLimits):
+        if "help" in f.metadata:
+            m = f.metadata
+            parser.add_argument(CompileLimits.flag_name(f.name), dest="compile_" + f.name, type=m["kind"],
+                                default=None, help=f"{m['help']}; past it the constraint is refused, naming the part "
+                                f"of the schema that makes most of it (default: ${m['env']}, else {m['default']:g})")
+
+
+def compile_limits(args) -> CompileLimits:
+    """The compile-limit flags (unset ones: CompileLimits' defaults), checked."""
+    given = {f.name: getattr(args, "compile_" + f.name, None) for f in fields(CompileLimits)}
+    limits = CompileLimits(**{k: v for k, v in given.items() if v is not None})
+    limits.validate()
+    return limits
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="Run and inspect DiffusionGemma block-diffusion models.")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -122,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--template", default=None,
                      help="infill: fixed text with holes {{hole}}, {{hole:N}}, {{hole:MIN-MAX}}, {{hole:MIN-MAX:REGEX}} "
                      "(N in tokens; @FILE: read it from a file)")
+    add_compile_flags(g)
     g.add_argument("--json", action="store_true", help='print {"ids", "tokens_per_forward", "steps"} as JSON')
     g.add_argument("--stats", action="store_true", help="with --json: add seed, timings, finish reason and text")
     g.add_argument("--show-canvas", action="store_true", help="watch the canvas denoise live")
@@ -246,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in [*fields(Limits), *(f for f in fields(ConnectionLimits) if "help" in f.metadata)]:
         sv.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
                         help=f.metadata["help"])
+    add_compile_flags(sv)
     ray_flags = sv.add_argument_group("Ray Serve (needs dgemma[ray])")
     ray_flags.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each with a model")
     ray_flags.add_argument("--replicas", type=int, default=1, help="replicas (with --ray; default 1)")
@@ -331,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
+    compile_limits(args)  # bad flags are refused before the model loads
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.prefill_chunk is not None:
         if args.prefill_chunk <= 0:
@@ -363,7 +384,7 @@ def cmd_generate(args) -> int:
     constraint = Constraint.from_args(**forms)
     req = prepare(model, prompt, max_new_tokens=args.max_new_tokens, settings=overrides, seed=args.seed,
                   constraint=("--" + next(iter(forms)).replace("_", "-"), constraint) if constraint else None,
-                  images=images, caps=Caps(tokens_field="max_new_tokens"))
+                  images=images, caps=Caps(tokens_field="max_new_tokens"), compile_limits=compile_limits(args))
     events = stream(model, req.prompt_ids, settings=req.gen, seed=req.seed, rng=args.rng, constraint=req.constraint,
                     **req.image_inputs(), **raw_images)
 
@@ -494,6 +515,7 @@ def _api_key(args) -> str | None:
 
 def cmd_serve(args) -> int:
     _limits(args).validate(_flag)
+    compiling = compile_limits(args)
     for name in ("max_connections", "read_timeout", "keep_alive_timeout"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{_flag(name)} must be positive, got {getattr(args, name)!r}")
@@ -502,7 +524,7 @@ def cmd_serve(args) -> int:
     api_key = _api_key(args)
     path = Path(args.model) if args.model else default_model_path()
     if args.ray:
-        return _serve_ray(args, path, api_key)
+        return _serve_ray(args, path, api_key, compiling)
     extra = [Path(p) for p in args.extra_model] or ([] if args.model else [default_model_path(6)])
     names = [p.resolve().name for p in extra]
     if len(set(names)) != len(names):
@@ -511,12 +533,13 @@ def cmd_serve(args) -> int:
     limits = _limits(args)
     mounts = {p.resolve().name: create_app(load_model(p, dtype=args.dtype, device=args.device),
                                            model_name=p.resolve().name, model_dir=p, api_key=api_key, limits=limits,
-                                           host=args.host, allowed_hosts=args.allowed_host) for p in extra}
+                                           host=args.host, allowed_hosts=args.allowed_host,
+                                           compile_limits=compiling) for p in extra}
     # With the bundled models, the visualizer opens on the 6x6 one (the one that solves).
     page_model = next(iter(mounts)) if mounts and not args.model and not args.extra_model else None
     app = create_app(model, model_name=args.served_model_name or path.resolve().name, model_dir=path,
                      api_key=api_key, limits=limits, host=args.host, allowed_hosts=args.allowed_host, mounts=mounts,
-                     page_model=page_model)
+                     page_model=page_model, compile_limits=compiling)
     connections = ConnectionLimits(**_fields_from(args, ConnectionLimits))
     print(f"dgemma: serving {path} on http://{args.host}:{args.port}/ (API under /v1)", file=sys.stderr)
     for name, p in zip(mounts, extra):
@@ -540,13 +563,13 @@ def _limits(args) -> Limits:
     return Limits(**_fields_from(args, Limits))
 
 
-def _serve_ray(args, path: Path, api_key: str | None) -> int:
+def _serve_ray(args, path: Path, api_key: str | None, compiling: CompileLimits) -> int:
     from .serve.ray_serve import ReplicaSpec, ScaleSpec, serve_forever
 
     limits = _limits(args)
     spec = ReplicaSpec(model=str(path), dtype=args.dtype, device=args.device,
                        model_name=args.served_model_name or path.resolve().name, api_key=api_key, limits=limits,
-                       host=args.host, allowed_hosts=tuple(args.allowed_host))
+                       host=args.host, allowed_hosts=tuple(args.allowed_host), compile_limits=compiling)
     scale = ScaleSpec(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                       num_cpus=args.replica_cpus, num_gpus=args.replica_gpus)
     scale.validate()

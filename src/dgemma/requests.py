@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, create_model
 
 from .config import DIFFUSION_SETTINGS, ConfigError, GenerationConfig, Setting
-from .constraints import Constraint, ConstraintError, compile_constraint, fill_id
+from .constraints import CompileLimits, Constraint, ConstraintError, compile_constraint, fill_id
 from .generate import check_prompt_ids, plan_canvases, resolve_settings
 from .sampler import temperature
 
@@ -154,7 +154,8 @@ def _check_settings(model, gen: GenerationConfig, prompt_len: int, decoder: str,
 
 
 def compile_for(model, constraint: Constraint, param: str) -> None:
-    """Compile `constraint` for the model (cached) so a malformed or unsatisfiable one is refused before any work."""
+    """Compile `constraint` for the model (cached; under its own limits) so a malformed or unsatisfiable one, or
+    one past the compile limits, is refused before any work."""
     gen = resolve_settings(model, None, {})
     try:
         compile_constraint(constraint, model.tokenizer, model.config.vocab_size, gen.eos_ids, fill_id(gen))
@@ -164,9 +165,11 @@ def compile_for(model, constraint: Constraint, param: str) -> None:
 
 def prepare(model, prompt_ids: Any, *, max_new_tokens: int | None = None, settings: dict[str, Any] | None = None,
             seed: int | None = None, decoder: str = "diffusion", constraint: tuple[str, Constraint] | None = None,
-            images: dict[str, Any] | None = None, caps: Caps = Caps()) -> PreparedRequest:
-    """Check and resolve one request. `constraint`: (the field it came from, Constraint). RequestError names the
-    field at fault."""
+            images: dict[str, Any] | None = None, caps: Caps = Caps(),
+            compile_limits: CompileLimits | None = None) -> PreparedRequest:
+    """Check and resolve one request. `constraint`: (the field it came from, Constraint), compiled under
+    `compile_limits` (the entry point's flags; they travel with the constraint to the generation). RequestError
+    names the field at fault."""
     if decoder not in DECODERS:
         raise RequestError(f"decoder must be one of {DECODERS}, got {decoder!r}", "decoder")
     ids = check_ids(model, prompt_ids)
@@ -187,6 +190,7 @@ def prepare(model, prompt_ids: Any, *, max_new_tokens: int | None = None, settin
         what = f"{constraint[0]} needs" if constraint is not None else "image input needs"
         raise RequestError(f"{what} the diffusion decoder", "decoder")
     if constraint is not None:
+        constraint = (constraint[0], constraint[1].with_limits(compile_limits))
         compile_for(model, constraint[1], constraint[0])
     return PreparedRequest(ids, max_new_tokens, settings, gen, seed, decoder,
                            constraint[1] if constraint is not None else None, images)

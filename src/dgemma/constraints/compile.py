@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -45,6 +46,12 @@ class Constraint:
     kind: str
     value: str
     template: Template | None = None
+    # the compile limits it is compiled under wherever it travels (not part of what it is: equal constraints with
+    # other limits share one cached automaton); None: compile_constraint's argument, else CompileLimits()
+    limits: CompileLimits | None = field(default=None, compare=False, repr=False)
+
+    def with_limits(self, limits: CompileLimits | None) -> Constraint:
+        return self if limits is None else dataclasses.replace(self, limits=limits)
 
     @classmethod
     def regex(cls, pattern: str) -> Constraint:
@@ -239,10 +246,10 @@ def _bounded(fn, args, limits: CompileLimits, what: str, where: str):
                                       f"{proc.exitcode}){part}")
             if time.monotonic() > deadline:
                 raise ConstraintError(f"the {what} took more than {limits.seconds:g} s to compile{part}; "
-                                      f"simplify it there or raise DGEMMA_COMPILE_SECONDS")
+                                      f"simplify it there or raise {CompileLimits.raise_hint('seconds')}")
             if _rss_mb(proc.pid) - base > limits.memory_mb:
                 raise ConstraintError(f"the {what} needs more than {limits.memory_mb:g} MB to compile{part}; "
-                                      f"simplify it there or raise DGEMMA_COMPILE_MEMORY_MB")
+                                      f"simplify it there or raise {CompileLimits.raise_hint('memory_mb')}")
     finally:
         if proc.is_alive():
             proc.kill()
@@ -269,7 +276,7 @@ def index_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: st
     if max_states is not None and len(trans) > max_states:
         raise ConstraintError(f"the {what} compiles to more than {max_states} automaton states ({len(trans)})"
                               + (f"; the largest part is at {where}" if where else "") +
-                              "; simplify it there or raise DGEMMA_COMPILE_STATES")
+                              f"; simplify it there or raise {CompileLimits.raise_hint('states')}")
     start = index.get_initial_state()
     eos, sentinel = len(table.pieces), sentinel_id(table)  # outlines' EOS id and the sentinel's (vocab.py)
     names = sorted(set(trans) | {start} | {d for row in trans.values() for d in row.values()})
@@ -293,8 +300,8 @@ def index_edges(regex: str, table: TokenTable, exclude: frozenset[int], what: st
 ANY_TEXT = r"[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*"  # a hole's default: UTF-8 text, no control characters
 
 
-def _any_text(table: TokenTable, exclude: frozenset[int]) -> Edges:
-    return regex_edges(ANY_TEXT, table, exclude, "hole")
+def _any_text(table: TokenTable, exclude: frozenset[int], limits: CompileLimits | None = None) -> Edges:
+    return regex_edges(ANY_TEXT, table, exclude, "hole", limits)
 
 
 class _Builder:
@@ -347,7 +354,8 @@ class _Builder:
         return Edges(cat(self.src), cat(self.tok), cat(self.dst), self.n, 0, list(self.frontier), self.fixed)
 
 
-def template_edges(template: Template, tokenizer, table: TokenTable, exclude: frozenset[int]) -> Edges:
+def template_edges(template: Template, tokenizer, table: TokenTable, exclude: frozenset[int],
+                   limits: CompileLimits | None = None) -> Edges:
     b = _Builder()
     for part in template.parts:
         if isinstance(part, str):
@@ -355,11 +363,12 @@ def template_edges(template: Template, tokenizer, table: TokenTable, exclude: fr
                 b.fixed_token(t)
             continue
         if part.regex is not None:
-            sub = regex_edges(part.regex, table, exclude, "hole regex")
+            sub = regex_edges(part.regex, table, exclude, "hole regex", limits)
         elif part.json_schema is not None:
-            sub = regex_edges(schema_regex(canonical(part.json_schema)), table, exclude, "hole json_schema")
+            sub = regex_edges(schema_regex(canonical(part.json_schema), limits), table, exclude, "hole json_schema",
+                              limits)
         else:
-            sub = _any_text(table, exclude)
+            sub = _any_text(table, exclude, limits)
         b.hole(sub, part.min_tokens, part.max_tokens)
     return b.edges()
 
@@ -373,8 +382,9 @@ CACHE_SIZE = 32
 def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_ids, fill_id: int,
                        limits: CompileLimits | None = None) -> TokenAutomaton:
     """The token automaton of `constraint` for this tokenizer and vocabulary (cached). Raises ConstraintError for a
-    malformed constraint, one that matches nothing the vocabulary can write, or one past `limits`."""
-    limits = limits or CompileLimits()
+    malformed constraint, one that matches nothing the vocabulary can write, or one past `limits` (default: the
+    constraint's own, else CompileLimits()). A constraint already in the cache is not compiled again."""
+    limits = limits or constraint.limits or CompileLimits()
     if tokenizer is None:
         raise ConstraintError("constrained generation needs the model's tokenizer (tokenizer.json)")
     eos_ids = tuple(sorted(set(eos_ids)))
@@ -389,7 +399,7 @@ def compile_constraint(constraint: Constraint, tokenizer, vocab_size: int, eos_i
     exclude = frozenset(eos_ids) | {fill_id}
     check = None
     if constraint.kind == "template":
-        e = template_edges(constraint.template, tokenizer, table, exclude)
+        e = template_edges(constraint.template, tokenizer, table, exclude, limits)
     elif constraint.kind == "json":
         compiled = compile_schema(constraint.value, limits)
         e = regex_edges(compiled.regex, table, exclude, constraint.describe(), limits, compiled.largest)

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import jsonschema
 from outlines_core.json_schema import build_regex_from_schema
@@ -129,17 +129,44 @@ def _env(name: str, default: float) -> float:
         raise ConstraintError(f"{name} must be a number, got {value!r}") from None
 
 
+def _limit(env: str, default: float, kind: type, help: str):
+    """A compile limit with a flag (`--compile-<name>` of `dgemma generate` and `dgemma serve`, derived from the
+    field) and an environment variable that sets its default."""
+    return field(default_factory=lambda: kind(_env(env, default)),
+                 metadata={"kind": kind, "env": env, "default": default, "help": help})
+
+
 @dataclass
 class CompileLimits:
     """Bounds on compiling one constraint; past one the constraint is refused (a ConstraintError naming the
-    schema path that blew up), never a MemoryError or a hang. Defaults from the environment:
+    schema path that blew up), never a MemoryError or a hang. The first three are the flags `--compile-seconds`,
+    `--compile-memory-mb`, `--compile-states` (`flag_name`), with defaults from the environment:
     DGEMMA_COMPILE_SECONDS, DGEMMA_COMPILE_MEMORY_MB, DGEMMA_COMPILE_STATES."""
 
-    seconds: float = field(default_factory=lambda: _env("DGEMMA_COMPILE_SECONDS", 30.0))  # wall time
-    memory_mb: float = field(default_factory=lambda: _env("DGEMMA_COMPILE_MEMORY_MB", 1024.0))  # index build
-    states: int = field(default_factory=lambda: int(_env("DGEMMA_COMPILE_STATES", 200_000)))  # automaton states
+    seconds: float = _limit("DGEMMA_COMPILE_SECONDS", 30.0, float, "seconds to compile one constraint (schema "
+                            "rewriting and the automaton's index)")
+    memory_mb: float = _limit("DGEMMA_COMPILE_MEMORY_MB", 1024.0, float, "MB of memory to build one constraint's "
+                              "automaton index")
+    states: int = _limit("DGEMMA_COMPILE_STATES", 200_000, int, "automaton states of one constraint")
     regex_chars: int = 2_000_000  # the schema's regex
     nodes: int = 20_000  # subschemas visited while rewriting ($ref expansions included)
+
+    @staticmethod
+    def flag_name(name: str) -> str:
+        return "--compile-" + name.replace("_", "-")
+
+    @classmethod
+    def raise_hint(cls, name: str) -> str:
+        """How to raise limit `name`, for a refusal's message."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f"{cls.flag_name(name)} or {f.metadata['env']}"
+
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{self.flag_name(f.name) if 'env' in f.metadata else f.name} must be a positive "
+                                 f"number, got {v!r}")
 
 
 @dataclass
@@ -582,7 +609,7 @@ class _Compiler:
                                   f"expansions and oneOf/anyOf combinations included; limit reached at {path or '/'})")
         if time.monotonic() > self.deadline:
             raise ConstraintError(f"json_schema took more than {self.limits.seconds:g} s to compile (at {path or '/'})"
-                                  f"; raise the compile limit or simplify the schema there")
+                                  f"; simplify the schema there or raise {CompileLimits.raise_hint('seconds')}")
         node, refs = self.expand(node, path, refs)
         if node is False:
             raise _Unsat("false", path, "the false schema admits no value")
@@ -1018,9 +1045,9 @@ def compile_schema(schema_text: str, limits: CompileLimits | None = None) -> Com
     return CompiledSchema(regex, c.checks, c.largest())
 
 
-def schema_regex(schema_text: str) -> str:
+def schema_regex(schema_text: str, limits: CompileLimits | None = None) -> str:
     """The regex of a schema whose every keyword the regex holds (template holes, which have no verifier)."""
-    compiled = compile_schema(schema_text)
+    compiled = compile_schema(schema_text, limits)
     if compiled.checks:
         path, keyword = compiled.checks[0]
         raise _refuse(keyword, path, "is held by the output verifier, which template holes do not have")

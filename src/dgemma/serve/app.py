@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..constraints import CompileLimits
 from ..limits import Limits
 from ..prefix_cache import PrefixCache
 from .engine import Engine
@@ -66,12 +67,13 @@ def _openapi(app: FastAPI) -> Callable[[], dict]:
 def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None, host: str = "127.0.0.1",
                allowed_hosts: Iterable[str] = (), mounts: dict[str, FastAPI] | None = None,
-               page_model: str | None = None) -> FastAPI:
+               page_model: str | None = None, compile_limits: CompileLimits | None = None) -> FastAPI:
     """The ASGI app. `host` is the bound address; the Host header must name it (or a loopback name when bound to
     loopback, any IP when bound to every interface) or one of `allowed_hosts` ("*": any).
 
     `mounts` serves more models beside this one, each its own app (from `create_app`) under /models/<name>/ (its
-    API at /models/<name>/v1/...); the visualizer lists them all and opens on `page_model` (default: this one)."""
+    API at /models/<name>/v1/...); the visualizer lists them all and opens on `page_model` (default: this one).
+    `compile_limits` bound compiling a request's constraint (past one: a 400 naming the schema path)."""
     mounts = dict(mounts or {})
     for sub_name in mounts:
         if not sub_name or "/" in sub_name or sub_name == model_name:
@@ -88,7 +90,8 @@ def create_app(model, *, model_name: str = "dgemma", model_dir: str | Path | Non
     state = ServerState(model=model, engine=engine, name=model_name, limits=limits, api_key=api_key,
                         task=task_info(Path(model_dir) if model_dir else None), created=int(time.time()),
                         max_prompt=max_prompt, max_chars=limits.max_prompt_chars or 16 * max_prompt,
-                        prep=ThreadPoolExecutor(max_workers=2, thread_name_prefix="dgemma-prep"))
+                        prep=ThreadPoolExecutor(max_workers=2, thread_name_prefix="dgemma-prep"),
+                        compile_limits=compile_limits or CompileLimits())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -183,9 +183,11 @@ def prepare_choices(state: ServerState, req, ids: list[int], constraint, images)
     caps = Caps(limits.max_tokens, limits.max_denoising_steps, "max_tokens", "this server's limit of {limit}")
     try:
         first = prepare(state.model, ids, max_new_tokens=max_new, settings=settings, seed=req.seed,
-                        decoder=req.decoder, constraint=constraint, images=images, caps=caps)
+                        decoder=req.decoder, constraint=constraint, images=images, caps=caps,
+                        compile_limits=state.compile_limits)
     except RequestError as e:
         raise APIError(400, str(e), param=e.param, code=e.code) from None
     return [first] + [prepare(state.model, ids, max_new_tokens=max_new, settings=settings,
                               seed=(first.seed + i) % 2**63, decoder=req.decoder, constraint=constraint,
-                              images=images, caps=caps) for i in range(1, req.n)]
+                              images=images, caps=caps, compile_limits=state.compile_limits)
+            for i in range(1, req.n)]

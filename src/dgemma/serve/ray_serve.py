@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from ..constraints import CompileLimits
 from ..limits import Limits
 
 APP_NAME = "dgemma"
@@ -38,6 +39,7 @@ class ReplicaSpec:
     host: str = "127.0.0.1"  # the proxy's bound address: the Host header check follows it
     allowed_hosts: tuple[str, ...] = ()
     threads: int | None = None  # torch intra-op threads per replica (default: its CPU share, at least 1)
+    compile_limits: CompileLimits = field(default_factory=CompileLimits)  # a constraint's compile bounds
 
 
 @dataclass
@@ -96,7 +98,8 @@ class DgemmaReplica:
         model = load_model(spec.model, dtype=spec.dtype, device=spec.device)
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
         self._app = create_app(model, model_name=spec.model_name, model_dir=spec.model, api_key=spec.api_key,
-                               limits=spec.limits, host=spec.host, allowed_hosts=spec.allowed_hosts)
+                               limits=spec.limits, host=spec.host, allowed_hosts=spec.allowed_hosts,
+                               compile_limits=spec.compile_limits)
         self._app.add_middleware(_ReplicaHeader, replica=self.replica_id)
 
     def __serve_build_asgi_app__(self):
@@ -170,10 +173,12 @@ def serve_forever(spec: ReplicaSpec, scale: ScaleSpec, port: int, address: str |
 def app_builder(args: dict[str, str]):
     """For Ray's own CLI and config files: `serve run dgemma.serve.ray_serve:app_builder model=DIR replicas=2`
     (keys: model, model_name, dtype, device, replicas, min_replicas, max_replicas, replica_cpus, replica_gpus,
-    host, and every server limit of `dgemma serve` by its field name, e.g. max_batch, max_tokens; the API key comes
-    from $DGEMMA_API_KEY, so it stays out of config files)."""
+    host, every server limit of `dgemma serve` by its field name, e.g. max_batch, max_tokens, and the compile limits
+    as compile_seconds, compile_memory_mb, compile_states; the API key comes from $DGEMMA_API_KEY, so it stays out
+    of config files)."""
+    compile_keys = {"compile_" + f.name: f for f in fields(CompileLimits) if "help" in f.metadata}
     known = {"model", "model_name", "dtype", "device", "replicas", "min_replicas", "max_replicas", "replica_cpus",
-             "replica_gpus", "host", *(f.name for f in fields(Limits))}
+             "replica_gpus", "host", *(f.name for f in fields(Limits)), *compile_keys}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(known)}")
@@ -186,10 +191,13 @@ def app_builder(args: dict[str, str]):
     opt = lambda key, kind: kind(args[key]) if key in args else None  # noqa: E731
     limits = Limits(**{f.name: opt(f.name, f.metadata["kind"]) for f in fields(Limits) if f.name in args})
     limits.validate()
+    compile_limits = CompileLimits(**{f.name: opt(k, f.metadata["kind"]) for k, f in compile_keys.items()
+                                      if k in args})
+    compile_limits.validate()
     spec = ReplicaSpec(model=model, dtype=args.get("dtype"), device=args.get("device", "cpu"),
                        model_name=args.get("model_name", Path(model).resolve().name),
                        api_key=os.environ.get("DGEMMA_API_KEY") or None, limits=limits,
-                       host=args.get("host", "127.0.0.1"))
+                       host=args.get("host", "127.0.0.1"), compile_limits=compile_limits)
     scale = ScaleSpec(replicas=opt("replicas", int) or 1, min_replicas=opt("min_replicas", int),
                       max_replicas=opt("max_replicas", int), num_cpus=opt("replica_cpus", float) or 1.0,
                       num_gpus=opt("replica_gpus", float) or 0.0)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constraints import CompileLimits
 from ..limits import Limits
 from .engine import Engine
 
@@ -35,6 +36,7 @@ class ServerState:
     max_prompt: int  # tokens
     max_chars: int  # prompt characters, checked before tokenizing
     prep: ThreadPoolExecutor  # parsing, templates and tokenizing, off the event loop
+    compile_limits: CompileLimits  # --compile-seconds / --compile-memory-mb / --compile-states
 
     def card(self) -> dict:
         cfg, gen = self.model.config, self.model.generation_config
