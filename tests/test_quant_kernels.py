@@ -74,7 +74,7 @@ def test_fast_repack_matches_torchs_int4pack(n, k):
 @pytest.mark.parametrize("shape", [(32, 128), (3, 48, 64), (2816 // 44, 704), (2, 128, 64)])
 def test_int4_kernel_layout_round_trip(shape):
     packed, scale = L.quantize_int4(_w(*shape), 32)
-    t = L.Int4Tensor.from_nibbles(packed, scale, 32, shape)
+    t = L.Int4Tensor.from_nibbles(packed, scale, 32, shape, pack=True)
     assert t.kernel_layout == K.int4_pack_supported(shape[-2], shape[-1], 32)
     assert torch.equal(t.nibbles(), packed)
     assert torch.equal(t.scales(), scale)
@@ -89,7 +89,7 @@ def test_linear_paths_match_the_dequantized_weight(rows):
     w = _w(64, 128, seed=1)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(2))
     for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(64, 128)),
-              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128)),
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128), pack=True),
               L.Int4Tensor(*L.quantize_int4(w, 32), 32, False, shape=(64, 128))):
         want = x @ t.dequantize().t()
         got = t.linear(x)
@@ -105,7 +105,7 @@ def test_int4_expansion_from_the_kernel_order_is_exact(shape, group, dtype):
     """The many-rows path expands W.T straight from torch's int4pack order: exactly the dequantized weight, and
     its matmul equals the model's matmul on that weight."""
     w = _w(*shape, seed=3)
-    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, group), group, shape)
+    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, group), group, shape, pack=True)
     assert t.kernel_layout
     for e in range(shape[0]) if len(shape) == 3 else [None]:
         packed, sz = (t.packed, t.scale) if e is None else (t.packed[e], t.scale[e])
@@ -123,7 +123,7 @@ def test_exact_mode_is_the_models_matmul(exact_mode):
     w = _w(2, 64, 96, seed=3)
     x = torch.randn(7, 96)
     for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(2, 64, 96)),
-              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (2, 64, 96))):
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (2, 64, 96), pack=True)):
         assert torch.equal(t.linear(x, index=1), dense_linear(x, t.dequantize(index=1)))
         with pytest.raises(ValueError, match="index"):
             t.linear(x)
@@ -133,7 +133,7 @@ def test_fused_index_selects_the_expert():
     w = _w(3, 32, 64, seed=4)
     x = torch.randn(4, 64)
     for t in (L.Int8Tensor(*L.quantize_int8(w), shape=(3, 32, 64)),
-              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (3, 32, 64))):
+              L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (3, 32, 64), pack=True)):
         outs = [t.linear(x, index=e) for e in range(3)]
         for e in range(3):
             want = x @ t.dequantize(index=e).t()
@@ -145,7 +145,7 @@ def test_fused_index_selects_the_expert():
 def test_row_invariant_inside_row_invariant(kind):
     w = _w(48, 64, seed=5)
     t = L.Int8Tensor(*L.quantize_int8(w), shape=(48, 64)) if kind == "int8" else \
-        L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (48, 64))
+        L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (48, 64), pack=True)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6))
     with row_invariant():
         alone = t.linear(x[3:4])
@@ -261,7 +261,7 @@ def test_nvfp4_fast_linear_matches_the_formula(divides):
 
 def test_scratch_buffers_work_inside_and_outside_inference_mode():
     w = _w(64, 128, seed=9)
-    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128))
+    t = L.Int4Tensor.from_nibbles(*L.quantize_int4(w, 32), 32, (64, 128), pack=True)
     x = torch.randn(L.PACK_ROWS, 128, generator=torch.Generator().manual_seed(10))
     K.SCRATCH.buffers.clear()
     with torch.inference_mode():

@@ -12,15 +12,15 @@ import torch
 from ..numerics import linear as dense_linear
 from ..model import Embedding, Linear
 from . import kernels as K
+from . import native
 from .modules import QLinear
-from .qtensor import QTensor, QuantError, register
+from .qtensor import MODE, QTensor, QuantError, register
 
 INT8_MAX = 127
 INT4_MAX = 7
 DEFAULT_GROUP = 64
 GROUPS = (32, 64, 128)
 PACK_ROWS = 64  # below this many rows the fused low-bit kernels beat expand + fp32 GEMM (benchmarks/NOTES.md)
-MODE = {"kernel": "auto"}  # "auto" (measured choice) or "dequant" (expand + the model's matmul: exact vs dequantize)
 
 
 def _pick(t: torch.Tensor, index: int | None) -> torch.Tensor:
@@ -109,11 +109,15 @@ class Int4Tensor(QTensor):
 
     @classmethod
     def from_nibbles(cls, packed: torch.Tensor, scale: torch.Tensor, group: int, shape: tuple[int, ...],
-                     device: torch.device | str = "cpu") -> "Int4Tensor":
-        """From dgemma's on-disk layout; on CPU, converted to torch's kernel layout where the kernel applies."""
+                     device: torch.device | str = "cpu", pack: bool | None = None) -> "Int4Tensor":
+        """From dgemma's on-disk layout; on CPU, converted to torch's kernel layout where that kernel applies
+        (`pack` None), unless the native AMX kernel covers the shape (QLinear / QExperts then repack the nibbles
+        into its tiles)."""
         device = torch.device(device)
         n, k = shape[-2], shape[-1]
-        if device.type == "cpu" and K.int4_pack_supported(n, k, group):
+        if pack is None:
+            pack = not (native.available() and native.covers(n, k, group))
+        if device.type == "cpu" and K.int4_pack_supported(n, k, group) and pack:
             if packed.dim() == 3:
                 out = torch.empty_like(packed, device=device)
                 sz = torch.empty(packed.shape[0], k // group, n, 2, dtype=torch.bfloat16)

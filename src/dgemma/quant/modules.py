@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..numerics import gelu_tanh
+from . import native
 from .qtensor import QTensor
 
 
@@ -21,7 +22,7 @@ class QLinear(nn.Module):
         super().__init__()
         if qweight.is_fused:
             raise ValueError(f"QLinear needs a [out, in] QTensor, got shape {list(qweight.shape)}")
-        self.qweight = qweight
+        self.qweight = native.adopt(qweight)
 
     @property
     def in_features(self) -> int:
@@ -49,8 +50,8 @@ class QExperts(nn.Module):
         e, two_i, h = gate_up.shape
         if tuple(down.shape) != (e, h, two_i // 2):
             raise ValueError(f"experts: down shape {list(down.shape)} does not match gate_up {list(gate_up.shape)}")
-        self.gate_up = gate_up
-        self.down = down
+        self.gate_up = native.adopt(gate_up)
+        self.down = native.adopt(down)
 
     @property
     def num_experts(self) -> int:
@@ -60,17 +61,25 @@ class QExperts(nn.Module):
         n_tok, top_k = idx.shape
         flat = idx.reshape(-1)
         expert, perm = torch.sort(flat)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x.index_select(0, perm // top_k)
-        out = x.new_empty(xs.shape[0], x.shape[-1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = xs[start:start + n]
-            gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
-            out[start:start + n] = self.down.linear(gelu_tanh(gate) * up, index=e)
-            start += n
+        if (isinstance(self.gate_up, native.AMXTensor) and isinstance(self.down, native.AMXTensor)
+                and self.gate_up.runs(x)):
+            # every expert in one native call per matrix, rows grouped by expert
+            offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            gate, up = self.gate_up.grouped(xs, offsets).to(x.dtype).chunk(2, dim=-1)
+            out = self.down.grouped(gelu_tanh(gate) * up, offsets).to(x.dtype)
+        else:
+            out = x.new_empty(xs.shape[0], x.shape[-1])
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                rows = xs[start:start + n]
+                gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
+                out[start:start + n] = self.down.linear(gelu_tanh(gate) * up, index=e)
+                start += n
         weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
         by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
         return by_token.view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)

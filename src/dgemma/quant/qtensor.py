@@ -23,6 +23,7 @@ class QuantError(ValueError):
     """A quantized tensor or layout is inconsistent; the message names the file/tensor at fault."""
 
 
+MODE = {"kernel": "auto"}  # "auto" (measured choice) or "dequant" (expand + the model's matmul: exact vs dequantize)
 _SCHEMES: dict[str, type["QTensor"]] = {}
 Q = TypeVar("Q", bound=type["QTensor"])
 

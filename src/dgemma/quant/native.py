@@ -1,0 +1,250 @@
+"""dgemma's native AMX kernel for low-bit weights (int4, NVFP4, FP8) on Intel CPUs, and the tile layout it reads.
+
+On a CPU with AMX (lscpu flags amx_tile, amx_bf16, avx512_bf16) and a C++ compiler, `csrc/woq_amx.cpp` is built
+once with torch's extension builder (cached in torch's extensions directory) and a quantized linear layer or a
+layer's experts are repacked at load into `AMXTensor`s: the same codes and scales, ordered so that the kernel expands
+32 output columns at a time into bf16 in cache and multiplies them with AMX tiles. Nothing expanded reaches memory,
+and the experts of a layer run in one call spread over torch's threads (no Python loop over experts).
+
+The expanded weight is exactly the bf16 rounding of the format's own dequantized weight ((q - 8) * scale for int4,
+e2m1 * block scale for NVFP4 with its global scale on the output, e4m3 * scale for FP8); products are accumulated in
+fp32 by the AMX unit, in another order than oneDNN's GEMM, so outputs agree with the dequantized model's bf16 matmul
+to fp32 rounding (tests/test_native_kernel.py states the tolerance).
+
+Anywhere else (no AMX, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover) nothing changes:
+`adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .qtensor import MODE, QTensor, QuantError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "woq_amx.cpp"
+FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
+FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
+TILE_N, TILE_K = 16, 32
+NVFP4_BLOCK, FP8_BLOCK = 16, 128
+
+
+# -- availability and build -----------------------------------------------------------------------------------------
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@functools.cache
+def extension():
+    """The built extension module, or None where it cannot run here (the reason is logged once)."""
+    if os.environ.get("DGEMMA_NATIVE", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return None
+    missing = [f for f in FLAGS if f not in cpu_flags()]
+    if missing:
+        log.info("native AMX kernel off: this CPU lacks %s", ", ".join(missing))
+        return None
+    try:
+        from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
+
+        mod = load(name="dgemma_woq_amx", sources=[str(SOURCE)], verbose=False,
+                   extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma",
+                                 "-mamx-tile", "-mamx-bf16"])
+    except Exception as exc:  # a missing compiler or headers: the portable kernels stay
+        log.warning("native AMX kernel off: building %s failed (%s)", SOURCE.name, str(exc).splitlines()[0])
+        return None
+    if not mod.amx_init():
+        log.warning("native AMX kernel off: the OS refused the AMX tile state")
+        return None
+    return mod
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+# -- the tile layout (pure torch: also what the tests check on machines without AMX) ---------------------------------
+def _tile_order(codes: torch.Tensor) -> torch.Tensor:
+    """codes [..., N, K] -> [..., N/16, K/32, 16 rows, 32 elements]: element e of row r is W[16 nb + e/2, 32 kb + 2r
+    + e%2] (AMX's VNNI order of a B tile)."""
+    *lead, n, k = codes.shape
+    t = codes.reshape(*lead, n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)  # [.., nb, col, kb, r, j]
+    nd = len(lead)
+    t = t.permute(*range(nd), nd, nd + 2, nd + 3, nd + 1, nd + 4)  # [.., nb, kb, r, col, j]
+    return t.reshape(*lead, n // TILE_N, k // TILE_K, TILE_K // 2, TILE_K)
+
+
+def _untile(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `_tile_order`: [..., N/16, K/32, 16, 32] -> [..., N, K]."""
+    *lead, _, _, _, _ = tiles.shape
+    nd = len(lead)
+    t = tiles.reshape(*lead, n // TILE_N, k // TILE_K, TILE_K // 2, TILE_N, 2)  # [.., nb, kb, r, col, j]
+    t = t.permute(*range(nd), nd, nd + 3, nd + 1, nd + 2, nd + 4)  # [.., nb, col, kb, r, j]
+    return t.reshape(*lead, n, k)
+
+
+def tile_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16]: byte j of a row holds element j
+    (low nibble) and element j + 16 (high nibble)."""
+    t = _tile_order(codes.to(torch.uint8))
+    return t[..., :16] | (t[..., 16:] << 4)
+
+
+def untile_nibbles(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    return _untile(torch.cat([tiles & 0xF, tiles >> 4], dim=-1), n, k)
+
+
+def tile_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per-column scales [..., N, blocks] -> [..., N/16, blocks, 16] (16 columns' values together)."""
+    *lead, n, b = scales.shape
+    return scales.reshape(*lead, n // TILE_N, TILE_N, b).transpose(-1, -2).contiguous()
+
+
+def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
+    *lead, nb, b, _ = tiles.shape
+    return tiles.transpose(-1, -2).reshape(*lead, nb * TILE_N, b)
+
+
+# -- the QTensor --------------------------------------------------------------------------------------------------
+@dataclass(repr=False)
+class AMXTensor(QTensor):
+    """A low-bit weight in the native kernel's tile layout. `fmt` is "int4" (codes 0..15, W = (q - 8) * scale, bf16
+    scales per `block` inputs), "nvfp4" (e2m1 codes, e4m3 scales per 16 inputs, fp32 `out_scale` per output column:
+    W = e2m1 * scale * out_scale, or / out_scale with `out_divides`) or "fp8" (e4m3 codes, fp32 scales per `block`
+    inputs). `scheme` stays the format it was read as ("int4", "nvfp4", "fp8-channel", "fp8-block"): the tile order
+    is how it is held, not what it is."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    out_scale: torch.Tensor | None = None
+    out_divides: bool = False
+    fmt: str = "int4"
+    block: int = 64
+    scheme: str = "int4"
+    shape: tuple[int, ...] = ()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
+        n, k = self.shape[-2:]
+        codes = self.codes if index is None else self.codes[index]
+        scale = untile_scales(self.scale if index is None else self.scale[index])
+        if self.fmt == "fp8":
+            q = _untile(codes, n, k).view(torch.float8_e4m3fn).float()
+        else:
+            q = untile_nibbles(codes, n, k)
+            q = _E2M1.to(q.device)[q.long()] if self.fmt == "nvfp4" else q.float().sub_(8)
+        s = scale.float() if self.fmt != "nvfp4" else scale.view(torch.float8_e4m3fn).float()
+        w = (q.view(*q.shape[:-1], k // self.block, self.block) * s.unsqueeze(-1)).view(q.shape)
+        if self.out_scale is not None:
+            gs = (self.out_scale if index is None else self.out_scale[index]).unsqueeze(-1)
+            w = w / gs if self.out_divides else w * gs
+        return w.to(dtype)
+
+    def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        if self.is_fused and index is None:
+            raise ValueError(f"amx QTensor of shape {list(self.shape)} holds experts: pass index=")
+        if not self.runs(x):
+            return super().linear(x, index)
+        flat = x.reshape(-1, x.shape[-1])
+        offsets = torch.tensor([0, flat.shape[0]], dtype=torch.int64)
+        y = self.grouped(flat, offsets, only=index)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes x: bf16 activations on the CPU (fp32 and fp16 ones keep their precision through
+        the dequantized matmul), unless the exact dequantize path is asked for (`MODE`)."""
+        return x.dtype == torch.bfloat16 and x.device.type == "cpu" and MODE["kernel"] == "auto"
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor, only: int | None = None) -> torch.Tensor:
+        """fp32 [rows, N]: rows offsets[e]:offsets[e+1] of x times expert e (or all rows times expert `only`)."""
+        mod = extension()
+        if mod is None:
+            raise QuantError("the native AMX kernel is not available on this machine")
+        n, k = self.shape[-2:]
+        codes, scale = self.codes, self.scale
+        if only is not None or not self.is_fused:
+            codes = codes[only] if only is not None else codes
+            scale = scale[only] if only is not None else scale
+        rows = x.shape[0]
+        a = torch.empty(rows + TILE_N, k, dtype=torch.bfloat16)
+        a[:rows].copy_(x)
+        a[rows:].zero_()
+        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block)
+        if self.out_scale is not None:
+            gs = self.out_scale if only is None and self.is_fused else (
+                self.out_scale[only] if only is not None else self.out_scale)
+            if gs.dim() == 2:  # per expert: each row takes its expert's column scales
+                gs = gs.repeat_interleave(offsets.diff(), dim=0)
+            y = y / gs if self.out_divides else y * gs
+        return y
+
+    def to(self, device: str | torch.device) -> "AMXTensor":
+        if torch.device(device).type != "cpu":
+            raise QuantError("an AMX tile-layout weight lives on the CPU; load the checkpoint on the target device")
+        return self
+
+
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+# -- adopting a loaded QTensor ---------------------------------------------------------------------------------------
+def covers(n: int, k: int, block: int, fmt: str = "int4") -> bool:
+    """Whole tiles, and scale blocks of whole tiles (NVFP4: its two 16-input blocks per tile)."""
+    whole = block % TILE_K == 0 or (fmt == "nvfp4" and block == NVFP4_BLOCK)
+    return n % TILE_N == 0 and k % TILE_K == 0 and whole and k % block == 0
+
+
+def adopt(q: QTensor) -> QTensor:
+    """`q` in the native kernel's layout where that kernel runs here and covers q's format and shape; else `q`."""
+    if q.device.type != "cpu" or isinstance(q, AMXTensor) or not available():
+        return q
+    made = to_tiles(q)
+    return q if made is None else made
+
+
+def to_tiles(q: QTensor) -> AMXTensor | None:
+    """The tile layout of an int4 / NVFP4 / FP8 QTensor (None for other schemes or uncovered shapes). Pure torch."""
+    n, k = q.shape[-2:]
+    name = q.scheme
+    if name == "int4":
+        if not covers(n, k, q.group):
+            return None
+        return AMXTensor(tile_nibbles(_unpack(q.nibbles())), tile_scales(q.scales().to(torch.bfloat16)),
+                         fmt="int4", block=q.group, scheme=name, shape=tuple(q.shape))
+    if name == "nvfp4":
+        if not covers(n, k, NVFP4_BLOCK, "nvfp4"):
+            return None
+        return AMXTensor(tile_nibbles(_unpack(q.packed)), tile_scales(q.scale),
+                         out_scale=q.global_scale.float().contiguous(), out_divides=q.global_divides, fmt="nvfp4",
+                         block=NVFP4_BLOCK, scheme=name, shape=tuple(q.shape))
+    if name in ("fp8-channel", "fp8-block"):
+        block = k if name == "fp8-channel" else q.block_in
+        if not covers(n, k, block, "fp8"):
+            return None
+        if name == "fp8-channel":
+            s = q.scale.float().reshape(*q.shape[:-1], 1)
+        else:
+            s = q.scale_inv.float().index_select(-2, q.row_block)
+        return AMXTensor(_tile_order(q.weight.view(torch.uint8)).contiguous(), tile_scales(s), fmt="fp8",
+                         block=block, scheme=name, shape=tuple(q.shape))
+    return None
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] (element 2k in the low nibble) -> codes [..., K]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)

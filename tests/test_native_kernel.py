@@ -1,0 +1,160 @@
+"""The native AMX kernel's tile layout and its outputs.
+
+The layout tests are pure torch and run everywhere: a QTensor repacked into tiles dequantizes to exactly the same
+weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block). Where the kernel runs (an AMX CPU
+with a compiler), its products are checked against the bf16 weight the format dequantizes to: the expansion is the
+same bf16 rounding, the accumulation is fp32 in another order, so the stated tolerance is fp32 rounding of a
+K-term sum (|error| <= 1e-5 x sum |x| |w|). Where it does not run, loading leaves every QTensor as it was read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma.quant.lowbit as L
+from dgemma.checkpoint.formats import FP8BlockTensor, FP8ChannelTensor, NVFP4Tensor
+from dgemma.quant import native
+from dgemma.quant.kernels import pack_int4
+from dgemma.quant.modules import QExperts, QLinear
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _int4(shape, group=64):
+    w = torch.randn(*shape, generator=GEN) * 0.05
+    return L.Int4Tensor(*L.quantize_int4(w, group), group, False, shape=shape)
+
+
+def _nvfp4(shape, divides=False):
+    *lead, n, k = shape
+    codes = torch.randint(0, 16, (*lead, n, k), generator=GEN, dtype=torch.uint8)
+    scale = (torch.rand(*lead, n, k // 16, generator=GEN) * 2 + 0.01).to(torch.float8_e4m3fn)
+    scale.view(-1)[:3] = torch.tensor([0.0, 2.0 ** -9, 448.0]).to(torch.float8_e4m3fn)  # zero, subnormal, largest
+    gs = torch.rand(*lead, n, generator=GEN) + 0.5
+    return NVFP4Tensor(pack_int4(codes), scale, gs, divides, shape=tuple(shape))
+
+
+def _fp8_codes(shape):
+    w = (torch.randn(*shape, generator=GEN) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w.view(-1)[:2] = torch.tensor([2.0 ** -9, -0.0]).to(torch.float8_e4m3fn)  # subnormal, negative zero
+    return w
+
+
+def _fp8_channel(shape):
+    return FP8ChannelTensor(_fp8_codes(shape), torch.rand(*shape[:-1], 1, generator=GEN).to(torch.bfloat16),
+                            shape=tuple(shape))
+
+
+def _fp8_block(shape, rows=24, block=64):
+    *lead, n, k = shape
+    grid = torch.rand(*lead, -(-n // rows), k // block, generator=GEN) * 0.01
+    return FP8BlockTensor(_fp8_codes(shape), grid, torch.arange(n) // rows, block, shape=tuple(shape))
+
+
+MAKERS = {
+    "int4-g64": lambda s: _int4(s, 64),
+    "int4-g32": lambda s: _int4(s, 32),
+    "nvfp4": _nvfp4,
+    "nvfp4-divides": lambda s: _nvfp4(s, True),
+    "fp8-channel": _fp8_channel,
+    "fp8-block": _fp8_block,
+}
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+@pytest.mark.parametrize("shape", [(48, 128), (3, 64, 192)])
+def test_tiles_dequantize_to_the_same_weight(kind, shape):
+    q = MAKERS[kind](shape)
+    t = native.to_tiles(q)
+    assert t is not None and t.scheme == q.scheme and t.shape == q.shape
+    assert torch.equal(t.dequantize(torch.float32), q.dequantize(torch.float32))
+    assert torch.equal(t.dequantize(torch.bfloat16), q.dequantize(torch.bfloat16))
+    if len(shape) == 3:
+        assert torch.equal(t.dequantize(torch.float32, index=2), q.dequantize(torch.float32, index=2))
+
+
+def test_tile_order_is_amx_vnni():
+    """Element e of row r of tile (nb, kb) is W[16 nb + e // 2, 32 kb + 2 r + e % 2]."""
+    n, k = 32, 64
+    w = torch.arange(n * k).view(n, k)
+    tiles = native._tile_order(w)
+    nb, kb, r, e = 1, 1, 5, 7
+    assert tiles[nb, kb, r, e].item() == w[16 * nb + e // 2, 32 * kb + 2 * r + e % 2].item()
+    assert torch.equal(native._untile(tiles, n, k), w)
+
+
+def test_uncovered_shapes_stay_as_read():
+    assert native.to_tiles(_int4((40, 128))) is None  # 40 columns: not whole tiles
+    assert native.to_tiles(_fp8_block((48, 128), block=16)) is None  # FP8 blocks must be whole tiles
+    dense = L.Dense16Tensor(torch.randn(16, 32).to(torch.bfloat16), shape=(16, 32))
+    assert native.adopt(dense) is dense
+
+
+def _reference(q, x, index=None):
+    w = q.dequantize(torch.bfloat16, index).float()
+    if getattr(q, "global_scale", None) is not None:  # NVFP4: the global scale applies to the output in fp32
+        gs = q.global_scale if index is None else q.global_scale[index]
+        unscaled = NVFP4Tensor(q.packed, q.scale, torch.ones_like(q.global_scale), shape=q.shape)
+        w = unscaled.dequantize(torch.bfloat16, index).float()
+        y = x.float() @ w.t()
+        return y / gs if q.global_divides else y * gs
+    return x.float() @ w.t()
+
+
+def _bound(q, x, index=None):
+    w = q.dequantize(torch.float32, index).abs()
+    return 1e-5 * (x.float().abs() @ w.t()) + 1e-30
+
+
+if native.available():
+
+    @pytest.mark.parametrize("kind", MAKERS)
+    @pytest.mark.parametrize("rows", [1, 16, 17, 40])
+    def test_kernel_matches_the_dequantized_weight(kind, rows):
+        q = MAKERS[kind]((48, 128))
+        t = native.to_tiles(q)
+        x = torch.randn(rows, 128, generator=GEN).to(torch.bfloat16)
+        got = t.linear(x).float()
+        want = _reference(q, x)
+        assert torch.all((got - want).abs() <= _bound(q, x) + 2 ** -8 * want.abs())  # bf16 output rounding
+
+    @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4", "fp8-block"])
+    def test_grouped_experts_match_one_at_a_time(kind):
+        q = MAKERS[kind]((4, 64, 128 if kind == "fp8-block" else 96))
+        t = native.to_tiles(q)
+        counts = torch.tensor([3, 0, 33, 16])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        x = torch.randn(int(counts.sum()), q.shape[-1], generator=GEN).to(torch.bfloat16)
+        got = t.grouped(x, offsets)
+        for e in range(4):
+            rows = x[offsets[e]:offsets[e + 1]]
+            want = _reference(q, rows, e)
+            assert torch.all((got[offsets[e]:offsets[e + 1]] - want).abs() <= _bound(q, rows, e)), e
+            # each row's result is the same whatever rows share its call (row invariance, bit for bit)
+            assert torch.equal(got[offsets[e]:offsets[e + 1]], t.grouped(rows, torch.tensor([0, len(rows)]), only=e))
+
+    def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
+        experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))
+        assert isinstance(experts.gate_up, native.AMXTensor) and experts.gate_up.scheme == "int4"
+        x = torch.randn(10, 32, generator=GEN).to(torch.bfloat16)
+        idx = torch.randint(0, 4, (10, 2), generator=GEN)
+        weights = torch.rand(10, 2, generator=GEN)
+        fast = experts(x, weights, idx)
+        L.MODE["kernel"] = "dequant"
+        try:
+            exact = experts(x, weights, idx)
+        finally:
+            L.MODE["kernel"] = "auto"
+        torch.testing.assert_close(fast.float(), exact.float(), atol=2e-2, rtol=2e-2)
+        lin = QLinear(_int4((48, 64)))
+        assert isinstance(lin.qweight, native.AMXTensor)
+        fp32 = torch.randn(3, 64, generator=GEN)  # fp32 activations keep fp32 through the dequantized matmul
+        torch.testing.assert_close(lin(fp32), fp32 @ lin.qweight.dequantize(torch.float32).t())
+
+else:
+
+    def test_without_the_kernel_weights_stay_as_read():
+        q = _int4((48, 128))
+        assert native.adopt(q) is q
+        assert not isinstance(QLinear(q).qweight, native.AMXTensor)
