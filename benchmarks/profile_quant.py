@@ -126,7 +126,7 @@ def main() -> None:
             elif isinstance(mod, QExperts) or type(mod).__name__ == "Experts":
                 timer.hook(mod, "experts")
         timer.hook(layer.mlp, "dense mlp")
-    timer.hook(model.sc_mlp, "sc mlp")
+    timer.hook(model.module.sc_mlp, "sc mlp")
     timer.wrap(model.module.embed_tokens, "head", "lm head")
     timer.wrap(model.module.embed_tokens, "soft", "sc soft embedding")
     timer.wrap(sampler_mod, "fast_sample", "sampler")

@@ -52,8 +52,16 @@ def cpu_flags() -> set[str]:
 @functools.cache
 def extension():
     """The built extension module, or None where it cannot run here (the reason is logged once)."""
-    if os.environ.get("DGEMMA_NATIVE", "1") == "0":
+    mode = os.environ.get("DGEMMA_NATIVE", "auto")  # "0": off; "require": fail loudly where it cannot run
+    if mode == "0":
         return None
+    mod = _build()
+    if mod is None and mode == "require":
+        raise QuantError("DGEMMA_NATIVE=require, but the native AMX kernel cannot run here (see the log)")
+    return mod
+
+
+def _build():
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
     missing = [f for f in FLAGS if f not in cpu_flags()]

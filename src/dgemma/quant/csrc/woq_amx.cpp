@@ -15,6 +15,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -25,7 +28,6 @@ enum Format : int64_t { INT4 = 0, NVFP4 = 1, FP8 = 2 };
 constexpr int TILE_K = 32;    // bf16 inputs per B tile row pair group
 constexpr int TILE_N = 16;    // output columns per B tile
 constexpr int TILE_M = 16;    // activation rows per A tile
-constexpr int TILE_BYTES = 1024;
 
 struct TileConfig {
   uint8_t palette_id = 1;
@@ -44,26 +46,9 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// Bytes of packed weight per B tile and the bytes of scale data per (column block, scale block).
-inline int64_t tile_bytes(int64_t fmt) { return fmt == FP8 ? 512 : 256; }
-
-// One B tile (16 VNNI rows of 32 bf16) expanded into dst. `codes` points at the tile's packed bytes.
-// INT4:  16 bytes per row, low nibble = element j, high nibble = element j + 16; scale bf16 per (column, group).
-// NVFP4: same nibble order, e2m1 codes; scale e4m3 per (column, 16 inputs): rows 0-7 use the first block of the
-//        tile's 32 inputs, rows 8-15 the second.
-// FP8:   32 bytes per row, e4m3 codes in element order; scale fp32 per (column, 128-input block) applied before
-//        rounding (fp8-block) or 1 (fp8-channel: its per-column scale is applied to the output).
-inline __m512 pair_spread(const float* s16, int half) {
-  // lanes 0..15 <- s16[8 half + lane / 2]: each column's value for its two VNNI elements
-  const __m512i idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  __m512 v = _mm512_loadu_ps(s16);
-  __m512i i = _mm512_add_epi32(idx, _mm512_set1_epi32(8 * half));
-  return _mm512_permutexvar_ps(i, v);
-}
-
 inline __m512 e4m3_to_ps(__m128i bytes16) {
   // e4m3 -> fp16 bits (sign, then exponent and mantissa shifted into place) -> fp32, times 2^8 for the bias
-  // difference; fp16 conversion handles the e4m3 subnormals exactly.
+  // difference; the fp16 conversion takes the e4m3 subnormals exactly.
   __m256i w = _mm256_cvtepu8_epi16(bytes16);
   __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
   __m256i mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7);
@@ -71,13 +56,37 @@ inline __m512 e4m3_to_ps(__m128i bytes16) {
   return _mm512_mul_ps(f, _mm512_set1_ps(256.0f));
 }
 
-void expand_tile(int64_t fmt, const uint8_t* codes, const float* scale_a, const float* scale_b, uint16_t* dst) {
-  // scale_a / scale_b: 16 fp32 per column of the tile (rows 0-7 / rows 8-15 of the tile may differ for NVFP4)
-  if (fmt == INT4) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m512 sa = pair_spread(scale_a, 0), sb = pair_spread(scale_a, 1);
-    __m512 ba = _mm512_mul_ps(sa, _mm512_set1_ps(-8.0f)), bb = _mm512_mul_ps(sb, _mm512_set1_ps(-8.0f));
-    for (int r = 0; r < 16; ++r) {
+// The 16 columns' scales of one scale block as fp32. INT4: bf16 [NB, K / group, 16]; NVFP4: e4m3 [NB, K / 16, 16];
+// FP8: fp32 [NB, K / block, 16].
+template <int64_t FMT>
+inline __m512 load_scales(const void* data, int64_t at) {
+  if constexpr (FMT == INT4) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 -> fp32: exact
+  } else if constexpr (FMT == NVFP4) {
+    return e4m3_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(data) + at)));
+  } else {
+    return _mm512_loadu_ps(static_cast<const float*>(data) + at);
+  }
+}
+
+// lanes 0..15 <- s[8 half + lane / 2]: each column's scale for its two VNNI elements
+inline __m512 pair_spread(__m512 s, int half) {
+  const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  return _mm512_permutexvar_ps(half ? hi : lo, s);
+}
+
+// 16 VNNI rows (rows r0 .. r0 + count) of one B tile expanded into dst (32 bf16 per row), with the scales of the
+// tile's 16 columns spread over VNNI lanes (sa: columns 0-7, sb: columns 8-15).
+// INT4 / NVFP4: 16 bytes per row, low nibble = element j, high nibble = element j + 16.
+// FP8: 32 bytes per row, e4m3 codes in element order.
+template <int64_t FMT>
+inline void expand_rows(const uint8_t* codes, __m512 sa, __m512 sb, uint16_t* dst, int r0, int count) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  if constexpr (FMT == INT4) {
+    const __m512 ba = _mm512_mul_ps(sa, _mm512_set1_ps(-8.0f)), bb = _mm512_mul_ps(sb, _mm512_set1_ps(-8.0f));
+    for (int r = r0; r < r0 + count; ++r) {
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * r));
       __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
       __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
@@ -85,25 +94,19 @@ void expand_tile(int64_t fmt, const uint8_t* codes, const float* scale_a, const 
       hi = _mm512_fmadd_ps(hi, sb, bb);
       _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
-  } else if (fmt == NVFP4) {
-    const __m128i low = _mm_set1_epi8(0x0F);
+  } else if constexpr (FMT == NVFP4) {
     const __m512 e2m1 = _mm512_set_ps(-6.f, -4.f, -3.f, -2.f, -1.5f, -1.f, -0.5f, -0.f,
                                       6.f, 4.f, 3.f, 2.f, 1.5f, 1.f, 0.5f, 0.f);
-    for (int half_rows = 0; half_rows < 2; ++half_rows) {
-      const float* s = half_rows ? scale_b : scale_a;
-      __m512 sa = pair_spread(s, 0), sb = pair_spread(s, 1);
-      for (int r = 8 * half_rows; r < 8 * half_rows + 8; ++r) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * r));
-        __m512 lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), e2m1);
-        __m512 hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), e2m1);
-        lo = _mm512_mul_ps(lo, sa);  // e2m1 * e4m3: a few significant bits, exact
-        hi = _mm512_mul_ps(hi, sb);
-        _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
+    for (int r = r0; r < r0 + count; ++r) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * r));
+      __m512 lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), e2m1);
+      __m512 hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), e2m1);
+      lo = _mm512_mul_ps(lo, sa);  // e2m1 * e4m3: a few significant bits, exact
+      hi = _mm512_mul_ps(hi, sb);
+      _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
-  } else {  // FP8
-    __m512 sa = pair_spread(scale_a, 0), sb = pair_spread(scale_a, 1);
-    for (int r = 0; r < 16; ++r) {
+  } else {
+    for (int r = r0; r < r0 + count; ++r) {
       __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r));
       __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r + 16));
       __m512 lo = _mm512_mul_ps(e4m3_to_ps(b0), sa);  // rounded once to bf16 below, as (q * s).to(bf16)
@@ -113,35 +116,23 @@ void expand_tile(int64_t fmt, const uint8_t* codes, const float* scale_a, const 
   }
 }
 
-// The 16 fp32 scales of column block nb for the tile at input block kb; rows 8-15 of an NVFP4 tile use `second`.
-struct Scales {
-  int64_t fmt;
-  const void* data;  // INT4: bf16 [NB, K / group, 16]; NVFP4: uint8 e4m3 [NB, K / 16, 16]; FP8: fp32 [NB, K / 128, 16]
-  int64_t blocks;    // scale blocks along K
-  int64_t block_k;   // inputs per scale block
-
-  void load(int64_t nb, int64_t kb, float* first, float* second) const {
-    int64_t k0 = kb * TILE_K;
-    fill(nb, k0 / block_k, first);
-    if (fmt == NVFP4) fill(nb, (k0 + 16) / block_k, second);
+// One B tile of one expert: columns 16 nb .. 16 nb + 16, inputs 32 kb .. 32 kb + 32, into dst (16 rows of 32 bf16).
+// scales: this expert's scale table, `blocks` scale blocks of `block_k` inputs along K.
+template <int64_t FMT>
+inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_t kb, int64_t kb_count,
+                        int64_t blocks, int64_t block_k, uint16_t* dst) {
+  constexpr int64_t tb = FMT == FP8 ? 512 : 256;
+  const uint8_t* codes = w + (nb * kb_count + kb) * tb;
+  const int64_t blk = kb * TILE_K / block_k;
+  __m512 s = load_scales<FMT>(scales, (nb * blocks + blk) * 16);
+  if constexpr (FMT == NVFP4) {  // rows 0-7 take the tile's first 16-input block, rows 8-15 the second
+    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 0, 8);
+    s = load_scales<FMT>(scales, (nb * blocks + blk + 1) * 16);
+    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 8, 8);
+  } else {
+    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 0, 16);
   }
-
-  void fill(int64_t nb, int64_t blk, float* out) const {
-    int64_t at = (nb * blocks + blk) * 16;
-    if (fmt == INT4) {
-      const uint16_t* s = static_cast<const uint16_t*>(data) + at;
-      for (int i = 0; i < 16; ++i) {
-        uint32_t bits = uint32_t(s[i]) << 16;
-        std::memcpy(out + i, &bits, 4);
-      }
-    } else if (fmt == NVFP4) {
-      const uint8_t* s = static_cast<const uint8_t*>(data) + at;
-      _mm512_storeu_ps(out, e4m3_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
-    } else {
-      std::memcpy(out, static_cast<const float*>(data) + at, 64);
-    }
-  }
-};
+}
 
 struct Problem {
   const uint16_t* x;        // bf16 [rows + 16, K] (16 spare rows so every A tile load stays inside)
@@ -149,69 +140,86 @@ struct Problem {
   const int64_t* offsets;   // [E + 1]
   const uint8_t* weight;    // [E, NB, KB, tile bytes]
   int64_t expert_weight_bytes;
-  Scales scales;
-  int64_t expert_scale_elems;
+  const uint8_t* scales;    // [E, NB, blocks, 16] of the format's scale type
+  int64_t expert_scale_bytes;
+  int64_t fmt, blocks, block_k;
   int64_t n, k;
 };
 
+inline void store_c(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int ntiles, bool two_m) {
+  alignas(64) float tmp[4][TILE_M * TILE_N];
+  _tile_stored(0, tmp[0], 64);
+  _tile_stored(1, tmp[1], 64);
+  _tile_stored(2, tmp[2], 64);
+  _tile_stored(3, tmp[3], 64);
+  for (int mt = 0; mt < (two_m ? 2 : 1); ++mt) {
+    for (int t = 0; t < ntiles; ++t) {
+      const float* src = tmp[mt * 2 + t];
+      for (int64_t r = 0; r < TILE_M; ++r) {
+        int64_t row = m0 + mt * TILE_M + r;
+        if (row >= end) break;
+        std::memcpy(p.y + row * p.n + (nb0 + t) * TILE_N, src + r * TILE_N, TILE_N * 4);
+      }
+    }
+  }
+}
+
+// C (up to 32 rows x 32 columns) += A (rows m0.., inputs of block kb) x the two B tiles at b.
+inline void dot_block(const Problem& p, int64_t m0, int64_t kb, const uint16_t* b, int ntiles, bool two_m) {
+  const uint16_t* a = p.x + m0 * p.k + kb * TILE_K;
+  const int64_t lda = p.k * 2;
+  _tile_loadd(4, a, lda);
+  _tile_loadd(6, b, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  if (ntiles == 2) {
+    _tile_loadd(7, b + 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+  }
+  if (two_m) {
+    _tile_loadd(5, a + TILE_M * p.k, lda);
+    _tile_dpbf16ps(2, 5, 6);
+    if (ntiles == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// One work item: the rows of `expert` times its columns 32 strip .. 32 strip + 32. With at most 32 rows each B
+// tile is expanded into a small ring (in L1) right before its dot products; with more, the whole strip is expanded
+// once into buf and reused for every 32 rows.
+template <int64_t FMT>
 void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
-  int64_t begin = p.offsets[expert], end = p.offsets[expert + 1];
+  const int64_t begin = p.offsets[expert], end = p.offsets[expert + 1];
   if (begin == end) return;
   const int64_t kb_count = p.k / TILE_K;
   const int64_t nb0 = strip * 2;
   const int ntiles = (nb0 + 1) * TILE_N < p.n ? 2 : 1;
-  const int64_t tb = tile_bytes(p.scales.fmt);
   const uint8_t* w = p.weight + expert * p.expert_weight_bytes;
-  Scales sc = p.scales;
-  int64_t elem = p.scales.fmt == INT4 ? 2 : (p.scales.fmt == NVFP4 ? 1 : 4);
-  sc.data = static_cast<const uint8_t*>(p.scales.data) + expert * p.expert_scale_elems * elem;
-
-  alignas(64) float first[16], second[16];
-  for (int t = 0; t < ntiles; ++t) {
-    int64_t nb = nb0 + t;
+  const void* sc = p.scales + expert * p.expert_scale_bytes;
+  if (end - begin <= 2 * TILE_M) {
+    const bool two_m = begin + TILE_M < end;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int64_t kb = 0; kb < kb_count; ++kb) {
-      sc.load(nb, kb, first, second);
-      expand_tile(p.scales.fmt, w + (nb * kb_count + kb) * tb, first, second, buf + (kb * 2 + t) * 512);
+      uint16_t* ring = buf + (kb & 3) * 1024;
+      for (int t = 0; t < ntiles; ++t)
+        expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.block_k, ring + t * 512);
+      dot_block(p, begin, kb, ring, ntiles, two_m);
     }
+    store_c(p, begin, end, nb0, ntiles, two_m);
+    return;
   }
-  alignas(64) float tmp[4][TILE_M * TILE_N];
-  const int64_t lda = p.k * 2;
+  for (int64_t kb = 0; kb < kb_count; ++kb)
+    for (int t = 0; t < ntiles; ++t)
+      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.block_k, buf + kb * 1024 + t * 512);
   for (int64_t m0 = begin; m0 < end; m0 += 2 * TILE_M) {
     const bool two_m = m0 + TILE_M < end;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t kb = 0; kb < kb_count; ++kb) {
-      const uint16_t* a = p.x + m0 * p.k + kb * TILE_K;
-      const uint16_t* b = buf + kb * 2 * 512;
-      _tile_loadd(4, a, lda);
-      _tile_loadd(6, b, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      if (ntiles == 2) {
-        _tile_loadd(7, b + 512, 64);
-        _tile_dpbf16ps(1, 4, 7);
-      }
-      if (two_m) {
-        _tile_loadd(5, a + TILE_M * p.k, lda);
-        _tile_dpbf16ps(2, 5, 6);
-        if (ntiles == 2) _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, tmp[0], 64);
-    _tile_stored(1, tmp[1], 64);
-    _tile_stored(2, tmp[2], 64);
-    _tile_stored(3, tmp[3], 64);
-    for (int mt = 0; mt < (two_m ? 2 : 1); ++mt) {
-      for (int t = 0; t < ntiles; ++t) {
-        const float* src = tmp[mt * 2 + t];
-        for (int64_t r = 0; r < TILE_M; ++r) {
-          int64_t row = m0 + mt * TILE_M + r;
-          if (row >= end) break;
-          std::memcpy(p.y + row * p.n + (nb0 + t) * TILE_N, src + r * TILE_N, TILE_N * 4);
-        }
-      }
-    }
+    for (int64_t kb = 0; kb < kb_count; ++kb) dot_block(p, m0, kb, buf + kb * 1024, ntiles, two_m);
+    store_c(p, m0, end, nb0, ntiles, two_m);
   }
 }
 
@@ -235,16 +243,27 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   const int64_t strips = (n + 2 * TILE_N - 1) / (2 * TILE_N);
   Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), y.data_ptr<float>(), offsets.data_ptr<int64_t>(),
             weight.data_ptr<uint8_t>(), weight.numel() * weight.element_size() / experts,
-            Scales{fmt, scales.data_ptr(), k / block_k, block_k}, scales.numel() / experts, n, k};
+            static_cast<const uint8_t*>(scales.data_ptr()), scales.numel() * scales.element_size() / experts,
+            fmt, k / block_k, block_k, n, k};
   // work items: only experts with rows
   std::vector<int64_t> active;
   for (int64_t e = 0; e < experts; ++e)
     if (p.offsets[e + 1] > p.offsets[e]) active.push_back(e);
   const int64_t items = int64_t(active.size()) * strips;
-  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+  // items are claimed one at a time from a shared counter: experts' row counts differ, so a static split would
+  // leave a thread idle
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(items, 1));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     configure_tiles();
-    std::vector<uint16_t> buf((k / TILE_K) * 2 * 512 + 32);
-    for (int64_t i = lo; i < hi; ++i) run_item(p, active[i / strips], i % strips, buf.data());
+    // the expanded strip (or the 4-tile ring), 64-byte aligned
+    std::vector<uint16_t> storage(std::max<int64_t>(k / TILE_K, 4) * 1024 + 32);
+    uint16_t* buf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+    for (int64_t i = next++; i < items; i = next++) {
+      if (fmt == INT4) run_item<INT4>(p, active[i / strips], i % strips, buf);
+      else if (fmt == NVFP4) run_item<NVFP4>(p, active[i / strips], i % strips, buf);
+      else run_item<FP8>(p, active[i / strips], i % strips, buf);
+    }
     _tile_release();
   });
   return y;
