@@ -4,7 +4,9 @@ The layout tests are pure torch and run everywhere: a QTensor repacked into tile
 weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block). Where the kernel runs (an AMX CPU
 with a compiler), its products are checked against the bf16 weight the format dequantizes to: the expansion is the
 same bf16 rounding, the accumulation is fp32 in another order, so the stated tolerance is fp32 rounding of a
-K-term sum (|error| <= 1e-5 x sum |x| |w|). Where it does not run, loading leaves every QTensor as it was read.
+K-term sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4, NVFP4) the kernel multiplies the
+unrounded fp32 weight instead, held to the same bound against it. Where the kernel does not run, loading leaves
+every QTensor as it was read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 import dgemma.quant.lowbit as L
 from dgemma.checkpoint.formats import FP8BlockTensor, FP8ChannelTensor, NVFP4Tensor
+from dgemma.numerics import row_invariant
 from dgemma.quant import native
 from dgemma.quant.kernels import pack_int4
 from dgemma.quant.modules import QExperts, QLinear
@@ -91,33 +94,44 @@ def test_uncovered_shapes_stay_as_read():
     assert native.adopt(dense) is dense
 
 
-def _reference(q, x, index=None):
-    w = q.dequantize(torch.bfloat16, index).float()
-    if getattr(q, "global_scale", None) is not None:  # NVFP4: the global scale applies to the output in fp32
+def _reference(q, x, index=None, rounded=True):
+    """x @ W.T in fp32 with W the format's weight rounded to bf16 (the AMX path's expansion), or unrounded (the
+    few-rows path); NVFP4's global scale applies to the output in fp32 either way."""
+    dtype = torch.bfloat16 if rounded else torch.float32
+    if isinstance(q, NVFP4Tensor):
         gs = q.global_scale if index is None else q.global_scale[index]
         unscaled = NVFP4Tensor(q.packed, q.scale, torch.ones_like(q.global_scale), shape=q.shape)
-        w = unscaled.dequantize(torch.bfloat16, index).float()
-        y = x.float() @ w.t()
+        y = x.float() @ unscaled.dequantize(dtype, index).float().t()
         return y / gs if q.global_divides else y * gs
-    return x.float() @ w.t()
+    return x.float() @ q.dequantize(dtype, index).float().t()
 
 
 def _bound(q, x, index=None):
+    """fp32 rounding of a K-term sum: 1e-5 x sum |x| |w|."""
     w = q.dequantize(torch.float32, index).abs()
     return 1e-5 * (x.float().abs() @ w.t()) + 1e-30
+
+
+def _few_rows(q, rows):
+    """Whether `rows` rows take the kernel's dot-product path (unrounded weights)."""
+    return rows <= native.SMALL_ROWS and not isinstance(q, (FP8ChannelTensor, FP8BlockTensor))
 
 
 if native.available():
 
     @pytest.mark.parametrize("kind", MAKERS)
-    @pytest.mark.parametrize("rows", [1, 16, 17, 40])
+    @pytest.mark.parametrize("rows", [1, 4, 5, 16, 17, 40])
     def test_kernel_matches_the_dequantized_weight(kind, rows):
         q = MAKERS[kind]((48, 128))
         t = native.to_tiles(q)
         x = torch.randn(rows, 128, generator=GEN).to(torch.bfloat16)
         got = t.linear(x).float()
-        want = _reference(q, x)
+        want = _reference(q, x, rounded=not _few_rows(q, rows))
         assert torch.all((got - want).abs() <= _bound(q, x) + 2 ** -8 * want.abs())  # bf16 output rounding
+        with row_invariant():  # one path for every row count: the AMX path's rounded weights
+            got = t.linear(x).float()
+        want = _reference(q, x)
+        assert torch.all((got - want).abs() <= _bound(q, x) + 2 ** -8 * want.abs())
 
     @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4", "fp8-block"])
     def test_grouped_experts_match_one_at_a_time(kind):
@@ -129,7 +143,7 @@ if native.available():
         got = t.grouped(x, offsets)
         for e in range(4):
             rows = x[offsets[e]:offsets[e + 1]]
-            want = _reference(q, rows, e)
+            want = _reference(q, rows, e, rounded=not _few_rows(q, len(rows)))
             assert torch.all((got[offsets[e]:offsets[e + 1]] - want).abs() <= _bound(q, rows, e)), e
             # each row's result is the same whatever rows share its call (row invariance, bit for bit)
             assert torch.equal(got[offsets[e]:offsets[e + 1]], t.grouped(rows, torch.tensor([0, len(rows)]), only=e))

@@ -9,7 +9,10 @@ and the experts of a layer run in one call spread over torch's threads (no Pytho
 The expanded weight is exactly the bf16 rounding of the format's own dequantized weight ((q - 8) * scale for int4,
 e2m1 * block scale for NVFP4 with its global scale on the output, e4m3 * scale for FP8); products are accumulated in
 fp32 by the AMX unit, in another order than oneDNN's GEMM, so outputs agree with the dequantized model's bf16 matmul
-to fp32 rounding (tests/test_native_kernel.py states the tolerance).
+to fp32 rounding. Matrices (or experts) given at most `SMALL_ROWS` rows (left-to-right decoding) skip the expansion:
+AVX-512 bf16 dot products of the unscaled codes' exact bf16 values, scaled once per block, i.e. the exact fp32
+dequantized weight, again to fp32 rounding (tests/test_native_kernel.py states both tolerances). Inside
+`numerics.row_invariant()` every row count takes the AMX path, so a row's result never depends on its neighbours.
 
 Anywhere else (no AMX, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover) nothing changes:
 `adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..numerics import ROW_INVARIANT
 from .qtensor import MODE, QTensor, QuantError
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
 TILE_N, TILE_K = 16, 32
 NVFP4_BLOCK, FP8_BLOCK = 16, 128
+SMALL_ROWS = 4  # experts (or matrices) with this many rows or fewer: the kernel's dot-product path (int4, NVFP4)
 
 
 # -- availability and build -----------------------------------------------------------------------------------------
@@ -107,15 +112,22 @@ def _untile(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return t.reshape(*lead, n, k)
 
 
+# byte b of a VNNI row's 16 holds element 4 (b % 4) + b // 4 (low nibble) and that + 16 (high nibble): the order in
+# which the kernel's one broadcast and one variable shift reach every element (csrc/woq_amx.cpp, codes_to_values)
+_BYTE_ELEMENT = torch.tensor([4 * (b % 4) + b // 4 for b in range(16)])
+
+
 def tile_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16]: byte j of a row holds element j
-    (low nibble) and element j + 16 (high nibble)."""
+    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16] (see _BYTE_ELEMENT)."""
     t = _tile_order(codes.to(torch.uint8))
-    return t[..., :16] | (t[..., 16:] << 4)
+    lo, hi = t[..., :16], t[..., 16:]
+    return (lo | (hi << 4))[..., _BYTE_ELEMENT]
 
 
 def untile_nibbles(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    return _untile(torch.cat([tiles & 0xF, tiles >> 4], dim=-1), n, k)
+    elements = torch.empty_like(tiles)
+    elements[..., _BYTE_ELEMENT] = tiles  # the mapping is its own inverse, but say what is meant
+    return _untile(torch.cat([elements & 0xF, elements >> 4], dim=-1), n, k)
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -192,7 +204,8 @@ class AMXTensor(QTensor):
         a = torch.empty(rows + TILE_N, k, dtype=torch.bfloat16)
         a[:rows].copy_(x)
         a[rows:].zero_()
-        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block)
+        small = 0 if ROW_INVARIANT.get() else SMALL_ROWS  # one path for every row count inside row_invariant()
+        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small)
         if self.out_scale is not None:
             gs = self.out_scale if only is None and self.is_fused else (
                 self.out_scale[only] if only is not None else self.out_scale)

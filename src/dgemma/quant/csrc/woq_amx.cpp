@@ -77,31 +77,39 @@ inline __m512 pair_spread(__m512 s, int half) {
   return _mm512_permutexvar_ps(half ? hi : lo, s);
 }
 
+// The 4-bit codes of one VNNI row: 16 bytes, element j (0..15) in the low nibble and element j + 16 in the high
+// nibble of byte 4 (j % 4) + j / 4. Broadcast to the four 128-bit lanes, fp32 lane j's dword then holds that byte at
+// bit 8 (j / 4), so one variable shift puts element j's code in the lane's low 4 bits, which is all a 16-entry
+// permute reads: no masking or widening.
+inline __m512i nibble_shift(int high) {
+  return _mm512_add_epi32(_mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0),
+                          _mm512_set1_epi32(high ? 4 : 0));
+}
+
+inline void codes_to_values(const uint8_t* row, __m512 table, __m512i sh_lo, __m512i sh_hi, __m512& lo,
+                            __m512& hi) {
+  __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  lo = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, sh_lo), table);
+  hi = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, sh_hi), table);
+}
+
+inline __m512 int4_table() { return _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8); }
+inline __m512 e2m1_table() {
+  return _mm512_set_ps(-6.f, -4.f, -3.f, -2.f, -1.5f, -1.f, -0.5f, -0.f, 6.f, 4.f, 3.f, 2.f, 1.5f, 1.f, 0.5f, 0.f);
+}
+
 // 16 VNNI rows (rows r0 .. r0 + count) of one B tile expanded into dst (32 bf16 per row), with the scales of the
 // tile's 16 columns spread over VNNI lanes (sa: columns 0-7, sb: columns 8-15).
-// INT4 / NVFP4: 16 bytes per row, low nibble = element j, high nibble = element j + 16.
-// FP8: 32 bytes per row, e4m3 codes in element order.
+// INT4 / NVFP4: 16 bytes per row (see codes_to_values). FP8: 32 bytes per row, e4m3 codes in element order.
 template <int64_t FMT>
 inline void expand_rows(const uint8_t* codes, __m512 sa, __m512 sb, uint16_t* dst, int r0, int count) {
-  const __m128i low = _mm_set1_epi8(0x0F);
-  if constexpr (FMT == INT4) {
-    const __m512 ba = _mm512_mul_ps(sa, _mm512_set1_ps(-8.0f)), bb = _mm512_mul_ps(sb, _mm512_set1_ps(-8.0f));
+  if constexpr (FMT == INT4 || FMT == NVFP4) {
+    const __m512 table = FMT == INT4 ? int4_table() : e2m1_table();
+    const __m512i sh_lo = nibble_shift(0), sh_hi = nibble_shift(1);
     for (int r = r0; r < r0 + count; ++r) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * r));
-      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
-      lo = _mm512_fmadd_ps(lo, sa, ba);  // (q - 8) * s, exact in fp32
-      hi = _mm512_fmadd_ps(hi, sb, bb);
-      _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-  } else if constexpr (FMT == NVFP4) {
-    const __m512 e2m1 = _mm512_set_ps(-6.f, -4.f, -3.f, -2.f, -1.5f, -1.f, -0.5f, -0.f,
-                                      6.f, 4.f, 3.f, 2.f, 1.5f, 1.f, 0.5f, 0.f);
-    for (int r = r0; r < r0 + count; ++r) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * r));
-      __m512 lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), e2m1);
-      __m512 hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), e2m1);
-      lo = _mm512_mul_ps(lo, sa);  // e2m1 * e4m3: a few significant bits, exact
+      __m512 lo, hi;
+      codes_to_values(codes + 16 * r, table, sh_lo, sh_hi, lo, hi);
+      lo = _mm512_mul_ps(lo, sa);  // (q - 8) * s or e2m1 * e4m3: exact in fp32
       hi = _mm512_mul_ps(hi, sb);
       _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
@@ -117,13 +125,12 @@ inline void expand_rows(const uint8_t* codes, __m512 sa, __m512 sb, uint16_t* ds
 }
 
 // One B tile of one expert: columns 16 nb .. 16 nb + 16, inputs 32 kb .. 32 kb + 32, into dst (16 rows of 32 bf16).
-// scales: this expert's scale table, `blocks` scale blocks of `block_k` inputs along K.
+// scales: this expert's scale table, `blocks` scale blocks along K; blk: the block of the tile's first input.
 template <int64_t FMT>
 inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_t kb, int64_t kb_count,
-                        int64_t blocks, int64_t block_k, uint16_t* dst) {
+                        int64_t blocks, int64_t blk, uint16_t* dst) {
   constexpr int64_t tb = FMT == FP8 ? 512 : 256;
   const uint8_t* codes = w + (nb * kb_count + kb) * tb;
-  const int64_t blk = kb * TILE_K / block_k;
   __m512 s = load_scales<FMT>(scales, (nb * blocks + blk) * 16);
   if constexpr (FMT == NVFP4) {  // rows 0-7 take the tile's first 16-input block, rows 8-15 the second
     expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 0, 8);
@@ -144,6 +151,9 @@ struct Problem {
   int64_t expert_scale_bytes;
   int64_t fmt, blocks, block_k;
   int64_t n, k;
+  int64_t small_rows;       // experts with at most this many rows take the dot-product path (0: never)
+  float* xf;                // fp32 [rows, K]: the activations of those experts' rows (others not written)
+  const int64_t* kb_block;  // [K / 32]: the scale block of each input tile's first input (no division per tile)
 };
 
 inline void store_c(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int ntiles, bool two_m) {
@@ -182,6 +192,66 @@ inline void dot_block(const Problem& p, int64_t m0, int64_t kb, const uint16_t* 
   }
 }
 
+// A few rows (left-to-right decoding): no expansion to memory. Each VNNI row's codes index a 16-entry fp32 table
+// of the unscaled values (q - 8 for int4, e2m1 for NVFP4), multiplied into accumulators with the fp32 activations
+// of its input pair (lane 2i + j: column i, input j); the column scales multiply the accumulators once per scale
+// block. These products are of the exact dequantized weight (no bf16 rounding of (q - 8) * scale), so these rows
+// agree with the fp32 dequantized weight to fp32 rounding.
+constexpr int GEMV_ROWS = 4;  // the most rows `small_rows` may ask for
+
+// ROWS is a template parameter so that the accumulators stay in registers.
+template <int64_t FMT, int ROWS>
+void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const uint8_t* w, const void* sc) {
+  const int64_t kb_count = p.k / TILE_K;
+  constexpr int rows = ROWS;
+  const float* xf = p.xf + begin * p.k;  // these rows' activations in fp32
+  const __m512 table = FMT == INT4 ? int4_table() : e2m1_table();
+  const __m512i sh_lo = nibble_shift(0), sh_hi = nibble_shift(1);
+  const int64_t rows_per_block = FMT == NVFP4 ? 8 : 16 * (p.block_k / TILE_K);  // VNNI rows per scale block
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int t = 0; t < ntiles; ++t) {
+    const int64_t nb = nb0 + t;
+    // per row: lanes of columns 0-7 (lo) and 8-15 (hi), two accumulators each (alternate VNNI rows)
+    __m512 tlo[GEMV_ROWS], thi[GEMV_ROWS], alo[GEMV_ROWS][2], ahi[GEMV_ROWS][2];
+    for (int m = 0; m < rows; ++m)
+      tlo[m] = thi[m] = alo[m][0] = alo[m][1] = ahi[m][0] = ahi[m][1] = _mm512_setzero_ps();
+    int64_t blk = 0, left = rows_per_block;  // the scale block, and its VNNI rows still to come
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      const uint8_t* codes = w + (nb * kb_count + kb) * 256;
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        __m512 lo, hi;
+        codes_to_values(codes + 16 * r, table, sh_lo, sh_hi, lo, hi);
+        const float* xk = xf + kb * TILE_K + 2 * r;
+        for (int m = 0; m < rows; ++m) {
+          double pair;
+          std::memcpy(&pair, xk + m * p.k, 8);
+          __m512 xp = _mm512_castpd_ps(_mm512_set1_pd(pair));  // x[k], x[k + 1] in every lane pair
+          alo[m][r & 1] = _mm512_fmadd_ps(lo, xp, alo[m][r & 1]);
+          ahi[m][r & 1] = _mm512_fmadd_ps(hi, xp, ahi[m][r & 1]);
+        }
+        if (--left == 0) {  // the end of a scale block: scale and fold
+          left = rows_per_block;
+          __m512 s = load_scales<FMT>(sc, (nb * p.blocks + blk) * 16);
+          __m512 sa = pair_spread(s, 0), sb = pair_spread(s, 1);
+          for (int m = 0; m < rows; ++m) {
+            tlo[m] = _mm512_fmadd_ps(_mm512_add_ps(alo[m][0], alo[m][1]), sa, tlo[m]);
+            thi[m] = _mm512_fmadd_ps(_mm512_add_ps(ahi[m][0], ahi[m][1]), sb, thi[m]);
+            alo[m][0] = alo[m][1] = ahi[m][0] = ahi[m][1] = _mm512_setzero_ps();
+          }
+          ++blk;
+        }
+      }
+    }
+    for (int m = 0; m < rows; ++m) {  // column i = lane 2i + lane 2i + 1 (lo: columns 0-7, hi: 8-15)
+      __m512 y = _mm512_add_ps(_mm512_permutex2var_ps(tlo[m], even, thi[m]),
+                               _mm512_permutex2var_ps(tlo[m], odd, thi[m]));
+      _mm512_storeu_ps(p.y + (begin + m) * p.n + nb * TILE_N, y);
+    }
+  }
+}
+
 // One work item: the rows of `expert` times its columns 32 strip .. 32 strip + 32. With at most 32 rows each B
 // tile is expanded into a small ring (in L1) right before its dot products; with more, the whole strip is expanded
 // once into buf and reused for every 32 rows.
@@ -194,6 +264,17 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   const int ntiles = (nb0 + 1) * TILE_N < p.n ? 2 : 1;
   const uint8_t* w = p.weight + expert * p.expert_weight_bytes;
   const void* sc = p.scales + expert * p.expert_scale_bytes;
+  if constexpr (FMT != FP8) {
+    if (end - begin <= p.small_rows) {
+      switch (end - begin) {
+        case 1: gemv_item<FMT, 1>(p, begin, nb0, ntiles, w, sc); break;
+        case 2: gemv_item<FMT, 2>(p, begin, nb0, ntiles, w, sc); break;
+        case 3: gemv_item<FMT, 3>(p, begin, nb0, ntiles, w, sc); break;
+        default: gemv_item<FMT, 4>(p, begin, nb0, ntiles, w, sc); break;
+      }
+      return;
+    }
+  }
   if (end - begin <= 2 * TILE_M) {
     const bool two_m = begin + TILE_M < end;
     _tile_zero(0);
@@ -203,7 +284,7 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
     for (int64_t kb = 0; kb < kb_count; ++kb) {
       uint16_t* ring = buf + (kb & 3) * 1024;
       for (int t = 0; t < ntiles; ++t)
-        expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.block_k, ring + t * 512);
+        expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], ring + t * 512);
       dot_block(p, begin, kb, ring, ntiles, two_m);
     }
     store_c(p, begin, end, nb0, ntiles, two_m);
@@ -211,7 +292,7 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   }
   for (int64_t kb = 0; kb < kb_count; ++kb)
     for (int t = 0; t < ntiles; ++t)
-      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.block_k, buf + kb * 1024 + t * 512);
+      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], buf + kb * 1024 + t * 512);
   for (int64_t m0 = begin; m0 < end; m0 += 2 * TILE_M) {
     const bool two_m = m0 + TILE_M < end;
     _tile_zero(0);
@@ -231,8 +312,10 @@ bool amx_init() {
 }
 
 // y fp32 [rows, N] = x @ W_e.T for each expert e's rows. x: bf16 [rows + 16, K] (the last 16 rows padding).
+// Experts with at most `small_rows` rows (<= 4) take the dot-product path; 0 keeps every row on the AMX path, so
+// that a row's result never depends on how many rows share its expert.
 torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor weight, torch::Tensor scales,
-                          int64_t fmt, int64_t n, int64_t k, int64_t block_k) {
+                          int64_t fmt, int64_t n, int64_t k, int64_t block_k, int64_t small_rows) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == k, "x: bf16 [rows+16, K]");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(), "offsets: int64");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "weight and scales must be contiguous");
@@ -244,11 +327,27 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), y.data_ptr<float>(), offsets.data_ptr<int64_t>(),
             weight.data_ptr<uint8_t>(), weight.numel() * weight.element_size() / experts,
             static_cast<const uint8_t*>(scales.data_ptr()), scales.numel() * scales.element_size() / experts,
-            fmt, k / block_k, block_k, n, k};
-  // work items: only experts with rows
+            fmt, k / block_k, block_k, n, k, std::min<int64_t>(small_rows, GEMV_ROWS), nullptr,
+            nullptr};
+  std::vector<int64_t> kb_block(k / TILE_K);
+  for (int64_t kb = 0; kb < k / TILE_K; ++kb) kb_block[kb] = kb * TILE_K / block_k;
+  p.kb_block = kb_block.data();
+  // work items: only experts with rows; the few-rows experts' activations in fp32, once
   std::vector<int64_t> active;
-  for (int64_t e = 0; e < experts; ++e)
-    if (p.offsets[e + 1] > p.offsets[e]) active.push_back(e);
+  torch::Tensor xf;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t count = p.offsets[e + 1] - p.offsets[e];
+    if (count == 0) continue;
+    active.push_back(e);
+    if (count > p.small_rows || fmt == FP8) continue;
+    if (!xf.defined()) xf = torch::empty({rows, k}, y.options());
+    p.xf = xf.data_ptr<float>();
+    for (int64_t row = p.offsets[e]; row < p.offsets[e + 1]; ++row)
+      for (int64_t i = 0; i < k; i += 16) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + row * k + i));
+        _mm512_storeu_ps(p.xf + row * k + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+  }
   const int64_t items = int64_t(active.size()) * strips;
   // items are claimed one at a time from a shared counter: experts' row counts differ, so a static split would
   // leave a thread idle
