@@ -1,11 +1,18 @@
 """step_cache: what it saves and what it costs.
 
 Speed: one denoising pass (decoder + LM head) over the whole canvas against passes over a fraction of its positions
-(what a step-cache pass computes when the rest has settled), on a random model of a preset, in one run; the ratio
-is the figure (same process, same threads). Quality: the bundled Sudoku models on held-out puzzles, every policy of
-config.STEP_CACHE against the exact path (solve rate, cells, mean steps, wall time), same puzzles and seeds.
+(what a step-cache pass computes when the rest has settled), on a random model of a preset (or a checkpoint,
+`--model-dir`, e.g. full-size random weights), in one run; the ratio is the figure (same process, same threads).
+Quality: the bundled Sudoku models on held-out puzzles, every policy of config.STEP_CACHE against the exact path
+(solve rate, cells, mean steps, wall time), same puzzles and seeds; and (`--kl-models N`) the KL divergence of the
+final-step distributions against the exact path on N random models built and saved by the reference
+(transformers, as the tests build them): same prompts and seeds, every committed position's final-step
+distribution in full (logprobs over the whole vocabulary), KL(exact || policy) per position, and the share of
+committed tokens that are the same.
 
     python benchmarks/step_cache.py --preset small-moe --threads 2 --puzzles 1000 --out benchmarks/results/step_cache.json
+    python benchmarks/step_cache.py --model-dir /tmp/fullsize/int4 --fractions 0,0.5,0.75,0.9 --repeats 1 \
+        --skip-quality --threads 2
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +30,7 @@ import torch
 
 from dgemma import load_model
 from dgemma.config import STEP_CACHE
-from dgemma.generate import unsettled_positions
+from dgemma.generate import Commit, stream, unsettled_positions
 from dgemma.hardware import describe
 from dgemma.presets import random_model
 from dgemma.tasks import sudoku, sudoku_run
@@ -30,8 +39,9 @@ MODELS = Path(__file__).resolve().parents[1] / "src" / "dgemma" / "models"
 
 
 @torch.inference_mode()
-def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 64) -> list[dict]:
-    model = random_model(preset)
+def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 64,
+          model_dir: str | None = None) -> list[dict]:
+    model = load_model(model_dir) if model_dir else random_model(preset)
     net, cfg = model.module, model.config
     c = cfg.canvas_length
     g = torch.Generator().manual_seed(0)
@@ -82,9 +92,56 @@ def quality(model_dir: Path, n: int, blanks: tuple[int, int], seed: int) -> dict
     return out
 
 
+def final_distributions(model, prompt: torch.Tensor, seed: int, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Committed ids [n] and their positions' final-step log-distributions [n, V] (every canvas, all rows)."""
+    vocab = model.config.vocab_size
+    ids, dists = [], []
+    # a fixed 16 steps per canvas (adaptive stopping off), so that positions settle and the cache has work to skip
+    for ev in stream(model, prompt, seed=seed, logprobs=vocab, step_cache=policy, max_new_tokens=64,
+                     max_denoising_steps=16, stability_threshold=None, confidence_threshold=None):
+        if isinstance(ev, Commit):
+            values, which = ev.top_logprobs
+            full = torch.full((*which.shape[:-1], vocab), float("-inf"))
+            full.scatter_(-1, which.long(), values.float())
+            ids.append(ev.ids.reshape(-1))
+            dists.append(full.reshape(-1, vocab))
+    return torch.cat(ids), torch.cat(dists)
+
+
+def kl(n_models: int) -> dict:
+    """KL(exact || policy) of final-step distributions on reference-built random models (see the module doc)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from refmodels import build  # the reference's own model class, saved with save_pretrained
+
+    rows: dict[str, list[dict]] = {name: [] for name in STEP_CACHE if name != "off"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(n_models):
+            _, path = build(Path(tmp), f"ref{seed}", canvas_length=32, seed=seed)
+            model = load_model(path, dtype=torch.float32)
+            prompt = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(seed))
+            base_ids, base = final_distributions(model, prompt, seed, "off")
+            for name in rows:
+                got_ids, got = final_distributions(model, prompt, seed, name)
+                n = min(len(got_ids), len(base_ids))  # an EOS may end one run's generation a canvas earlier
+                got_ids, got, want_ids, want = got_ids[:n], got[:n], base_ids[:n], base[:n]
+                p = want.exp()
+                terms = torch.where(p > 0, p * (want - got), torch.zeros(()))
+                per_pos = terms.sum(-1)
+                rows[name].append({"model_seed": seed, "positions": int(per_pos.numel()),
+                                   "kl_mean": float(per_pos.mean()), "kl_max": float(per_pos.max()),
+                                   "same_tokens": float((got_ids == want_ids).double().mean())})
+                print(f"  ref model {seed} {name:7s}: KL mean {rows[name][-1]['kl_mean']:.2e} max "
+                      f"{rows[name][-1]['kl_max']:.2e}  same tokens {rows[name][-1]['same_tokens']:.3f}", flush=True)
+    return {name: {"kl_mean": sum(r["kl_mean"] for r in rs) / len(rs), "kl_max": max(r["kl_max"] for r in rs),
+                   "same_tokens": sum(r["same_tokens"] for r in rs) / len(rs), "per_model": rs}
+            for name, rs in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small-moe")
+    ap.add_argument("--model-dir", default=None, help="time this checkpoint instead of a random preset model")
+    ap.add_argument("--kl-models", type=int, default=0, help="KL against the exact path on N reference-built models")
     ap.add_argument("--fractions", default="0,0.25,0.5,0.75,0.9")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--puzzles", type=int, default=1000)
@@ -98,9 +155,13 @@ def main() -> None:
     result = {"machine": {"cpu": describe(), "threads": torch.get_num_threads(), "load": os.getloadavg(),
                           "python": platform.python_version(), "torch": torch.__version__},
               "policies": {k: (None if v is None else vars(v)) for k, v in STEP_CACHE.items()}}
-    print(f"speed ({args.preset}, {torch.get_num_threads()} thread(s)):", flush=True)
-    result["speed"] = {"preset": args.preset,
-                       "rows": speed(args.preset, [float(x) for x in args.fractions.split(",")], args.repeats)}
+    print(f"speed ({args.model_dir or args.preset}, {torch.get_num_threads()} thread(s)):", flush=True)
+    result["speed"] = {"preset": args.preset, "model_dir": args.model_dir,
+                       "rows": speed(args.preset, [float(x) for x in args.fractions.split(",")], args.repeats,
+                                     model_dir=args.model_dir)}
+    if args.kl_models:
+        print("KL of final-step distributions against the exact path:", flush=True)
+        result["kl"] = kl(args.kl_models)
     if not args.skip_quality:
         print("quality:", flush=True)
         result["quality"] = [quality(MODELS / "sudoku", args.puzzles, (30, 50), args.seed),

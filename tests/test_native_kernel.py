@@ -67,8 +67,9 @@ MAKERS = {
 
 @pytest.mark.parametrize("kind", MAKERS)
 @pytest.mark.parametrize("shape", [(48, 128), (3, 64, 192)])
-def test_tiles_dequantize_to_the_same_weight(kind, shape):
+def test_tiles_dequantize_to_the_same_weight(kind, shape, monkeypatch):
     q = MAKERS[kind](shape)
+    monkeypatch.setattr(native, "extension", lambda: None)  # the torch repack, on every machine
     t = native.to_tiles(q)
     assert t is not None and t.scheme == q.scheme and t.shape == q.shape
     assert torch.equal(t.dequantize(torch.float32), q.dequantize(torch.float32))
@@ -132,6 +133,12 @@ if native.available():
             got = t.linear(x).float()
         want = _reference(q, x)
         assert torch.all((got - want).abs() <= _bound(q, x) + 2 ** -8 * want.abs())
+
+    @pytest.mark.parametrize("bits", [4, 8])
+    def test_native_repack_is_the_torch_layout(bits):
+        packed = torch.randint(0, 256, (3, 48, 64 if bits == 4 else 128), generator=GEN, dtype=torch.uint8)
+        assert torch.equal(native._tiles(packed, bits), native._tiles(packed, bits, native=False))
+        assert torch.equal(native._tiles(packed[1], bits), native._tiles(packed[1], bits, native=False))
 
     @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4", "fp8-block"])
     def test_grouped_experts_match_one_at_a_time(kind):

@@ -113,20 +113,20 @@ def _untile(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 # byte b of a VNNI row's 16 holds element 4 (b % 4) + b // 4 (low nibble) and that + 16 (high nibble): the order in
-# which the kernel's one broadcast and one variable shift reach every element (csrc/woq_amx.cpp, codes_to_values)
-_BYTE_ELEMENT = torch.tensor([4 * (b % 4) + b // 4 for b in range(16)])
+# which the kernel's one broadcast and one variable shift reach every element (csrc/woq_amx.cpp, codes_to_values).
+# As a [4, 4] grid of positions that is a transpose, so it is its own inverse.
+def _byte_order(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], 4, 4).transpose(-1, -2).reshape(t.shape)
 
 
 def tile_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16] (see _BYTE_ELEMENT)."""
+    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16] (see _byte_order)."""
     t = _tile_order(codes.to(torch.uint8))
-    lo, hi = t[..., :16], t[..., 16:]
-    return (lo | (hi << 4))[..., _BYTE_ELEMENT]
+    return _byte_order(t[..., :16] | (t[..., 16:] << 4))
 
 
 def untile_nibbles(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    elements = torch.empty_like(tiles)
-    elements[..., _BYTE_ELEMENT] = tiles  # the mapping is its own inverse, but say what is meant
+    elements = _byte_order(tiles)
     return _untile(torch.cat([elements & 0xF, elements >> 4], dim=-1), n, k)
 
 
@@ -245,12 +245,12 @@ def to_tiles(q: QTensor) -> AMXTensor | None:
     if name == "int4":
         if not covers(n, k, q.group):
             return None
-        return AMXTensor(tile_nibbles(_unpack(q.nibbles())), tile_scales(q.scales().to(torch.bfloat16)),
+        return AMXTensor(_tiles(q.nibbles(), 4), tile_scales(q.scales().to(torch.bfloat16)),
                          fmt="int4", block=q.group, scheme=name, shape=tuple(q.shape))
     if name == "nvfp4":
         if not covers(n, k, NVFP4_BLOCK, "nvfp4"):
             return None
-        return AMXTensor(tile_nibbles(_unpack(q.packed)), tile_scales(q.scale),
+        return AMXTensor(_tiles(q.packed, 4), tile_scales(q.scale),
                          out_scale=q.global_scale.float().contiguous(), out_divides=q.global_divides, fmt="nvfp4",
                          block=NVFP4_BLOCK, scheme=name, shape=tuple(q.shape))
     if name in ("fp8-channel", "fp8-block"):
@@ -261,9 +261,30 @@ def to_tiles(q: QTensor) -> AMXTensor | None:
             s = q.scale.float().reshape(*q.shape[:-1], 1)
         else:
             s = q.scale_inv.float().index_select(-2, q.row_block)
-        return AMXTensor(_tile_order(q.weight.view(torch.uint8)).contiguous(), tile_scales(s), fmt="fp8",
+        return AMXTensor(_tiles(q.weight.view(torch.uint8), 8), tile_scales(s), fmt="fp8",
                          block=block, scheme=name, shape=tuple(q.shape))
     return None
+
+
+def _tiles(packed: torch.Tensor, bits: int, native: bool | None = None) -> torch.Tensor:
+    """Packed codes ([E,] N, K/2 for 4 bits, K for 8) in the tile layout: the extension's one-pass repack where it
+    is built (`native` None), else torch ops one expert at a time (temporaries of one expert's size)."""
+    mod = extension() if native is not False else None
+    if mod is not None:
+        flat = packed.reshape(-1, *packed.shape[-2:]).contiguous()
+        out = mod.tile_codes(flat, bits)
+        return out[0] if packed.dim() == 2 else out
+
+    def one(p: torch.Tensor) -> torch.Tensor:
+        return tile_nibbles(_unpack(p)) if bits == 4 else _tile_order(p).contiguous()
+
+    if packed.dim() == 2:
+        return one(packed)
+    n, k = packed.shape[-2], packed.shape[-1] * (2 if bits == 4 else 1)
+    out = torch.empty(packed.shape[0], n // TILE_N, k // TILE_K, 16, 16 if bits == 4 else 32, dtype=torch.uint8)
+    for e in range(packed.shape[0]):
+        out[e] = one(packed[e])
+    return out
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:

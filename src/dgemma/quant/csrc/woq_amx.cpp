@@ -368,7 +368,49 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   return y;
 }
 
+// The tile layout (what dgemma/quant/native.py's tile_nibbles / _tile_order build with torch ops, here in one pass
+// at load). packed: uint8 [E, N, K / 2] (4-bit, element 2k in the low nibble) or [E, N, K] (8-bit codes).
+torch::Tensor tile_codes(torch::Tensor packed, int64_t bits) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.is_contiguous(),
+              "packed: contiguous uint8 [E, N, K/2] or [E, N, K]");
+  const int64_t experts = packed.size(0), n = packed.size(1), k = packed.size(2) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(n % TILE_N == 0 && k % TILE_K == 0, "N % 16 and K % 32 must be 0");
+  const int64_t nb_count = n / TILE_N, kb_count = k / TILE_K, row_bytes = bits == 4 ? 16 : 32;
+  auto out = torch::empty({experts, nb_count, kb_count, 16, row_bytes}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t in_row = packed.size(2);
+  at::parallel_for(0, experts * nb_count, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t e = i / nb_count, nb = i % nb_count;
+      const uint8_t* w = src + e * n * in_row;
+      uint8_t* o = dst + i * kb_count * 16 * row_bytes;
+      for (int64_t kb = 0; kb < kb_count; ++kb)
+        for (int r = 0; r < 16; ++r, o += row_bytes) {
+          const int64_t k0 = kb * TILE_K + 2 * r;
+          if (bits == 8) {
+            for (int el = 0; el < 32; ++el) o[el] = w[(nb * TILE_N + el / 2) * in_row + k0 + el % 2];
+          } else {
+            for (int b = 0; b < 16; ++b) {
+              const int j = 4 * (b % 4) + b / 4;  // byte b holds elements j (low nibble) and j + 16 (high)
+              uint8_t v = 0;
+              for (int half = 0; half < 2; ++half) {
+                const int el = j + 16 * half;
+                const int64_t col = nb * TILE_N + el / 2, kk = k0 + el % 2;
+                const uint8_t code = (w[col * in_row + kk / 2] >> (4 * (kk % 2))) & 0xF;
+                v |= code << (4 * half);
+              }
+              o[b] = v;
+            }
+          }
+        }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
   m.def("amx_init", &amx_init, "request the AMX tile state from the kernel");
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM on AMX");
 }
