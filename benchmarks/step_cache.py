@@ -49,7 +49,7 @@ def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 6
     cache = net.new_cache(1, prompt_len, scratch=c)
     net.encode(prompt, cache)
     canvas = torch.randint(3, cfg.vocab_size, (1, c), generator=g)
-    probs = torch.softmax(torch.randn(1, c, cfg.vocab_size, generator=g), -1)
+    probs = torch.softmax(torch.randn(1, c, cfg.vocab_size, generator=g), -1).to(model.dtype)
 
     def one(positions):
         t = time.perf_counter()
