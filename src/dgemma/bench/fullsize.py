@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import hardware
+from ..quant import native
 from ..checkpoint.load import load_model
 from ..checkpoint.quantize import random_quantized_checkpoint
 from ..config import ModelConfig
@@ -59,7 +60,7 @@ def run(args) -> int:
                                     progress=sys.stderr.isatty())
     cfg = ModelConfig.from_file(model_dir / "config.json")  # the model's own (it may come from the reference)
     device = torch.device(args.device)
-    machine = hardware.describe()
+    machine = {**hardware.describe(), "native_kernel": native.available()}
     load_start = os.getloadavg()[0]
     compute = hardware.default_compute_dtype(torch.bfloat16, device)  # what the bf16-stored parts compute in
     peaks = {str(dt): measure_peak(cfg, dt, device) for dt in dict.fromkeys((compute, torch.float32))}

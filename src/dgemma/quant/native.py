@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import cpu_flags
 from ..numerics import ROW_INVARIANT
 from .qtensor import MODE, QTensor, QuantError
 
@@ -43,17 +44,6 @@ SMALL_ROWS = 4  # experts (or matrices) with this many rows or fewer: the kernel
 
 
 # -- availability and build -----------------------------------------------------------------------------------------
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @functools.cache
 def extension():
     """The built extension module, or None where it cannot run here (the reason is logged once)."""
