@@ -119,9 +119,14 @@ def test_finetune_killed_at_random_points_ends_as_an_unbroken_run(model, data, t
     args = ["finetune", "--model", str(model), "--data", str(data), "--out", str(run), *TRAIN]
     rng = random.Random(2)
     kills = 0
-    for _ in range(3):
+    for attempt in range(6):
+        if attempt >= 3 and kills:
+            break
+        # kill times are fractions of the uninterrupted run's wall time; on a loaded machine a later run can be
+        # faster than that one, so attempts after the third (only when nothing was killed yet) draw earlier times
+        frac = rng.uniform(0.5, 0.95) if attempt < 3 else rng.uniform(0.1, 0.4)
         resume = ["--resume"] if run.exists() else []
-        kills += _killed_after(_dgemma(*args, *resume), rng.uniform(0.5, 0.95) * took)
+        kills += _killed_after(_dgemma(*args, *resume), frac * took)
     _finish(_dgemma(*args, "--resume") if run.exists() else _dgemma(*args))
     assert _steps_logged(run) == list(range(1, 9))
     a, b = _final_weights(straight), _final_weights(run)
