@@ -17,7 +17,7 @@ from dgemma.checkpoint.load import load_model
 from dgemma.constraints import Constraint, ConstraintError, Template, compile_constraint
 from dgemma.constraints.automaton import TokenAutomaton
 from dgemma.constraints.compile import regex_edges
-from dgemma.constraints.dp import ClassScorer, best_canvas, class_max, class_scores, plan_canvas
+from dgemma.constraints.dp import ClassScorer, ClassScores, best_canvas, class_max, class_scores, plan_canvas
 from dgemma.constraints.numbers import integer_range, number_range
 from dgemma.constraints.schema import CompileLimits
 from dgemma.constraints.vocab import TokenTable
@@ -351,6 +351,34 @@ def test_class_scores_from_the_samplers_pass(model, rng):
     expect = torch.stack([probs[:, m].max(dim=1).values for m in members], dim=1)
     assert torch.allclose(scorer.maxp, expect, rtol=1e-5, atol=1e-9)
     assert probs.shape == (c, v) and scorer.maxp.abs().sum() > 0
+
+
+def test_big_class_scoring_and_best_token_are_exact():
+    """At a realistic vocabulary one class holds most tokens (a JSON string's content): on CPU its score is the row
+    max of the probabilities times its 0/1 mask and its best token is read with the other tokens masked out; both
+    equal the max / the lowest-id argmax over its members (one-hot rows and bf16 ties included)."""
+    from dgemma.bench.constrained import synthetic_tokenizer
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["name", "n"]}
+    aut = compile_constraint(Constraint.json_schema(schema), synthetic_tokenizer(8192), 8192, [1], 0)
+    assert aut.layout.big.size == 1
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(40, 8192, generator=g) * 4, dim=-1)
+    probs[3] = 0.0
+    probs[3, 300] = 1.0
+    scorer = ClassScorer(aut, 40)
+    for s in range(0, 40, 7):
+        scorer(s, probs[s:s + 7])
+    members = [aut.order[aut.offsets[k]:aut.offsets[k + 1]] for k in range(aut.n_classes)]
+    assert torch.equal(scorer.maxp, torch.stack([probs[:, m].amax(dim=1) for m in members], dim=1))
+    ranking = probs.to(torch.bfloat16)  # coarse: many tokens of a class tie
+    big = int(aut.layout.big[0])
+    classes = torch.where(torch.arange(40) % 3 == 0, torch.randint(0, aut.n_classes, (40,), generator=g), big)
+    best = ClassScores(torch.log(scorer.maxp), ranking).best(aut, classes)
+    for j, k in enumerate(classes.tolist()):
+        vals = ranking[j, members[k]].float()
+        assert int(best[j]) == int(members[k][int((vals == vals.max()).nonzero()[0])]), j
 
 
 def _sentencepiece_style_tokenizer():

@@ -71,6 +71,23 @@ def test_offending_spans_point_at_what_breaks_the_schema():
     assert props.offending(b'{"a":1', True) is None  # not one JSON value
 
 
+def test_an_unchanged_output_is_not_validated_again(monkeypatch):
+    """The verifier remembers its last answers: a canvas that did not change since the last step is not scanned
+    and validated again (the answer is the same, and a caller may not alter the one it keeps)."""
+    check = SchemaCheck({"type": "array", "uniqueItems": True}, (("", "uniqueItems"),))
+    calls = []
+    real = check._offending
+    monkeypatch.setattr(check, "_offending", lambda data, complete: calls.append(data) or real(data, complete))
+    first = check.offending(b"[1,2,1", False)
+    first.append((0, 0))
+    assert check.offending(b"[1,2,1", False) == [(5, 6)] and len(calls) == 1
+    assert check.offending(b"[1,2,1]", True) == [(5, 6)] and check.offending(b"[1,2]", True) == []
+    assert check.offending(bytearray(b"[1,2,1"), False) == [(5, 6)] and len(calls) == 3
+    for i in range(20):  # a bounded memory
+        check.offending(b"[%d]" % i, True)
+    assert len(check.memo) <= 8
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("schema", [
     {"type": "array", "items": {"enum": ["a", "b", "c", "d"]}, "minItems": 3, "uniqueItems": True},

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 INF = 1 << 30  # distance of states that cannot reach DONE
+BIG_CLASS = 4096  # a class of at least this many tokens and a quarter of the live ones is scored by a masked max
 
 
 def _mix64(x: np.ndarray, seed: int) -> np.ndarray:
@@ -145,11 +146,32 @@ class Layout:
     class_of_order: torch.Tensor  # [V_live] the class of each token of `order`
     edge_cls: np.ndarray  # [E] the class of each edge, edges sorted by (dst, src): each pair's edges contiguous
     pair_starts: np.ndarray  # [P] where each pair's edges start
-    pair_of_edge: torch.Tensor  # [E] the pair of each edge (in that order)
     pair_src: np.ndarray  # [P] pairs sorted by dst: their source state
     in_bounds: np.ndarray  # [S + 1] pairs into state q are [in_bounds[q], in_bounds[q + 1])
     dst_starts: np.ndarray  # where each state with incoming pairs starts (np.*.reduceat offsets)
     has_in: np.ndarray  # [S] bool: states with incoming pairs, in the order of dst_starts
+    # The forward pass numbers states "compactly": those with incoming pairs first (in state order, so pair
+    # segments are in that order too), then the others, so a segmented max writes one contiguous row.
+    compact: np.ndarray  # [S] each state's compact number
+    pair_csrc: np.ndarray  # [P] each pair's source state, compact
+    pair_dst: np.ndarray  # [P] each pair's destination state
+    # A pair's score is the max over its classes; pairs share few distinct class sets (a JSON schema: ~6x fewer
+    # than pairs), so the max is taken once per set: sets of one class are a column, the others a segmented max.
+    pair_set: np.ndarray  # [P] each pair's class set
+    single_sets: np.ndarray  # sets of one class ...
+    single_cls: np.ndarray  # ... and that class
+    multi_sets: np.ndarray  # sets of several classes ...
+    multi_cls: np.ndarray  # ... their classes, set after set
+    multi_of: torch.Tensor  # [len(multi_cls)] the position in multi_sets of each
+    n_sets: int
+    # Scoring on CPU: a big class (inside a JSON string most of the vocabulary is one class) is scored by a max
+    # over the whole row times its 0/1 mask (two streaming passes, exact for probabilities >= 0) instead of
+    # gathering its tokens; the other classes' tokens are gathered in class order (`rest_*`).
+    big: np.ndarray  # big classes
+    big_mask: torch.Tensor  # [len(big), V] float32: 1 for the class's tokens, else 0
+    rest_cls: np.ndarray  # the other classes ...
+    rest_order: torch.Tensor  # ... their tokens in class order
+    rest_starts: np.ndarray  # ... where each starts in rest_order
 
     @classmethod
     def of(cls, aut: TokenAutomaton) -> Layout:
@@ -162,12 +184,47 @@ class Layout:
         bounds = np.searchsorted(pair_dst, np.arange(aut.n_states + 1))
         has_in = np.diff(bounds) > 0
         sizes = aut.offsets[1:] - aut.offsets[:-1]
+        edge_cls = aut.cls.numpy()[by_pair].copy()
+        pair_src = src[by_pair][pair_starts].copy()
+        n_in = int(has_in.sum())
+        compact = np.empty(aut.n_states, dtype=np.int64)
+        compact[has_in] = np.arange(n_in)
+        compact[~has_in] = np.arange(n_in, aut.n_states)
+        sets: dict[tuple[int, ...], int] = {}
+        ends = np.r_[pair_starts[1:], edge_cls.size].tolist()
+        pair_set = np.asarray([sets.setdefault(tuple(edge_cls[a:b].tolist()), len(sets))
+                               for a, b in zip(pair_starts.tolist(), ends)], dtype=np.int64)
+        keys = list(sets)
+        single = [i for i, k in enumerate(keys) if len(k) == 1]
+        multi = [i for i, k in enumerate(keys) if len(k) > 1]
         return cls(aut.order, aut.offsets[:-1].numpy().copy(),
                    torch.repeat_interleave(torch.arange(aut.n_classes), sizes),
-                   aut.cls.numpy()[by_pair].copy(), pair_starts,
-                   torch.from_numpy(np.cumsum(first) - 1),
-                   src[by_pair][pair_starts].copy(), bounds,
-                   bounds[:-1][has_in], has_in)
+                   edge_cls, pair_starts, pair_src, bounds,
+                   bounds[:-1][has_in], has_in,
+                   compact, compact[pair_src], pair_dst,
+                   pair_set, np.asarray(single, dtype=np.int64),
+                   np.asarray([keys[i][0] for i in single], dtype=np.int64), np.asarray(multi, dtype=np.int64),
+                   np.asarray([k for i in multi for k in keys[i]], dtype=np.int64),
+                   torch.repeat_interleave(torch.arange(len(multi)), torch.tensor([len(keys[i]) for i in multi],
+                                                                                   dtype=torch.int64)),
+                   len(keys), *cls._split(aut, sizes.numpy()))
+
+    @staticmethod
+    def _split(aut: TokenAutomaton, sizes: np.ndarray) -> tuple:
+        big = np.flatnonzero((sizes >= BIG_CLASS) & (sizes * 4 >= sizes.sum()))
+        mask = torch.zeros(big.size, aut.vocab_size, dtype=torch.float32)
+        for i, k in enumerate(big.tolist()):
+            mask[i, aut.order[aut.offsets[k]:aut.offsets[k + 1]]] = 1.0
+        rest = np.setdiff1d(np.arange(sizes.size), big)
+        offsets = aut.offsets.numpy()
+        order = torch.cat([aut.order[offsets[k]:offsets[k + 1]] for k in rest.tolist()]) if rest.size else \
+            torch.zeros(0, dtype=torch.int64)
+        return big, mask, rest, order, np.r_[0, np.cumsum(sizes[rest])[:-1]].astype(np.int64)
+
+    @functools.cached_property
+    def big_bool(self) -> torch.Tensor:
+        """[len(big), V] bool: each big class's tokens."""
+        return self.big_mask > 0
 
     @functools.cached_property
     def lists(self) -> tuple[list[int], list[int], list[int], list[int]]:

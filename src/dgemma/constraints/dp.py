@@ -43,16 +43,56 @@ class ClassScorer:
 
     def __init__(self, aut: TokenAutomaton, canvas: int):
         self.aut = aut
-        self.maxp = torch.zeros(canvas, aut.n_classes, dtype=torch.float32)
+        self.canvas = canvas
+        self.by_class = torch.zeros(canvas, aut.n_classes, dtype=torch.float32)
+        self.grouped: np.ndarray | None = None  # the CPU path's: the other classes' columns, then the big ones
+        self.bufs: dict[str, torch.Tensor] = {}  # CPU temporaries, reused from chunk to chunk
+
+    @property
+    def maxp(self) -> torch.Tensor:
+        """[C, K] each class's largest probability at each position."""
+        if self.grouped is None:
+            return self.by_class
+        lay = self.aut.layout
+        return torch.from_numpy(self.grouped[:, np.argsort(np.r_[lay.rest_cls, lay.big])])
+
+    def _buf(self, name: str, n: int, width: int) -> torch.Tensor:
+        b = self.bufs.get(name)
+        if b is None or b.shape[0] < n:
+            b = self.bufs[name] = torch.empty(n, width, dtype=torch.float32)
+        return b[:n]
 
     def __call__(self, start: int, probs: torch.Tensor) -> None:
         """probs [n, V] (any float dtype): the distributions at positions start .. start + n - 1."""
         lay = self.aut.layout
         step = chunk_rows(probs.shape[1], probs.device)
+        if probs.device.type == "cpu" and probs.dtype == torch.float32:
+            self._cpu(start, probs, lay, step)
+            return
         order = lay.on("order", probs.device)
         for s in range(0, probs.shape[0], step):
             q = probs[s:s + step].index_select(1, order).float()  # [n, V_live], classes contiguous
-            self.maxp[start + s:start + s + q.shape[0]] = class_max(q, lay, q.device.type == "cpu")
+            self.by_class[start + s:start + s + q.shape[0]] = class_max(q, lay, q.device.type == "cpu")
+
+    def _cpu(self, start: int, probs: torch.Tensor, lay, step: int) -> None:
+        """The sampler's fp32 chunks on CPU: a big class's max is the row max of probs times its 0/1 mask (exact:
+        probabilities are >= 0; two streaming passes instead of a gather of most of the row); the other classes'
+        tokens are gathered into a reused buffer and their segmented max is written in place."""
+        if self.grouped is None:
+            self.grouped = np.zeros((self.canvas, self.aut.n_classes), dtype=np.float32)
+        n_rest = lay.rest_cls.size
+        for s in range(0, probs.shape[0], step):
+            chunk = probs[s:s + step]
+            n = chunk.shape[0]
+            rows = self.grouped[start + s:start + s + n]
+            if n_rest:
+                q = self._buf("rest", n, lay.rest_order.numel())
+                torch.index_select(chunk, 1, lay.rest_order, out=q)  # [n, tokens], classes contiguous
+                np.maximum.reduceat(q.numpy(), lay.rest_starts, axis=1, out=rows[:, :n_rest])
+            for i in range(lay.big.size):
+                masked = self._buf("masked", n, chunk.shape[1])
+                torch.mul(chunk, lay.big_mask[i], out=masked)
+                rows[:, n_rest + i] = masked.amax(dim=1).numpy()
 
     def scores(self, ranking: torch.Tensor | None) -> ClassScores:
         return ClassScores(torch.log(self.maxp).clamp_(min=LOG_FLOOR), ranking)
@@ -78,14 +118,29 @@ class ClassScores:
             argmax = argmax[:classes.numel()].cpu()
             done = aut.token_class[argmax] == classes
             out[done] = argmax[done]
+        big = aut.layout.big.tolist()
         for k in classes[~done].unique().tolist():
             members = aut.order[aut.offsets[k]:aut.offsets[k + 1]]
             if members.numel() == 1:
                 continue
             pos = ((classes == k) & ~done).nonzero().flatten()
-            vals = self.ranking.index_select(0, pos.to(dev)).index_select(1, members.to(dev))
-            out[pos] = members[vals.argmax(dim=1).cpu()]  # members are sorted: argmax takes the lowest id
+            rows = self.ranking.index_select(0, pos.to(dev))
+            if k in big:  # most of the vocabulary: mask the others out of the whole rows instead of gathering
+                mask = aut.layout.on("big_bool", dev)[big.index(k)]
+                best = _first_argmax(rows.to(torch.float32, copy=True).masked_fill_(~mask, float("-inf")))
+                if bool((aut.token_class[best] == k).all()):  # (a member at -inf would tie with the others)
+                    out[pos] = best
+                    continue
+            out[pos] = members[_first_argmax(rows.index_select(1, members.to(dev)))]  # members sorted: lowest id
         return out
+
+
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """[n, m] -> [n] on CPU: each row's index of its first maximum (numpy's argmax on CPU: several times faster than
+    torch's, in fp32, which holds bf16 / fp16 values exactly)."""
+    if x.device.type != "cpu":
+        return x.argmax(dim=1).cpu()
+    return torch.from_numpy(x.float().numpy().argmax(axis=1))
 
 
 def class_scores(probs: torch.Tensor, aut: TokenAutomaton) -> ClassScores:
@@ -113,14 +168,17 @@ def reachable(aut: TokenAutomaton, start: int, allowed: torch.Tensor) -> torch.T
     CPU cost far more than their arithmetic.)"""
     c = allowed.shape[0] - 1
     lay = aut.layout
-    ok = allowed.numpy()
+    ok = allowed.numpy()[:, np.argsort(lay.compact)]  # compact state numbering, as in `viterbi`
     r = np.zeros((c + 1, aut.n_states), dtype=bool)
-    r[0, start] = ok[0, start]
+    r[0, lay.compact[start]] = ok[0, lay.compact[start]]
+    n_in = lay.dst_starts.size
+    buf = np.empty(lay.pair_csrc.size, dtype=bool)
     for j in range(c):
-        if lay.dst_starts.size:
-            r[j + 1, lay.has_in] = np.logical_or.reduceat(r[j, lay.pair_src], lay.dst_starts)
-        r[j + 1] &= ok[j + 1]
-    return torch.from_numpy(r)
+        if n_in:
+            np.take(r[j], lay.pair_csrc, out=buf)
+            np.logical_or.reduceat(buf, lay.dst_starts, out=r[j + 1, :n_in])
+        np.logical_and(r[j + 1], ok[j + 1], out=r[j + 1])
+    return torch.from_numpy(r[:, lay.compact])
 
 
 @dataclass
@@ -131,6 +189,12 @@ class CanvasPlan:
     allowed: torch.Tensor  # [length + 1, S] states the path may be in at each boundary
     length: int  # positions the path covers: C, or the budget's positions when nothing can finish
     complete: bool  # False: no output fits the budget; the path is the best valid prefix (no EOS), then fill
+    penalty: np.ndarray | None = None  # [length, P] the Viterbi's pair penalties (`pair_penalty`), made once
+
+    def pair_penalty(self, aut: TokenAutomaton) -> np.ndarray:
+        if self.penalty is None:
+            self.penalty = pair_penalty(aut, self.allowed, self.length)
+        return self.penalty
 
 
 def plan_canvas(aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPlan:
@@ -142,47 +206,68 @@ def plan_canvas(aut: TokenAutomaton, start: int, left: torch.Tensor) -> CanvasPl
     return CanvasPlan(allowed_states(aut, left[:m + 1], False), m, False)
 
 
-def _pair_max(edge_scores: torch.Tensor, lay) -> torch.Tensor:
-    """[E, C] edge scores -> [P, C]: each pair's best edge (a segmented max over rows; index_reduce is ~10x faster
-    than numpy's reduceat here)."""
-    out = torch.empty(lay.pair_src.size, edge_scores.shape[1], dtype=edge_scores.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "index_reduce() is in beta"
-        return out.index_reduce_(0, lay.on("pair_of_edge", torch.device("cpu")), edge_scores, "amax",
-                                 include_self=False)
+def pair_scores(logp: np.ndarray, lay) -> np.ndarray:
+    """[C, K] class scores -> [C, P]: each pair's best class (the max over each distinct class set once: a
+    column for a set of one class, index_reduce for the others, ~10x faster than numpy's reduceat here)."""
+    sets = np.empty((logp.shape[0], lay.n_sets), dtype=np.float32)
+    sets[:, lay.single_sets] = logp[:, lay.single_cls]
+    if lay.multi_sets.size:
+        out = torch.empty(lay.multi_sets.size, logp.shape[0], dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "index_reduce() is in beta"
+            out.index_reduce_(0, lay.multi_of, torch.from_numpy(np.ascontiguousarray(logp.T[lay.multi_cls])),
+                              "amax", include_self=False)
+        sets[:, lay.multi_sets] = out.numpy().T
+    return sets[:, lay.pair_set]
 
 
-def viterbi(logp: torch.Tensor, aut: TokenAutomaton, start: int, allowed: torch.Tensor):
+def pair_penalty(aut: TokenAutomaton, allowed: torch.Tensor, c: int) -> np.ndarray:
+    """[c, P] float32: -inf for a pair at position j whose destination is not allowed at boundary j + 1, else 0
+    (added to the pair scores, it keeps the forward pass out of states that are not allowed)."""
+    ok = allowed.numpy()[1:c + 1, aut.layout.pair_dst]
+    return np.where(ok, np.float32(0.0), np.float32(-np.inf))
+
+
+def viterbi(logp: torch.Tensor, aut: TokenAutomaton, start: int, allowed: torch.Tensor,
+            penalty: np.ndarray | None = None):
     """Best path of C edges from `start` staying in `allowed`: (classes [C], states [C + 1]) or None.
-    Forward over state pairs: a pair's score is its best edge's (for all positions in one call), a state's score
-    the max over its incoming pairs (sorted by destination: one gather and one `reduceat` per position); backward:
-    the best pair into each state of the path, then that pair's best edge."""
+    Forward over state pairs: a pair's score is its best class's (for all positions at once, `pair_scores`), with
+    -inf where its destination is not allowed (`penalty`: `pair_penalty`, made once per canvas), a state's score
+    the max over its incoming pairs (sorted by destination: one gather and one `reduceat` per position, written
+    straight into the states' compact row); backward: the best pair into each state of the path, then that pair's
+    best class (the lowest class among equal scores, as the classes of a pair are sorted)."""
     c, s = logp.shape[0], aut.n_states
     lay = aut.layout
-    ln = np.ascontiguousarray(logp.numpy().T)[lay.edge_cls]  # [E, C] edge scores, each pair's edges contiguous
-    pscore = _pair_max(torch.from_numpy(ln), lay).T.contiguous().numpy()  # [C, P]
-    blocked = ~allowed.numpy()
-    vn = np.full((c + 1, s), -np.inf, dtype=np.float32)
-    vn[0, start] = 0.0
-    vn[0, blocked[0]] = -np.inf
-    buf = np.empty(pscore.shape[1], dtype=np.float32)
-    for j in range(c):
-        if lay.dst_starts.size:
-            np.take(vn[j], lay.pair_src, out=buf)
+    lp = logp.numpy()
+    pscore = pair_scores(lp, lay)
+    pscore += pair_penalty(aut, allowed, c) if penalty is None else penalty
+    vc = np.full((c + 1, s), -np.inf, dtype=np.float32)  # compact state numbering (Layout.compact)
+    if allowed.numpy()[0, start]:
+        vc[0, lay.compact[start]] = 0.0
+    n_in = lay.dst_starts.size
+    if n_in:
+        buf = np.empty(pscore.shape[1], dtype=np.float32)
+        csrc, starts_in = lay.pair_csrc, lay.dst_starts
+        for j in range(c):
+            np.take(vc[j], csrc, out=buf)
             buf += pscore[j]
-            vn[j + 1, lay.has_in] = np.maximum.reduceat(buf, lay.dst_starts)
-        vn[j + 1, blocked[j + 1]] = -np.inf
-    if not np.isfinite(vn[c]).any():
+            np.maximum.reduceat(buf, starts_in, out=vc[j + 1, :n_in])
+    last = vc[c, lay.compact]  # back in state order: the first best state, as before
+    if not np.isfinite(last).any():
         return None
-    q = int(vn[c].argmax())
+    q = int(last.argmax())
     states, classes = [q], []
     bounds, src, starts, edge_cls = lay.lists  # Python ints: this loop is all scalar lookups
+    csrc = lay.pair_csrc
     for j in range(c - 1, -1, -1):
         a, b = bounds[q], bounds[q + 1]
-        p = a + int(np.argmax(vn[j, lay.pair_src[a:b]] + pscore[j, a:b])) if b - a > 1 else a
+        p = a + int(np.argmax(vc[j, csrc[a:b]] + pscore[j, a:b])) if b - a > 1 else a
         e0, e1 = starts[p], starts[p + 1]
-        e = e0 + int(np.argmax(ln[e0:e1, j])) if e1 - e0 > 1 else e0
-        classes.append(edge_cls[e])
+        k = edge_cls[e0]
+        if e1 - e0 > 1:
+            ks = lay.edge_cls[e0:e1]
+            k = int(ks[np.argmax(lp[j, ks])])
+        classes.append(k)
         q = src[p]
         states.append(q)
     return torch.tensor(classes[::-1], dtype=torch.int64), torch.tensor(states[::-1], dtype=torch.int64)
@@ -207,7 +292,7 @@ def best_canvas(scores: ClassScores, aut: TokenAutomaton, start: int, left: torc
     `argmax` [C]: the step's unconstrained argmax (saves reading the best token of classes that contain it)."""
     c = scores.logp.shape[0]
     plan = plan or plan_canvas(aut, start, left)
-    path = viterbi(scores.logp[:plan.length], aut, start, plan.allowed)
+    path = viterbi(scores.logp[:plan.length], aut, start, plan.allowed, plan.pair_penalty(aut))
     if path is None:
         raise ValueError("the constraint admits no continuation from this state")  # excluded by compile
     classes, states = path

@@ -12,7 +12,9 @@ A complete output (EOS in the canvas) must validate in full.
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 from dataclasses import dataclass, field
 
 import jsonschema
@@ -24,6 +26,7 @@ MONOTONE = ("uniqueItems", "maxItems", "maxProperties", "additionalProperties", 
 AT_CLOSE = ("required", "minProperties", "minItems", "contains", "minContains", "dependentRequired",
             "dependencies")
 _WS = b" \t\n\r"
+MEMO = 8  # answers kept per schema (SchemaCheck.offending)
 _SCALAR_END = b",}] \t\n\r"
 
 
@@ -193,6 +196,10 @@ class SchemaCheck:
         cls = jsonschema.validators.validator_for(self.schema if isinstance(self.schema, dict) else {},
                                                   default=jsonschema.Draft202012Validator)
         self.validator = cls(self.schema, format_checker=jsonschema.FormatChecker())
+        # the last few answers by (output, complete): a canvas that did not change since the last step (late
+        # denoising steps, the sampled and the argmax canvas agreeing) is not scanned and validated again
+        self.memo: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()  # one automaton (and its check) serves every request that asks for it
 
     @property
     def prefixes(self) -> bool:
@@ -203,6 +210,20 @@ class SchemaCheck:
         """Byte spans of `data` (the output so far; `complete`: EOS follows it) that break the schema; [] when
         nothing does yet; None when a complete output is not one JSON value (the automaton prevents it). A
         finished top-level value is validated in full; an unfinished one only where `prefixes`."""
+        key = (bytes(data), complete)
+        with self.lock:
+            if key in self.memo:
+                self.memo.move_to_end(key)
+                spans = self.memo[key]
+                return None if spans is None else list(spans)
+        spans = self._offending(key[0], complete)
+        with self.lock:
+            self.memo[key] = None if spans is None else tuple(spans)
+            while len(self.memo) > MEMO:
+                self.memo.popitem(last=False)
+        return spans
+
+    def _offending(self, data: bytes, complete: bool) -> list[tuple[int, int]] | None:
         root = scan(data, complete)
         if root is None:
             return None if complete else []
