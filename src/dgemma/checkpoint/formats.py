@@ -24,19 +24,12 @@ from safetensors import SafetensorError, safe_open
 
 from ..numerics import linear as dense_linear
 from ..quant import lowbit
-from ..quant.kernels import SCRATCH
+from ..quant.kernels import SCRATCH, e2m1_table
 from ..quant.qtensor import QTensor, QuantError, register
 from .lowbit import parse_config
 
 FP8 = torch.float8_e4m3fn
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NVFP4_GROUP = 16
-
-
-def e2m1_table() -> torch.Tensor:
-    """float32 [16]: the value of every 4-bit code (bit 3 = sign)."""
-    pos = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    return torch.cat([pos, -pos])
 
 
 def _byte_table() -> torch.Tensor:

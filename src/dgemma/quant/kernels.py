@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from ..numerics import MIN_ROWS, ROW_INVARIANT
 
 INT4_ZERO = 8  # int4 codes are unsigned 0..15 around 8: w = (q - 8) * scale
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # NVFP4's 4-bit float codes 0..7; bit 3 is the sign
+
+
+def e2m1_table() -> torch.Tensor:
+    """float32 [16]: the value of every 4-bit e2m1 code (bit 3 = sign)."""
+    pos = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.cat([pos, -pos])
 
 
 # -- int4 nibble layout (dgemma's on-disk layout) ------------------------------------------------------------------

@@ -10,8 +10,8 @@ The expanded weight is exactly the bf16 rounding of the format's own dequantized
 e2m1 * block scale for NVFP4 with its global scale on the output, e4m3 * scale for FP8); products are accumulated in
 fp32 by the AMX unit, in another order than oneDNN's GEMM, so outputs agree with the dequantized model's bf16 matmul
 to fp32 rounding. Matrices (or experts) given at most `SMALL_ROWS` rows (left-to-right decoding) skip the expansion:
-AVX-512 bf16 dot products of the unscaled codes' exact bf16 values, scaled once per block, i.e. the exact fp32
-dequantized weight, again to fp32 rounding (tests/test_native_kernel.py states both tolerances). Inside
+AVX-512 fp32 products of the unscaled codes' values with the activations, scaled once per block, i.e. the exact
+fp32 dequantized weight, again to fp32 rounding (tests/test_native_kernel.py states both tolerances). Inside
 `numerics.row_invariant()` every row count takes the AMX path, so a row's result never depends on its neighbours.
 
 Anywhere else (no AMX, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover) nothing changes:
@@ -31,6 +31,7 @@ import torch
 
 from ..hardware import cpu_flags
 from ..numerics import ROW_INVARIANT
+from . import kernels as K
 from .qtensor import MODE, QTensor, QuantError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ SOURCE = Path(__file__).parent / "csrc" / "woq_amx.cpp"
 FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
 TILE_N, TILE_K = 16, 32
-NVFP4_BLOCK, FP8_BLOCK = 16, 128
+NVFP4_BLOCK = 16
 SMALL_ROWS = 4  # experts (or matrices) with this many rows or fewer: the kernel's dot-product path (int4, NVFP4)
 
 
@@ -157,7 +158,7 @@ class AMXTensor(QTensor):
             q = _untile(codes, n, k).view(torch.float8_e4m3fn).float()
         else:
             q = untile_nibbles(codes, n, k)
-            q = _E2M1.to(q.device)[q.long()] if self.fmt == "nvfp4" else q.float().sub_(8)
+            q = K.e2m1_table().to(q.device)[q.long()] if self.fmt == "nvfp4" else q.float().sub_(K.INT4_ZERO)
         s = scale.float() if self.fmt != "nvfp4" else scale.view(torch.float8_e4m3fn).float()
         w = (q.view(*q.shape[:-1], k // self.block, self.block) * s.unsqueeze(-1)).view(q.shape)
         if self.out_scale is not None:
@@ -186,19 +187,16 @@ class AMXTensor(QTensor):
         if mod is None:
             raise QuantError("the native AMX kernel is not available on this machine")
         n, k = self.shape[-2:]
-        codes, scale = self.codes, self.scale
-        if only is not None or not self.is_fused:
-            codes = codes[only] if only is not None else codes
-            scale = scale[only] if only is not None else scale
+        codes, scale, gs = self.codes, self.scale, self.out_scale
+        if only is not None:
+            codes, scale, gs = codes[only], scale[only], (None if gs is None else gs[only])
         rows = x.shape[0]
         a = torch.empty(rows + TILE_N, k, dtype=torch.bfloat16)
         a[:rows].copy_(x)
         a[rows:].zero_()
         small = 0 if ROW_INVARIANT.get() else SMALL_ROWS  # one path for every row count inside row_invariant()
         y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small)
-        if self.out_scale is not None:
-            gs = self.out_scale if only is None and self.is_fused else (
-                self.out_scale[only] if only is not None else self.out_scale)
+        if gs is not None:
             if gs.dim() == 2:  # per expert: each row takes its expert's column scales
                 gs = gs.repeat_interleave(offsets.diff(), dim=0)
             y = y / gs if self.out_divides else y * gs
@@ -209,8 +207,6 @@ class AMXTensor(QTensor):
             raise QuantError("an AMX tile-layout weight lives on the CPU; load the checkpoint on the target device")
         return self
 
-
-_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
 # -- adopting a loaded QTensor ---------------------------------------------------------------------------------------
@@ -229,7 +225,7 @@ def adopt(q: QTensor) -> QTensor:
 
 
 def to_tiles(q: QTensor) -> AMXTensor | None:
-    """The tile layout of an int4 / NVFP4 / FP8 QTensor (None for other schemes or uncovered shapes). Pure torch."""
+    """The tile layout of an int4 / NVFP4 / FP8 QTensor (None for other schemes or uncovered shapes)."""
     n, k = q.shape[-2:]
     name = q.scheme
     if name == "int4":
@@ -266,7 +262,7 @@ def _tiles(packed: torch.Tensor, bits: int, native: bool | None = None) -> torch
         return out[0] if packed.dim() == 2 else out
 
     def one(p: torch.Tensor) -> torch.Tensor:
-        return tile_nibbles(_unpack(p)) if bits == 4 else _tile_order(p).contiguous()
+        return tile_nibbles(K.unpack_int4(p)) if bits == 4 else _tile_order(p).contiguous()
 
     if packed.dim() == 2:
         return one(packed)
@@ -276,7 +272,3 @@ def _tiles(packed: torch.Tensor, bits: int, native: bool | None = None) -> torch
         out[e] = one(packed[e])
     return out
 
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] (element 2k in the low nibble) -> codes [..., K]."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
