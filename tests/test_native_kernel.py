@@ -3,19 +3,24 @@
 The layout tests are pure torch and run everywhere: a QTensor repacked into tiles dequantizes to exactly the same
 weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block). Where the kernel runs (an AMX CPU
 with a compiler), its products are checked against the bf16 weight the format dequantizes to: the expansion is the
-same bf16 rounding, the accumulation is fp32 in another order, so the stated tolerance is fp32 rounding of a
-K-term sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4, NVFP4) the kernel multiplies the
-unrounded fp32 weight instead, held to the same bound against it. Where the kernel does not run, loading leaves
-every QTensor as it was read.
+same bf16 rounding (for NVFP4 that rounding is exact), the accumulation is fp32 in another order, so the stated
+tolerance is fp32 rounding of a K-term sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4,
+NVFP4) the kernel multiplies the unrounded fp32 weight instead, held to the same bound against it. Where the kernel
+does not run, loading leaves every QTensor as it was read.
 """
 
 from __future__ import annotations
+
+import os
+import platform
+import shutil
 
 import pytest
 import torch
 
 import dgemma.quant.lowbit as L
 from dgemma.checkpoint.formats import FP8BlockTensor, FP8ChannelTensor, NVFP4Tensor
+from dgemma.hardware import cpu_flags
 from dgemma.numerics import row_invariant
 from dgemma.quant import native
 from dgemma.quant.kernels import pack_int4
@@ -116,6 +121,16 @@ def _bound(q, x, index=None):
 def _few_rows(q, rows):
     """Whether `rows` rows take the kernel's dot-product path (unrounded weights)."""
     return rows <= native.SMALL_ROWS and not isinstance(q, (FP8ChannelTensor, FP8BlockTensor))
+
+
+def test_the_kernel_runs_wherever_it_can_be_built():
+    """A build failure must not pass silently as "this machine has no AMX": where the CPU has the flags and the
+    builder has a compiler and ninja (the dev extras), the kernel is there."""
+    buildable = (platform.system() == "Linux" and platform.machine() == "x86_64"
+                 and all(f in cpu_flags() for f in native.FLAGS)
+                 and shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+                 and os.environ.get("DGEMMA_NATIVE", "auto") != "0")
+    assert native.available() == buildable
 
 
 if native.available():

@@ -6,13 +6,14 @@ layer's experts are repacked at load into `AMXTensor`s: the same codes and scale
 32 output columns at a time into bf16 in cache and multiplies them with AMX tiles. Nothing expanded reaches memory,
 and the experts of a layer run in one call spread over torch's threads (no Python loop over experts).
 
-The expanded weight is exactly the bf16 rounding of the format's own dequantized weight ((q - 8) * scale for int4,
-e2m1 * block scale for NVFP4 with its global scale on the output, e4m3 * scale for FP8); products are accumulated in
-fp32 by the AMX unit, in another order than oneDNN's GEMM, so outputs agree with the dequantized model's bf16 matmul
-to fp32 rounding. Matrices (or experts) given at most `SMALL_ROWS` rows (left-to-right decoding) skip the expansion:
-AVX-512 fp32 products of the unscaled codes' values with the activations, scaled once per block, i.e. the exact
-fp32 dequantized weight, again to fp32 rounding (tests/test_native_kernel.py states both tolerances). Inside
-`numerics.row_invariant()` every row count takes the AMX path, so a row's result never depends on its neighbours.
+What the products are: the expansion is the bf16 rounding of the format's own dequantized weight ((q - 8) * scale
+for int4, e4m3 * scale for FP8, each exact in fp32 and rounded once; e2m1 * block scale for NVFP4, exact in bf16,
+with its global scale on the output), accumulated in fp32 by the AMX unit in another order than oneDNN's GEMM: outputs
+agree with the dequantized model's bf16 matmul to fp32 rounding. Matrices (or experts) given at most `SMALL_ROWS`
+rows (left-to-right decoding) skip the expansion (int4, NVFP4): AVX-512 fp32 products of the codes' values with the
+activations, scaled once per block, i.e. the exact fp32 dequantized weight (tests/test_native_kernel.py states both
+tolerances). Inside `numerics.row_invariant()` every row count takes the AMX path, so a row's result never depends
+on its neighbours.
 
 Anywhere else (no AMX, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover) nothing changes:
 `adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
@@ -103,22 +104,22 @@ def _untile(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return t.reshape(*lead, n, k)
 
 
-# byte b of a VNNI row's 16 holds element 4 (b % 4) + b // 4 (low nibble) and that + 16 (high nibble): the order in
-# which the kernel's one broadcast and one variable shift reach every element (csrc/woq_amx.cpp, codes_to_values).
-# As a [4, 4] grid of positions that is a transpose, so it is its own inverse.
-def _byte_order(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(*t.shape[:-1], 4, 4).transpose(-1, -2).reshape(t.shape)
-
-
 def tile_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 16, 16] (see _byte_order)."""
+    """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 4, 64]: each tile's 16 VNNI rows in four
+    groups of 64 bytes, 16-bit word e of group g holding element e of rows 4g .. 4g + 3 in its nibbles 0-3 (byte 2e:
+    rows 4g and 4g + 1, byte 2e + 1: rows 4g + 2 and 4g + 3), the order one shift and one permute expand
+    (csrc/woq_amx.cpp, GROUP_BYTES)."""
     t = _tile_order(codes.to(torch.uint8))
-    return _byte_order(t[..., :16] | (t[..., 16:] << 4))
+    r = t.reshape(*t.shape[:-2], 4, 4, TILE_K)  # [..., group, row in group, element]
+    lo, hi = r[..., 0, :] | (r[..., 1, :] << 4), r[..., 2, :] | (r[..., 3, :] << 4)
+    return torch.stack([lo, hi], dim=-1).reshape(*t.shape[:-2], 4, 2 * TILE_K)
 
 
 def untile_nibbles(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    elements = _byte_order(tiles)
-    return _untile(torch.cat([elements & 0xF, elements >> 4], dim=-1), n, k)
+    b = tiles.reshape(*tiles.shape[:-1], TILE_K, 2)
+    lo, hi = b[..., 0], b[..., 1]
+    rows = torch.stack([lo & 0xF, lo >> 4, hi & 0xF, hi >> 4], dim=-2)  # [..., group, row in group, element]
+    return _untile(rows.reshape(*tiles.shape[:-2], 16, TILE_K), n, k)
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -267,7 +268,8 @@ def _tiles(packed: torch.Tensor, bits: int, native: bool | None = None) -> torch
     if packed.dim() == 2:
         return one(packed)
     n, k = packed.shape[-2], packed.shape[-1] * (2 if bits == 4 else 1)
-    out = torch.empty(packed.shape[0], n // TILE_N, k // TILE_K, 16, 16 if bits == 4 else 32, dtype=torch.uint8)
+    rows, row_bytes = (4, 2 * TILE_K) if bits == 4 else (TILE_K // 2, TILE_K)
+    out = torch.empty(packed.shape[0], n // TILE_N, k // TILE_K, rows, row_bytes, dtype=torch.uint8)
     for e in range(packed.shape[0]):
         out[e] = one(packed[e])
     return out

@@ -2,13 +2,17 @@
 //
 // The weight is stored in "tiles" (repacked once at load, dgemma/quant/native.py): for each block of 16 output
 // columns (nb) and 32 inputs (kb), the 16 rows of one AMX B tile in its VNNI order, where VNNI element e (0..31)
-// of row r is W[16 nb + e / 2, 32 kb + 2 r + e % 2]. Each call expands a strip of 32 output columns x all K into
-// bf16 in a per-thread buffer (in L2), then runs the AMX dot products for every 16-row block of activations, so
-// no expanded expert ever reaches memory. The expansion rounds exactly as the dequantize-then-bf16 path does
-// ((q - 8) * scale, e2m1 * block scale, e4m3 * block scale: computed exactly in fp32, rounded once to bf16).
+// of row r is W[16 nb + e / 2, 32 kb + 2 r + e % 2]. Each call expands 32 output columns at a time into bf16 in
+// cache and runs the AMX dot products on them, so no expanded expert ever reaches memory.
+//
+// What the expansion writes, and so what the products are:
+// - int4: (q - 8) x scale, exact in fp32, rounded once to bf16 (as the dequantize-then-bf16 path does).
+// - NVFP4: e2m1 x e4m3 block scale, exact in bf16 (at most 6 significant bits), so x times the exact dequantized
+//   weight; the global scale applies to the output (in Python).
+// - FP8: e4m3 x scale rounded once to bf16, as the dequantize-then-bf16 path does.
 //
 // Grouped calls run many experts at once: rows are sorted by expert, `offsets` [E + 1] gives each expert's rows,
-// and the work items (expert, strip) are spread over torch's threads.
+// and the work items (expert, strip of 32 columns) are spread over torch's threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -16,6 +20,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -25,9 +30,10 @@ namespace {
 
 enum Format : int64_t { INT4 = 0, NVFP4 = 1, FP8 = 2 };
 
-constexpr int TILE_K = 32;    // bf16 inputs per B tile row pair group
+constexpr int TILE_K = 32;    // bf16 inputs per B tile (16 VNNI rows of 2)
 constexpr int TILE_N = 16;    // output columns per B tile
 constexpr int TILE_M = 16;    // activation rows per A tile
+constexpr int BLOCK_M = 2 * TILE_M;  // rows per block of C tiles (2 x 2 C tiles: 32 rows x 32 columns)
 
 struct TileConfig {
   uint8_t palette_id = 1;
@@ -70,6 +76,59 @@ inline __m512 load_scales(const void* data, int64_t at) {
   }
 }
 
+// The 4-bit layout. A B tile's 256 bytes are four groups of 64 bytes; 16-bit word e (0..31) of group g holds
+// element e of VNNI rows 4g, 4g + 1, 4g + 2, 4g + 3 in its nibbles 0-3. So a shift and one 32-lane word permute
+// give a whole VNNI row, and seen as 16 dwords, lane i holds column i's two inputs of those rows (input 0 of row
+// 4g + h at bit 4h, input 1 at bit 16 + 4h): a shift and one 16-lane permute give one input for all 16 columns.
+constexpr int GROUP_BYTES = 64;
+
+inline __m512 int4_table() { return _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8); }
+inline __m512 e2m1_table() {
+  return _mm512_set_ps(-6.f, -4.f, -3.f, -2.f, -1.5f, -1.f, -0.5f, -0.f, 6.f, 4.f, 3.f, 2.f, 1.5f, 1.f, 0.5f, 0.f);
+}
+
+// The values of one input (0..7 within a group) for the group's 16 columns, from the group's dwords.
+inline __m512 input_values(__m512i d, int i, __m512 table) {
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * (i >> 1) + 16 * (i & 1)), table);
+}
+
+// int4 B tile: (q - 8) x the columns' scales (s), exact in fp32, rounded once to bf16. input_values' lanes are
+// columns, so a word permute interleaves the two inputs of each column into VNNI order.
+inline void expand_int4(const uint8_t* codes, __m512 s, uint16_t* dst) {
+  const __m512 table = int4_table();
+  const __m512i vnni = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512i d = _mm512_loadu_si512(codes + GROUP_BYTES * g);
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      const __m512 a = _mm512_mul_ps(input_values(d, 2 * h, table), s);
+      const __m512 b = _mm512_mul_ps(input_values(d, 2 * h + 1, table), s);
+      const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a's 16 bf16, then b's
+      _mm512_storeu_si512(dst + 128 * g + 32 * h, _mm512_permutexvar_epi16(vnni, words));
+    }
+  }
+}
+
+// NVFP4 B tile: e2m1 x block scale (s0: the tile's first 16 inputs, rows 0-7; s1: rows 8-15), exact in fp32 with
+// at most 6 significant bits, so its bf16 is the top half of its fp32 bits: VNNI lane i = (input 0 >> 16) |
+// input 1 (whose low half is zero), no rounding step.
+inline void expand_nvfp4(const uint8_t* codes, __m512 s0, __m512 s1, uint16_t* dst) {
+  const __m512 table = e2m1_table();
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512i d = _mm512_loadu_si512(codes + GROUP_BYTES * g);
+    const __m512 s = g < 2 ? s0 : s1;
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      const __m512i a = _mm512_castps_si512(_mm512_mul_ps(input_values(d, 2 * h, table), s));
+      const __m512i b = _mm512_castps_si512(_mm512_mul_ps(input_values(d, 2 * h + 1, table), s));
+      _mm512_storeu_si512(dst + 128 * g + 32 * h, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
+    }
+  }
+}
+
 // lanes 0..15 <- s[8 half + lane / 2]: each column's scale for its two VNNI elements
 inline __m512 pair_spread(__m512 s, int half) {
   const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -77,50 +136,16 @@ inline __m512 pair_spread(__m512 s, int half) {
   return _mm512_permutexvar_ps(half ? hi : lo, s);
 }
 
-// The 4-bit codes of one VNNI row: 16 bytes, element j (0..15) in the low nibble and element j + 16 in the high
-// nibble of byte 4 (j % 4) + j / 4. Broadcast to the four 128-bit lanes, fp32 lane j's dword then holds that byte at
-// bit 8 (j / 4), so one variable shift puts element j's code in the lane's low 4 bits, which is all a 16-entry
-// permute reads: no masking or widening.
-inline __m512i nibble_shift(int high) {
-  return _mm512_add_epi32(_mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0),
-                          _mm512_set1_epi32(high ? 4 : 0));
-}
-
-inline void codes_to_values(const uint8_t* row, __m512 table, __m512i sh_lo, __m512i sh_hi, __m512& lo,
-                            __m512& hi) {
-  __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-  lo = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, sh_lo), table);
-  hi = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, sh_hi), table);
-}
-
-inline __m512 int4_table() { return _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8); }
-inline __m512 e2m1_table() {
-  return _mm512_set_ps(-6.f, -4.f, -3.f, -2.f, -1.5f, -1.f, -0.5f, -0.f, 6.f, 4.f, 3.f, 2.f, 1.5f, 1.f, 0.5f, 0.f);
-}
-
-// 16 VNNI rows (rows r0 .. r0 + count) of one B tile expanded into dst (32 bf16 per row), with the scales of the
-// tile's 16 columns spread over VNNI lanes (sa: columns 0-7, sb: columns 8-15).
-// INT4 / NVFP4: 16 bytes per row (see codes_to_values). FP8: 32 bytes per row, e4m3 codes in element order.
-template <int64_t FMT>
-inline void expand_rows(const uint8_t* codes, __m512 sa, __m512 sb, uint16_t* dst, int r0, int count) {
-  if constexpr (FMT == INT4 || FMT == NVFP4) {
-    const __m512 table = FMT == INT4 ? int4_table() : e2m1_table();
-    const __m512i sh_lo = nibble_shift(0), sh_hi = nibble_shift(1);
-    for (int r = r0; r < r0 + count; ++r) {
-      __m512 lo, hi;
-      codes_to_values(codes + 16 * r, table, sh_lo, sh_hi, lo, hi);
-      lo = _mm512_mul_ps(lo, sa);  // (q - 8) * s or e2m1 * e4m3: exact in fp32
-      hi = _mm512_mul_ps(hi, sb);
-      _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-  } else {
-    for (int r = r0; r < r0 + count; ++r) {
-      __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r));
-      __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r + 16));
-      __m512 lo = _mm512_mul_ps(e4m3_to_ps(b0), sa);  // rounded once to bf16 below, as (q * s).to(bf16)
-      __m512 hi = _mm512_mul_ps(e4m3_to_ps(b1), sb);
-      _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
+// FP8 B tile: 32 bytes per VNNI row, e4m3 codes in element order, times the scales, rounded once to bf16 (as
+// (q * s).to(bf16)).
+inline void expand_fp8(const uint8_t* codes, __m512 s, uint16_t* dst) {
+  const __m512 sa = pair_spread(s, 0), sb = pair_spread(s, 1);
+  for (int r = 0; r < 16; ++r) {
+    __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r));
+    __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * r + 16));
+    __m512 lo = _mm512_mul_ps(e4m3_to_ps(b0), sa);
+    __m512 hi = _mm512_mul_ps(e4m3_to_ps(b1), sb);
+    _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
 }
 
@@ -131,13 +156,13 @@ inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_
                         int64_t blocks, int64_t blk, uint16_t* dst) {
   constexpr int64_t tb = FMT == FP8 ? 512 : 256;
   const uint8_t* codes = w + (nb * kb_count + kb) * tb;
-  __m512 s = load_scales<FMT>(scales, (nb * blocks + blk) * 16);
-  if constexpr (FMT == NVFP4) {  // rows 0-7 take the tile's first 16-input block, rows 8-15 the second
-    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 0, 8);
-    s = load_scales<FMT>(scales, (nb * blocks + blk + 1) * 16);
-    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 8, 8);
+  if constexpr (FMT == INT4) {
+    expand_int4(codes, load_scales<FMT>(scales, (nb * blocks + blk) * 16), dst);
+  } else if constexpr (FMT == NVFP4) {
+    expand_nvfp4(codes, load_scales<FMT>(scales, (nb * blocks + blk) * 16),
+                 load_scales<FMT>(scales, (nb * blocks + blk + 1) * 16), dst);
   } else {
-    expand_rows<FMT>(codes, pair_spread(s, 0), pair_spread(s, 1), dst, 0, 16);
+    expand_fp8(codes, load_scales<FMT>(scales, (nb * blocks + blk) * 16), dst);
   }
 }
 
@@ -192,64 +217,62 @@ inline void dot_block(const Problem& p, int64_t m0, int64_t kb, const uint16_t* 
   }
 }
 
-// A few rows (left-to-right decoding): no expansion to memory. Each VNNI row's codes index a 16-entry fp32 table
-// of the unscaled values (q - 8 for int4, e2m1 for NVFP4), multiplied into accumulators with the fp32 activations
-// of its input pair (lane 2i + j: column i, input j); the column scales multiply the accumulators once per scale
-// block. These products are of the exact dequantized weight (no bf16 rounding of (q - 8) * scale), so these rows
-// agree with the fp32 dequantized weight to fp32 rounding.
+// A few rows (left-to-right decoding): no expansion to memory. For each input, a shift and a permute give the
+// unscaled values (q - 8 for int4, e2m1 for NVFP4) of the 16 columns, multiplied into accumulators with that input's
+// fp32 activation; the column scales multiply the accumulators once per scale block. These are the products of the
+// exact dequantized weight, so these rows agree with it to fp32 rounding.
 constexpr int GEMV_ROWS = 4;  // the most rows `small_rows` may ask for
 
 // ROWS is a template parameter so that the accumulators stay in registers.
 template <int64_t FMT, int ROWS>
 void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const uint8_t* w, const void* sc) {
   const int64_t kb_count = p.k / TILE_K;
-  constexpr int rows = ROWS;
   const float* xf = p.xf + begin * p.k;  // these rows' activations in fp32
   const __m512 table = FMT == INT4 ? int4_table() : e2m1_table();
-  const __m512i sh_lo = nibble_shift(0), sh_hi = nibble_shift(1);
-  const int64_t rows_per_block = FMT == NVFP4 ? 8 : 16 * (p.block_k / TILE_K);  // VNNI rows per scale block
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t groups_per_block = FMT == NVFP4 ? 2 : 4 * (p.block_k / TILE_K);  // a group: 8 inputs
   for (int t = 0; t < ntiles; ++t) {
     const int64_t nb = nb0 + t;
-    // per row: lanes of columns 0-7 (lo) and 8-15 (hi), two accumulators each (alternate VNNI rows)
-    __m512 tlo[GEMV_ROWS], thi[GEMV_ROWS], alo[GEMV_ROWS][2], ahi[GEMV_ROWS][2];
-    for (int m = 0; m < rows; ++m)
-      tlo[m] = thi[m] = alo[m][0] = alo[m][1] = ahi[m][0] = ahi[m][1] = _mm512_setzero_ps();
-    int64_t blk = 0, left = rows_per_block;  // the scale block, and its VNNI rows still to come
+    __m512 total[ROWS], acc[ROWS][4];  // four accumulators per row (alternate inputs) for the FMA latency
+    for (int m = 0; m < ROWS; ++m) total[m] = acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+    int64_t blk = 0, left = groups_per_block;  // the scale block, and its groups still to come
     for (int64_t kb = 0; kb < kb_count; ++kb) {
       const uint8_t* codes = w + (nb * kb_count + kb) * 256;
-#pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) {
-        __m512 lo, hi;
-        codes_to_values(codes + 16 * r, table, sh_lo, sh_hi, lo, hi);
-        const float* xk = xf + kb * TILE_K + 2 * r;
-        for (int m = 0; m < rows; ++m) {
-          double pair;
-          std::memcpy(&pair, xk + m * p.k, 8);
-          __m512 xp = _mm512_castpd_ps(_mm512_set1_pd(pair));  // x[k], x[k + 1] in every lane pair
-          alo[m][r & 1] = _mm512_fmadd_ps(lo, xp, alo[m][r & 1]);
-          ahi[m][r & 1] = _mm512_fmadd_ps(hi, xp, ahi[m][r & 1]);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i d = _mm512_loadu_si512(codes + GROUP_BYTES * g);
+        const float* xk = xf + kb * TILE_K + 8 * g;  // the group's 8 inputs
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const __m512 v = input_values(d, i, table);
+          for (int m = 0; m < ROWS; ++m) acc[m][i & 3] = _mm512_fmadd_ps(v, _mm512_set1_ps(xk[m * p.k + i]), acc[m][i & 3]);
         }
         if (--left == 0) {  // the end of a scale block: scale and fold
-          left = rows_per_block;
-          __m512 s = load_scales<FMT>(sc, (nb * p.blocks + blk) * 16);
-          __m512 sa = pair_spread(s, 0), sb = pair_spread(s, 1);
-          for (int m = 0; m < rows; ++m) {
-            tlo[m] = _mm512_fmadd_ps(_mm512_add_ps(alo[m][0], alo[m][1]), sa, tlo[m]);
-            thi[m] = _mm512_fmadd_ps(_mm512_add_ps(ahi[m][0], ahi[m][1]), sb, thi[m]);
-            alo[m][0] = alo[m][1] = ahi[m][0] = ahi[m][1] = _mm512_setzero_ps();
+          left = groups_per_block;
+          const __m512 s = load_scales<FMT>(sc, (nb * p.blocks + blk) * TILE_N);
+          for (int m = 0; m < ROWS; ++m) {
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+            total[m] = _mm512_fmadd_ps(sum, s, total[m]);
+            acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
           }
           ++blk;
         }
       }
     }
-    for (int m = 0; m < rows; ++m) {  // column i = lane 2i + lane 2i + 1 (lo: columns 0-7, hi: 8-15)
-      __m512 y = _mm512_add_ps(_mm512_permutex2var_ps(tlo[m], even, thi[m]),
-                               _mm512_permutex2var_ps(tlo[m], odd, thi[m]));
-      _mm512_storeu_ps(p.y + (begin + m) * p.n + nb * TILE_N, y);
-    }
+    for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(p.y + (begin + m) * p.n + nb * TILE_N, total[m]);
   }
+}
+
+// The C tiles of rows m0 .. m0 + rows (at most 32) over all K, with B tiles (scales included) from `tile(kb)`,
+// stored to y.
+template <typename TileFn>
+inline void block_rows(const Problem& p, int64_t m0, int rows, int64_t nb0, int ntiles, TileFn tile) {
+  const bool two_m = rows > TILE_M;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < p.k / TILE_K; ++kb) dot_block(p, m0, kb, tile(kb), ntiles, two_m);
+  store_c(p, m0, m0 + rows, nb0, ntiles, two_m);
 }
 
 // One work item: the rows of `expert` times its columns 32 strip .. 32 strip + 32. With at most 32 rows each B
@@ -264,6 +287,11 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   const int ntiles = (nb0 + 1) * TILE_N < p.n ? 2 : 1;
   const uint8_t* w = p.weight + expert * p.expert_weight_bytes;
   const void* sc = p.scales + expert * p.expert_scale_bytes;
+  auto expand = [&](int64_t kb, uint16_t* dst) {
+    for (int t = 0; t < ntiles; ++t)
+      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst + t * 512);
+    return dst;
+  };
   if constexpr (FMT != FP8) {
     if (end - begin <= p.small_rows) {
       switch (end - begin) {
@@ -275,33 +303,14 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
       return;
     }
   }
-  if (end - begin <= 2 * TILE_M) {
-    const bool two_m = begin + TILE_M < end;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kb = 0; kb < kb_count; ++kb) {
-      uint16_t* ring = buf + (kb & 3) * 1024;
-      for (int t = 0; t < ntiles; ++t)
-        expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], ring + t * 512);
-      dot_block(p, begin, kb, ring, ntiles, two_m);
-    }
-    store_c(p, begin, end, nb0, ntiles, two_m);
+  if (end - begin <= BLOCK_M) {
+    block_rows(p, begin, int(end - begin), nb0, ntiles,
+                [&](int64_t kb) { return expand(kb, buf + (kb & 3) * 1024); });
     return;
   }
-  for (int64_t kb = 0; kb < kb_count; ++kb)
-    for (int t = 0; t < ntiles; ++t)
-      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], buf + kb * 1024 + t * 512);
-  for (int64_t m0 = begin; m0 < end; m0 += 2 * TILE_M) {
-    const bool two_m = m0 + TILE_M < end;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kb = 0; kb < kb_count; ++kb) dot_block(p, m0, kb, buf + kb * 1024, ntiles, two_m);
-    store_c(p, m0, end, nb0, ntiles, two_m);
-  }
+  for (int64_t kb = 0; kb < kb_count; ++kb) expand(kb, buf + kb * 1024);
+  for (int64_t m0 = begin; m0 < end; m0 += BLOCK_M)
+    block_rows(p, m0, int(std::min<int64_t>(BLOCK_M, end - m0)), nb0, ntiles, [&](int64_t kb) { return buf + kb * 1024; });
 }
 
 }  // namespace
@@ -370,13 +379,15 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
 
 // The tile layout (what dgemma/quant/native.py's tile_nibbles / _tile_order build with torch ops, here in one pass
 // at load). packed: uint8 [E, N, K / 2] (4-bit, element 2k in the low nibble) or [E, N, K] (8-bit codes).
+// 4-bit tiles: [E, NB, KB, 4 groups, 64 bytes] (see GROUP_BYTES); 8-bit: [E, NB, KB, 16 rows, 32 bytes].
 torch::Tensor tile_codes(torch::Tensor packed, int64_t bits) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.is_contiguous(),
               "packed: contiguous uint8 [E, N, K/2] or [E, N, K]");
   const int64_t experts = packed.size(0), n = packed.size(1), k = packed.size(2) * (bits == 4 ? 2 : 1);
   TORCH_CHECK(n % TILE_N == 0 && k % TILE_K == 0, "N % 16 and K % 32 must be 0");
-  const int64_t nb_count = n / TILE_N, kb_count = k / TILE_K, row_bytes = bits == 4 ? 16 : 32;
-  auto out = torch::empty({experts, nb_count, kb_count, 16, row_bytes}, packed.options());
+  const int64_t nb_count = n / TILE_N, kb_count = k / TILE_K;
+  auto out = bits == 4 ? torch::empty({experts, nb_count, kb_count, 4, GROUP_BYTES}, packed.options())
+                       : torch::empty({experts, nb_count, kb_count, 16, 32}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const int64_t in_row = packed.size(2);
@@ -384,26 +395,24 @@ torch::Tensor tile_codes(torch::Tensor packed, int64_t bits) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t e = i / nb_count, nb = i % nb_count;
       const uint8_t* w = src + e * n * in_row;
-      uint8_t* o = dst + i * kb_count * 16 * row_bytes;
-      for (int64_t kb = 0; kb < kb_count; ++kb)
-        for (int r = 0; r < 16; ++r, o += row_bytes) {
-          const int64_t k0 = kb * TILE_K + 2 * r;
-          if (bits == 8) {
-            for (int el = 0; el < 32; ++el) o[el] = w[(nb * TILE_N + el / 2) * in_row + k0 + el % 2];
-          } else {
-            for (int b = 0; b < 16; ++b) {
-              const int j = 4 * (b % 4) + b / 4;  // byte b holds elements j (low nibble) and j + 16 (high)
-              uint8_t v = 0;
-              for (int half = 0; half < 2; ++half) {
-                const int el = j + 16 * half;
-                const int64_t col = nb * TILE_N + el / 2, kk = k0 + el % 2;
-                const uint8_t code = (w[col * in_row + kk / 2] >> (4 * (kk % 2))) & 0xF;
-                v |= code << (4 * half);
-              }
-              o[b] = v;
+      uint8_t* o = dst + i * kb_count * 256 * (bits == 4 ? 1 : 2);
+      // VNNI element el of row r of tile kb: column 16 nb + el / 2, input 32 kb + 2 r + el % 2
+      auto code = [&](int64_t kb, int r, int el) -> uint8_t {
+        const int64_t col = nb * TILE_N + el / 2, kk = kb * TILE_K + 2 * r + el % 2;
+        return bits == 8 ? w[col * in_row + kk] : (w[col * in_row + kk / 2] >> (4 * (kk % 2))) & 0xF;
+      };
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        if (bits == 8) {
+          for (int r = 0; r < 16; ++r)
+            for (int el = 0; el < 32; ++el) *o++ = code(kb, r, el);
+        } else {  // word el of group g: rows 4g .. 4g + 3 in nibbles 0-3 (little-endian: two bytes)
+          for (int g = 0; g < 4; ++g)
+            for (int el = 0; el < 32; ++el) {
+              *o++ = code(kb, 4 * g, el) | code(kb, 4 * g + 1, el) << 4;
+              *o++ = code(kb, 4 * g + 2, el) | code(kb, 4 * g + 3, el) << 4;
             }
-          }
         }
+      }
     }
   });
   return out;
