@@ -9,4 +9,4 @@ if ! command -v chromium >/dev/null; then
     echo "scripts/test.sh: installing Debian's chromium for the browser tests" >&2
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-exec python -m pytest -q "$@"
+exec python -X faulthandler -m pytest -q "$@"  # a crash (even at exit) prints every thread's stack
