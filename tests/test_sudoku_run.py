@@ -3,7 +3,7 @@
 The model is a random tiny checkpoint whose canvas holds the 81 digits plus an end token (`canvas_length=82`); it
 solves nothing, so the tests check the shape of what comes back (one JSON object per input line, in order; per-line
 errors; normalised puzzles), determinism and batch independence of `solve_batch`, the structure of `evaluate`, and
-`_score` on hand-made answers.
+`score` on hand-made answers.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def test_solve_batch_glue_with_stub(model, puzzles):
     assert [r["tokens_per_forward"] for r in res] == [27.0, 28.0, 29.0, 27.0]
 
 
-# -- evaluate / _score ----------------------------------------------------------------------------------------------
+# -- evaluate / score ------------------------------------------------------------------------------------------------
 SCORE_KEYS = {"solve_rate", "cell_accuracy", "givens_kept", "mean_steps", "tokens_per_forward", "count"}
 
 
@@ -315,18 +315,18 @@ def test_score_hand_made():
     bad = {"solution": wrong, "steps": 6, "tokens_per_forward": 13.5}
     empty = {"solution": "", "steps": 48, "tokens_per_forward": 1.0}
 
-    one = sudoku_run._score([(p, s)], [right])
+    one = sudoku_run.score([(p, s)], [right])
     assert one["solve_rate"] == 1.0 and one["cell_accuracy"] == 1.0 and one["givens_kept"] == 1.0
     assert one["count"] == 1 and one["mean_steps"] == 4 and one["tokens_per_forward"] == 20.5
 
-    w = sudoku_run._score([(p, s)], [bad])
+    w = sudoku_run.score([(p, s)], [bad])
     assert w["solve_rate"] == 0.0 and w["givens_kept"] == 1.0
     assert w["cell_accuracy"] == pytest.approx((len(blanks) - 2) / len(blanks))
 
-    e = sudoku_run._score([(p, s)], [empty])
+    e = sudoku_run.score([(p, s)], [empty])
     assert e["solve_rate"] == 0.0 and e["cell_accuracy"] == 0.0 and e["givens_kept"] == 0.0
 
-    mixed = sudoku_run._score([(p, s)] * 3, [right, bad, empty])
+    mixed = sudoku_run.score([(p, s)] * 3, [right, bad, empty])
     assert mixed["count"] == 3
     assert mixed["solve_rate"] == pytest.approx(1 / 3)
     assert mixed["cell_accuracy"] == pytest.approx((2 * len(blanks) - 2) / (3 * len(blanks)))
@@ -334,7 +334,7 @@ def test_score_hand_made():
     assert mixed["mean_steps"] == pytest.approx((4 + 6 + 48) / 3)
     assert mixed["tokens_per_forward"] == pytest.approx((20.5 + 13.5 + 1.0) / 3)
 
-    none = sudoku_run._score([], [])
+    none = sudoku_run.score([], [])
     assert none["count"] == 0 and none["solve_rate"] == 0.0
 
 

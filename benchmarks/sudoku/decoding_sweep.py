@@ -21,7 +21,7 @@ import torch
 
 from dgemma.checkpoint.load import load_model
 from dgemma.tasks import sudoku
-from dgemma.tasks.sudoku_run import default_model_path, solve_batch
+from dgemma.tasks.sudoku_run import default_model_path, score, solve_batch
 
 HELD_OUT = 424242
 
@@ -48,13 +48,12 @@ def main() -> None:
         for name, overrides in settings:
             t = time.time()
             res = solve_batch(model, [p for p, _ in pairs], seed=args.solve_seed, batch_size=args.batch, **overrides)
-            checks = [sudoku.check(p, r["solution"], s) for (p, s), r in zip(pairs, res)]
-            rate = sum(c["solved"] for c in checks) / len(checks)
-            rec = {"name": name, "overrides": overrides, "size": args.size, "n": len(checks), "seed": args.seed,
-                   "solve_seed": args.solve_seed, "solved": rate, "se": math.sqrt(rate * (1 - rate) / len(checks)),
-                   "cells": sum(c["n_correct"] for c in checks) / sum(c["n_blank"] for c in checks),
-                   "mean_steps": sum(r["steps"] for r in res) / len(res),
-                   "tpf": sum(r["tokens_per_forward"] for r in res) / len(res), "seconds": time.time() - t}
+            stats = score(pairs, res)
+            rate, n = stats["solve_rate"], stats["count"]
+            rec = {"name": name, "overrides": overrides, "size": args.size, "n": n, "seed": args.seed,
+                   "solve_seed": args.solve_seed, "solved": rate, "se": math.sqrt(rate * (1 - rate) / n),
+                   "cells": stats["cell_accuracy"], "mean_steps": stats["mean_steps"],
+                   "tpf": stats["tokens_per_forward"], "seconds": time.time() - t}
             out.write(json.dumps(rec) + "\n")
             out.flush()
             print(f"{name:32s} solved {100 * rate:5.1f}% ±{100 * rec['se']:.1f}  cells {100 * rec['cells']:5.1f}%  "

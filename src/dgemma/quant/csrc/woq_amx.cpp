@@ -243,7 +243,8 @@ void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const u
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) {
           const __m512 v = input_values(d, i, table);
-          for (int m = 0; m < ROWS; ++m) acc[m][i & 3] = _mm512_fmadd_ps(v, _mm512_set1_ps(xk[m * p.k + i]), acc[m][i & 3]);
+          for (int m = 0; m < ROWS; ++m)
+            acc[m][i & 3] = _mm512_fmadd_ps(v, _mm512_set1_ps(xk[m * p.k + i]), acc[m][i & 3]);
         }
         if (--left == 0) {  // the end of a scale block: scale and fold
           left = groups_per_block;
@@ -304,12 +305,13 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   }
   if (end - begin <= BLOCK_M) {
     block_rows(p, begin, int(end - begin), nb0, ntiles,
-                [&](int64_t kb) { return expand(kb, buf + (kb & 3) * 1024); });
+               [&](int64_t kb) { return expand(kb, buf + (kb & 3) * 1024); });
     return;
   }
   for (int64_t kb = 0; kb < kb_count; ++kb) expand(kb, buf + kb * 1024);
   for (int64_t m0 = begin; m0 < end; m0 += BLOCK_M)
-    block_rows(p, m0, int(std::min<int64_t>(BLOCK_M, end - m0)), nb0, ntiles, [&](int64_t kb) { return buf + kb * 1024; });
+    block_rows(p, m0, int(std::min<int64_t>(BLOCK_M, end - m0)), nb0, ntiles,
+               [&](int64_t kb) { return buf + kb * 1024; });
 }
 
 }  // namespace
