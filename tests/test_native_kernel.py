@@ -5,8 +5,8 @@ weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block).
 with a compiler), its products are checked against the bf16 weight the format dequantizes to: the expansion is the
 same bf16 rounding (for NVFP4 that rounding is exact), the accumulation is fp32 in another order, so the stated
 tolerance is fp32 rounding of a K-term sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4,
-NVFP4) the kernel multiplies the unrounded fp32 weight instead, held to the same bound against it. Where the kernel
-does not run, loading leaves every QTensor as it was read.
+NVFP4), and for int4 at most `EXACT_ROWS`, the kernel multiplies the unrounded fp32 weight instead, held to the same
+bound against it. Where the kernel does not run, loading leaves every QTensor as it was read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import dgemma.quant.lowbit as L
+from dgemma import load_model
 from dgemma.checkpoint.formats import FP8BlockTensor, FP8ChannelTensor, NVFP4Tensor
+from dgemma.checkpoint.quantize import random_quantized_checkpoint
 from dgemma.hardware import cpu_flags
 from dgemma.numerics import row_invariant
 from dgemma.quant import native
@@ -119,8 +121,11 @@ def _bound(q, x, index=None):
 
 
 def _few_rows(q, rows):
-    """Whether `rows` rows take the kernel's dot-product path (unrounded weights)."""
-    return rows <= native.SMALL_ROWS and not isinstance(q, (FP8ChannelTensor, FP8BlockTensor))
+    """Whether `rows` rows take a path with unrounded weights: the dot-product path (int4, NVFP4) or int4's
+    group-scaled one."""
+    if isinstance(q, (FP8ChannelTensor, FP8BlockTensor)):
+        return False
+    return rows <= (native.SMALL_ROWS if isinstance(q, NVFP4Tensor) else native.EXACT_ROWS)
 
 
 def test_the_kernel_runs_wherever_it_can_be_built():
@@ -136,7 +141,7 @@ def test_the_kernel_runs_wherever_it_can_be_built():
 if native.available():
 
     @pytest.mark.parametrize("kind", MAKERS)
-    @pytest.mark.parametrize("rows", [1, 4, 5, 16, 17, 40])
+    @pytest.mark.parametrize("rows", [1, 4, 5, 16, 17, 32, 33, 40, 70])
     def test_kernel_matches_the_dequantized_weight(kind, rows):
         q = MAKERS[kind]((48, 128))
         t = native.to_tiles(q)
@@ -169,6 +174,39 @@ if native.available():
             assert torch.all((got[offsets[e]:offsets[e + 1]] - want).abs() <= _bound(q, rows, e)), e
             # each row's result is the same whatever rows share its call (row invariance, bit for bit)
             assert torch.equal(got[offsets[e]:offsets[e + 1]], t.grouped(rows, torch.tensor([0, len(rows)]), only=e))
+
+    @pytest.mark.parametrize("kind", ["int4-g64", "int4-g32", "nvfp4"])
+    def test_experts_inside_row_invariant_take_one_path_for_every_row_count(kind):
+        """The default sampler's mode: a row's result is the same alone or among any rows (bit for bit), and int4
+        experts use the unrounded weight at every count (group-scaled), other formats the rounded one."""
+        q = MAKERS[kind]((3, 64, 128))
+        t = native.to_tiles(q)
+        counts = torch.tensor([40, 2, 17])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        x = torch.randn(int(counts.sum()), 128, generator=GEN).to(torch.bfloat16)
+        with row_invariant():
+            got = t.grouped(x, offsets)
+            for e in range(3):
+                rows = x[offsets[e]:offsets[e + 1]]
+                want = _reference(q, rows, e, rounded=not kind.startswith("int4"))
+                assert torch.all((got[offsets[e]:offsets[e + 1]] - want).abs() <= _bound(q, rows, e)), e
+                for r in (int(offsets[e]), int(offsets[e + 1]) - 1):
+                    alone = t.grouped(x[r:r + 1], torch.tensor([0, 1]), only=e)
+                    assert torch.equal(got[r:r + 1], alone), (e, r)
+
+    def test_a_quantized_model_generates_the_same_batched_and_alone(tmp_path):
+        """End to end through the kernel (int4 experts group-scaled, dense projections scaled): each row of a
+        batch equals the same prompt and seed generated alone."""
+        path = random_quantized_checkpoint(tmp_path / "m", "tiny", "int4", seed=1, std=0.3, group=32, progress=False,
+                                           dtype="bfloat16", canvas_length=16)
+        model = load_model(path, dtype="bfloat16")
+        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.AMXTensor) for m in model.module.modules())
+        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+        kw = dict(max_new_tokens=32, max_denoising_steps=6)
+        batch = model.generate(prompts, seed=7, **kw)
+        for i, p in enumerate(prompts):
+            solo = model.generate(p, seed=7 + i, **kw)
+            assert solo.ids == batch[i].ids and solo.steps == batch[i].steps
 
     def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
         experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))

@@ -6,7 +6,11 @@
 // cache and runs the AMX dot products on them, so no expanded expert ever reaches memory.
 //
 // What the expansion writes, and so what the products are:
-// - int4: (q - 8) x scale, exact in fp32, rounded once to bf16 (as the dequantize-then-bf16 path does).
+// - int4: (q - 8) x scale, exact in fp32, rounded once to bf16 (as the dequantize-then-bf16 path does). Experts
+//   with at most `exact_rows` rows (a canvas gives each expert ~16) instead expand q - 8 alone (exact in bf16, one
+//   word lookup per VNNI row) and scale each group's fp32 sums: the exact dequantized weight, and cheaper where each
+//   expanded tile serves only 16 rows. With many rows the scaled expansion is cheaper (expanded once per strip,
+//   no per-group flush); the group-scaled path then expands each strip once too.
 // - NVFP4: e2m1 x e4m3 block scale, exact in bf16 (at most 6 significant bits), so x times the exact dequantized
 //   weight; the global scale applies to the output (in Python).
 // - FP8: e4m3 x scale rounded once to bf16, as the dequantize-then-bf16 path does.
@@ -176,6 +180,7 @@ struct Problem {
   int64_t fmt, blocks, block_k;
   int64_t n, k;
   int64_t small_rows;       // experts with at most this many rows take the dot-product path (0: never)
+  int64_t exact_rows;       // int4 experts with small_rows < rows <= this take the group-scaled path (0: never)
   float* xf;                // fp32 [rows, K]: the activations of those experts' rows (others not written)
   const int64_t* kb_block;  // [K / 32]: the scale block of each input tile's first input (no division per tile)
 };
@@ -275,6 +280,73 @@ inline void block_rows(const Problem& p, int64_t m0, int rows, int64_t nb0, int 
   store_c(p, m0, m0 + rows, nb0, ntiles, two_m);
 }
 
+// int4 B tile holding q - 8 (exact in bf16): VNNI row 4g + h is the words of group g shifted by 4h, looked up in a
+// table of bf16(-8..7). The table is there twice because vpermw reads five index bits (the fifth: the next nibble's).
+inline void expand_int4_unscaled(const uint8_t* codes, uint16_t* dst) {
+  const __m512i table = _mm512_set_epi16(
+      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, -0x4080, -0x4000, -0x3FC0, -0x3F80, -0x3F60,
+      -0x3F40, -0x3F20, -0x3F00, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000, -0x4080, -0x4000,
+      -0x3FC0, -0x3F80, -0x3F60, -0x3F40, -0x3F20, -0x3F00);
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512i d = _mm512_loadu_si512(codes + GROUP_BYTES * g);
+    _mm512_storeu_si512(dst + 128 * g, _mm512_permutexvar_epi16(d, table));
+    _mm512_storeu_si512(dst + 128 * g + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table));
+    _mm512_storeu_si512(dst + 128 * g + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 8), table));
+    _mm512_storeu_si512(dst + 128 * g + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 12), table));
+  }
+}
+
+// int4 rows begin .. end times columns 16 nb0 .. 16 nb0 + 16 ntiles, group-scaled: per block of 32 rows, the C
+// tiles collect one scale group's sums of x (q - 8), then total += sums x the columns' scales (fp32, in L1).
+void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0, int ntiles, const uint8_t* w,
+                       const void* sc, uint16_t* buf) {
+  const int64_t kb_count = p.k / TILE_K, per_group = p.block_k / TILE_K;
+  const bool many = end - begin > BLOCK_M;
+  alignas(64) float sums[4][TILE_M * TILE_N];
+  alignas(64) float total[4][TILE_M * TILE_N];
+  for (int64_t m0 = begin; m0 < end; m0 += BLOCK_M) {
+    const int rows = int(std::min<int64_t>(BLOCK_M, end - m0));
+    const bool two_m = rows > TILE_M;
+    const int mtiles = two_m ? 2 : 1;
+    std::memset(total, 0, sizeof(total));
+    for (int64_t blk = 0; blk < p.blocks; ++blk) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = blk * per_group; kb < (blk + 1) * per_group; ++kb) {
+        // up to 32 rows: each tile into a ring right before its products; more: the strip once, kept for every block
+        uint16_t* b = many ? buf + kb * 1024 : buf + (kb & 3) * 1024;
+        if (!many || m0 == begin)
+          for (int t = 0; t < ntiles; ++t) expand_int4_unscaled(w + ((nb0 + t) * kb_count + kb) * 256, b + t * 512);
+        dot_block(p, m0, kb, b, ntiles, two_m);
+      }
+      _tile_stored(0, sums[0], 64);
+      _tile_stored(1, sums[1], 64);
+      if (two_m) {
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+      }
+      for (int t = 0; t < ntiles; ++t) {
+        const __m512 s = load_scales<INT4>(sc, ((nb0 + t) * p.blocks + blk) * TILE_N);
+        for (int mt = 0; mt < mtiles; ++mt) {
+          float* to = total[2 * mt + t];
+          const float* from = sums[2 * mt + t];
+#pragma GCC unroll 16
+          for (int r = 0; r < TILE_M; ++r)
+            _mm512_store_ps(to + 16 * r, _mm512_fmadd_ps(_mm512_load_ps(from + 16 * r), s, _mm512_load_ps(to + 16 * r)));
+        }
+      }
+    }
+    for (int mt = 0; mt < mtiles; ++mt)
+      for (int t = 0; t < ntiles; ++t)
+        for (int r = 0; r < TILE_M && m0 + mt * TILE_M + r < m0 + rows; ++r)
+          std::memcpy(p.y + (m0 + mt * TILE_M + r) * p.n + (nb0 + t) * TILE_N, total[2 * mt + t] + r * TILE_N,
+                      TILE_N * 4);
+  }
+}
+
 // One work item: the rows of `expert` times its columns 32 strip .. 32 strip + 32. With at most 32 rows each B
 // tile is expanded into a small ring (in L1) right before its dot products; with more, the whole strip is expanded
 // once into buf and reused for every 32 rows.
@@ -303,6 +375,12 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
       return;
     }
   }
+  if constexpr (FMT == INT4) {
+    if (end - begin <= p.exact_rows) {
+      int4_group_scaled(p, begin, end, nb0, ntiles, w, sc, buf);
+      return;
+    }
+  }
   if (end - begin <= BLOCK_M) {
     block_rows(p, begin, int(end - begin), nb0, ntiles,
                [&](int64_t kb) { return expand(kb, buf + (kb & 3) * 1024); });
@@ -322,14 +400,17 @@ bool amx_init() {
 }
 
 // y fp32 [rows, N] = x @ W_e.T for each expert e's rows. x: bf16 [rows + 16, K] (the last 16 rows padding).
-// Experts with at most `small_rows` rows (<= 4) take the dot-product path; 0 keeps every row on the AMX path, so
-// that a row's result never depends on how many rows share its expert.
+// Experts with at most `small_rows` rows (<= 4) take the dot-product path, int4 experts with at most `exact_rows`
+// the group-scaled one; 0 and 0 keep every row on the scaled-expansion path, so that a row's result never depends on
+// how many rows share its expert.
 torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor weight, torch::Tensor scales,
-                          int64_t fmt, int64_t n, int64_t k, int64_t block_k, int64_t small_rows) {
+                          int64_t fmt, int64_t n, int64_t k, int64_t block_k, int64_t small_rows,
+                          int64_t exact_rows) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == k, "x: bf16 [rows+16, K]");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(), "offsets: int64");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "weight and scales must be contiguous");
   TORCH_CHECK(n % TILE_N == 0 && k % TILE_K == 0 && block_k % 16 == 0, "N % 16, K % 32 and block % 16 must be 0");
+  TORCH_CHECK(fmt != INT4 || exact_rows == 0 || block_k % TILE_K == 0, "group-scaled int4 needs block % 32 == 0");
   const int64_t experts = offsets.size(0) - 1;
   const int64_t rows = x.size(0) - TILE_M;
   auto y = torch::empty({rows, n}, x.options().dtype(torch::kFloat32));
@@ -337,7 +418,7 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), y.data_ptr<float>(), offsets.data_ptr<int64_t>(),
             weight.data_ptr<uint8_t>(), weight.numel() * weight.element_size() / experts,
             static_cast<const uint8_t*>(scales.data_ptr()), scales.numel() * scales.element_size() / experts,
-            fmt, k / block_k, block_k, n, k, std::min<int64_t>(small_rows, GEMV_ROWS), nullptr,
+            fmt, k / block_k, block_k, n, k, std::min<int64_t>(small_rows, GEMV_ROWS), exact_rows, nullptr,
             nullptr};
   std::vector<int64_t> kb_block(k / TILE_K);
   for (int64_t kb = 0; kb < k / TILE_K; ++kb) kb_block[kb] = kb * TILE_K / block_k;
