@@ -75,10 +75,11 @@ def main() -> None:
                          "max_abs_error_vs_fp32_weight": (out[path] - ref).abs().max().item()}
         rec["group_scaled_over_scaled"] = best["group_scaled"] / best["scaled"]
         rows_out.append(rec)
-        print(f"{name:16s} {experts:3d} x {per:3d} rows, N {n} K {k}: scaled {rec['scaled']['ms']:6.1f} ms "
-              f"(err {rec['scaled']['max_abs_error_vs_fp32_weight']:.1e}), group-scaled {rec['group_scaled']['ms']:6.1f}"
-              f" ms (err {rec['group_scaled']['max_abs_error_vs_fp32_weight']:.1e}); ratio "
-              f"{rec['group_scaled_over_scaled']:.2f}; outputs up to {rec['output_max_abs']:.1f}", flush=True)
+        s, g = rec["scaled"], rec["group_scaled"]
+        print(f"{name:16s} {experts:3d} x {per:3d} rows, N {n} K {k}: scaled {s['ms']:6.1f} ms "
+              f"(err {s['max_abs_error_vs_fp32_weight']:.1e}), group-scaled {g['ms']:6.1f} ms "
+              f"(err {g['max_abs_error_vs_fp32_weight']:.1e}); ratio {rec['group_scaled_over_scaled']:.2f}; "
+              f"outputs up to {rec['output_max_abs']:.1f}", flush=True)
     if args.json_out:
         result = {"machine": {**hardware.describe(), "threads": args.threads, "load_start": load,
                               "load_end": os.getloadavg()}, "group": GROUP, "cases": rows_out}

@@ -127,3 +127,44 @@ def test_fast_passes_compute_fewer_positions(model, monkeypatch):
     assert seen["off"] == [c] * 8
     assert seen["fast"][0] == c and seen["fast"][2] == c  # a canvas's first step and every second one: all
     assert min(seen["fast"][1::2]) < c
+
+
+def test_top_k_soft_embedding_is_exact_when_k_covers_the_mass_and_keeps_the_tail_at_the_mean(model):
+    emb = model.module.embed_tokens
+    v = emb.weight.shape[0]
+    g = torch.Generator().manual_seed(5)
+    probs = torch.zeros(2, 3, v)
+    ids = torch.randint(0, v, (2, 3, 4), generator=g)
+    probs.scatter_(-1, ids, torch.rand(2, 3, 4, generator=g) + 0.1)
+    probs /= probs.sum(-1, keepdim=True)  # at most 4 tokens with mass per position
+    torch.testing.assert_close(emb.soft(probs, top_k=4), emb.soft(probs), rtol=1e-5, atol=1e-6)
+    full = torch.softmax(torch.randn(2, 3, v, generator=g) * 3, -1)
+    p, top = full.topk(5, dim=-1)
+    mean = emb.weight.float().mean(0)
+    want = (p.unsqueeze(-1) * emb.weight[top].float()).sum(-2) + (1 - p.sum(-1, keepdim=True)) * mean
+    torch.testing.assert_close(emb.soft(full, top_k=5), want, rtol=1e-5, atol=1e-6)
+    assert emb.soft(full, top_k=v).equal(emb.soft(full))  # k >= V: the exact product
+
+
+def test_mean_row_follows_the_table():
+    emb = random_model("tiny", seed=6).module.embed_tokens
+    before = emb.mean_row().clone()
+    torch.testing.assert_close(before, emb.weight.float().mean(0))
+    with torch.no_grad():
+        emb.weight.add_(1.0)  # in place: the version counter moves
+    torch.testing.assert_close(emb.mean_row(), before + 1.0)
+
+
+def test_a_top_k_policy_changes_only_the_self_conditioning_input(model, monkeypatch):
+    """With nothing settling, a policy with sc_top_k >= V is the exact path, and a small k runs the same loop."""
+    want = model.generate([[5, 6, 7, 8]], max_new_tokens=32, seed=3, entropy_bound=50.0)
+    v = model.config.vocab_size
+    monkeypatch.setitem(C.STEP_CACHE, "fast", C.StepCachePolicy(settle=10**6, refresh=4, sc_top_k=v))
+    got = model.generate([[5, 6, 7, 8]], max_new_tokens=32, seed=3, entropy_bound=50.0, step_cache="fast")
+    assert got.ids == want.ids and got.steps == want.steps
+    seen = []
+    real = model.module.embed_tokens.soft
+    monkeypatch.setattr(model.module.embed_tokens, "soft", lambda p, k=None: seen.append(k) or real(p, k))
+    monkeypatch.setitem(C.STEP_CACHE, "fast", C.StepCachePolicy(settle=10**6, refresh=4, sc_top_k=8))
+    model.generate([[5, 6, 7, 8]], max_new_tokens=32, seed=3, entropy_bound=50.0, step_cache="fast")
+    assert seen and set(seen) == {8}

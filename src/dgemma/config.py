@@ -350,16 +350,19 @@ class StepCachePolicy:
     `settle` steps in a row is settled; the next passes compute only the other positions (their queries, K/V, MLP
     and experts, and their LM-head rows), attending to the settled positions' K/V from the pass that last computed
     them, and reuse the settled positions' logits. Every `refresh`-th step (and each canvas's first) computes every
-    position again."""
+    position again. `sc_top_k`: the self-conditioning input of every pass is built from each position's k most
+    likely tokens of the last step (the rest of the mass at the mean embedding) instead of a [V x H] product."""
 
     settle: int
     refresh: int
+    sc_top_k: int | None = None
 
 
 # "fast" is the recommended trade (benchmarks/step_cache.py: speed and Sudoku solve rate against "off");
-# "fastest" refreshes half as often: more speed, more quality lost.
+# "fastest" refreshes half as often and builds the self-conditioning input from the top 32 tokens: more speed, more
+# quality lost (the top-k input is close where distributions are peaked, far where they are broad).
 STEP_CACHE: dict[str, StepCachePolicy | None] = {"off": None, "fast": StepCachePolicy(settle=2, refresh=2),
-                                                 "fastest": StepCachePolicy(settle=2, refresh=4)}
+                                                 "fastest": StepCachePolicy(settle=2, refresh=4, sc_top_k=32)}
 STEP_CACHE_POLICIES = tuple(STEP_CACHE)
 
 

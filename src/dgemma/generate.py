@@ -338,7 +338,8 @@ def _denoise(model, cache, gen: GenerationConfig, sampler: CanvasSampler, finish
         positions = None
         if policy is not None and i % policy.refresh:
             positions = unsettled_positions(streak < policy.settle)
-        hidden = model.module.decode_hidden(canvas, cache, **sampler.self_conditioning(), positions=positions)
+        hidden = model.module.decode_hidden(canvas, cache, **sampler.self_conditioning(), positions=positions,
+                                            sc_top_k=None if policy is None else policy.sc_top_k)
         # The final hidden states are normed, so with finite weights (checked at load) finite hidden states mean
         # finite logits; checking them costs B x C x H, not B x C x V.
         if not bool(torch.isfinite(hidden[live]).all()):

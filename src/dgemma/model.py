@@ -91,9 +91,16 @@ class Embedding(nn.Module):
             out[..., s:s + self.CHUNK] = linear(hidden, w[s:s + self.CHUNK].to(self.dtype))
         return out
 
-    def soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs [..., V] @ table -> [..., H] (the expected embedding under probs)."""
+    def soft(self, probs: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+        """probs [..., V] @ table -> [..., H] (the expected embedding under probs). With `top_k` (step cache): only
+        each row's k most likely tokens are gathered; the rest of its mass goes to the table's mean row."""
         w = self.weight
+        if top_k is not None and top_k < w.shape[0]:
+            p, ids = probs.topk(top_k, dim=-1)
+            rows = F.embedding(ids, w).to(self.dtype)  # [..., k, H]
+            out = (p.to(self.dtype).unsqueeze(-2) @ rows).squeeze(-2)
+            tail = (1 - p.float().sum(-1, keepdim=True)).clamp_(min=0)
+            return out.add_(tail.to(self.dtype) * self.mean_row())
         if w.dtype == self.dtype:
             return linear(probs, w.t())
         out = None
@@ -101,6 +108,16 @@ class Embedding(nn.Module):
             part = linear(probs[..., s:s + self.CHUNK], w[s:s + self.CHUNK].to(self.dtype).t())
             out = part if out is None else out.add_(part)
         return out
+
+    def mean_row(self) -> torch.Tensor:
+        """The table's mean row [H] in the compute dtype, kept until the table changes (its storage or version
+        counter; a table loaded as an inference tensor has no counter and is not trained in place)."""
+        w = self.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version, self.dtype)
+        if getattr(self, "_mean", (None,))[0] != key:
+            total = sum(w[s:s + self.CHUNK].float().sum(0) for s in range(0, w.shape[0], self.CHUNK))
+            self._mean = (key, (total / w.shape[0]).to(self.dtype))
+        return self._mean[1]
 
 
 class Attention(nn.Module):
@@ -369,11 +386,12 @@ class DiffusionGemma(nn.Module):
 
     def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
                       sc_probs: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, sc_top_k: int | None = None) -> torch.Tensor:
         """The decoder stack up to the final norm. `sc_probs` may replace softmax(sc_logits) when the caller
         already holds it in the embedding dtype; `sc_mask` [B] (training) zeroes the signal for some rows.
         `positions` [B, A] (step cache): compute only these canvas positions -> [B, A, H]; they attend to the
-        other positions' K/V as the cache's scratch holds them from an earlier pass over this canvas."""
+        other positions' K/V as the cache's scratch holds them from an earlier pass over this canvas. `sc_top_k`
+        (step cache): the soft embedding from each position's k most likely tokens (`Embedding.soft`)."""
         length = canvas.shape[1]
         if positions is not None:
             canvas = canvas.gather(1, positions)
@@ -384,7 +402,7 @@ class DiffusionGemma(nn.Module):
                 signal = signal.gather(1, positions[..., None].expand(-1, -1, signal.shape[-1]))
             if sc_probs is None:
                 signal = torch.softmax(signal, dim=-1, dtype=torch.float32).to(self.dtype)
-            soft = self.embed_tokens.soft(signal) * self.embed_scale(x.dtype).to(x.device)
+            soft = self.embed_tokens.soft(signal, sc_top_k) * self.embed_scale(x.dtype).to(x.device)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
             x = x + self.sc_mlp(self.sc_pre_norm(soft))
