@@ -14,7 +14,7 @@ rows (left-to-right decoding) skip the expansion (int4, NVFP4): AVX-512 fp32 pro
 activations, scaled once per block, i.e. the exact fp32 dequantized weight. int4 weights given up to `EXACT_ROWS`
 rows (a denoising step gives each of 128 experts about 16) take the group-scaled path: tiles of q - 8 alone (exact
 in bf16, one lookup per tile row), each scale group's fp32 sums times the scales, again the exact dequantized
-weight and 1.2-1.6x faster there than the scaled expansion, which stays for more rows, where one expansion serves
+weight and 1.1-1.8x faster there than the scaled expansion, which stays for more rows, where one expansion serves
 many (tests/test_native_kernel.py states the tolerances). Inside `numerics.row_invariant()` (the default sampler)
 the path depends on the weight, never on the row count, so a row's result never depends on its neighbours: int4
 experts are always group-scaled (a canvas gives them few rows each), everything else takes the scaled expansion.
