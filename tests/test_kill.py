@@ -4,7 +4,6 @@ write, then rerun: nothing lost, nothing duplicated, the same result as an unint
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

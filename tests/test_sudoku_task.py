@@ -251,7 +251,7 @@ def test_format_grid():
     assert lines[0] == ". . 3 | . 2 . | 6 . ."
     ruled = S.format_grid(INKALA, rules=True).splitlines()
     assert len(ruled) == 11 and ruled[3] == ruled[7] == "------+-------+------"
-    assert [l for l in ruled if "+" not in l] == S.format_grid(INKALA.replace(".", "0")).splitlines()
+    assert [line for line in ruled if "+" not in line] == S.format_grid(INKALA.replace(".", "0")).splitlines()
     assert S.parse_answer(S.format_grid(EASY_SOLUTION)) == EASY_SOLUTION
     with pytest.raises(ValueError):
         S.format_grid("123")

@@ -703,7 +703,6 @@ class _Compiler:
                 raise _Unsat("enum" if "enum" in node else "const", path, "no listed value satisfies the "
                              "keywords beside it")
             return {"enum": keep} if len(keep) > 1 else {"const": keep[0]}
-        numeric = [t for t in (types or []) if t in ("integer", "number")]
         if "format" in node:
             fmt = node.pop("format")
             if fmt in FORMATS and (types is None or "string" in types):
