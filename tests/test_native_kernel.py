@@ -120,7 +120,7 @@ def _bound(q, x, index=None):
     return 1e-5 * (x.float().abs() @ w.t()) + 1e-30
 
 
-def _few_rows(q, rows):
+def _unrounded(q, rows):
     """Whether `rows` rows take a path with unrounded weights: the dot-product path (int4, NVFP4) or int4's
     group-scaled one."""
     if isinstance(q, (FP8ChannelTensor, FP8BlockTensor)):
@@ -147,7 +147,7 @@ if native.available():
         t = native.to_tiles(q)
         x = torch.randn(rows, 128, generator=GEN).to(torch.bfloat16)
         got = t.linear(x).float()
-        want = _reference(q, x, rounded=not _few_rows(q, rows))
+        want = _reference(q, x, rounded=not _unrounded(q, rows))
         assert torch.all((got - want).abs() <= _bound(q, x) + 2 ** -8 * want.abs())  # bf16 output rounding
         with row_invariant():  # one path for every row count: the AMX path's rounded weights
             got = t.linear(x).float()
@@ -170,7 +170,7 @@ if native.available():
         got = t.grouped(x, offsets)
         for e in range(4):
             rows = x[offsets[e]:offsets[e + 1]]
-            want = _reference(q, rows, e, rounded=not _few_rows(q, len(rows)))
+            want = _reference(q, rows, e, rounded=not _unrounded(q, len(rows)))
             assert torch.all((got[offsets[e]:offsets[e + 1]] - want).abs() <= _bound(q, rows, e)), e
             # each row's result is the same whatever rows share its call (row invariance, bit for bit)
             assert torch.equal(got[offsets[e]:offsets[e + 1]], t.grouped(rows, torch.tensor([0, len(rows)]), only=e))

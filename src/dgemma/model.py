@@ -72,6 +72,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num, dim))
         self.compute_dtype: torch.dtype | None = None
+        self._mean: tuple[tuple, torch.Tensor] | None = None  # (key, mean row): see mean_row
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,7 +115,7 @@ class Embedding(nn.Module):
         counter; a table loaded as an inference tensor has no counter and is not trained in place)."""
         w = self.weight
         key = (w.data_ptr(), None if w.is_inference() else w._version, self.dtype)
-        if getattr(self, "_mean", (None,))[0] != key:
+        if self._mean is None or self._mean[0] != key:
             total = sum(w[s:s + self.CHUNK].float().sum(0) for s in range(0, w.shape[0], self.CHUNK))
             self._mean = (key, (total / w.shape[0]).to(self.dtype))
         return self._mean[1]

@@ -185,15 +185,29 @@ struct Problem {
   const int64_t* kb_block;  // [K / 32]: the scale block of each input tile's first input (no division per tile)
 };
 
-inline void store_c(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int ntiles, bool two_m) {
-  alignas(64) float tmp[4][TILE_M * TILE_N];
-  _tile_stored(0, tmp[0], 64);
-  _tile_stored(1, tmp[1], 64);
-  _tile_stored(2, tmp[2], 64);
-  _tile_stored(3, tmp[3], 64);
+inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// The C tiles to c (tiles 2-3, the second 16 rows, only with two_m).
+inline void spill_c(float (*c)[TILE_M * TILE_N], bool two_m) {
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  if (two_m) {
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+  }
+}
+
+// Rows m0 .. end (at most 32) of y, columns 16 nb0 .. 16 nb0 + 16 ntiles, from c laid out as the C tiles.
+inline void write_rows(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int ntiles, bool two_m,
+                       const float (*c)[TILE_M * TILE_N]) {
   for (int mt = 0; mt < (two_m ? 2 : 1); ++mt) {
     for (int t = 0; t < ntiles; ++t) {
-      const float* src = tmp[mt * 2 + t];
+      const float* src = c[mt * 2 + t];
       for (int64_t r = 0; r < TILE_M; ++r) {
         int64_t row = m0 + mt * TILE_M + r;
         if (row >= end) break;
@@ -201,6 +215,12 @@ inline void store_c(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int 
       }
     }
   }
+}
+
+inline void store_c(const Problem& p, int64_t m0, int64_t end, int64_t nb0, int ntiles, bool two_m) {
+  alignas(64) float tmp[4][TILE_M * TILE_N];
+  spill_c(tmp, two_m);
+  write_rows(p, m0, end, nb0, ntiles, two_m, tmp);
 }
 
 // C (up to 32 rows x 32 columns) += A (rows m0.., inputs of block kb) x the two B tiles at b.
@@ -272,10 +292,7 @@ void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const u
 template <typename TileFn>
 inline void block_rows(const Problem& p, int64_t m0, int rows, int64_t nb0, int ntiles, TileFn tile) {
   const bool two_m = rows > TILE_M;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_c();
   for (int64_t kb = 0; kb < p.k / TILE_K; ++kb) dot_block(p, m0, kb, tile(kb), ntiles, two_m);
   store_c(p, m0, m0 + rows, nb0, ntiles, two_m);
 }
@@ -311,10 +328,7 @@ void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0
     const int mtiles = two_m ? 2 : 1;
     std::memset(total, 0, sizeof(total));
     for (int64_t blk = 0; blk < p.blocks; ++blk) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_c();
       for (int64_t kb = blk * per_group; kb < (blk + 1) * per_group; ++kb) {
         // up to 32 rows: each tile into a ring right before its products; more: the strip once, kept for every block
         uint16_t* b = many ? buf + kb * 1024 : buf + (kb & 3) * 1024;
@@ -322,12 +336,7 @@ void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0
           for (int t = 0; t < ntiles; ++t) expand_int4_unscaled(w + ((nb0 + t) * kb_count + kb) * 256, b + t * 512);
         dot_block(p, m0, kb, b, ntiles, two_m);
       }
-      _tile_stored(0, sums[0], 64);
-      _tile_stored(1, sums[1], 64);
-      if (two_m) {
-        _tile_stored(2, sums[2], 64);
-        _tile_stored(3, sums[3], 64);
-      }
+      spill_c(sums, two_m);
       for (int t = 0; t < ntiles; ++t) {
         const __m512 s = load_scales<INT4>(sc, ((nb0 + t) * p.blocks + blk) * TILE_N);
         for (int mt = 0; mt < mtiles; ++mt) {
@@ -339,11 +348,7 @@ void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0
         }
       }
     }
-    for (int mt = 0; mt < mtiles; ++mt)
-      for (int t = 0; t < ntiles; ++t)
-        for (int r = 0; r < TILE_M && m0 + mt * TILE_M + r < m0 + rows; ++r)
-          std::memcpy(p.y + (m0 + mt * TILE_M + r) * p.n + (nb0 + t) * TILE_N, total[2 * mt + t] + r * TILE_N,
-                      TILE_N * 4);
+    write_rows(p, m0, m0 + rows, nb0, ntiles, two_m, total);
   }
 }
 
