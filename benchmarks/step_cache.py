@@ -30,7 +30,8 @@ import torch
 
 from dgemma import load_model
 from dgemma.config import STEP_CACHE
-from dgemma.generate import Commit, stream, unsettled_positions
+from dgemma.bench.measure import PassTimer
+from dgemma.generate import Commit, stream
 from dgemma.hardware import describe
 from dgemma.presets import random_model
 from dgemma.tasks import sudoku, sudoku_run
@@ -38,39 +39,21 @@ from dgemma.tasks import sudoku, sudoku_run
 MODELS = Path(__file__).resolve().parents[1] / "src" / "dgemma" / "models"
 
 
-@torch.inference_mode()
 def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 64,
           model_dir: str | None = None) -> list[dict]:
-    model = load_model(model_dir) if model_dir else random_model(preset)
-    net, cfg = model.module, model.config
-    c = cfg.canvas_length
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=g)
-    cache = net.new_cache(1, prompt_len, scratch=c)
-    net.encode(prompt, cache)
-    canvas = torch.randint(3, cfg.vocab_size, (1, c), generator=g)
-    probs = torch.softmax(torch.randn(1, c, cfg.vocab_size, generator=g), -1).to(model.dtype)
-
+    timer = PassTimer(load_model(model_dir) if model_dir else random_model(preset), prompt_len)
+    c = timer.canvas_length
     # the top-k self-conditioning input of the policy that has one ("fastest"), timed as a third pass
     top_k = next((p.sc_top_k for p in STEP_CACHE.values() if p is not None and p.sc_top_k), None)
-
-    def one(positions, k=None):
-        t = time.perf_counter()
-        net.lm_head_raw(net.decode_hidden(canvas, cache, sc_probs=probs, positions=positions, sc_top_k=k))
-        return time.perf_counter() - t
-
-    one(None)  # warm-up, and the full pass leaves every position's K/V in the scratch
     rows = []
     for f in fractions:
-        active = torch.zeros(1, c, dtype=torch.bool)
-        active[0, torch.randperm(c, generator=g)[:max(1, round(c * (1 - f)))]] = True
-        pos = unsettled_positions(active)
+        pos = timer.positions(c - max(1, round(c * (1 - f))))
         full = part = with_k = float("inf")
         for _ in range(repeats):  # alternated, so that a noisy minute hits every variant alike
-            full = min(full, one(None))
-            part = min(part, one(pos))
+            full = min(full, timer(None))
+            part = min(part, timer(pos))
             if top_k:
-                with_k = min(with_k, one(pos, top_k))
+                with_k = min(with_k, timer(pos, top_k))
         row = {"settled_fraction": f, "active_positions": int(pos.shape[1]), "full_pass_s": full,
                "step_cache_pass_s": part, "ratio": part / full}
         if top_k:

@@ -4,10 +4,13 @@ pass's rows; a policy under which nothing settles computes exactly what "off" co
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from dgemma import config as C
+from dgemma.bench.measure import step_cache_schedule
 from dgemma.config import GenerationConfig
 from dgemma.generate import unsettled_positions
 from dgemma.presets import random_model
@@ -168,3 +171,21 @@ def test_a_top_k_policy_changes_only_the_self_conditioning_input(model, monkeypa
     monkeypatch.setitem(C.STEP_CACHE, "fast", C.StepCachePolicy(settle=10**6, refresh=4, sc_top_k=8))
     model.generate([[5, 6, 7, 8]], max_new_tokens=32, seed=3, entropy_bound=50.0, step_cache="fast")
     assert seen and set(seen) == {8}
+
+
+@pytest.mark.parametrize("settle, refresh, rate", [(2, 2, 15.0), (2, 4, 20.0), (3, 3, 7.5), (1, 5, 64.0)])
+def test_benchmark_schedule_counts_settled_positions_as_the_streak_rule_does(settle, refresh, rate):
+    """bench.measure.step_cache_schedule against an independent count: the denoising loop's streak rule run on a
+    canvas where `rate` more tokens are accepted at every pass and accepted tokens never change."""
+    canvas = 256
+    policy = C.StepCachePolicy(settle=settle, refresh=refresh)
+    schedule = step_cache_schedule(policy, canvas, rate)
+    assert len(schedule) == math.ceil(canvas / rate)
+    streak = torch.zeros(canvas, dtype=torch.int32)
+    for i, settled in enumerate(schedule):
+        if i % refresh == 0:
+            assert settled is None
+        else:
+            assert settled == int((streak >= settle).sum())
+        accepted = torch.arange(canvas) < int(rate * (i + 1))  # the same tokens, once accepted, stay accepted
+        streak = torch.where(accepted, streak + 1, 0)

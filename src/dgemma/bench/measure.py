@@ -1,5 +1,6 @@
 """What the benchmarks measure with: the machine's matmul peak at a model's shapes, a device-synchronised clock, and
-one timed generate call (a timestamp at the end of every denoising step). Shared by `dgemma bench` (bench.py), the
+one timed generate call (a timestamp at the end of every denoising step), and single decoder passes over a canvas
+or a part of it (what a step-cache pass computes). Shared by `dgemma bench` (bench.py), the
 quantized full-size bench (bench/fullsize.py) and the scripts in benchmarks/."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from ..generate import Done, Draft
+from ..config import ModelConfig, StepCachePolicy
+from ..generate import Done, Draft, unsettled_positions
 
 
 def sync(device: torch.device) -> None:
@@ -106,3 +107,64 @@ def run_timed(model, prompt, canvas: int, steps: int, seed: int, rng: str, clock
     clock.prefill_end = clock.steps[0] - first
     clock.prefill_start = clock.prefill_end - res.timings["prefill_s"]
     return res
+
+
+class PassTimer:
+    """One decoder pass (decoder + LM head) over a random canvas after a prefill, timed: over every position, or
+    over the unsettled ones only (what a step-cache pass computes). The first pass, over every position, leaves all
+    K/V in the cache's scratch, as a refresh pass does."""
+
+    @torch.inference_mode()
+    def __init__(self, model, prompt_len: int = 64, seed: int = 0):
+        self.net, cfg = model.module, model.config
+        self.canvas_length = c = cfg.canvas_length
+        self.gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=self.gen)
+        self.cache = self.net.new_cache(1, prompt_len, scratch=c)
+        self.net.encode(prompt, self.cache)
+        self.canvas = torch.randint(3, cfg.vocab_size, (1, c), generator=self.gen)
+        self.probs = torch.softmax(torch.randn(1, c, cfg.vocab_size, generator=self.gen), -1).to(model.dtype)
+        self(None)  # warm-up
+
+    def positions(self, settled: int) -> torch.Tensor:
+        """A step-cache pass's positions when `settled` random positions of the canvas have settled."""
+        active = torch.ones(1, self.canvas_length, dtype=torch.bool)
+        active[0, torch.randperm(self.canvas_length, generator=self.gen)[:settled]] = False
+        return unsettled_positions(active)
+
+    @torch.inference_mode()
+    def __call__(self, positions: torch.Tensor | None, top_k: int | None = None) -> float:
+        t = time.perf_counter()
+        self.net.lm_head_raw(self.net.decode_hidden(self.canvas, self.cache, sc_probs=self.probs,
+                                                    positions=positions, sc_top_k=top_k))
+        return time.perf_counter() - t
+
+
+def step_cache_schedule(policy: StepCachePolicy, canvas: int, tokens_per_pass: float) -> list[int | None]:
+    """The settled positions at each pass of one canvas decoded at `tokens_per_pass`, in the case the cache is
+    built for: every accepted token keeps its value. None: a pass over every position (the canvas's first pass and
+    every `refresh`-th, as generate's denoising loop runs them). A token accepted at pass j has stayed the same for
+    `settle` passes in a row after pass j + settle - 1, so passes from j + settle on skip it."""
+    out: list[int | None] = []
+    for i in range(math.ceil(canvas / tokens_per_pass)):
+        accepted_passes = i - policy.settle + 1  # passes 0 .. i - settle accepted tokens that have settled by pass i
+        out.append(None if i % policy.refresh == 0 else min(canvas, int(tokens_per_pass * max(0, accepted_passes))))
+    return out
+
+
+def step_cache_trajectory(timer: PassTimer, policy: StepCachePolicy, tokens_per_pass: float) -> dict:
+    """Time every pass of `step_cache_schedule` (each once, in order); the ratio is their total over as many exact
+    passes over every position, timed two before and two after the trajectory and, when the policy's refresh
+    passes are exact (no top-k input), those too."""
+    schedule = step_cache_schedule(policy, timer.canvas_length, tokens_per_pass)
+    full = [timer(None), timer(None)]
+    times = []
+    for settled in schedule:
+        t = timer(None if settled is None else timer.positions(settled), policy.sc_top_k)
+        times.append(t)
+        if settled is None and policy.sc_top_k is None:
+            full.append(t)
+    full += [timer(None), timer(None)]
+    full_s = sum(full) / len(full)
+    return {"tokens_per_forward": tokens_per_pass, "passes": len(schedule), "settled": schedule,
+            "pass_s": times, "full_pass_s": full_s, "ratio": sum(times) / (len(times) * full_s)}
