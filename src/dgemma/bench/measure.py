@@ -58,7 +58,7 @@ def measure_peak(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, bud
         torch.mm(a, b, out=out)  # warm-up
         best, spent, calls = float("inf"), 0.0, 0
         while (calls < 3 or spent < budget_s) and calls < 1000:
-            t, _ = timed(lambda: torch.mm(a, b, out=out), device)
+            t, _ = timed(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), device)
             best, spent, calls = min(best, t), spent + t, calls + 1
         rows.append({"gemm": name, "m": m, "k": k, "n": n, "seconds": best, "gflops": 2 * m * k * n / best / 1e9})
         del a, b, out

@@ -235,15 +235,15 @@ def _bench_dtype(opts: BenchOptions, dtype: torch.dtype, device: torch.device, c
     canvas = model.config.canvas_length
     ref_ids = None
     if ref is not None:
-        t = _time_mode(lambda n, ck: _run_reference(ref, prompt, canvas, n, opts.seed, ck), opts, device)
+        t = _time_mode(lambda n, ck, ref=ref: _run_reference(ref, prompt, canvas, n, opts.seed, ck), opts, device)
         out = t.pop("output")
         ref_ids = _ref_ids(out, prompt.shape[1], model.generation_config.pad_token_id)
         measured.modes.append({"impl": "reference", "dtype": dname, "rng": "torch.manual_seed", **t,
                                "tokens": len(ref_ids),
                                "tokens_per_forward": float(out.tokens_per_forward.reshape(-1)[0])})
     for rng in ["reference", "fast"] if dtype == torch.float32 else ["fast"]:
-        t = _time_mode(lambda n, ck, rng=rng: run_timed(model, prompt, canvas, n, opts.seed, rng, ck), opts,
-                       device)
+        t = _time_mode(lambda n, ck, rng=rng, model=model: run_timed(model, prompt, canvas, n, opts.seed, rng, ck),
+                       opts, device)
         res = t.pop("output")
         tim = res.timings
         measured.modes.append({"impl": "dgemma", "dtype": dname, "rng": rng, **t, "tokens": len(res.ids),
