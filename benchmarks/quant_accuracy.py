@@ -3,8 +3,8 @@
 1. Small random models built with the reference (tests/refmodels.py, transformers as the oracle): KL divergence
    (unquantized || quantized, nats per position, mean) and top-1 agreement of one denoising step's logits, over
    a few prompts and canvases per model.
-2. The bundled Sudoku models (6x6 and 9x9): solve rate, blank-cell accuracy, givens kept and mean steps per canvas on held-out
-   puzzles (dgemma.tasks.sudoku_run.evaluate, seed 424242), after quantization.
+2. The bundled Sudoku models (6x6 and 9x9): solve rate, blank-cell accuracy, givens kept and mean steps per canvas
+   on held-out puzzles (dgemma.tasks.sudoku_run.evaluate, seed 424242), after quantization.
 
     OMP_NUM_THREADS=1 python benchmarks/quant_accuracy.py --n 1000 --json-out benchmarks/results/quant_accuracy.json
     # redo only the 6x6 Sudoku part, keeping the rest of an earlier run:

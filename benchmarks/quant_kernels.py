@@ -73,7 +73,8 @@ def main() -> None:
                 rec = {"shape": name, "rows": m, "N": n, "K": k, "kernel": c, "ms": sec * 1e3,
                        "gflops": flop / sec / 1e9, "vs_fp32": t["fp32 dense"] / sec}
                 rows_out.append(rec)
-                print(f"{name:16s} M={m:4d} {c:22s} {sec*1e3:8.2f} ms {rec['gflops']:7.1f} GFLOP/s  x{rec['vs_fp32']:.2f} vs fp32")
+                print(f"{name:16s} M={m:4d} {c:22s} {sec*1e3:8.2f} ms {rec['gflops']:7.1f} GFLOP/s  "
+                      f"x{rec['vs_fp32']:.2f} vs fp32")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": info, "group": args.group, "results": rows_out}, f, indent=1)

@@ -10,7 +10,8 @@ final-step distributions against the exact path on N random models built and sav
 distribution in full (logprobs over the whole vocabulary), KL(exact || policy) per position, and the share of
 committed tokens that are the same.
 
-    python benchmarks/step_cache.py --preset small-moe --threads 2 --puzzles 1000 --out benchmarks/results/step_cache.json
+    python benchmarks/step_cache.py --preset small-moe --threads 2 --puzzles 1000 \
+        --out benchmarks/results/step_cache.json
     python benchmarks/step_cache.py --model-dir /tmp/fullsize/int4 --fractions 0,0.5,0.75,0.9 --repeats 1 \
         --skip-quality --threads 2
 """

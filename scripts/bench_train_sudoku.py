@@ -1,7 +1,8 @@
 """Training throughput (examples/s) of the Sudoku recipes on this machine: the first bundled model's recipe against
 the current one, measured in the same run in alternating rounds (so a busy machine slows both alike).
 
-    OMP_NUM_THREADS=1 python scripts/bench_train_sudoku.py --threads 1 --rounds 3 --out benchmarks/sudoku/train_speed.json
+    OMP_NUM_THREADS=1 python scripts/bench_train_sudoku.py --threads 1 --rounds 3 \
+        --out benchmarks/sudoku/train_speed.json
 
 Recipes (random initialisation, full optimizer steps: losses, backward, clipping, AdamW):
 - `before`: 9x9, prompt = instruction + cell names + puzzle (287 tokens with the answer), batch 32, next-token loss

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: --device cuda --dtype bfloat16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--autocast", default=None, choices=["bfloat16"],
-                    help="mixed precision: fp32 weights and optimizer, bf16 matmuls (fast on CPUs with avx512_bf16/AMX)")
+                    help="mixed precision: fp32 weights and optimizer, bf16 matmuls "
+                    "(fast on CPUs with avx512_bf16/AMX)")
     ap.add_argument("--ar-only", action="store_true", help="train the autoregressive baseline (AR loss only)")
     ap.add_argument("--init", default=None, help="start from this checkpoint instead of a random initialisation")
     ap.add_argument("--save-every", type=int, default=100)

@@ -137,7 +137,8 @@ def test_random_model_matches_checkpoint(tmp_path):
         assert a.generation_config == b.generation_config
     # A bf16 checkpoint holds the same draws, rounded.
     ck16 = write_random_checkpoint(tmp_path / "ck16", "tiny", seed=3, dtype="bfloat16")
-    sa, sb = random_model("tiny", "bfloat16", seed=3).module.state_dict(), load_model(ck16, dtype="bfloat16").module.state_dict()
+    sa, sb = (random_model("tiny", "bfloat16", seed=3).module.state_dict(),
+              load_model(ck16, dtype="bfloat16").module.state_dict())
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

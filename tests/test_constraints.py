@@ -157,7 +157,8 @@ def test_verifier_keywords_are_refused_where_no_verifier_runs():
     path; what the regex holds exactly (multipleOf as a list of multiples) compiles."""
     for schema, keyword, path in (({"type": "array", "uniqueItems": True}, "uniqueItems", "/"),
                                   ({"properties": {"a": {"not": {"type": "string"}}}}, "not", "/properties/a")):
-        with pytest.raises(ConstraintError, match=f"keyword '{keyword}' \\(at {path}\\) is held by the output verifier"):
+        with pytest.raises(ConstraintError,
+                           match=f"keyword '{keyword}' \\(at {path}\\) is held by the output verifier"):
             Constraint.json_schema(schema).regex_text()
     assert re.fullmatch(Constraint.json_schema({"type": "integer", "multipleOf": 3}).regex_text(), "-9")
     with pytest.raises(ConstraintError, match="unsatisfiable: no integer"):
@@ -222,7 +223,8 @@ def schemas(draw, depth=2):
         kind = draw(st.integers(0, 2 if depth else 0))
         if kind == 1:
             lo = draw(st.integers(0, 2))
-            props[n] = {"type": "array", "items": draw(SCALARS), "minItems": lo, "maxItems": lo + draw(st.integers(0, 2))}
+            props[n] = {"type": "array", "items": draw(SCALARS), "minItems": lo,
+                        "maxItems": lo + draw(st.integers(0, 2))}
         elif kind == 2:
             props[n] = draw(schemas(depth=depth - 1))
         else:
@@ -426,7 +428,8 @@ def test_sentencepiece_style_vocabulary(tmp_path):
 
 def test_template_parsing():
     parts = Template.parse('{"k": {{hole:1-4:[0-9]{1,2}}}, "s": {{hole:3}}}{{hole}}').parts
-    assert parts[0] == '{"k": ' and parts[1].regex == "[0-9]{1,2}" and (parts[1].min_tokens, parts[1].max_tokens) == (1, 4)
+    assert (parts[0] == '{"k": ' and parts[1].regex == "[0-9]{1,2}"
+            and (parts[1].min_tokens, parts[1].max_tokens) == (1, 4))
     assert parts[2] == ', "s": ' and (parts[3].min_tokens, parts[3].max_tokens, parts[3].regex) == (3, 3, None)
     assert parts[4] == "}" and (parts[5].min_tokens, parts[5].max_tokens) == (1, None)
     with pytest.raises(ConstraintError, match="malformed hole"):

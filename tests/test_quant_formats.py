@@ -197,7 +197,8 @@ def copy_of(written, tmp_path):
 def _edit_tensors(d: Path, fn) -> None:
     t = load_file(str(d / "model.safetensors"))
     fn(t)
-    save_file({k: v.contiguous().clone() for k, v in t.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous().clone() for k, v in t.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _refused(d: Path, *needles: str) -> str:

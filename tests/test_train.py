@@ -330,7 +330,8 @@ def _noisy_canvases(model, data, monkeypatch, t_min: float, n: int, seed: int = 
     batch = (ex * (n // len(ex) + 1))[:n]
     ids, pads, p_len, r_len = collate(batch, model.generation_config.pad_token_id, model.device)
     with torch.no_grad():
-        losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0, t_min=t_min), torch.Generator().manual_seed(seed))
+        losses(model.module, ids, pads, p_len, r_len, _obj_cfg(sc_prob=0.0, t_min=t_min),
+               torch.Generator().manual_seed(seed))
     monkeypatch.undo()
     assert len(seen) == 1  # sc_prob 0: no self-conditioning pass
     assert r_len == CANVAS  # one response canvas, so the block is the response

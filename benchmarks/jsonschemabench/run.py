@@ -100,8 +100,10 @@ def main() -> None:
         model.tokenizer = build_byte_tokenizer()
     results = {"sample": {k: sample[k] for k in ("source", "commit", "seed", "per_subset", "max_bytes")},
                "model": "dgemma.presets.random_model('tiny')", "seeds": list(SEEDS),
-               "max_new_tokens": MAX_NEW_TOKENS, "max_denoising_steps": a.steps or model.generation_config.max_denoising_steps,
-               "command": "python benchmarks/jsonschemabench/run.py " + " ".join(sys.argv[1:]), "machine": platform.processor() or platform.machine(),
+               "max_new_tokens": MAX_NEW_TOKENS,
+               "max_denoising_steps": a.steps or model.generation_config.max_denoising_steps,
+               "command": "python benchmarks/jsonschemabench/run.py " + " ".join(sys.argv[1:]),
+               "machine": platform.processor() or platform.machine(),
                "dgemma": getattr(dgemma, "__version__", "?"), "subsets": {}}
     for subset, block in sample["subsets"].items():
         if a.subset and subset not in a.subset:

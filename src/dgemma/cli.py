@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--choice", action="append", default=None, metavar="TEXT",
                      help="the output is one of these (repeat the flag per choice)")
     con.add_argument("--template", default=None,
-                     help="infill: fixed text with holes {{hole}}, {{hole:N}}, {{hole:MIN-MAX}}, {{hole:MIN-MAX:REGEX}} "
-                     "(N in tokens; @FILE: read it from a file)")
+                     help="infill: fixed text with holes {{hole}}, {{hole:N}}, {{hole:MIN-MAX}}, "
+                     "{{hole:MIN-MAX:REGEX}} (N in tokens; @FILE: read it from a file)")
     add_compile_flags(g)
     g.add_argument("--json", action="store_true", help='print {"ids", "tokens_per_forward", "steps"} as JSON')
     g.add_argument("--stats", action="store_true", help="with --json: add seed, timings, finish reason and text")
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_flags = sv.add_argument_group("Ray Serve (needs dgemma[ray])")
     ray_flags.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each with a model")
     ray_flags.add_argument("--replicas", type=int, default=1, help="replicas (with --ray; default 1)")
-    ray_flags.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
+    ray_flags.add_argument("--min-replicas", type=int, default=None,
+                           help="autoscaling lower bound (with --max-replicas)")
     ray_flags.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
     ray_flags.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
     ray_flags.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs reserved per replica (default 0)")

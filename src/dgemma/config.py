@@ -518,7 +518,8 @@ def generation_config_dict(**overrides: Any) -> dict[str, Any]:
     """The generation_config.json dgemma writes for random and trained checkpoints (the release's settings)."""
     gen = {
         "max_new_tokens": 256, "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
-        "confidence_threshold": 0.005, "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+        "confidence_threshold": 0.005,
+        "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
         "eos_token_id": [1, 5], "pad_token_id": 0, "bos_token_id": 2,
     }
     if "entropy_bound" in overrides:

@@ -171,7 +171,8 @@ def _summary(path: Path, cfg: ModelConfig, gen, quant: str | None, parts: dict, 
         "num_layers": cfg.num_hidden_layers,
         "attention_heads": cfg.num_attention_heads,
         "experts": {"num_experts": cfg.num_experts, "top_k": cfg.top_k_experts,
-                    "moe_intermediate_size": cfg.moe_intermediate_size, "dense_intermediate_size": cfg.intermediate_size},
+                    "moe_intermediate_size": cfg.moe_intermediate_size,
+                    "dense_intermediate_size": cfg.intermediate_size},
         "sliding_window": cfg.sliding_window,
         "canvas_length": cfg.canvas_length,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -205,7 +206,8 @@ def render(info: dict) -> None:
     c = Console()
     c.print(f"[bold]{info['path']}[/bold]")
     ex = info["experts"]
-    c.print(f"parameters {_human(info['parameters'])} (active per token {_human(info['active_parameters_per_token'])}), "
+    c.print(f"parameters {_human(info['parameters'])} "
+            f"(active per token {_human(info['active_parameters_per_token'])}), "
             f"hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['num_layers']} layers, "
             f"{info['attention_heads']} heads")
     c.print(f"MoE: {ex['num_experts']} experts, top-{ex['top_k']}, expert intermediate {ex['moe_intermediate_size']}, "

@@ -28,13 +28,15 @@ def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
     d = spec.head_dim
     if spec.rope_type == "proportional":
         angles = int(spec.partial_rotary_factor * d // 2)
-        rotated = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / d))
+        rotated = 1.0 / (spec.rope_theta
+                         ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / d))
         return torch.cat([rotated, torch.zeros(d // 2 - angles, device="cpu")]) / spec.rope_factor
     dim = int(d * spec.partial_rotary_factor)
     return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B or 1, L] -> cos, sin [B or 1, L, head_dim] in the activation dtype."""
     freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)

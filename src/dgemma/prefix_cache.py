@@ -18,9 +18,10 @@ reason committed canvases are not stored: they are encoded in passes that start 
 block boundaries, so a later prompt that contains them prefills them in other passes.
 
 The cache belongs to one model; the numerics mode (dtype, device, row-invariant GEMMs or not) is part of each
-key, so `rng="fast"` and `"reference"` requests never share blocks. Blocks live on the model's device. Eviction is least recently used, leaves first (a
-block's prefix blocks are used whenever it is, so they stay longer), whole subtrees at once (a block whose parent
-is gone can never be reached). All methods are thread-safe; prefills run outside the lock.
+key, so `rng="fast"` and `"reference"` requests never share blocks. Blocks live on the model's device. Eviction
+is least recently used, leaves first (a block's prefix blocks are used whenever it is, so they stay longer), whole
+subtrees at once (a block whose parent is gone can never be reached). All methods are thread-safe; prefills run
+outside the lock.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class PrefixCache:
         stored and evicted so far."""
         with self._lock:
             c = dict(self._counts)
-            return dict(blocks=len(self._blocks), tokens=self._tokens, bytes=self._bytes, budget_bytes=self.budget_bytes, block_tokens=self.block_tokens, **c,
+            return dict(blocks=len(self._blocks), tokens=self._tokens, bytes=self._bytes,
+                        budget_bytes=self.budget_bytes, block_tokens=self.block_tokens, **c,
                         hit_rate=c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0)
 
     def clear(self) -> None:

@@ -1,8 +1,9 @@
 """`dgemma bench --preset P --quantize SCHEME`: one quantized model, timed against this machine's limits.
 
 Writes (once) a random checkpoint of the preset directly in the scheme's layout, measures the machine first (matmul
-peak at the model's shapes in the dtype the model computes in, and in fp32; memory read bandwidth), then loads the model with default settings and runs one
-canvas at a fixed number of denoising steps. Reports seconds per step and tokens/s next to
+peak at the model's shapes in the dtype the model computes in, and in fp32; memory read bandwidth), then loads the
+model with default settings and runs one canvas at a fixed number of denoising steps. Reports seconds per step and
+tokens/s next to
 - the compute roofline: 2 x active parameters x canvas tokens per step at the measured matmul peak (the issue's
   "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
 - the memory-bandwidth floor: every stored weight byte read once per step (a 256-token canvas routes to nearly all

@@ -618,6 +618,7 @@ def tokenizer_from_gguf(g: GGUFFile):
         return tokens[i] if isinstance(i, int) and 0 <= i < n else None
 
     config = {"bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
-              "pad_token": name("tokenizer.ggml.padding_token_id"), "unk_token": name("tokenizer.ggml.unknown_token_id"),
+              "pad_token": name("tokenizer.ggml.padding_token_id"),
+              "unk_token": name("tokenizer.ggml.unknown_token_id"),
               "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False))}
     return Tokenizer(tok, config, g.get("tokenizer.chat_template"))

@@ -100,7 +100,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         fmt = detect_quant(path)
         cfg = ModelConfig.from_file(path / "config.json")
         gen_file = path / "generation_config.json"
-        gen = GenerationConfig.from_dict(read_json(gen_file), str(gen_file)) if gen_file.is_file() else GenerationConfig()
+        gen = (GenerationConfig.from_dict(read_json(gen_file), str(gen_file)) if gen_file.is_file()
+               else GenerationConfig())
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     target_dtype = resolve_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPES else None)

@@ -92,7 +92,8 @@ class Constraint:
         given = [(k, v) for k, v in (("regex", regex), ("json_schema", json_schema), ("choice", choice),
                                      ("template", template)) if v is not None]
         if len(given) > 1:
-            raise ConstraintError(f"give one of regex, json_schema, choice, template (got {', '.join(k for k, _ in given)}); "
+            raise ConstraintError("give one of regex, json_schema, choice, template "
+                                  f"(got {', '.join(k for k, _ in given)}); "
                                   "a template's holes take their own regex or json_schema")
         if not given:
             return None

@@ -4,9 +4,10 @@ continues a valid output.
 Per constrained row and step: the inner strategy proposes as usual (its draws, entropies and self-conditioning
 are untouched); then the canvas DP (dp.py) replaces `argmax` with the most probable canvas that is a path of the
 row's automaton from the state the committed text left it in and can still finish within the row's budget, and
-`sampled` with tokens of that path's classes (the inner draw where it fits), so accepted tokens stay valid too. A template's fixed
-tokens are clamped: they are written into both the sample and the re-noise ids (so the next input canvas holds them
-whatever is accepted) with entropy 0. After a commit the row's state moves to the end of the committed path.
+`sampled` with tokens of that path's classes (the inner draw where it fits), so accepted tokens stay valid too.
+A template's fixed tokens are clamped: they are written into both the sample and the re-noise ids (so the next
+input canvas holds them whatever is accepted) with entropy 0. After a commit the row's state moves to the end of
+the committed path.
 Unconstrained rows (None) pass through unchanged.
 """
 

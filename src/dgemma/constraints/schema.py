@@ -50,8 +50,9 @@ REFUSED = ("$dynamicRef", "$recursiveRef")
 COMBINATORS = ("anyOf", "oneOf", "allOf")
 MAX_REF_DEPTH = 2  # a recursive $ref is expanded this many times along one path, then cut
 MAX_BRANCHES = 64  # anyOf x oneOf products beside other keywords
-# Counted repeats compile to automaton states per count (up to 4 per character of UTF-8): larger upper bounds (maxLength, maxItems, {m,n} in a
-# pattern) are lowered to these (a subset of the valid values; an output of 1024 tokens holds no more anyway).
+# Counted repeats compile to automaton states per count (up to 4 per character of UTF-8): larger upper bounds
+# (maxLength, maxItems, {m,n} in a pattern) are lowered to these (a subset of the valid values; an output of 1024
+# tokens holds no more anyway).
 LENGTH_CAP = 64
 ITEMS_CAP = 32
 
@@ -761,8 +762,10 @@ class _Compiler:
             return self.mark(self.members_regex(out["additionalProperties"], *node[MEMBERS_KEY]), path)
         if types is None:
             kinds = [t for t, keys in (("object", ("properties", "additionalProperties", "required")),
-                                       ("array", ("items", "prefixItems")), ("string", ("pattern", "minLength",
-                                       "maxLength")), ("number", BOUNDS + ("multipleOf",))) if any(k in out for k in keys)]
+                                       ("array", ("items", "prefixItems")),
+                                       ("string", ("pattern", "minLength", "maxLength")),
+                                       ("number", BOUNDS + ("multipleOf",)))
+                     if any(k in out for k in keys)]
             if not kinds:
                 return copy.deepcopy(FLAT)  # only keywords that hold no value down (and verified ones)
             out["type"] = kinds[0]  # keywords of several types without 'type': values of the first (a subset)

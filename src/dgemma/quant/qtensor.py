@@ -36,7 +36,8 @@ def register(*names: str) -> Callable[[Q], Q]:
         cls.__repr__ = QTensor.__repr__  # a dataclass repr would print the packed data
         for name in names:
             if name in _SCHEMES and _SCHEMES[name] is not cls:
-                raise ValueError(f"quant scheme {name!r} is registered twice ({_SCHEMES[name].__name__}, {cls.__name__})")
+                raise ValueError(f"quant scheme {name!r} is registered twice "
+                                 f"({_SCHEMES[name].__name__}, {cls.__name__})")
             _SCHEMES[name] = cls
         return cls
 
