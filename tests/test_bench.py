@@ -191,9 +191,11 @@ def test_memory_instrument():
     with mem.PeakMemory() as pm:
         pass
     assert pm.extra_mib < 4
-    r = mem.sampler_memory(vocab=131072, canvas=64)  # logits 32 MiB: well above the allocator's noise
-    assert r["logits_tensor_mib"] == 32
-    assert r["fast_fp32"]["self_conditioning_mib"] == 32 and r["fast_bf16"]["self_conditioning_mib"] == 16
+    # the model's canvas (logits 128 MiB): the fast sampler's temporaries are a few chunks of positions (~12-15 MiB
+    # at two to four positions per chunk), whatever the canvas
+    r = mem.sampler_memory(vocab=131072, canvas=256)
+    assert r["logits_tensor_mib"] == 128
+    assert r["fast_fp32"]["self_conditioning_mib"] == 128 and r["fast_bf16"]["self_conditioning_mib"] == 64
     # The reference's ops make several full [1, C, V] fp32 tensors (softcap, temperature, softmax, entropy).
     assert r["reference_rng"]["multiple_of_logits"] > 2
     assert r["fast_fp32"]["multiple_of_logits"] < 0.5 and r["fast_bf16"]["multiple_of_logits"] < 0.5
