@@ -67,8 +67,8 @@ class StableAndConfident:
 def chunk_rows(vocab: int, device: torch.device) -> int:
     """Positions per chunk: a few MiB of temporaries on CPU, large launches on GPU; never a whole canvas at
     V = 262144."""
-    # CPU: two positions per chunk at V = 262144 took 0.66 / 0.70 of one position's time (1 / 2 threads, 256
-    # positions; fewer Python round trips, and the row-wise ops split over threads by row); eight took 1.6 / 1.25
+    # CPU: two positions per chunk at V = 262144 took 0.70-0.79 of one position's time on two threads (three runs,
+    # 256 positions: the row-wise ops split over threads by row) and about the same on one; eight took longer
     budget = 1 << 19 if device.type == "cpu" else 1 << 25
     return max(1, budget // vocab)
 
