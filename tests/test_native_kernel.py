@@ -208,6 +208,34 @@ if native.available():
             solo = model.generate(p, seed=7 + i, **kw)
             assert solo.ids == batch[i].ids and solo.steps == batch[i].steps
 
+    @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4"])
+    def test_experts_native_combine_is_the_torch_arithmetic(kind):
+        """The AMX branch gathers into padded buffers and sums the k choices natively: the same bits as the kernel's
+        outputs rounded to bf16, weighted in fp32, scattered to token order and summed over k with torch ops."""
+        experts = QExperts(MAKERS[kind]((6, 64, 96)), MAKERS[kind]((6, 96, 32)))
+        assert isinstance(experts.gate_up, native.AMXTensor)
+        x = (torch.randn(37, 96, generator=GEN) * 3).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(6, generator=GEN)[:3] for _ in range(37)])
+        weights = torch.rand(37, 3, generator=GEN)
+        weights[0, 1] = 0.0
+        got = experts(x, weights, idx)
+        _, perm = torch.sort(idx.reshape(-1))
+        counts = torch.bincount(idx.reshape(-1), minlength=6)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        xs = x.index_select(0, perm // 3)
+        gate, up = experts.gate_up.grouped(xs, offsets).to(torch.bfloat16).chunk(2, dim=-1)
+        out = experts.down.grouped(torch.nn.functional.gelu(gate, approximate="tanh") * up, offsets)
+        weighted = out.to(torch.bfloat16).float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
+        by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
+        assert torch.equal(got, by_token.view(37, 3, -1).sum(dim=1).to(torch.bfloat16))
+
+    def test_the_kernel_refuses_too_few_rows_for_its_tiles():
+        t = native.to_tiles(_int4((48, 128)))
+        x = torch.randn(17, 128, generator=GEN).to(torch.bfloat16)  # 17 rows: the tiles read 32
+        with pytest.raises(RuntimeError, match="tiles read 32"):
+            native.extension().woq_grouped(x, torch.tensor([0, 17]), t.codes, t.scale, 0, 48, 128, t.block, 0, 0)
+        assert torch.equal(t.grouped(x, torch.tensor([0, 17])), t.grouped(x.clone(), torch.tensor([0, 17])))
+
     def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
         experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))
         assert isinstance(experts.gate_up, native.AMXTensor) and experts.gate_up.scheme == "int4"

@@ -62,24 +62,29 @@ class QExperts(nn.Module):
         flat = idx.reshape(-1)
         expert, perm = torch.sort(flat)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        xs = x.index_select(0, perm // top_k)
         if (isinstance(self.gate_up, native.AMXTensor) and isinstance(self.down, native.AMXTensor)
                 and self.gate_up.runs(x)):
-            # every expert in one native call per matrix, rows grouped by expert
+            # every expert in one native call per matrix, rows grouped by expert and gathered straight into the
+            # kernel's padded buffers; the weighted k-sum back in token order is one more native pass
+            rows = flat.numel()
             offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=offsets[1:])
+            xs = native.padded_rows(rows, x.shape[-1])
+            torch.index_select(x, 0, perm // top_k, out=xs[:rows])
             gate, up = self.gate_up.grouped(xs, offsets).to(x.dtype).chunk(2, dim=-1)
-            out = self.down.grouped(gelu_tanh(gate) * up, offsets).to(x.dtype)
-        else:
-            out = x.new_empty(xs.shape[0], x.shape[-1])
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n == 0:
-                    continue
-                rows = xs[start:start + n]
-                gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
-                out[start:start + n] = self.down.linear(gelu_tanh(gate) * up, index=e)
-                start += n
+            act = native.padded_rows(rows, gate.shape[-1])
+            torch.mul(gelu_tanh(gate), up, out=act[:rows])
+            return native.combine(self.down.grouped(act, offsets), perm, weights)
+        xs = x.index_select(0, perm // top_k)
+        out = x.new_empty(xs.shape[0], x.shape[-1])
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            rows = xs[start:start + n]
+            gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
+            out[start:start + n] = self.down.linear(gelu_tanh(gate) * up, index=e)
+            start += n
         weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
         by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
         return by_token.view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)

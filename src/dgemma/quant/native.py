@@ -75,8 +75,11 @@ def _build():
         from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
 
         mod = load(name="dgemma_woq_amx", sources=[str(SOURCE)], verbose=False,
-                   extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma",
-                                 "-mamx-tile", "-mamx-bf16"])
+                   extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c",
+                                 "-mfma", "-mamx-tile", "-mamx-bf16"],
+                   # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
+                   # time libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
+                   extra_ldflags=["-fopenmp"])
     except Exception as exc:  # a missing compiler or headers: the portable kernels stay
         log.warning("native AMX kernel off: building %s failed (%s)", SOURCE.name, str(exc).splitlines()[0])
         return None
@@ -189,7 +192,8 @@ class AMXTensor(QTensor):
         return x.dtype == torch.bfloat16 and x.device.type == "cpu" and MODE["kernel"] == "auto"
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor, only: int | None = None) -> torch.Tensor:
-        """fp32 [rows, N]: rows offsets[e]:offsets[e+1] of x times expert e (or all rows times expert `only`)."""
+        """fp32 [rows, N]: rows offsets[e]:offsets[e+1] of x times expert e (or all rows times expert `only`). x may
+        hold up to 16 rows more than offsets[-1] (`padded_rows`), which the A tiles read and nothing else uses."""
         mod = extension()
         if mod is None:
             raise QuantError("the native AMX kernel is not available on this machine")
@@ -197,10 +201,10 @@ class AMXTensor(QTensor):
         codes, scale, gs = self.codes, self.scale, self.out_scale
         if only is not None:
             codes, scale, gs = codes[only], scale[only], (None if gs is None else gs[only])
-        rows = x.shape[0]
-        a = torch.empty(rows + TILE_N, k, dtype=torch.bfloat16)
-        a[:rows].copy_(x)
-        a[rows:].zero_()
+        a = x
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[0] < tile_rows(offsets):
+            a = padded_rows(int(offsets[-1]), k)
+            a[:a.shape[0] - TILE_N].copy_(x[:a.shape[0] - TILE_N])
         if ROW_INVARIANT.get():  # one path per weight, whatever the row count: experts group-scaled (int4)
             small, exact = 0, (ALL_ROWS if self.is_fused else 0)
         else:
@@ -217,6 +221,31 @@ class AMXTensor(QTensor):
             raise QuantError("an AMX tile-layout weight lives on the CPU; load the checkpoint on the target device")
         return self
 
+
+
+def padded_rows(rows: int, k: int) -> torch.Tensor:
+    """A bf16 [rows + 16, k] buffer whose last 16 rows are zero: room for every A tile the kernel loads, whatever the
+    grouping; callers write the first `rows`."""
+    a = torch.empty(rows + TILE_N, k, dtype=torch.bfloat16)
+    a[rows:].zero_()
+    return a
+
+
+def tile_rows(offsets: torch.Tensor) -> int:
+    """The rows of x the kernel's A tiles read: each group's rows from its start, rounded up to 16 (the extension
+    checks the same)."""
+    counts = offsets.diff()
+    ends = offsets[:-1] + (counts + TILE_N - 1) // TILE_N * TILE_N
+    return int(ends[counts > 0].max()) if bool((counts > 0).any()) else 0
+
+
+def combine(y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """bf16 [T, H]: expert outputs y (fp32 [T k, H], rows in `perm` order: row j is assignment perm[j] = t k + choice)
+    rounded to bf16, times their weights [T, k], summed over each token's k choices in fp32 and rounded once; the
+    same bits as `dgemma.model.Experts`' torch ops, in one pass."""
+    slot = torch.empty_like(perm)
+    slot[perm] = torch.arange(perm.numel(), dtype=perm.dtype)
+    return extension().moe_combine(y.contiguous(), slot, weights.reshape(-1).float().contiguous(), weights.shape[1])
 
 
 # -- adopting a loaded QTensor ---------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_
 }
 
 struct Problem {
-  const uint16_t* x;        // bf16 [rows + 16, K] (16 spare rows so every A tile load stays inside)
+  const uint16_t* x;        // bf16 [at least tile_rows(offsets), K]: every A tile load stays inside
   float* y;                 // fp32 [rows, N]
   const int64_t* offsets;   // [E + 1]
   const uint8_t* weight;    // [E, NB, KB, tile bytes]
@@ -404,20 +404,33 @@ bool amx_init() {
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
 
-// y fp32 [rows, N] = x @ W_e.T for each expert e's rows. x: bf16 [rows + 16, K] (the last 16 rows padding).
+// The rows of x the A tile loads read: each expert's tiles start at its first row, every 16 rows, and read 16.
+int64_t tile_rows(const int64_t* offsets, int64_t experts) {
+  int64_t need = 0;
+  for (int64_t e = 0; e < experts; ++e)
+    if (offsets[e + 1] > offsets[e])
+      need = std::max(need, offsets[e] + (offsets[e + 1] - offsets[e] + TILE_M - 1) / TILE_M * TILE_M);
+  return need;
+}
+
+// y fp32 [rows, N] = x @ W_e.T for each expert e's rows, rows = offsets[E]. x: bf16 [R, K] with R at least what
+// the tiles read (`tile_rows`: rows rounded up to 16 for one matrix, rows + 15 at most for many experts; the rows
+// past `rows` only feed outputs that are never stored).
 // Experts with at most `small_rows` rows (<= 4) take the dot-product path, int4 experts with at most `exact_rows`
 // the group-scaled one; 0 and 0 keep every row on the scaled-expansion path, so that a row's result never depends on
 // how many rows share its expert.
 torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor weight, torch::Tensor scales,
                           int64_t fmt, int64_t n, int64_t k, int64_t block_k, int64_t small_rows,
                           int64_t exact_rows) {
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == k, "x: bf16 [rows+16, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == k, "x: bf16 [R, K]");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(), "offsets: int64");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "weight and scales must be contiguous");
   TORCH_CHECK(n % TILE_N == 0 && k % TILE_K == 0 && block_k % 16 == 0, "N % 16, K % 32 and block % 16 must be 0");
   TORCH_CHECK(fmt != INT4 || exact_rows == 0 || block_k % TILE_K == 0, "group-scaled int4 needs block % 32 == 0");
   const int64_t experts = offsets.size(0) - 1;
-  const int64_t rows = x.size(0) - TILE_M;
+  const int64_t rows = offsets.data_ptr<int64_t>()[experts];
+  TORCH_CHECK(x.size(0) >= tile_rows(offsets.data_ptr<int64_t>(), experts), "x: ", x.size(0),
+              " rows, the tiles read ", tile_rows(offsets.data_ptr<int64_t>(), experts));
   auto y = torch::empty({rows, n}, x.options().dtype(torch::kFloat32));
   const int64_t strips = (n + 2 * TILE_N - 1) / (2 * TILE_N);
   Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), y.data_ptr<float>(), offsets.data_ptr<int64_t>(),
@@ -462,6 +475,44 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
     _tile_release();
   });
   return y;
+}
+
+// fp32 -> bf16 bits (round to nearest even, NaN to the quiet NaN), in the low 16 bits of each lane: c10's rounding.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// A layer's expert outputs back to its tokens: out[t] = bf16(sum over j < top_k, in order, of bf16(y[slot[t k + j]])
+// x w[t k + j]), the sum in fp32 from 0: what rounding y to bf16, then out.float() * w, a scatter to token order and
+// a sum over the k slots give in torch, in one pass (y: fp32 [rows, H], slot and w: [T x top_k]).
+torch::Tensor moe_combine(torch::Tensor y, torch::Tensor slot, torch::Tensor w, int64_t top_k) {
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.dim() == 2 && y.is_contiguous() && y.size(1) % 16 == 0,
+              "y: contiguous fp32 [rows, H], H % 16 == 0");
+  TORCH_CHECK(slot.scalar_type() == torch::kInt64 && w.scalar_type() == torch::kFloat32 && slot.is_contiguous() &&
+              w.is_contiguous() && slot.numel() == w.numel() && top_k > 0 && slot.numel() % top_k == 0,
+              "slot int64 and w fp32, [tokens x top_k]");
+  const int64_t tokens = slot.numel() / top_k, h = y.size(1), rows = y.size(0);
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slot.numel(); ++i) TORCH_CHECK(sl[i] >= 0 && sl[i] < rows, "slot out of range");
+  auto out = torch::empty({tokens, h}, y.options().dtype(torch::kBFloat16));
+  const float* ys = y.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  uint16_t* os = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, tokens, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      for (int64_t c = 0; c < h; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < top_k; ++j) {
+          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(_mm512_loadu_ps(ys + sl[t * top_k + j] * h + c)), 16));
+          acc = _mm512_add_ps(acc, _mm512_mul_ps(v, _mm512_set1_ps(ws[t * top_k + j])));  // two roundings, as torch
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + t * h + c), _mm512_cvtepi32_epi16(bf16_bits(acc)));
+      }
+  });
+  return out;
 }
 
 // The tile layout (what dgemma/quant/native.py's tile_nibbles / _tile_order build with torch ops, here in one pass
@@ -509,4 +560,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
   m.def("amx_init", &amx_init, "request the AMX tile state from the kernel");
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM on AMX");
+  m.def("moe_combine", &moe_combine, "expert outputs to token order, weighted and summed over the k choices");
 }
