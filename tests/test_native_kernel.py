@@ -236,6 +236,22 @@ if native.available():
             native.extension().woq_grouped(x, torch.tensor([0, 17]), t.codes, t.scale, 0, 48, 128, t.block, 0, 0)
         assert torch.equal(t.grouped(x, torch.tensor([0, 17])), t.grouped(x.clone(), torch.tensor([0, 17])))
 
+    def test_table_product_is_the_exact_products_summed_in_fp32_whatever_the_rows():
+        """The self-conditioning product reads the table in place: the bf16 rounding of an fp32 sum of exact bf16
+        products (within fp32 rounding of the fp64 sum), each row the same alone as among any rows."""
+        table = (torch.randn(768, 192, generator=GEN) * 0.05).to(torch.bfloat16)
+        probs = torch.softmax(torch.randn(2, 21, 768, generator=GEN) * 4, -1).to(torch.bfloat16)
+        got = native.table_product(probs, table)
+        assert got.shape == (2, 21, 192) and got.dtype == torch.bfloat16
+        exact = probs.double() @ table.double()
+        bound = 1e-5 * (probs.double().abs() @ table.double().abs()) + 2 ** -8 * exact.abs()
+        assert torch.all((got.double() - exact).abs() <= bound)
+        assert torch.equal(native.table_product(probs[1, 3:4], table), got[1, 3:4])
+        assert torch.equal(native.table_product(probs[0, :16], table), got[0, :16])
+        leaf = table.clone().requires_grad_()
+        assert native.table_product(probs, leaf) is None  # training keeps torch's matmul (it has a backward)
+        assert native.table_product(probs, table[:, :100]) is None  # columns not a multiple of 64
+
     def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
         experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))
         assert isinstance(experts.gate_up, native.AMXTensor) and experts.gate_up.scheme == "int4"

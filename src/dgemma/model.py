@@ -16,6 +16,7 @@ from torch import nn
 from .config import LayerSpec, ModelConfig
 from .kv_cache import KVCache
 from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_tanh, linear, softcap
+from .quant import native
 from .vision import PromptImages
 
 
@@ -105,7 +106,8 @@ class Embedding(nn.Module):
             tail = (1 - p.float().sum(-1, keepdim=True)).clamp_(min=0)
             return out.add_(tail.to(self.dtype) * self.mean_row())
         if w.dtype == self.dtype:
-            return linear(probs, w.t())
+            fast = native.table_product(probs, w)
+            return linear(probs, w.t()) if fast is None else fast
         out = None
         for s in range(0, w.shape[0], self.CHUNK):
             part = linear(probs[..., s:s + self.CHUNK], w[s:s + self.CHUNK].to(self.dtype).t())

@@ -239,6 +239,27 @@ def tile_rows(offsets: torch.Tensor) -> int:
     return int(ends[counts > 0].max()) if bool((counts > 0).any()) else 0
 
 
+def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+    """probs [..., V] @ table [V, H] in bf16 (the self-conditioning input) by the native kernel, which reads the
+    table in place where oneDNN would reorder all of it at every call: the bf16 rounding of fp32 sums of the exact
+    products, in an order that does not depend on the row count. None where the kernel does not run here or does not
+    cover the shapes (the caller's matmul stays)."""
+    v, h = table.shape
+    if torch.is_grad_enabled() and (probs.requires_grad or table.requires_grad):
+        return None  # no backward here: training keeps torch's matmul
+    if (probs.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or probs.device.type != "cpu"
+            or table.device.type != "cpu" or v % 256 or h % 64 or not available()):
+        return None
+    flat = probs.reshape(-1, v)
+    rows = flat.shape[0]
+    if rows % TILE_N or not flat.is_contiguous():
+        padded = torch.zeros((rows + TILE_N - 1) // TILE_N * TILE_N, v, dtype=torch.bfloat16)
+        padded[:rows] = flat
+        flat = padded
+    out = extension().table_product(flat, table.contiguous())[:rows]
+    return out.to(torch.bfloat16).reshape(*probs.shape[:-1], h)
+
+
 def combine(y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """bf16 [T, H]: expert outputs y (fp32 [T k, H], rows in `perm` order: row j is assignment perm[j] = t k + choice)
     rounded to bf16, times their weights [T, k], summed over each token's k choices in fp32 and rounded once; the

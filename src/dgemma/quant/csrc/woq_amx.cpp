@@ -477,6 +477,114 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   return y;
 }
 
+// -- the self-conditioning product: probabilities P [M, V] @ the embedding table E [V, H], both bf16 --------------
+// oneDNN reorders the whole table (1.5 GB at full size) into its blocked layout at every call; this reads it in
+// place. For each chunk of TABLE_KC vocabulary rows: P's chunk is packed into A tiles (all M rows), and for each
+// strip of 64 table columns the chunk's 16 VNNI rows per tile are built from pairs of table rows (one word permute
+// per pair, the next strip's rows prefetched meanwhile); C for a group of TABLE_GROUP strips x all M rows stays in a
+// per-thread buffer over the whole vocabulary. Each output is an fp32 sum of exact bf16 products in one fixed order
+// (chunk by chunk, 32 rows per tile product), whatever M: a row's result never depends on its neighbours.
+constexpr int64_t TABLE_KC = 256;     // vocabulary rows per chunk
+constexpr int64_t TABLE_STRIP = 64;   // table columns per strip (4 C tiles)
+constexpr int64_t TABLE_GROUP = 4;    // strips per work item
+
+// VNNI row r of the four B tiles of a strip (columns n0 .. n0 + 63) from table rows e0 and e1 (= e0 + 1 row).
+inline void vnni_pair(const uint16_t* e0, const uint16_t* e1, uint16_t* dst, int r) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22,
+                                      53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int h = 0; h < 2; ++h) {
+    const __m512i a = _mm512_loadu_si512(e0 + 32 * h), b = _mm512_loadu_si512(e1 + 32 * h);
+    _mm512_store_si512(dst + (2 * h) * 512 + r * 32, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_store_si512(dst + (2 * h + 1) * 512 + r * 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+}
+
+// fp32 [M, H] = p [M, V] @ e [V, H]; M % 16, V % 256 and H % 64 must be 0 (dgemma/quant/native.py pads M).
+torch::Tensor table_product(torch::Tensor p, torch::Tensor e) {
+  TORCH_CHECK(p.scalar_type() == torch::kBFloat16 && e.scalar_type() == torch::kBFloat16 && p.is_contiguous() &&
+              e.is_contiguous() && p.dim() == 2 && e.dim() == 2 && p.size(1) == e.size(0),
+              "p: bf16 [M, V], e: bf16 [V, H], contiguous");
+  const int64_t M = p.size(0), K = p.size(1), N = e.size(1);
+  TORCH_CHECK(M % TILE_M == 0 && K % TABLE_KC == 0 && N % TABLE_STRIP == 0, "M % 16, V % 256 and H % 64 must be 0");
+  auto out = torch::empty({M, N}, p.options().dtype(torch::kFloat32));
+  const uint16_t* P = reinterpret_cast<const uint16_t*>(p.data_ptr());
+  const uint16_t* E = reinterpret_cast<const uint16_t*>(e.data_ptr());
+  float* O = out.data_ptr<float>();
+  const int64_t strips = N / TABLE_STRIP, groups = (strips + TABLE_GROUP - 1) / TABLE_GROUP;
+  const int64_t kt = TABLE_KC / TILE_K;  // tiles per chunk
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), groups);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t worker = w0; worker < w1; ++worker) {
+      configure_tiles();
+      auto aligned = [](auto& v) { return reinterpret_cast<decltype(v.data())>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63)); };
+      std::vector<uint16_t> b_store(TABLE_KC * TABLE_STRIP + 64), a_store(M * TABLE_KC + 64);
+      std::vector<float> c_store(M * TABLE_GROUP * TABLE_STRIP + 16);
+      uint16_t* bbuf = aligned(b_store);
+      uint16_t* abuf = aligned(a_store);
+      float* cbuf = aligned(c_store);
+      for (int64_t g = groups * worker / workers; g < groups * (worker + 1) / workers; ++g) {
+        const int64_t sa = g * TABLE_GROUP, sb = std::min(strips, sa + TABLE_GROUP), width = (sb - sa) * TABLE_STRIP;
+        for (int64_t k0 = 0; k0 < K; k0 += TABLE_KC) {
+          for (int64_t m = 0; m < M; ++m)  // A tiles of this chunk: [M / 16][kt][16 rows x 32]
+            for (int64_t ks = 0; ks < kt; ++ks)
+              _mm512_store_si512(abuf + ((m / TILE_M) * kt + ks) * 512 + (m % TILE_M) * 32,
+                                 _mm512_loadu_si512(P + m * K + k0 + TILE_K * ks));
+          for (int64_t s = sa; s < sb; ++s) {
+            const int64_t n0 = TABLE_STRIP * s;
+            for (int64_t ks = 0; ks < kt; ++ks)
+              for (int r = 0; r < 16; ++r) {
+                const int64_t k = k0 + TILE_K * ks + 2 * r;
+                vnni_pair(E + k * N + n0, E + (k + 1) * N + n0, bbuf + ks * 2048, r);
+              }
+            // the table rows of the next strip (or of the next chunk's first strip), fetched during the products
+            const bool last = s + 1 == sb;
+            const uint16_t* next = last ? E + (k0 + TABLE_KC) * N + sa * TABLE_STRIP : E + k0 * N + n0 + TABLE_STRIP;
+            const int64_t per = (last && k0 + TABLE_KC >= K) ? 0 : TABLE_KC / (M / TILE_M);
+            for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+              for (int64_t i = 0; i < per; ++i) {
+                const char* q = reinterpret_cast<const char*>(next + ((m0 / TILE_M) * per + i) * N);
+                _mm_prefetch(q, _MM_HINT_T0);
+                _mm_prefetch(q + 64, _MM_HINT_T0);
+              }
+              float* c = cbuf + m0 * width + (n0 - sa * TABLE_STRIP);
+              if (k0 == 0) {
+                zero_c();
+              } else {  // tile numbers must be constants
+                _tile_loadd(0, c, width * 4);
+                _tile_loadd(1, c + 16, width * 4);
+                _tile_loadd(2, c + 32, width * 4);
+                _tile_loadd(3, c + 48, width * 4);
+              }
+              const uint16_t* a = abuf + (m0 / TILE_M) * kt * 512;
+              for (int64_t ks = 0; ks < kt; ++ks) {
+                _tile_loadd(4, a + 512 * ks, 64);
+                const uint16_t* b = bbuf + ks * 2048;
+                _tile_loadd(6, b, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(7, b + 512, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_loadd(6, b + 1024, 64);
+                _tile_dpbf16ps(2, 4, 6);
+                _tile_loadd(7, b + 1536, 64);
+                _tile_dpbf16ps(3, 4, 7);
+              }
+              _tile_stored(0, c, width * 4);
+              _tile_stored(1, c + 16, width * 4);
+              _tile_stored(2, c + 32, width * 4);
+              _tile_stored(3, c + 48, width * 4);
+            }
+          }
+        }
+        for (int64_t m = 0; m < M; ++m) std::memcpy(O + m * N + sa * TABLE_STRIP, cbuf + m * width, width * 4);
+      }
+      _tile_release();
+    }
+  });
+  return out;
+}
+
 // fp32 -> bf16 bits (round to nearest even, NaN to the quiet NaN), in the low 16 bits of each lane: c10's rounding.
 inline __m512i bf16_bits(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -560,5 +668,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
   m.def("amx_init", &amx_init, "request the AMX tile state from the kernel");
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM on AMX");
+  m.def("table_product", &table_product, "probabilities times the embedding table (self-conditioning) on AMX");
   m.def("moe_combine", &moe_combine, "expert outputs to token order, weighted and summed over the k choices");
 }
