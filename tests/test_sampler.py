@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dgemma.sampler import accept_mask, entropy, fast_sample, temperature
+from dgemma import sampler
+from dgemma.sampler import NATIVE_MIN_VOCAB, accept_mask, entropy, fast_sample, temperature
 
 
 def chi2_threshold(df: int, z: float = 4.75) -> float:
@@ -132,3 +133,32 @@ def test_sampler_memory_at_real_vocab():
     base = hwm()
     fast_sample(logits, 30.0, 0.7, torch.rand(1, c, dtype=torch.float64), torch.ones(1, dtype=torch.bool), probs_out)
     assert hwm() - base < one // 8
+
+
+@pytest.mark.parametrize("dtype, probs_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_native_sampler_at_a_large_vocabulary_draws_from_the_same_distribution(dtype, probs_dtype, monkeypatch):
+    """From NATIVE_MIN_VOCAB on, 16-bit head outputs go through the fused native kernel where it runs (its own exp
+    and summation order): the same argmax, entropies and probabilities to fp32 rounding, each draw the inverse CDF
+    of its uniform, and rows that are not live untouched. Elsewhere the torch ops run and this compares them with
+    themselves."""
+    torch.manual_seed(11)
+    b, c, v = 2, 6, NATIVE_MIN_VOCAB
+    raw = (torch.randn(b, c, v) * 20).to(dtype)
+    u = torch.rand(b, c, dtype=torch.float64)
+    rows = torch.tensor([True, False])
+    fast, ref = torch.full((b, c, v), 7.0, dtype=probs_dtype), torch.full((b, c, v), 7.0, dtype=probs_dtype)
+    got = fast_sample(raw, 30.0, 0.7, u, rows, fast)
+    monkeypatch.setattr(sampler, "NATIVE_MIN_VOCAB", v + 1)
+    want = fast_sample(raw, 30.0, 0.7, u, rows, ref)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.equal(fast[1], ref[1]) and float(got[2][1].abs().sum()) == 0 and int(got[0][1].abs().sum()) == 0
+    p = ref[0].double()
+    cdf = p.cumsum(-1)
+    target = u[0] * cdf[:, -1]
+    s = got[0][0]
+    above = cdf.gather(1, s[:, None]).squeeze(1)
+    below = torch.where(s > 0, cdf.gather(1, (s - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(above))
+    assert torch.all(below <= target + 1e-4) and torch.all(target <= above + 1e-4)
+    assert torch.all(p.gather(1, s[:, None]) > 0)

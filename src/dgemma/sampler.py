@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import native
+
 
 def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
     """t = t_min + (t_max - t_min) * n / N, with n the steps remaining; evaluated in fp32 like the reference."""
@@ -73,6 +75,12 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, budget // vocab)
 
 
+# At a real vocabulary (262144) the fused native kernel does a position's work in four passes over its values in
+# cache; torch's chunked ops below take several times longer there. Smaller vocabularies (the Sudoku models, the
+# test presets) keep the torch ops, whose bits the tests pin.
+NATIVE_MIN_VOCAB = 32768
+
+
 def _scale_logits(x: torch.Tensor, cap: float | None, temp: torch.Tensor | float | None) -> torch.Tensor:
     """fp32 logits -> cap * tanh(x / cap) / temp, in place, in the reference's op order."""
     if cap:
@@ -113,8 +121,12 @@ def fast_sample(
     sampled = torch.zeros(b, c, dtype=torch.long, device=raw.device)
     argmax = torch.zeros(b, c, dtype=torch.long, device=raw.device)
     ent = torch.zeros(b, c, dtype=torch.float32, device=raw.device)
-    step = chunk_rows(v, raw.device)
     table = _scaled_logit_table(raw.dtype, cap, temp, raw.device) if raw.element_size() == 2 else None
+    if table is not None and visit is None and v >= NATIVE_MIN_VOCAB:
+        done = native.fused_sample(raw, table, uniforms, rows, probs_out)
+        if done is not None:
+            return done
+    step = chunk_rows(v, raw.device)
     for r in rows.nonzero().flatten().tolist():
         for s in range(0, c, step):
             if table is not None:

@@ -42,6 +42,7 @@ from .qtensor import MODE, QTensor, QuantError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "woq_amx.cpp"
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "sample.cpp")
 FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
 TILE_N, TILE_K = 16, 32
@@ -74,7 +75,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
 
-        mod = load(name="dgemma_woq_amx", sources=[str(SOURCE)], verbose=False,
+        mod = load(name="dgemma_woq_amx", sources=[str(p) for p in SOURCES], verbose=False,
                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c",
                                  "-mfma", "-mamx-tile", "-mamx-bf16"],
                    # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
@@ -258,6 +259,23 @@ def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
         flat = padded
     out = extension().table_product(flat, table.contiguous())[:rows]
     return out.to(torch.bfloat16).reshape(*probs.shape[:-1], h)
+
+
+def fused_sample(raw: torch.Tensor, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor,
+                 probs_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`dgemma.sampler.fast_sample`'s work for 16-bit head outputs, by the native kernel (csrc/sample.cpp): the same
+    steps and the same lookup table, with its own exp and summation order (so the same distributions, not the same
+    bits). None where the kernel does not run here or does not cover the tensors."""
+    b, c, v = raw.shape
+    if (raw.element_size() != 2 or raw.device.type != "cpu" or v % 16 or not available()
+            or (probs_out is not None and (probs_out.dtype not in (torch.bfloat16, torch.float32)
+                                           or not probs_out.is_contiguous()))):
+        return None
+    probs = probs_out if probs_out is not None else torch.empty(0, dtype=torch.float32)
+    sampled, argmax, ent = extension().fused_sample(raw.contiguous().view(torch.int16), table.contiguous(),
+                                                    uniforms.to(torch.float64).contiguous(), rows.to(torch.bool),
+                                                    probs)
+    return sampled.to(raw.device), argmax, ent
 
 
 def combine(y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -664,10 +664,15 @@ torch::Tensor tile_codes(torch::Tensor packed, int64_t bits) {
   return out;
 }
 
+// csrc/sample.cpp
+std::vector<torch::Tensor> fused_sample(torch::Tensor raw, torch::Tensor table, torch::Tensor uniforms,
+                                        torch::Tensor rows, torch::Tensor probs);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
   m.def("amx_init", &amx_init, "request the AMX tile state from the kernel");
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM on AMX");
   m.def("table_product", &table_product, "probabilities times the embedding table (self-conditioning) on AMX");
+  m.def("fused_sample", &fused_sample, "the denoising sampler's per-position work at a large vocabulary");
   m.def("moe_combine", &moe_combine, "expert outputs to token order, weighted and summed over the k choices");
 }
