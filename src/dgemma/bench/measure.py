@@ -167,4 +167,5 @@ def step_cache_trajectory(timer: PassTimer, policy: StepCachePolicy, tokens_per_
     full += [timer(None), timer(None)]
     full_s = sum(full) / len(full)
     return {"tokens_per_forward": tokens_per_pass, "passes": len(schedule), "settled": schedule,
-            "pass_s": times, "full_pass_s": full_s, "ratio": sum(times) / (len(times) * full_s)}
+            "pass_s": times, "full_pass_s": full_s, "full_pass_min_s": min(full),
+            "ratio": sum(times) / (len(times) * full_s)}
