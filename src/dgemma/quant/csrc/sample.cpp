@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 // exp(x) for x <= 0 (a shifted logit): x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial in r (relative
@@ -31,14 +33,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   const __m512 y = _mm512_scalef_ps(p, n);
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_GE_OQ), y);
-}
-
-// 16 floats to bf16: round to nearest even, NaN to the quiet NaN (c10's rounding)
-inline __m256i bf16_round(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0)));
 }
 
 struct Position {
@@ -90,7 +84,7 @@ Position one_position(const int16_t* codes, const float* table, int64_t v, doubl
     if constexpr (std::is_same_v<Out, float>) {
       if (probs) _mm512_storeu_ps(probs + i, p);
     } else {
-      if (probs) _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + i), bf16_round(p));
+      if (probs) _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + i), _mm512_cvtepi32_epi16(bf16_bits(p)));
     }
     const double b = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
                                                          _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(p), 1)))));

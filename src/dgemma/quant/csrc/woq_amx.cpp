@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 enum Format : int64_t { INT4 = 0, NVFP4 = 1, FP8 = 2 };
@@ -583,14 +585,6 @@ torch::Tensor table_product(torch::Tensor p, torch::Tensor e) {
     }
   });
   return out;
-}
-
-// fp32 -> bf16 bits (round to nearest even, NaN to the quiet NaN), in the low 16 bits of each lane: c10's rounding.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
 // A layer's expert outputs back to its tokens: out[t] = bf16(sum over j < top_k, in order, of bf16(y[slot[t k + j]])
