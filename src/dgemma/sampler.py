@@ -118,14 +118,14 @@ def fast_sample(
     Returns sampled ids, argmax ids and entropies of the processed logits, each [B, C] (zeros for skipped rows).
     """
     b, c, v = raw.shape
-    sampled = torch.zeros(b, c, dtype=torch.long, device=raw.device)
-    argmax = torch.zeros(b, c, dtype=torch.long, device=raw.device)
-    ent = torch.zeros(b, c, dtype=torch.float32, device=raw.device)
     table = _scaled_logit_table(raw.dtype, cap, temp, raw.device) if raw.element_size() == 2 else None
     if table is not None and visit is None and v >= NATIVE_MIN_VOCAB:
         done = native.fused_sample(raw, table, uniforms, rows, probs_out)
         if done is not None:
             return done
+    sampled = torch.zeros(b, c, dtype=torch.long, device=raw.device)
+    argmax = torch.zeros(b, c, dtype=torch.long, device=raw.device)
+    ent = torch.zeros(b, c, dtype=torch.float32, device=raw.device)
     step = chunk_rows(v, raw.device)
     for r in rows.nonzero().flatten().tolist():
         for s in range(0, c, step):

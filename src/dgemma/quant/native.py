@@ -75,9 +75,11 @@ def _build():
     try:
         from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
 
+        # -ffp-contract=off: a product then a sum stays two roundings whatever the compiler (moe_combine repeats
+        # torch's bits)
         mod = load(name="dgemma_woq_amx", sources=[str(p) for p in SOURCES], verbose=False,
-                   extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c",
-                                 "-mfma", "-mamx-tile", "-mamx-bf16"],
+                   extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                 "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
                    # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
                    # time libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
                    extra_ldflags=["-fopenmp"])
@@ -202,10 +204,12 @@ class AMXTensor(QTensor):
         codes, scale, gs = self.codes, self.scale, self.out_scale
         if only is not None:
             codes, scale, gs = codes[only], scale[only], (None if gs is None else gs[only])
-        a = x
-        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[0] < tile_rows(offsets):
-            a = padded_rows(int(offsets[-1]), k)
-            a[:a.shape[0] - TILE_N].copy_(x[:a.shape[0] - TILE_N])
+        a, rows = x, int(offsets[-1])
+        # a buffer from `padded_rows` (16 spare rows) always covers the tiles: no need to work out what they read
+        if (x.dtype != torch.bfloat16 or not x.is_contiguous()
+                or (x.shape[0] < rows + TILE_N and x.shape[0] < tile_rows(offsets))):
+            a = padded_rows(rows, k)
+            a[:rows].copy_(x[:rows])
         if ROW_INVARIANT.get():  # one path per weight, whatever the row count: experts group-scaled (int4)
             small, exact = 0, (ALL_ROWS if self.is_fused else 0)
         else:
@@ -266,7 +270,7 @@ def fused_sample(raw: torch.Tensor, table: torch.Tensor, uniforms: torch.Tensor,
     """`dgemma.sampler.fast_sample`'s work for 16-bit head outputs, by the native kernel (csrc/sample.cpp): the same
     steps and the same lookup table, with its own exp and summation order (so the same distributions, not the same
     bits). None where the kernel does not run here or does not cover the tensors."""
-    b, c, v = raw.shape
+    v = raw.shape[-1]
     if (raw.element_size() != 2 or raw.device.type != "cpu" or v % 16 or not available()
             or (probs_out is not None and (probs_out.dtype not in (torch.bfloat16, torch.float32)
                                            or not probs_out.is_contiguous()))):
