@@ -1,12 +1,13 @@
-"""The native AMX kernel's tile layout and its outputs.
+"""The native kernel's tile layout and its outputs.
 
 The layout tests are pure torch and run everywhere: a QTensor repacked into tiles dequantizes to exactly the same
-weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block). Where the kernel runs (an AMX CPU
-with a compiler), its products are checked against the bf16 weight the format dequantizes to: the expansion is the
-same bf16 rounding (for NVFP4 that rounding is exact), the accumulation is fp32 in another order, so the stated
-tolerance is fp32 rounding of a K-term sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4,
-NVFP4), and for int4 at most `EXACT_ROWS`, the kernel multiplies the unrounded fp32 weight instead, held to the same
-bound against it. Where the kernel does not run, loading leaves every QTensor as it was read.
+weight as the QTensor it came from (int4, NVFP4, FP8 per channel and per block). Where the kernel runs (a CPU with
+AVX-512 BF16 and a compiler), every test runs on each engine the CPU has (AMX, AVX-512 BF16), and its products are
+checked against the bf16 weight the format dequantizes to: the expansion is the same bf16 rounding (for NVFP4 that
+rounding is exact), the accumulation is fp32 in another order, so the stated tolerance is fp32 rounding of a K-term
+sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4, NVFP4), and for int4 at most `EXACT_ROWS`,
+the kernel multiplies the unrounded fp32 weight instead, held to the same bound against it. Where the kernel does
+not run, loading leaves every QTensor as it was read.
 """
 
 from __future__ import annotations
@@ -140,6 +141,22 @@ def test_the_kernel_runs_wherever_it_can_be_built():
 
 if native.available():
 
+    @pytest.fixture(autouse=True, params=native.engines())
+    def engine(request):
+        """Each kernel test on every engine this CPU runs."""
+        with native.use_engine(request.param):
+            yield request.param
+
+    def test_engines_switch_and_come_back():
+        default = native.engines()[0]
+        for name in native.engines():
+            with native.use_engine(name):
+                assert native.engine() == name
+        assert native.engine() == default
+        with pytest.raises(native.QuantError, match="cannot run here"):
+            with native.use_engine("tpu"):
+                pass
+
     @pytest.mark.parametrize("kind", MAKERS)
     @pytest.mark.parametrize("rows", [1, 4, 5, 16, 17, 32, 33, 40, 70])
     def test_kernel_matches_the_dequantized_weight(kind, rows):
@@ -200,7 +217,7 @@ if native.available():
         path = random_quantized_checkpoint(tmp_path / "m", "tiny", "int4", seed=1, std=0.3, group=32, progress=False,
                                            dtype="bfloat16", canvas_length=16)
         model = load_model(path, dtype="bfloat16")
-        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.AMXTensor) for m in model.module.modules())
+        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.TileTensor) for m in model.module.modules())
         prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
         kw = dict(max_new_tokens=32, max_denoising_steps=6)
         batch = model.generate(prompts, seed=7, **kw)
@@ -213,7 +230,7 @@ if native.available():
         """The AMX branch gathers into padded buffers and sums the k choices natively: the same bits as the kernel's
         outputs rounded to bf16, weighted in fp32, scattered to token order and summed over k with torch ops."""
         experts = QExperts(MAKERS[kind]((6, 64, 96)), MAKERS[kind]((6, 96, 32)))
-        assert isinstance(experts.gate_up, native.AMXTensor)
+        assert isinstance(experts.gate_up, native.TileTensor)
         x = (torch.randn(37, 96, generator=GEN) * 3).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(6, generator=GEN)[:3] for _ in range(37)])
         weights = torch.rand(37, 3, generator=GEN)
@@ -254,7 +271,7 @@ if native.available():
 
     def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
         experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))
-        assert isinstance(experts.gate_up, native.AMXTensor) and experts.gate_up.scheme == "int4"
+        assert isinstance(experts.gate_up, native.TileTensor) and experts.gate_up.scheme == "int4"
         x = torch.randn(10, 32, generator=GEN).to(torch.bfloat16)
         idx = torch.randint(0, 4, (10, 2), generator=GEN)
         weights = torch.rand(10, 2, generator=GEN)
@@ -266,7 +283,7 @@ if native.available():
             L.MODE["kernel"] = "auto"
         torch.testing.assert_close(fast.float(), exact.float(), atol=2e-2, rtol=2e-2)
         lin = QLinear(_int4((48, 64)))
-        assert isinstance(lin.qweight, native.AMXTensor)
+        assert isinstance(lin.qweight, native.TileTensor)
         fp32 = torch.randn(3, 64, generator=GEN)  # fp32 activations keep fp32 through the dequantized matmul
         torch.testing.assert_close(lin(fp32), fp32 @ lin.qweight.dequantize(torch.float32).t())
 
@@ -275,4 +292,4 @@ else:
     def test_without_the_kernel_weights_stay_as_read():
         q = _int4((48, 128))
         assert native.adopt(q) is q
-        assert not isinstance(QLinear(q).qweight, native.AMXTensor)
+        assert not isinstance(QLinear(q).qweight, native.TileTensor)

@@ -62,7 +62,7 @@ class QExperts(nn.Module):
         flat = idx.reshape(-1)
         expert, perm = torch.sort(flat)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if (isinstance(self.gate_up, native.AMXTensor) and isinstance(self.down, native.AMXTensor)
+        if (isinstance(self.gate_up, native.TileTensor) and isinstance(self.down, native.TileTensor)
                 and self.gate_up.runs(x)):
             # every expert in one native call per matrix, rows grouped by expert and gathered straight into the
             # kernel's padded buffers; the weighted k-sum back in token order is one more native pass

@@ -1,36 +1,44 @@
-"""dgemma's native AMX kernel for low-bit weights (int4, NVFP4, FP8) on Intel CPUs, and the tile layout it reads.
+"""dgemma's native kernel for low-bit weights (int4, NVFP4, FP8) on x86 CPUs with bf16 dot products, and the tile
+layout it reads.
 
-On a CPU with AMX (lscpu flags amx_tile, amx_bf16, avx512_bf16) and a C++ compiler, `csrc/woq_amx.cpp` is built
-once with torch's extension builder (cached in torch's extensions directory) and a quantized linear layer or a
-layer's experts are repacked at load into `AMXTensor`s: the same codes and scales, ordered so that the kernel expands
-32 output columns at a time into bf16 in cache and multiplies them with AMX tiles. Nothing expanded reaches memory,
-and the experts of a layer run in one call spread over torch's threads (no Python loop over experts).
+On a CPU with AVX-512 BF16 (lscpu flags avx512f, avx512bw, avx512vl, avx512_bf16: AMD Zen 4 and later, Intel Cooper
+Lake and Sapphire Rapids and later) and a C++ compiler, `csrc/woq.cpp` with `csrc/woq_avx512.cpp` and
+`csrc/sample.cpp` is built once with torch's extension builder (cached in torch's extensions directory), and a
+quantized linear layer or a layer's experts are repacked at load into `TileTensor`s: the same codes and scales,
+ordered so that the kernel expands 32 output columns at a time into bf16 in cache and multiplies them there. Nothing
+expanded reaches memory, and the experts of a layer run in one call spread over torch's threads (no Python loop over
+experts). Two engines multiply the expanded tiles: AMX where the CPU has it (amx_tile, amx_bf16) and the OS grants
+the tile state, else AVX-512 BF16 (vdpbf16ps, accumulators in registers); `engine()` says which, `use_engine`
+switches (tests and benchmarks run both where both exist).
 
 What the products are: the expansion is the bf16 rounding of the format's own dequantized weight ((q - 8) * scale
 for int4, e4m3 * scale for FP8, each exact in fp32 and rounded once; e2m1 * block scale for NVFP4, exact in bf16,
-with its global scale on the output), accumulated in fp32 by the AMX unit in another order than oneDNN's GEMM: outputs
-agree with the dequantized model's bf16 matmul to fp32 rounding. Matrices (or experts) given at most `SMALL_ROWS`
-rows (left-to-right decoding) skip the expansion (int4, NVFP4): AVX-512 fp32 products of the codes' values with the
-activations, scaled once per block, i.e. the exact fp32 dequantized weight. int4 weights given up to `EXACT_ROWS`
-rows (a denoising step gives each of 128 experts about 16) take the group-scaled path: tiles of q - 8 alone (exact
-in bf16, one lookup per tile row), each scale group's fp32 sums times the scales, again the exact dequantized
-weight and 1.1-1.8x faster there than the scaled expansion, which stays for more rows, where one expansion serves
-many (tests/test_native_kernel.py states the tolerances). Inside `numerics.row_invariant()` (the default sampler)
-the path depends on the weight, never on the row count, so a row's result never depends on its neighbours: int4
-experts are always group-scaled (a canvas gives them few rows each), everything else takes the scaled expansion.
+with its global scale on the output), accumulated in fp32 in another order than oneDNN's GEMM (and each engine in
+its own): outputs agree with the dequantized model's bf16 matmul to fp32 rounding. Matrices (or experts) given at
+most `SMALL_ROWS` rows (left-to-right decoding) skip the expansion (int4, NVFP4): AVX-512 fp32 products of the codes'
+values with the activations, scaled once per block, i.e. the exact fp32 dequantized weight. int4 weights given up
+to `EXACT_ROWS` rows (a denoising step gives each of 128 experts about 16) take the group-scaled path: tiles of
+q - 8 alone (exact in bf16, one lookup per tile row), each scale group's fp32 sums times the scales, again the exact
+dequantized weight and cheaper there than the scaled expansion, which stays for more rows, where one expansion
+serves many (tests/test_native_kernel.py states the tolerances). Inside `numerics.row_invariant()` (the default
+sampler) the path depends on the weight, never on the row count, so a row's result never depends on its
+neighbours: int4 experts are always group-scaled (a canvas gives them few rows each), everything else takes the
+scaled expansion.
 
-Anywhere else (no AMX, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover) nothing changes:
-`adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
+Anywhere else (no AVX-512 BF16, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover)
+nothing changes: `adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,9 +49,11 @@ from .qtensor import MODE, QTensor, QuantError
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "woq_amx.cpp"
-SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "sample.cpp")
-FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "woq.cpp", CSRC / "woq_avx512.cpp", CSRC / "sample.cpp")
+FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # what the extension needs
+AMX_FLAGS = ("amx_tile", "amx_bf16")  # what the AMX engine needs besides
+ENGINES = ("amx", "avx512-bf16")
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
 TILE_N, TILE_K = 16, 32
 NVFP4_BLOCK = 16
@@ -61,7 +71,7 @@ def extension():
         return None
     mod = _build()
     if mod is None and mode == "require":
-        raise QuantError("DGEMMA_NATIVE=require, but the native AMX kernel cannot run here (see the log)")
+        raise QuantError("DGEMMA_NATIVE=require, but the native kernel cannot run here (see the log)")
     return mod
 
 
@@ -70,25 +80,24 @@ def _build():
         return None
     missing = [f for f in FLAGS if f not in cpu_flags()]
     if missing:
-        log.info("native AMX kernel off: this CPU lacks %s", ", ".join(missing))
+        log.info("native kernel off: this CPU lacks %s", ", ".join(missing))
         return None
     try:
         from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
 
         # -ffp-contract=off: a product then a sum stays two roundings whatever the compiler (moe_combine repeats
         # torch's bits)
-        mod = load(name="dgemma_woq_amx", sources=[str(p) for p in SOURCES], verbose=False,
+        mod = load(name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
                                  "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
                    # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
                    # time libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
                    extra_ldflags=["-fopenmp"])
     except Exception as exc:  # a missing compiler or headers: the portable kernels stay
-        log.warning("native AMX kernel off: building %s failed (%s)", SOURCE.name, str(exc).splitlines()[0])
+        log.warning("native kernel off: building %s failed (%s)", SOURCES[0].name, str(exc).splitlines()[0])
         return None
-    if not mod.amx_init():
-        log.warning("native AMX kernel off: the OS refused the AMX tile state")
-        return None
+    if all(f in cpu_flags() for f in AMX_FLAGS) and not mod.amx_init():
+        log.warning("native kernel: the OS refused the AMX tile state; the AVX-512 BF16 engine runs")
     return mod
 
 
@@ -96,7 +105,39 @@ def available() -> bool:
     return extension() is not None
 
 
-# -- the tile layout (pure torch: also what the tests check on machines without AMX) ---------------------------------
+def engines() -> tuple[str, ...]:
+    """The engines that can run here, the default first: ("amx", "avx512-bf16"), ("avx512-bf16",) or ()."""
+    mod = extension()
+    if mod is None:
+        return ()
+    return ENGINES if mod.amx_granted() else ENGINES[1:]  # the default (first): the fastest
+
+
+def engine() -> str | None:
+    """The engine the kernel calls use now (None where the kernel does not run)."""
+    mod = extension()
+    return None if mod is None else _ENGINE[0] or engines()[0]
+
+
+_ENGINE: list[str | None] = [None]  # chosen by use_engine; None: the default
+
+
+@contextlib.contextmanager
+def use_engine(name: str) -> Iterator[None]:
+    """Run the kernel calls inside on engine `name` (one of `engines()`); the default engine comes back after."""
+    if name not in engines():
+        raise QuantError(f"native engine {name!r} cannot run here (available: {', '.join(engines()) or 'none'})")
+    mod, before = extension(), _ENGINE[0]
+    _ENGINE[0] = name
+    mod.use_amx(name == "amx")
+    try:
+        yield
+    finally:
+        _ENGINE[0] = before
+        mod.use_amx((before or engines()[0]) == "amx")
+
+
+# -- the tile layout (pure torch: also what the tests check on machines without the kernel) -------------------------
 def _tile_order(codes: torch.Tensor) -> torch.Tensor:
     """codes [..., N, K] -> [..., N/16, K/32, 16 rows, 32 elements]: element e of row r is W[16 nb + e/2, 32 kb + 2r
     + e%2] (AMX's VNNI order of a B tile)."""
@@ -120,7 +161,7 @@ def tile_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes uint8 [..., N, K] -> the kernel's bytes [..., N/16, K/32, 4, 64]: each tile's 16 VNNI rows in four
     groups of 64 bytes, 16-bit word e of group g holding element e of rows 4g .. 4g + 3 in its nibbles 0-3 (byte 2e:
     rows 4g and 4g + 1, byte 2e + 1: rows 4g + 2 and 4g + 3), the order one shift and one permute expand
-    (csrc/woq_amx.cpp, GROUP_BYTES)."""
+    (csrc/tiles.h, GROUP_BYTES)."""
     t = _tile_order(codes.to(torch.uint8))
     r = t.reshape(*t.shape[:-2], 4, 4, TILE_K)  # [..., group, row in group, element]
     lo, hi = r[..., 0, :] | (r[..., 1, :] << 4), r[..., 2, :] | (r[..., 3, :] << 4)
@@ -147,7 +188,7 @@ def untile_scales(tiles: torch.Tensor) -> torch.Tensor:
 
 # -- the QTensor --------------------------------------------------------------------------------------------------
 @dataclass(repr=False)
-class AMXTensor(QTensor):
+class TileTensor(QTensor):
     """A low-bit weight in the native kernel's tile layout. `fmt` is "int4" (codes 0..15, W = (q - 8) * scale, bf16
     scales per `block` inputs), "nvfp4" (e2m1 codes, e4m3 scales per 16 inputs, fp32 `out_scale` per output column:
     W = e2m1 * scale * out_scale, or / out_scale with `out_divides`) or "fp8" (e4m3 codes, fp32 scales per `block`
@@ -199,7 +240,7 @@ class AMXTensor(QTensor):
         hold up to 16 rows more than offsets[-1] (`padded_rows`), which the A tiles read and nothing else uses."""
         mod = extension()
         if mod is None:
-            raise QuantError("the native AMX kernel is not available on this machine")
+            raise QuantError("the native kernel is not available on this machine")
         n, k = self.shape[-2:]
         codes, scale, gs = self.codes, self.scale, self.out_scale
         if only is not None:
@@ -221,9 +262,9 @@ class AMXTensor(QTensor):
             y = y / gs if self.out_divides else y * gs
         return y
 
-    def to(self, device: str | torch.device) -> "AMXTensor":
+    def to(self, device: str | torch.device) -> "TileTensor":
         if torch.device(device).type != "cpu":
-            raise QuantError("an AMX tile-layout weight lives on the CPU; load the checkpoint on the target device")
+            raise QuantError("a tile-layout weight lives on the CPU; load the checkpoint on the target device")
         return self
 
 
@@ -300,25 +341,25 @@ def covers(n: int, k: int, block: int, fmt: str = "int4") -> bool:
 
 def adopt(q: QTensor) -> QTensor:
     """`q` in the native kernel's layout where that kernel runs here and covers q's format and shape; else `q`."""
-    if q.device.type != "cpu" or isinstance(q, AMXTensor) or not available():
+    if q.device.type != "cpu" or isinstance(q, TileTensor) or not available():
         return q
     made = to_tiles(q)
     return q if made is None else made
 
 
-def to_tiles(q: QTensor) -> AMXTensor | None:
+def to_tiles(q: QTensor) -> TileTensor | None:
     """The tile layout of an int4 / NVFP4 / FP8 QTensor (None for other schemes or uncovered shapes)."""
     n, k = q.shape[-2:]
     name = q.scheme
     if name == "int4":
         if not covers(n, k, q.group):
             return None
-        return AMXTensor(_tiles(q.nibbles(), 4), tile_scales(q.scales().to(torch.bfloat16)),
+        return TileTensor(_tiles(q.nibbles(), 4), tile_scales(q.scales().to(torch.bfloat16)),
                          fmt="int4", block=q.group, scheme=name, shape=tuple(q.shape))
     if name == "nvfp4":
         if not covers(n, k, NVFP4_BLOCK, "nvfp4"):
             return None
-        return AMXTensor(_tiles(q.packed, 4), tile_scales(q.scale),
+        return TileTensor(_tiles(q.packed, 4), tile_scales(q.scale),
                          out_scale=q.global_scale.float().contiguous(), out_divides=q.global_divides, fmt="nvfp4",
                          block=NVFP4_BLOCK, scheme=name, shape=tuple(q.shape))
     if name in ("fp8-channel", "fp8-block"):
@@ -329,7 +370,7 @@ def to_tiles(q: QTensor) -> AMXTensor | None:
             s = q.scale.float().reshape(*q.shape[:-1], 1)
         else:
             s = q.scale_inv.float().index_select(-2, q.row_block)
-        return AMXTensor(_tiles(q.weight.view(torch.uint8), 8), tile_scales(s), fmt="fp8",
+        return TileTensor(_tiles(q.weight.view(torch.uint8), 8), tile_scales(s), fmt="fp8",
                          block=block, scheme=name, shape=tuple(q.shape))
     return None
 
