@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--schemes", default="nvfp4,int4")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (a machine's runs kept apart)")
     args = ap.parse_args()
     root = Path(args.root)
     config = root / "reference" / "config.json"
@@ -59,10 +60,10 @@ def main() -> None:
             record = {**fig, "threads": max(threads), "checkpoint": f"dgemma random-checkpoint {model} --config "
                       f"{config} --quantize {scheme} --dtype bfloat16", "steps": res.get("steps"),
                       "n_ids": len(res["ids"]), "timings": res.get("timings")}
-            (RESULTS / f"fullsize_{scheme}_generate.json").write_text(json.dumps(record, indent=2) + "\n")
+            (RESULTS / f"fullsize_{scheme}_generate{args.tag}.json").write_text(json.dumps(record, indent=2) + "\n")
             print(f"{scheme} generate: peak RSS {fig['peak_rss_gib']:.2f} GiB, wall {fig['time_v_elapsed']}")
         for t in threads:
-            name = f"fullsize_{scheme}_bench{'' if t == 1 else f'_{t}threads'}.json"
+            name = f"fullsize_{scheme}_bench{'' if t == 1 else f'_{t}threads'}{args.tag}.json"
             tmp = RESULTS / f".{name}"
             _, fig = timed(["dgemma", "bench", "--preset", "26b-a4b", "--quantize", scheme, "--model-dir", str(model),
                             "--steps", "2", "--prompt-len", "8", "--threads", str(t), "--json-out", str(tmp)], t)
