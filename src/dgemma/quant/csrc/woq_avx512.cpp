@@ -1,7 +1,7 @@
-// The AVX-512 BF16 engine. A work item expands its strip of 32 columns once into bf16 tiles (tiles.h: VNNI order,
-// a column's pair of inputs in one 32-bit lane, what vdpbf16ps reads), then multiplies blocks of up to AVX_ROWS rows
-// with it, each block's 32 columns accumulating in zmm registers over all of K: per VNNI row, one load per 16
-// columns and one 32-bit broadcast per row. Every output is a sum in one fixed order (input pair by input pair) and
+// The AVX-512 BF16 engine. A work item expands its strip of 32 columns into bf16 tiles (tiles.h: VNNI order, a
+// column's pair of inputs in one 32-bit lane, what vdpbf16ps reads; Tiles says where they are kept) and multiplies
+// blocks of up to AVX_ROWS rows with them, each block's 32 columns accumulating in zmm registers over all of K: per
+// VNNI row, one load per 16 columns and one 32-bit broadcast per row. Every output is a sum in one fixed order (input pair by input pair) and
 // so the same whatever rows share its block. The group-scaled path (int4) folds each scale group's sums into an fp32
 // total in L1, as the AMX engine does.
 #include "woq_avx512.h"
@@ -27,12 +27,33 @@ inline __m512i pair_at(const uint16_t* a) {  // x[i], x[i + 1] in every lane
   return _mm512_set1_epi32(v);
 }
 
-// acc[m][t] += rows m of x (stride k) times tiles t of the strip, input tiles kb0 .. kb1.
+// Where a work item's expanded B tiles come from: the whole strip expanded once into `strip` (many rows: one
+// expansion serves every block), or, with `strip` null (one block of rows), each input tile's pair expanded into a
+// two-slot ring in L1 right before its products, so the expansion never goes through L2.
+struct Tiles {
+  const uint16_t* strip;
+  uint16_t* ring;
+  void (*expand)(const Tiles&, int64_t kb, uint16_t* dst);
+  const Problem* p;
+  const uint8_t* w;
+  const void* sc;
+  int64_t nb0;
+  int ntiles;
+
+  const uint16_t* at(int64_t kb) const {
+    if (strip) return strip + kb * 1024;
+    uint16_t* dst = ring + (kb & 1) * 1024;
+    expand(*this, kb, dst);
+    return dst;
+  }
+};
+
+// acc[m][t] += rows m of x (stride k) times tiles t, input tiles kb0 .. kb1.
 template <int R, int NT>
-inline void dot_tiles(const uint16_t* x, int64_t k, const uint16_t* strip, int64_t kb0, int64_t kb1,
+inline void dot_tiles(const uint16_t* x, int64_t k, const Tiles& src, int64_t kb0, int64_t kb1,
                       __m512 (&acc)[R][NT]) {
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const uint16_t* b = strip + kb * 1024;
+    const uint16_t* b = src.at(kb);
     const uint16_t* a = x + kb * TILE_K;
 #pragma GCC unroll 2
     for (int r = 0; r < 16; ++r) {
@@ -46,27 +67,27 @@ inline void dot_tiles(const uint16_t* x, int64_t k, const uint16_t* strip, int64
   }
 }
 
-// Rows m0 .. m0 + R times the strip's expanded (scaled) tiles, stored to y.
+// Rows m0 .. m0 + R times the expanded (scaled) tiles, stored to y.
 template <int R, int NT>
-void scaled_rows(const Problem& p, int64_t m0, int64_t nb0, const uint16_t* strip, const void*) {
+void scaled_rows(const Problem& p, int64_t m0, int64_t nb0, const Tiles& tiles, const void*) {
   __m512 acc[R][NT];
   for (int m = 0; m < R; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
-  dot_tiles<R, NT>(p.x + m0 * p.k, p.k, strip, 0, p.k / TILE_K, acc);
+  dot_tiles<R, NT>(p.x + m0 * p.k, p.k, tiles, 0, p.k / TILE_K, acc);
   for (int m = 0; m < R; ++m)
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(p.y + (m0 + m) * p.n + (nb0 + t) * TILE_N, acc[m][t]);
 }
 
-// int4, group-scaled: the strip holds q - 8; total += each scale group's sums x the columns' scales.
+// int4, group-scaled: the tiles hold q - 8; total += each scale group's sums x the columns' scales.
 template <int R, int NT>
-void group_rows(const Problem& p, int64_t m0, int64_t nb0, const uint16_t* strip, const void* sc) {
+void group_rows(const Problem& p, int64_t m0, int64_t nb0, const Tiles& tiles, const void* sc) {
   const int64_t per_group = p.block_k / TILE_K;
   alignas(64) float total[R][NT][TILE_N] = {};
   for (int64_t blk = 0; blk < p.blocks; ++blk) {
     __m512 acc[R][NT];
     for (int m = 0; m < R; ++m)
       for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
-    dot_tiles<R, NT>(p.x + m0 * p.k, p.k, strip, blk * per_group, (blk + 1) * per_group, acc);
+    dot_tiles<R, NT>(p.x + m0 * p.k, p.k, tiles, blk * per_group, (blk + 1) * per_group, acc);
     for (int t = 0; t < NT; ++t) {
       const __m512 s = load_scales<INT4>(sc, ((nb0 + t) * p.blocks + blk) * TILE_N);
       for (int m = 0; m < R; ++m)
@@ -77,7 +98,7 @@ void group_rows(const Problem& p, int64_t m0, int64_t nb0, const uint16_t* strip
     for (int t = 0; t < NT; ++t) std::memcpy(p.y + (m0 + m) * p.n + (nb0 + t) * TILE_N, total[m][t], TILE_N * 4);
 }
 
-using RowsFn = void (*)(const Problem&, int64_t, int64_t, const uint16_t*, const void*);
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, const Tiles&, const void*);
 
 template <bool GROUP, int NT, size_t... I>
 constexpr std::array<RowsFn, sizeof...(I)> rows_table(std::index_sequence<I...>) {
@@ -108,17 +129,25 @@ void item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
     }
   }
   const bool group = FMT == INT4 && end - begin <= p.exact_rows;
-  for (int64_t kb = 0; kb < kb_count; ++kb)
-    for (int t = 0; t < ntiles; ++t) {
-      uint16_t* dst = buf + kb * 1024 + t * 512;
-      if (group) expand_int4_unscaled(w + ((nb0 + t) * kb_count + kb) * 256, dst);
-      else expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst);
-    }
-  // blocks of nearly equal rows (16 rows: 8 + 8)
+  auto expand = [](const Tiles& s, int64_t kb, uint16_t* dst) {
+    const int64_t kbs = s.p->k / TILE_K;
+    for (int t = 0; t < s.ntiles; ++t)
+      expand_tile<FMT>(s.w, s.sc, s.nb0 + t, kb, kbs, s.p->blocks, s.p->kb_block[kb], dst + t * 512);
+  };
+  auto expand_unscaled = [](const Tiles& s, int64_t kb, uint16_t* dst) {
+    const int64_t kbs = s.p->k / TILE_K;
+    for (int t = 0; t < s.ntiles; ++t) expand_int4_unscaled(s.w + ((s.nb0 + t) * kbs + kb) * 256, dst + t * 512);
+  };
   const int64_t rows = end - begin, blocks = (rows + AVX_ROWS - 1) / AVX_ROWS;
+  Tiles src{nullptr, buf, group ? +expand_unscaled : +expand, &p, w, sc, nb0, ntiles};
+  if (blocks > 1) {  // many rows: the whole strip once, for every block
+    for (int64_t kb = 0; kb < kb_count; ++kb) src.expand(src, kb, buf + kb * 1024);
+    src.strip = buf;
+  }
+  // blocks of nearly equal rows (16 rows: 8 + 8)
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t a = begin + rows * i / blocks, b = begin + rows * (i + 1) / blocks;
-    rows_fn(group, ntiles, int(b - a))(p, a, nb0, buf, sc);
+    rows_fn(group, ntiles, int(b - a))(p, a, nb0, src, sc);
   }
 }
 
