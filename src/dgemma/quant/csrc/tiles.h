@@ -203,6 +203,20 @@ void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const u
   }
 }
 
+// One work item: the rows of `expert` times its columns 32 strip .. 32 strip + 32 (one or two B tiles wide).
+struct Item {
+  int64_t begin, end, nb0;
+  int ntiles;
+  const uint8_t* w;  // the expert's codes
+  const void* sc;    // the expert's scales
+
+  Item(const Problem& p, int64_t expert, int64_t strip)
+      : begin(p.offsets[expert]), end(p.offsets[expert + 1]), nb0(strip * 2),
+        ntiles((strip * 2 + 1) * TILE_N < p.n ? 2 : 1), w(p.weight + expert * p.expert_weight_bytes),
+        sc(p.scales + expert * p.expert_scale_bytes) {}
+  int64_t rows() const { return end - begin; }
+};
+
 // Rows begin .. begin + count (1 .. GEMV_ROWS) on the dot-product path.
 template <int64_t FMT>
 inline void gemv_rows(const Problem& p, int64_t begin, int64_t count, int64_t nb0, int ntiles, const uint8_t* w,
@@ -213,6 +227,16 @@ inline void gemv_rows(const Problem& p, int64_t begin, int64_t count, int64_t nb
     case 3: gemv_item<FMT, 3>(p, begin, nb0, ntiles, w, sc); break;
     default: gemv_item<FMT, 4>(p, begin, nb0, ntiles, w, sc); break;
   }
+}
+
+// Whether the item has no rows, or few enough for the dot-product path (int4, NVFP4), which then ran.
+template <int64_t FMT>
+inline bool done_by_gemv(const Problem& p, const Item& it) {
+  if (it.rows() == 0) return true;
+  if constexpr (FMT == FP8) return false;
+  if (it.rows() > p.small_rows) return false;
+  gemv_rows<FMT>(p, it.begin, it.rows(), it.nb0, it.ntiles, it.w, it.sc);
+  return true;
 }
 
 // int4 B tile holding q - 8 (exact in bf16): VNNI row 4g + h is the words of group g shifted by 4h, looked up in a

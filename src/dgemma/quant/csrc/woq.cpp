@@ -162,27 +162,18 @@ void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0
 // once into buf and reused for every 32 rows.
 template <int64_t FMT>
 void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
-  const int64_t begin = p.offsets[expert], end = p.offsets[expert + 1];
-  if (begin == end) return;
-  const int64_t kb_count = p.k / TILE_K;
-  const int64_t nb0 = strip * 2;
-  const int ntiles = (nb0 + 1) * TILE_N < p.n ? 2 : 1;
-  const uint8_t* w = p.weight + expert * p.expert_weight_bytes;
-  const void* sc = p.scales + expert * p.expert_scale_bytes;
+  const Item it(p, expert, strip);
+  if (done_by_gemv<FMT>(p, it)) return;
+  const int64_t begin = it.begin, end = it.end, nb0 = it.nb0, kb_count = p.k / TILE_K;
+  const int ntiles = it.ntiles;
   auto expand = [&](int64_t kb, uint16_t* dst) {
     for (int t = 0; t < ntiles; ++t)
-      expand_tile<FMT>(w, sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst + t * 512);
+      expand_tile<FMT>(it.w, it.sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst + t * 512);
     return dst;
   };
-  if constexpr (FMT != FP8) {
-    if (end - begin <= p.small_rows) {
-      gemv_rows<FMT>(p, begin, end - begin, nb0, ntiles, w, sc);
-      return;
-    }
-  }
   if constexpr (FMT == INT4) {
     if (end - begin <= p.exact_rows) {
-      int4_group_scaled(p, begin, end, nb0, ntiles, w, sc, buf);
+      int4_group_scaled(p, begin, end, nb0, ntiles, it.w, it.sc, buf);
       return;
     }
   }

@@ -1,9 +1,9 @@
 // The AVX-512 BF16 engine. A work item expands its strip of 32 columns into bf16 tiles (tiles.h: VNNI order, a
 // column's pair of inputs in one 32-bit lane, what vdpbf16ps reads; Tiles says where they are kept) and multiplies
 // blocks of up to AVX_ROWS rows with them, each block's 32 columns accumulating in zmm registers over all of K: per
-// VNNI row, one load per 16 columns and one 32-bit broadcast per row. Every output is a sum in one fixed order (input pair by input pair) and
-// so the same whatever rows share its block. The group-scaled path (int4) folds each scale group's sums into an fp32
-// total in L1, as the AMX engine does.
+// VNNI row, one load per 16 columns and one 32-bit broadcast per row. Every output is a sum in one fixed order
+// (input pair by input pair), so the same whatever rows share its block. The group-scaled path (int4) folds each
+// scale group's sums into an fp32 total in L1, as the AMX engine does.
 #include "woq_avx512.h"
 
 #include <immintrin.h>
@@ -115,20 +115,9 @@ RowsFn rows_fn(bool group, int ntiles, int rows) {
 
 template <int64_t FMT>
 void item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
-  const int64_t begin = p.offsets[expert], end = p.offsets[expert + 1];
-  if (begin == end) return;
-  const int64_t kb_count = p.k / TILE_K;
-  const int64_t nb0 = strip * 2;
-  const int ntiles = (nb0 + 1) * TILE_N < p.n ? 2 : 1;
-  const uint8_t* w = p.weight + expert * p.expert_weight_bytes;
-  const void* sc = p.scales + expert * p.expert_scale_bytes;
-  if constexpr (FMT != FP8) {
-    if (end - begin <= p.small_rows) {
-      gemv_rows<FMT>(p, begin, end - begin, nb0, ntiles, w, sc);
-      return;
-    }
-  }
-  const bool group = FMT == INT4 && end - begin <= p.exact_rows;
+  const Item it(p, expert, strip);
+  if (done_by_gemv<FMT>(p, it)) return;
+  const bool group = FMT == INT4 && it.rows() <= p.exact_rows;
   auto expand = [](const Tiles& s, int64_t kb, uint16_t* dst) {
     const int64_t kbs = s.p->k / TILE_K;
     for (int t = 0; t < s.ntiles; ++t)
@@ -138,16 +127,16 @@ void item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
     const int64_t kbs = s.p->k / TILE_K;
     for (int t = 0; t < s.ntiles; ++t) expand_int4_unscaled(s.w + ((s.nb0 + t) * kbs + kb) * 256, dst + t * 512);
   };
-  const int64_t rows = end - begin, blocks = (rows + AVX_ROWS - 1) / AVX_ROWS;
-  Tiles src{nullptr, buf, group ? +expand_unscaled : +expand, &p, w, sc, nb0, ntiles};
+  const int64_t rows = it.rows(), blocks = (rows + AVX_ROWS - 1) / AVX_ROWS;
+  Tiles src{nullptr, buf, group ? +expand_unscaled : +expand, &p, it.w, it.sc, it.nb0, it.ntiles};
   if (blocks > 1) {  // many rows: the whole strip once, for every block
-    for (int64_t kb = 0; kb < kb_count; ++kb) src.expand(src, kb, buf + kb * 1024);
+    for (int64_t kb = 0; kb < p.k / TILE_K; ++kb) src.expand(src, kb, buf + kb * 1024);
     src.strip = buf;
   }
   // blocks of nearly equal rows (16 rows: 8 + 8)
   for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t a = begin + rows * i / blocks, b = begin + rows * (i + 1) / blocks;
-    rows_fn(group, ntiles, int(b - a))(p, a, nb0, src, sc);
+    const int64_t a = it.begin + rows * i / blocks, b = it.begin + rows * (i + 1) / blocks;
+    rows_fn(group, it.ntiles, int(b - a))(p, a, it.nb0, src, it.sc);
   }
 }
 
