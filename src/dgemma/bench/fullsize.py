@@ -61,7 +61,7 @@ def run(args) -> int:
                                     progress=sys.stderr.isatty())
     cfg = ModelConfig.from_file(model_dir / "config.json")  # the model's own (it may come from the reference)
     device = torch.device(args.device)
-    machine = {**hardware.describe(), "native_kernel": native.available()}
+    machine = {**hardware.describe(), "native_kernel": native.available(), "native_engine": native.engine()}
     load_start = os.getloadavg()[0]
     compute = hardware.default_compute_dtype(torch.bfloat16, device)  # what the bf16-stored parts compute in
     peaks = {str(dt): measure_peak(cfg, dt, device) for dt in dict.fromkeys((compute, torch.float32))}

@@ -344,7 +344,8 @@ def machine_info(device: torch.device) -> dict:
         "cpu": hw["cpu"], "cpu_flags": hw["flags"], "native_bf16": hw["native_bf16"], "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": tver,
-        "native_kernel": native.available(),  # dgemma's AMX kernel for low-bit weights runs here
+        "native_kernel": native.available(),  # dgemma's kernel for low-bit weights runs here
+        "native_engine": native.engine(),  # "amx" or "avx512-bf16"
         "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device), "dgemma_source": _git_state(),
     }
