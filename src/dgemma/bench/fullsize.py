@@ -107,7 +107,9 @@ def run(args) -> int:
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{preset} {scheme}: {machine['cpu']} ({', '.join(machine['flags'])}), {torch.get_num_threads()} threads")
+    engine = machine["native_engine"] or "off"
+    print(f"{preset} {scheme}: {machine['cpu']} ({', '.join(machine['flags'])}), {torch.get_num_threads()} threads, "
+          f"native kernel: {engine}")
     print(f"  weights {stored / 1e9:.2f} GB, load {load_s:.1f} s, peak RSS {rss_peak:.2f} GiB "
           f"(after load {rss_after_load:.2f} GiB)")
     print(f"  machine: {model.dtype} matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['best_gemm']}), "

@@ -111,7 +111,7 @@ class Int4Tensor(QTensor):
     def from_nibbles(cls, packed: torch.Tensor, scale: torch.Tensor, group: int, shape: tuple[int, ...],
                      device: torch.device | str = "cpu", pack: bool | None = None) -> "Int4Tensor":
         """From dgemma's on-disk layout; on CPU, converted to torch's kernel layout where that kernel applies
-        (`pack` None), unless the native AMX kernel covers the shape (QLinear / QExperts then repack the nibbles
+        (`pack` None), unless the native kernel covers the shape (QLinear / QExperts then repack the nibbles
         into its tiles)."""
         device = torch.device(device)
         n, k = shape[-2], shape[-1]
