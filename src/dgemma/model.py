@@ -106,7 +106,9 @@ class Embedding(nn.Module):
             tail = (1 - p.float().sum(-1, keepdim=True)).clamp_(min=0)
             return out.add_(tail.to(self.dtype) * self.mean_row())
         if w.dtype == self.dtype:
-            fast = native.table_product(probs, w)
+            # the native product (the table read in place, one summation order whatever the rows) serves generation
+            # under the default sampler (row_invariant()); elsewhere torch's matmul keeps the reference's bf16 bits
+            fast = native.table_product(probs, w) if ROW_INVARIANT.get() else None
             return linear(probs, w.t()) if fast is None else fast
         out = None
         for s in range(0, w.shape[0], self.CHUNK):

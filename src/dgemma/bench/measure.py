@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig, StepCachePolicy
 from ..generate import Done, Draft, unsettled_positions
+from ..numerics import row_invariant
 
 
 def sync(device: torch.device) -> None:
@@ -135,8 +136,9 @@ class PassTimer:
     @torch.inference_mode()
     def __call__(self, positions: torch.Tensor | None, top_k: int | None = None) -> float:
         t = time.perf_counter()
-        self.net.lm_head_raw(self.net.decode_hidden(self.canvas, self.cache, sc_probs=self.probs,
-                                                    positions=positions, sc_top_k=top_k))
+        with row_invariant():  # the arithmetic generation runs under the default sampler
+            self.net.lm_head_raw(self.net.decode_hidden(self.canvas, self.cache, sc_probs=self.probs,
+                                                        positions=positions, sc_top_k=top_k))
         return time.perf_counter() - t
 
 

@@ -288,8 +288,9 @@ def tile_rows(offsets: torch.Tensor) -> int:
 def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
     """probs [..., V] @ table [V, H] in bf16 (the self-conditioning input) by the native kernel, which reads the
     table in place where oneDNN would reorder all of it at every call: the bf16 rounding of fp32 sums of the exact
-    products, in an order that does not depend on the row count. None where the kernel does not run here or does not
-    cover the shapes (the caller's matmul stays)."""
+    products, in an order that does not depend on the row count (not oneDNN's order, so not its bits: the model calls
+    it inside `row_invariant()` only). None where the kernel does not run here or does not cover the shapes (the
+    caller's matmul stays)."""
     v, h = table.shape
     if torch.is_grad_enabled() and (probs.requires_grad or table.requires_grad):
         return None  # no backward here: training keeps torch's matmul
