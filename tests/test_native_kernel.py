@@ -147,6 +147,12 @@ if native.available():
         with native.use_engine(request.param):
             yield request.param
 
+    def test_a_built_kernel_is_found_in_the_cache():
+        """The first-build notice checks torch's extension cache; once built, it is there."""
+        from torch.utils import cpp_extension
+
+        assert native._built_before(cpp_extension)
+
     def test_engines_switch_and_come_back():
         default = native.engines()[0]
         for name in native.engines():

@@ -83,11 +83,14 @@ def _build():
         log.info("native kernel off: this CPU lacks %s", ", ".join(missing))
         return None
     try:
-        from torch.utils.cpp_extension import load  # the builder (and setuptools) only where the kernel is built
+        from torch.utils import cpp_extension  # the builder (and setuptools) only where the kernel is built
+
+        if not _built_before(cpp_extension):
+            log.warning("building dgemma's native kernel (once; about a minute or two)")
 
         # -ffp-contract=off: a product then a sum stays two roundings whatever the compiler (moe_combine repeats
         # torch's bits)
-        mod = load(name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
+        mod = cpp_extension.load(name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
                                  "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
                    # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
@@ -99,6 +102,14 @@ def _build():
     if all(f in cpu_flags() for f in AMX_FLAGS) and not mod.amx_init():
         log.warning("native kernel: the OS refused the AMX tile state; the AVX-512 BF16 engine runs")
     return mod
+
+
+def _built_before(cpp_extension) -> bool:
+    """Whether torch's extension cache already holds a build (a stale one is rebuilt quietly)."""
+    try:
+        return (Path(cpp_extension._get_build_directory("dgemma_woq", False)) / "dgemma_woq.so").is_file()
+    except Exception:  # a private helper of torch's: when it moves, only the notice is lost
+        return True
 
 
 def available() -> bool:
