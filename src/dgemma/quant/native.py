@@ -90,12 +90,13 @@ def _build():
 
         # -ffp-contract=off: a product then a sum stays two roundings whatever the compiler (moe_combine repeats
         # torch's bits)
-        mod = cpp_extension.load(name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
-                   extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                                 "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
-                   # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run
-                   # time libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
-                   extra_ldflags=["-fopenmp"])
+        mod = cpp_extension.load(
+            name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                          "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
+            # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run time
+            # libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
+            extra_ldflags=["-fopenmp"])
     except Exception as exc:  # a missing compiler or headers: the portable kernels stay
         log.warning("native kernel off: building %s failed (%s)", SOURCES[0].name, str(exc).splitlines()[0])
         return None
