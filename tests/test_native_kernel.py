@@ -153,12 +153,12 @@ if native.available():
 
         assert native._built_before(cpp_extension)
 
-    def test_engines_switch_and_come_back():
-        default = native.engines()[0]
+    def test_engines_switch_and_come_back(engine):
+        assert native.engine() == engine  # the fixture's
         for name in native.engines():
             with native.use_engine(name):
                 assert native.engine() == name
-        assert native.engine() == default
+        assert native.engine() == engine
         with pytest.raises(native.QuantError, match="cannot run here"):
             with native.use_engine("tpu"):
                 pass

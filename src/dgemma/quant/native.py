@@ -128,25 +128,20 @@ def engines() -> tuple[str, ...]:
 def engine() -> str | None:
     """The engine the kernel calls use now (None where the kernel does not run)."""
     mod = extension()
-    return None if mod is None else _ENGINE[0] or engines()[0]
-
-
-_ENGINE: list[str | None] = [None]  # chosen by use_engine; None: the default
+    return None if mod is None else ENGINES[0] if mod.amx_active() else ENGINES[1]
 
 
 @contextlib.contextmanager
 def use_engine(name: str) -> Iterator[None]:
-    """Run the kernel calls inside on engine `name` (one of `engines()`); the default engine comes back after."""
+    """Run the kernel calls inside on engine `name` (one of `engines()`); the engine before comes back after."""
     if name not in engines():
         raise QuantError(f"native engine {name!r} cannot run here (available: {', '.join(engines()) or 'none'})")
-    mod, before = extension(), _ENGINE[0]
-    _ENGINE[0] = name
+    mod, before = extension(), engine()
     mod.use_amx(name == "amx")
     try:
         yield
     finally:
-        _ENGINE[0] = before
-        mod.use_amx((before or engines()[0]) == "amx")
+        mod.use_amx(before == "amx")
 
 
 # -- the tile layout (pure torch: also what the tests check on machines without the kernel) -------------------------

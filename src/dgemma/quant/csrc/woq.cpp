@@ -204,6 +204,7 @@ bool amx_init() {
 }
 
 bool amx_granted() { return amx_ready; }
+bool amx_active() { return amx_on; }
 
 // The engine for later calls: AMX where `on` and granted, else AVX-512 BF16; returns whether AMX is on.
 bool use_amx(bool on) {
@@ -481,6 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
   m.def("amx_init", &amx_init, "request the AMX tile state from the kernel and make AMX the engine");
   m.def("amx_granted", &amx_granted, "whether the AMX engine can run in this process");
+  m.def("amx_active", &amx_active, "whether the kernel calls run on AMX now");
   m.def("use_amx", &use_amx, "choose the engine: AMX where granted, else AVX-512 BF16");
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM");
   m.def("table_product", &table_product, "probabilities times the embedding table (self-conditioning)");
