@@ -35,10 +35,7 @@ struct Tiles {
   uint16_t* ring;
   void (*expand)(const Tiles&, int64_t kb, uint16_t* dst);
   const Problem* p;
-  const uint8_t* w;
-  const void* sc;
-  int64_t nb0;
-  int ntiles;
+  const Item* it;
 
   const uint16_t* at(int64_t kb) const {
     if (strip) return strip + kb * 1024;
@@ -119,16 +116,17 @@ void item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   if (done_by_gemv<FMT>(p, it)) return;
   const bool group = FMT == INT4 && it.rows() <= p.exact_rows;
   auto expand = [](const Tiles& s, int64_t kb, uint16_t* dst) {
-    const int64_t kbs = s.p->k / TILE_K;
-    for (int t = 0; t < s.ntiles; ++t)
-      expand_tile<FMT>(s.w, s.sc, s.nb0 + t, kb, kbs, s.p->blocks, s.p->kb_block[kb], dst + t * 512);
+    const Item& i = *s.it;
+    for (int t = 0; t < i.ntiles; ++t)
+      expand_tile<FMT>(i.w, i.sc, i.nb0 + t, kb, s.p->k / TILE_K, s.p->blocks, s.p->kb_block[kb], dst + t * 512);
   };
   auto expand_unscaled = [](const Tiles& s, int64_t kb, uint16_t* dst) {
-    const int64_t kbs = s.p->k / TILE_K;
-    for (int t = 0; t < s.ntiles; ++t) expand_int4_unscaled(s.w + ((s.nb0 + t) * kbs + kb) * 256, dst + t * 512);
+    const Item& i = *s.it;
+    for (int t = 0; t < i.ntiles; ++t)
+      expand_int4_unscaled(i.w + ((i.nb0 + t) * (s.p->k / TILE_K) + kb) * 256, dst + t * 512);
   };
   const int64_t rows = it.rows(), blocks = (rows + AVX_ROWS - 1) / AVX_ROWS;
-  Tiles src{nullptr, buf, group ? +expand_unscaled : +expand, &p, it.w, it.sc, it.nb0, it.ntiles};
+  Tiles src{nullptr, buf, group ? +expand_unscaled : +expand, &p, &it};
   if (blocks > 1) {  // many rows: the whole strip once, for every block
     for (int64_t kb = 0; kb < p.k / TILE_K; ++kb) src.expand(src, kb, buf + kb * 1024);
     src.strip = buf;
