@@ -63,7 +63,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for path, exact in paths.items():
                 start = time.perf_counter()
-                out[path] = mod.woq_grouped(a, offsets, t.codes, t.scale, 0, n, k, GROUP, 0, exact)
+                out[path] = mod.woq_grouped(a, offsets, t.codes, t.scale, 0, n, k, GROUP, 0, exact, False)
                 best[path] = min(best[path], time.perf_counter() - start)
         ref = torch.cat([x[offsets[e]:offsets[e + 1]].float() @ q.dequantize(torch.float32, e).t()
                          for e in range(experts)])

@@ -256,7 +256,7 @@ if native.available():
         t = native.to_tiles(_int4((48, 128)))
         x = torch.randn(17, 128, generator=GEN).to(torch.bfloat16)  # 17 rows: the tiles read 32
         with pytest.raises(RuntimeError, match="tiles read 32"):
-            native.extension().woq_grouped(x, torch.tensor([0, 17]), t.codes, t.scale, 0, 48, 128, t.block, 0, 0)
+            native.extension().woq_grouped(x, torch.tensor([0, 17]), t.codes, t.scale, 0, 48, 128, t.block, 0, 0, False)
         assert torch.equal(t.grouped(x, torch.tensor([0, 17])), t.grouped(x.clone(), torch.tensor([0, 17])))
 
     def test_table_product_is_the_exact_products_summed_in_fp32_whatever_the_rows():
@@ -274,6 +274,24 @@ if native.available():
         leaf = table.clone().requires_grad_()
         assert native.table_product(probs, leaf) is None  # training keeps torch's matmul (it has a backward)
         assert native.table_product(probs, table[:, :100]) is None  # columns not a multiple of 64
+
+    @pytest.mark.parametrize("vocab", [48, 2048])  # 2048: rows of 4 KiB, which the kernel pads (a view)
+    def test_head_product_is_the_exact_products_summed_in_fp32_whatever_the_rows(vocab):
+        """The tied LM head reads the table in place (a transposing expansion per strip of 32 vocabulary rows): the
+        bf16 rounding of an fp32 sum of exact bf16 products, each row the same alone as among any rows."""
+        table = (torch.randn(vocab, 96, generator=GEN) * 0.05).to(torch.bfloat16)
+        hidden = torch.randn(2, 37, 96, generator=GEN).to(torch.bfloat16)
+        got = native.head_product(hidden, table)
+        assert got.shape == (2, 37, vocab) and got.dtype == torch.bfloat16
+        exact = hidden.double() @ table.double().t()
+        bound = 1e-5 * (hidden.double().abs() @ table.double().abs().t()) + 2 ** -8 * exact.abs()
+        assert torch.all((got.double() - exact).abs() <= bound)
+        # one row, a full tile of rows, two tiles and a part: each the same as among all 74
+        assert torch.equal(native.head_product(hidden[1, 5:6], table), got[1, 5:6])
+        assert torch.equal(native.head_product(hidden[0, :16], table), got[0, :16])
+        assert torch.equal(native.head_product(hidden[0, 3:36], table), got[0, 3:36])
+        assert native.head_product(hidden, table.clone().requires_grad_()) is None  # training: torch's matmul
+        assert native.head_product(hidden[..., :80], table[:, :80].contiguous()) is None  # inputs not whole tiles
 
     def test_modules_adopt_the_tiles_and_keep_the_dequantize_path():
         experts = QExperts(_int4((4, 64, 32), 32), _int4((4, 32, 32), 32))

@@ -89,7 +89,10 @@ class Embedding(nn.Module):
         """hidden [..., H] @ table.T -> [..., V]."""
         w = self.weight
         if w.dtype == self.dtype:
-            return linear(hidden, w)
+            # as in soft(): the native product (the table read in place, one summation order whatever the rows)
+            # serves generation under the default sampler; elsewhere torch's matmul keeps the reference's bits
+            fast = native.head_product(hidden, w) if ROW_INVARIANT.get() else None
+            return linear(hidden, w) if fast is None else fast
         out = hidden.new_empty(*hidden.shape[:-1], w.shape[0])
         for s in range(0, w.shape[0], self.CHUNK):
             out[..., s:s + self.CHUNK] = linear(hidden, w[s:s + self.CHUNK].to(self.dtype))

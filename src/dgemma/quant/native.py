@@ -54,7 +54,7 @@ SOURCES = (CSRC / "woq.cpp", CSRC / "woq_avx512.cpp", CSRC / "sample.cpp")
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # what the extension needs
 AMX_FLAGS = ("amx_tile", "amx_bf16")  # what the AMX engine needs besides
 ENGINES = ("amx", "avx512-bf16")
-FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2}
+FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2, "bf16": 3}  # bf16: a plain [N, K] matrix read in place (head_product)
 TILE_N, TILE_K = 16, 32
 NVFP4_BLOCK = 16
 SMALL_ROWS = 4  # experts (or matrices) with this many rows or fewer: the kernel's dot-product path (int4, NVFP4)
@@ -262,7 +262,7 @@ class TileTensor(QTensor):
             small, exact = 0, (ALL_ROWS if self.is_fused else 0)
         else:
             small, exact = SMALL_ROWS, EXACT_ROWS
-        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small, exact)
+        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small, exact, False)
         if gs is not None:
             if gs.dim() == 2:  # per expert: each row takes its expert's column scales
                 gs = gs.repeat_interleave(offsets.diff(), dim=0)
@@ -312,6 +312,29 @@ def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
         flat = padded
     out = extension().table_product(flat, table.contiguous())[:rows]
     return out.to(torch.bfloat16).reshape(*probs.shape[:-1], h)
+
+
+def head_product(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+    """hidden [..., H] @ table [V, H].T in bf16 (the tied LM head) by the native kernel: the table is read in place,
+    each strip of 32 vocabulary rows transposed into tiles once per call and used by every row; the bf16 rounding of
+    fp32 sums of the exact products, in an order that does not depend on the row count (not oneDNN's order, so not
+    its bits: the model calls it inside `row_invariant()` only). None where the kernel does not run here or does not
+    cover the shapes."""
+    v, h = table.shape
+    if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
+        return None
+    if (hidden.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or hidden.device.type != "cpu"
+            or table.device.type != "cpu" or not table.is_contiguous() or v % TILE_N or h % TILE_K
+            or not available()):
+        return None
+    flat = hidden.reshape(-1, h)
+    rows = flat.shape[0]
+    a = padded_rows(rows, h)
+    a[:rows].copy_(flat)
+    offsets = torch.tensor([0, rows], dtype=torch.int64)
+    y = extension().woq_grouped(a, offsets, table.view(torch.uint8), torch.empty(0), FORMATS["bf16"], v, h, h, 0, 0,
+                                True)
+    return y.reshape(*hidden.shape[:-1], v)
 
 
 def fused_sample(raw: torch.Tensor, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor,

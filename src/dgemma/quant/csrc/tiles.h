@@ -13,13 +13,17 @@
 // - NVFP4: e2m1 x e4m3 block scale, exact in bf16 (at most 6 significant bits), so x times the exact dequantized
 //   weight; the global scale applies to the output (in Python).
 // - FP8: e4m3 x scale rounded once to bf16, as the dequantize-then-bf16 path does.
+// - BF16: a plain bf16 [N, K] matrix read in place (the tied LM head's table): each B tile is a 16 x 16 transpose
+//   of 32-bit input pairs, no scales.
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "bf16.h"
+
 namespace woq {
-enum Format : int64_t { INT4 = 0, NVFP4 = 1, FP8 = 2 };
+enum Format : int64_t { INT4 = 0, NVFP4 = 1, FP8 = 2, BF16 = 3 };
 
 constexpr int TILE_K = 32;    // bf16 inputs per B tile (16 VNNI rows of 2)
 constexpr int TILE_N = 16;    // output columns per B tile
@@ -137,6 +141,34 @@ inline void expand_fp8(const uint8_t* codes, __m512 s, uint16_t* dst) {
   }
 }
 
+// BF16 B tile from a row-major [N, K] bf16 matrix: w points at W[16 nb, 32 kb], rows `ld` elements apart. VNNI row
+// r is input pair r (one dword) of each of the 16 columns: a 16 x 16 transpose of dwords.
+inline void expand_bf16(const uint16_t* w, int64_t ld, uint16_t* dst) {
+  __m512i r[16], t[16];  // rows of the 16 columns' 16 input pairs
+  for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(w + c * ld);
+  for (int c = 0; c < 16; c += 2) {  // dwords of rows c, c + 1 interleaved
+    t[c] = _mm512_unpacklo_epi32(r[c], r[c + 1]);
+    t[c + 1] = _mm512_unpackhi_epi32(r[c], r[c + 1]);
+  }
+  for (int c = 0; c < 16; c += 4) {  // then qwords of pairs of rows
+    r[c] = _mm512_unpacklo_epi64(t[c], t[c + 2]);
+    r[c + 1] = _mm512_unpackhi_epi64(t[c], t[c + 2]);
+    r[c + 2] = _mm512_unpacklo_epi64(t[c + 1], t[c + 3]);
+    r[c + 3] = _mm512_unpackhi_epi64(t[c + 1], t[c + 3]);
+  }
+  // lane L (128 bits) of r[4 q + j] now holds dword 4 L + j of rows 4 q .. 4 q + 3; VNNI row 4 L + j gathers lane L
+  // of r[j], r[4 + j], r[8 + j], r[12 + j]
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_si512(dst + 32 * j, _mm512_shuffle_i32x4(a, c, 0x88));
+    _mm512_storeu_si512(dst + 32 * (4 + j), _mm512_shuffle_i32x4(b, d, 0x88));
+    _mm512_storeu_si512(dst + 32 * (8 + j), _mm512_shuffle_i32x4(a, c, 0xDD));
+    _mm512_storeu_si512(dst + 32 * (12 + j), _mm512_shuffle_i32x4(b, d, 0xDD));
+  }
+}
+
 // One B tile of one expert: columns 16 nb .. 16 nb + 16, inputs 32 kb .. 32 kb + 32, into dst (16 rows of 32 bf16).
 // scales: this expert's scale table, `blocks` scale blocks along K; blk: the block of the tile's first input.
 template <int64_t FMT>
@@ -144,7 +176,10 @@ inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_
                         int64_t blocks, int64_t blk, uint16_t* dst) {
   constexpr int64_t tb = FMT == FP8 ? 512 : 256;
   const uint8_t* codes = w + (nb * kb_count + kb) * tb;
-  if constexpr (FMT == INT4) {
+  if constexpr (FMT == BF16) {
+    const int64_t ld = kb_count * TILE_K;
+    expand_bf16(reinterpret_cast<const uint16_t*>(w) + nb * TILE_N * ld + kb * TILE_K, ld, dst);
+  } else if constexpr (FMT == INT4) {
     expand_int4(codes, load_scales<FMT>(scales, (nb * blocks + blk) * 16), dst);
   } else if constexpr (FMT == NVFP4) {
     expand_nvfp4(codes, load_scales<FMT>(scales, (nb * blocks + blk) * 16),
@@ -156,7 +191,8 @@ inline void expand_tile(const uint8_t* w, const void* scales, int64_t nb, int64_
 
 struct Problem {
   const uint16_t* x;        // bf16 [at least tile_rows(offsets), K]: every A tile load stays inside
-  float* y;                 // fp32 [rows, N]
+  float* y;                 // fp32 [rows, ldy] (columns N .. ldy unused), or null with yb
+  uint16_t* yb;             // bf16 [rows, ldy]: the outputs rounded once (the LM head), or null
   const int64_t* offsets;   // [E + 1]
   const uint8_t* weight;    // [E, NB, KB, tile bytes]
   int64_t expert_weight_bytes;
@@ -168,7 +204,14 @@ struct Problem {
   int64_t exact_rows;       // int4 experts with small_rows < rows <= this take the group-scaled path (0: never)
   float* xf;                // fp32 [rows, K]: the activations of those experts' rows (others not written)
   const int64_t* kb_block;  // [K / 32]: the scale block of each input tile's first input (no division per tile)
+  int64_t ldy;              // output row stride (elements)
 };
+
+// Outputs row, columns col .. col + 15.
+inline void store_out(const Problem& p, int64_t row, int64_t col, __m512 v) {
+  if (p.yb) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.yb + row * p.ldy + col), _mm512_cvtepi32_epi16(bf16_bits(v)));
+  else _mm512_storeu_ps(p.y + row * p.ldy + col, v);
+}
 
 // A few rows (left-to-right decoding): no expansion to memory. For each input, a shift and a permute give the
 // unscaled values (q - 8 for int4, e2m1 for NVFP4) of the 16 columns, multiplied into accumulators with that input's
@@ -213,7 +256,7 @@ void gemv_item(const Problem& p, int64_t begin, int64_t nb0, int ntiles, const u
         }
       }
     }
-    for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(p.y + (begin + m) * p.n + nb * TILE_N, total[m]);
+    for (int m = 0; m < ROWS; ++m) store_out(p, begin + m, nb * TILE_N, total[m]);
   }
 }
 
@@ -247,7 +290,7 @@ inline void gemv_rows(const Problem& p, int64_t begin, int64_t count, int64_t nb
 template <int64_t FMT>
 inline bool done_by_gemv(const Problem& p, const Item& it) {
   if (it.rows() == 0) return true;
-  if constexpr (FMT == FP8) return false;
+  if constexpr (FMT == FP8 || FMT == BF16) return false;
   if (it.rows() > p.small_rows) return false;
   gemv_rows<FMT>(p, it.begin, it.rows(), it.nb0, it.ntiles, it.w, it.sc);
   return true;

@@ -77,7 +77,7 @@ inline void write_rows(const Problem& p, int64_t m0, int64_t end, int64_t nb0, i
       for (int64_t r = 0; r < TILE_M; ++r) {
         int64_t row = m0 + mt * TILE_M + r;
         if (row >= end) break;
-        std::memcpy(p.y + row * p.n + (nb0 + t) * TILE_N, src + r * TILE_N, TILE_N * 4);
+        store_out(p, row, (nb0 + t) * TILE_N, _mm512_load_ps(src + r * TILE_N));
       }
     }
   }
@@ -303,13 +303,15 @@ int64_t tile_rows(const int64_t* offsets, int64_t experts) {
 
 // y fp32 [rows, N] = x @ W_e.T for each expert e's rows, rows = offsets[E]. x: bf16 [R, K] with R at least what
 // the tiles read (`tile_rows`: rows rounded up to 16 for one matrix, rows + 15 at most for many experts; the rows
-// past `rows` only feed outputs that are never stored).
+// past `rows` only feed outputs that are never stored). With bf16_out, y is bf16 (each output rounded once), and
+// rows whose bytes are a multiple of 4 KiB get 64 bytes of padding (y is then a view): the LM head's [rows, 262144]
+// would otherwise put every row's outputs of a strip in the same cache sets.
 // Experts with at most `small_rows` rows (<= 4) take the dot-product path, int4 experts with at most `exact_rows`
 // the group-scaled one; 0 and 0 keep every row on the scaled-expansion path, so that a row's result never depends on
 // how many rows share its expert.
 torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor weight, torch::Tensor scales,
                           int64_t fmt, int64_t n, int64_t k, int64_t block_k, int64_t small_rows,
-                          int64_t exact_rows) {
+                          int64_t exact_rows, bool bf16_out) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == k, "x: bf16 [R, K]");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous(), "offsets: int64");
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous(), "weight and scales must be contiguous");
@@ -319,13 +321,15 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   const int64_t rows = offsets.data_ptr<int64_t>()[experts];
   TORCH_CHECK(x.size(0) >= tile_rows(offsets.data_ptr<int64_t>(), experts), "x: ", x.size(0),
               " rows, the tiles read ", tile_rows(offsets.data_ptr<int64_t>(), experts));
-  auto y = torch::empty({rows, n}, x.options().dtype(torch::kFloat32));
+  const int64_t ldy = bf16_out && (n * 2) % 4096 == 0 ? n + 32 : n;
+  auto y = torch::empty({rows, ldy}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   const int64_t strips = (n + 2 * TILE_N - 1) / (2 * TILE_N);
-  Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), y.data_ptr<float>(), offsets.data_ptr<int64_t>(),
+  Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), bf16_out ? nullptr : y.data_ptr<float>(),
+            bf16_out ? reinterpret_cast<uint16_t*>(y.data_ptr()) : nullptr, offsets.data_ptr<int64_t>(),
             weight.data_ptr<uint8_t>(), weight.numel() * weight.element_size() / experts,
             static_cast<const uint8_t*>(scales.data_ptr()), scales.numel() * scales.element_size() / experts,
             fmt, k / block_k, block_k, n, k, std::min<int64_t>(small_rows, GEMV_ROWS), exact_rows, nullptr,
-            nullptr};
+            nullptr, ldy};
   std::vector<int64_t> kb_block(k / TILE_K);
   for (int64_t kb = 0; kb < k / TILE_K; ++kb) kb_block[kb] = kb * TILE_K / block_k;
   p.kb_block = kb_block.data();
@@ -336,8 +340,8 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
     const int64_t count = p.offsets[e + 1] - p.offsets[e];
     if (count == 0) continue;
     active.push_back(e);
-    if (count > p.small_rows || fmt == FP8) continue;
-    if (!xf.defined()) xf = torch::empty({rows, k}, y.options());
+    if (count > p.small_rows || fmt == FP8 || fmt == BF16) continue;
+    if (!xf.defined()) xf = torch::empty({rows, k}, x.options().dtype(torch::kFloat32));
     p.xf = xf.data_ptr<float>();
     for (int64_t row = p.offsets[e]; row < p.offsets[e + 1]; ++row)
       for (int64_t i = 0; i < k; i += 16) {
@@ -360,11 +364,12 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
       if (!amx) avx512_item(p, active[i / strips], i % strips, buf);
       else if (fmt == INT4) run_item<INT4>(p, active[i / strips], i % strips, buf);
       else if (fmt == NVFP4) run_item<NVFP4>(p, active[i / strips], i % strips, buf);
+      else if (fmt == BF16) run_item<BF16>(p, active[i / strips], i % strips, buf);
       else run_item<FP8>(p, active[i / strips], i % strips, buf);
     }
     if (amx) _tile_release();
   });
-  return y;
+  return ldy == n ? y : y.narrow(1, 0, n);
 }
 
 // -- the self-conditioning product: probabilities P [M, V] @ the embedding table E [V, H], both bf16 --------------

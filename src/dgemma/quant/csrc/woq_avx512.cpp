@@ -72,7 +72,7 @@ void scaled_rows(const Problem& p, int64_t m0, int64_t nb0, const Tiles& tiles, 
     for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
   dot_tiles<R, NT>(p.x + m0 * p.k, p.k, tiles, 0, p.k / TILE_K, acc);
   for (int m = 0; m < R; ++m)
-    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(p.y + (m0 + m) * p.n + (nb0 + t) * TILE_N, acc[m][t]);
+    for (int t = 0; t < NT; ++t) store_out(p, m0 + m, (nb0 + t) * TILE_N, acc[m][t]);
 }
 
 // int4, group-scaled: the tiles hold q - 8; total += each scale group's sums x the columns' scales.
@@ -92,7 +92,7 @@ void group_rows(const Problem& p, int64_t m0, int64_t nb0, const Tiles& tiles, c
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int t = 0; t < NT; ++t) std::memcpy(p.y + (m0 + m) * p.n + (nb0 + t) * TILE_N, total[m][t], TILE_N * 4);
+    for (int t = 0; t < NT; ++t) store_out(p, m0 + m, (nb0 + t) * TILE_N, _mm512_load_ps(total[m][t]));
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, const Tiles&, const void*);
@@ -207,6 +207,7 @@ void avx512_table_columns(const uint16_t* P, const uint16_t* E, float* O, int64_
 void avx512_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   if (p.fmt == INT4) item<INT4>(p, expert, strip, buf);
   else if (p.fmt == NVFP4) item<NVFP4>(p, expert, strip, buf);
+  else if (p.fmt == BF16) item<BF16>(p, expert, strip, buf);
   else item<FP8>(p, expert, strip, buf);
 }
 
