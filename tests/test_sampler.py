@@ -162,3 +162,19 @@ def test_native_sampler_at_a_large_vocabulary_draws_from_the_same_distribution(d
     below = torch.where(s > 0, cdf.gather(1, (s - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(above))
     assert torch.all(below <= target + 1e-4) and torch.all(target <= above + 1e-4)
     assert torch.all(p.gather(1, s[:, None]) > 0)
+
+
+def test_native_sampler_takes_padded_head_rows_as_they_are():
+    """The native LM head pads its output rows (a view with a row stride past V): the fused sampler reads such
+    evenly spaced rows in place and gives what it gives on a contiguous copy, bit for bit."""
+    torch.manual_seed(12)
+    b, c, v = 2, 3, NATIVE_MIN_VOCAB
+    padded = (torch.randn(b * c, v + 32) * 20).to(torch.bfloat16)
+    raw = padded[:, :v].reshape(b, c, v)
+    assert not raw.is_contiguous()
+    u = torch.rand(b, c, dtype=torch.float64)
+    rows = torch.ones(b, dtype=torch.bool)
+    got_probs, want_probs = torch.zeros(b, c, v, dtype=torch.bfloat16), torch.zeros(b, c, v, dtype=torch.bfloat16)
+    got = fast_sample(raw, 30.0, 0.7, u, rows, got_probs)
+    want = fast_sample(raw.contiguous(), 30.0, 0.7, u, rows, want_probs)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and torch.equal(got_probs, want_probs)

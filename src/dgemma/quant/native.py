@@ -348,7 +348,9 @@ def fused_sample(raw: torch.Tensor, table: torch.Tensor, uniforms: torch.Tensor,
                                            or not probs_out.is_contiguous()))):
         return None
     probs = probs_out if probs_out is not None else torch.empty(0, dtype=torch.float32)
-    sampled, argmax, ent = extension().fused_sample(raw.contiguous().view(torch.int16), table.contiguous(),
+    if raw.dim() != 3 or raw.stride(-1) != 1 or raw.stride(0) != raw.shape[1] * raw.stride(1):
+        raw = raw.contiguous()  # the kernel takes evenly spaced positions (the native head's padded rows) as they are
+    sampled, argmax, ent = extension().fused_sample(raw.view(torch.int16), table.contiguous(),
                                                     uniforms.to(torch.float64).contiguous(), rows.to(torch.bool),
                                                     probs)
     return sampled.to(raw.device), argmax, ent

@@ -112,16 +112,19 @@ Position one_position(const int16_t* codes, const float* table, int64_t v, doubl
 
 }  // namespace
 
-// raw: int16 view of bf16 / fp16 head outputs [B, C, V]; table fp32 [65536]; uniforms fp64 [B, C]; rows bool [B];
+// raw: int16 view of bf16 / fp16 head outputs [B, C, V], positions evenly spaced (the native LM head pads its rows);
+// table fp32 [65536]; uniforms fp64 [B, C]; rows bool [B];
 // probs: [B, C, V] bf16 or fp32 (or an empty tensor: not written). Returns (sampled, argmax, entropy) [B, C], zeros
 // for rows not processed.
 std::vector<torch::Tensor> fused_sample(torch::Tensor raw, torch::Tensor table, torch::Tensor uniforms,
                                         torch::Tensor rows, torch::Tensor probs) {
-  TORCH_CHECK(raw.scalar_type() == torch::kInt16 && raw.dim() == 3 && raw.is_contiguous(), "raw: int16 [B, C, V]");
+  TORCH_CHECK(raw.scalar_type() == torch::kInt16 && raw.dim() == 3 && raw.stride(2) == 1 &&
+              raw.stride(0) == raw.size(1) * raw.stride(1) && raw.stride(1) >= raw.size(2),
+              "raw: int16 [B, C, V], positions evenly spaced");
   TORCH_CHECK(table.scalar_type() == torch::kFloat32 && table.numel() == 65536 && table.is_contiguous(), "table");
   TORCH_CHECK(uniforms.scalar_type() == torch::kFloat64 && uniforms.is_contiguous(), "uniforms: fp64 [B, C]");
   TORCH_CHECK(rows.scalar_type() == torch::kBool && rows.numel() == raw.size(0), "rows: bool [B]");
-  const int64_t b = raw.size(0), c = raw.size(1), v = raw.size(2);
+  const int64_t b = raw.size(0), c = raw.size(1), v = raw.size(2), ld = raw.stride(1);
   TORCH_CHECK(v % 16 == 0, "V % 16 must be 0");
   const bool write = probs.numel() > 0;
   TORCH_CHECK(!write || (probs.sizes() == raw.sizes() && probs.is_contiguous() &&
@@ -149,8 +152,8 @@ std::vector<torch::Tensor> fused_sample(torch::Tensor raw, torch::Tensor table, 
     for (int64_t w = lo; w < hi; ++w) {
       const int64_t at = work[w];
       const Position pos = bf16 || !write
-          ? one_position<uint16_t>(codes + at * v, tab, v, us[at], pb ? pb + at * v : nullptr, x.data(), blocks.data())
-          : one_position<float>(codes + at * v, tab, v, us[at], pf + at * v, x.data(), blocks.data());
+          ? one_position<uint16_t>(codes + at * ld, tab, v, us[at], pb ? pb + at * v : nullptr, x.data(), blocks.data())
+          : one_position<float>(codes + at * ld, tab, v, us[at], pf + at * v, x.data(), blocks.data());
       so[at] = pos.sampled;
       ao[at] = pos.argmax;
       eo[at] = pos.entropy;
