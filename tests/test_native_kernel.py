@@ -12,6 +12,7 @@ not run, loading leaves every QTensor as it was read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -274,6 +275,21 @@ if native.available():
         leaf = table.clone().requires_grad_()
         assert native.table_product(probs, leaf) is None  # training keeps torch's matmul (it has a backward)
         assert native.table_product(probs, table[:, :100]) is None  # columns not a multiple of 64
+
+    @pytest.mark.parametrize("kind", ["int4-g64", "nvfp4", "fp8-block"])
+    def test_bf16_outputs_are_the_fp32_outputs_rounded(kind):
+        """The kernel's bf16 outputs (no fp32 [rows, N] in memory) are the fp32 ones rounded as torch rounds them,
+        bit for bit, on every path (few rows, group-scaled, scaled, a strip for many rows)."""
+        q = MAKERS[kind]((2, 48, 128))
+        t = native.to_tiles(q)
+        counts = torch.tensor([3, 37])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        x = torch.randn(int(counts.sum()), 128, generator=GEN).to(torch.bfloat16)
+        for invariant in (False, True):
+            with row_invariant() if invariant else contextlib.nullcontext():
+                got = t.grouped(x, offsets, bf16=True)
+                assert got.dtype == torch.bfloat16
+                assert torch.equal(got, t.grouped(x, offsets).to(torch.bfloat16))
 
     @pytest.mark.parametrize("vocab", [48, 2048])  # 2048: rows of 4 KiB, which the kernel pads (a view)
     def test_head_product_is_the_exact_products_summed_in_fp32_whatever_the_rows(vocab):

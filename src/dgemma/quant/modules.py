@@ -71,7 +71,7 @@ class QExperts(nn.Module):
             torch.cumsum(counts, 0, out=offsets[1:])
             xs = native.padded_rows(rows, x.shape[-1])
             torch.index_select(x, 0, perm // top_k, out=xs[:rows])
-            gate, up = self.gate_up.grouped(xs, offsets).to(x.dtype).chunk(2, dim=-1)
+            gate, up = self.gate_up.grouped(xs, offsets, bf16=True).chunk(2, dim=-1)
             act = native.padded_rows(rows, gate.shape[-1])
             torch.mul(gelu_tanh(gate), up, out=act[:rows])
             return native.combine(self.down.grouped(act, offsets), perm, weights)

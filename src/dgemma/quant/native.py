@@ -234,7 +234,7 @@ class TileTensor(QTensor):
             return super().linear(x, index)
         flat = x.reshape(-1, x.shape[-1])
         offsets = torch.tensor([0, flat.shape[0]], dtype=torch.int64)
-        y = self.grouped(flat, offsets, only=index)
+        y = self.grouped(flat, offsets, only=index, bf16=x.dtype == torch.bfloat16)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def runs(self, x: torch.Tensor) -> bool:
@@ -242,9 +242,12 @@ class TileTensor(QTensor):
         the dequantized matmul), unless the exact dequantize path is asked for (`MODE`)."""
         return x.dtype == torch.bfloat16 and x.device.type == "cpu" and MODE["kernel"] == "auto"
 
-    def grouped(self, x: torch.Tensor, offsets: torch.Tensor, only: int | None = None) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor, only: int | None = None,
+                bf16: bool = False) -> torch.Tensor:
         """fp32 [rows, N]: rows offsets[e]:offsets[e+1] of x times expert e (or all rows times expert `only`). x may
-        hold up to 16 rows more than offsets[-1] (`padded_rows`), which the A tiles read and nothing else uses."""
+        hold up to 16 rows more than offsets[-1] (`padded_rows`), which the A tiles read and nothing else uses.
+        `bf16`: the result rounded to bf16 (what .to(torch.bfloat16) of the fp32 result gives), written so by the
+        kernel where no output scale follows: no fp32 [rows, N] in memory."""
         mod = extension()
         if mod is None:
             raise QuantError("the native kernel is not available on this machine")
@@ -262,12 +265,13 @@ class TileTensor(QTensor):
             small, exact = 0, (ALL_ROWS if self.is_fused else 0)
         else:
             small, exact = SMALL_ROWS, EXACT_ROWS
-        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small, exact, False)
+        y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small, exact,
+                            bf16 and gs is None)
         if gs is not None:
             if gs.dim() == 2:  # per expert: each row takes its expert's column scales
                 gs = gs.repeat_interleave(offsets.diff(), dim=0)
             y = y / gs if self.out_divides else y * gs
-        return y
+        return y.to(torch.bfloat16) if bf16 else y
 
     def to(self, device: str | torch.device) -> "TileTensor":
         if torch.device(device).type != "cpu":

@@ -303,9 +303,9 @@ int64_t tile_rows(const int64_t* offsets, int64_t experts) {
 
 // y fp32 [rows, N] = x @ W_e.T for each expert e's rows, rows = offsets[E]. x: bf16 [R, K] with R at least what
 // the tiles read (`tile_rows`: rows rounded up to 16 for one matrix, rows + 15 at most for many experts; the rows
-// past `rows` only feed outputs that are never stored). With bf16_out, y is bf16 (each output rounded once), and
-// rows whose bytes are a multiple of 4 KiB get 64 bytes of padding (y is then a view): the LM head's [rows, 262144]
-// would otherwise put every row's outputs of a strip in the same cache sets.
+// past `rows` only feed outputs that are never stored). With bf16_out, y is bf16 (each output rounded once); for a
+// plain bf16 matrix (the LM head), rows whose bytes are a multiple of 4 KiB get 64 bytes of padding (y is then a
+// view): the head's [rows, 262144] would otherwise put every row's outputs of a strip in the same cache sets.
 // Experts with at most `small_rows` rows (<= 4) take the dot-product path, int4 experts with at most `exact_rows`
 // the group-scaled one; 0 and 0 keep every row on the scaled-expansion path, so that a row's result never depends on
 // how many rows share its expert.
@@ -321,7 +321,7 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
   const int64_t rows = offsets.data_ptr<int64_t>()[experts];
   TORCH_CHECK(x.size(0) >= tile_rows(offsets.data_ptr<int64_t>(), experts), "x: ", x.size(0),
               " rows, the tiles read ", tile_rows(offsets.data_ptr<int64_t>(), experts));
-  const int64_t ldy = bf16_out && (n * 2) % 4096 == 0 ? n + 32 : n;
+  const int64_t ldy = fmt == BF16 && bf16_out && (n * 2) % 4096 == 0 ? n + 32 : n;
   auto y = torch::empty({rows, ldy}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   const int64_t strips = (n + 2 * TILE_N - 1) / (2 * TILE_N);
   Problem p{reinterpret_cast<const uint16_t*>(x.data_ptr()), bf16_out ? nullptr : y.data_ptr<float>(),
