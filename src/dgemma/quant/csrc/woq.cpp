@@ -1,4 +1,5 @@
-// Weight-only low-bit GEMM: y[rows, N] = x[rows, K] @ W.T with W kept in 4 or 8 bits (tile layout: tiles.h), on
+// Weight-only low-bit GEMM: y[rows, N] = x[rows, K] @ W.T with W kept in 4 or 8 bits (tile layout: tiles.h; or
+// a plain bf16 matrix read in place, the tied LM head), on
 // one of two engines chosen at load (dgemma/quant/native.py): Intel AMX (this file: the expanded B tiles multiplied
 // by the tile unit) or AVX-512 BF16 (woq_avx512.cpp: the same expanded tiles, vdpbf16ps with accumulators in
 // registers). Each call expands 32 output columns at a time into bf16 in cache, so no expanded expert ever reaches
@@ -169,8 +170,8 @@ inline void fold_group(const Problem& p, const void* sc, int64_t nb0, int ntiles
 // int4, at most 16 rows (begin .. end) times columns 16 nb0 .. 16 nb0 + 16 ntiles, group-scaled: the C tiles
 // collect one scale group's sums of x (q - 8), then total += sums x the columns' scales (fp32, in L1). Groups
 // alternate between two pairs of C tiles, and a group's sums are folded after the next group's products are issued:
-// the tile unit works while the vector units scale, instead of each waiting on the other (~15% at 16 rows). Each
-// tile is expanded into a ring in L1 right before its products.
+// the tile unit works while the vector units scale, instead of each waiting on the other. Each tile is expanded
+// into the ring in L1 AHEAD steps before its products.
 void int4_group_scaled_16(const Problem& p, int64_t begin, int64_t end, int64_t nb0, int ntiles, const uint8_t* w,
                           const void* sc, uint16_t* buf) {
   const int64_t per_group = p.block_k / TILE_K;
