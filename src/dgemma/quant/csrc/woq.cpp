@@ -124,9 +124,10 @@ inline void block_rows(const Problem& p, int64_t m0, int rows, int64_t nb0, int 
 // AHEAD tiles after it was written: a tile load cannot take data still in the store buffer, so the expansion runs
 // ahead and the loads find it in L1.
 constexpr int64_t AHEAD = 3;
+inline uint16_t* ring_slot(uint16_t* buf, int64_t kb) { return buf + (kb & 3) * 1024; }  // 4 slots of 2 tiles
 inline void expand_ring(const uint8_t* w, int64_t nb0, int ntiles, int64_t kb_count, int64_t kb, uint16_t* buf) {
   for (int t = 0; t < ntiles; ++t)
-    expand_int4_unscaled(w + ((nb0 + t) * kb_count + kb) * 256, buf + (kb & 3) * 1024 + t * 512);
+    expand_int4_unscaled(w + ((nb0 + t) * kb_count + kb) * 256, ring_slot(buf, kb) + t * 512);
 }
 
 // One scale group's products for 16 rows: C tiles C0, C1 (zeroed first) += A x B over the group's input tiles, then
@@ -139,7 +140,7 @@ inline void expand_ring(const uint8_t* w, int64_t nb0, int ntiles, int64_t kb_co
     _tile_zero(C1);                                                                                              \
     for (int64_t kb = kb0; kb < kb1; ++kb) {                                                                     \
       if (kb + AHEAD < kb_count) expand_ring(w, nb0, ntiles, kb_count, kb + AHEAD, buf);                         \
-      const uint16_t* b = buf + (kb & 3) * 1024;                                                                 \
+      const uint16_t* b = ring_slot(buf, kb);                                                                    \
       _tile_loadd(4, p.x + m0 * p.k + kb * TILE_K, lda);                                                         \
       _tile_loadd(6, b, 64);                                                                                     \
       _tile_dpbf16ps(C0, 4, 6);                                                                                  \
@@ -216,19 +217,10 @@ void int4_group_scaled(const Problem& p, int64_t begin, int64_t end, int64_t nb0
       zero_c();
       for (int64_t kb = blk * per_group; kb < (blk + 1) * per_group; ++kb) {
         if (!many && kb + AHEAD < kb_count) expand_ring(w, nb0, ntiles, kb_count, kb + AHEAD, buf);
-        dot_block(p, m0, kb, many ? buf + kb * 1024 : buf + (kb & 3) * 1024, ntiles, two_m);
+        dot_block(p, m0, kb, many ? buf + kb * 1024 : ring_slot(buf, kb), ntiles, two_m);
       }
       spill_c(sums, two_m);
-      for (int t = 0; t < ntiles; ++t) {
-        const __m512 s = load_scales<INT4>(sc, ((nb0 + t) * p.blocks + blk) * TILE_N);
-        for (int mt = 0; mt < mtiles; ++mt) {
-          float* to = total[2 * mt + t];
-          const float* from = sums[2 * mt + t];
-#pragma GCC unroll 16
-          for (int r = 0; r < TILE_M; ++r)
-            _mm512_store_ps(to + 16 * r, _mm512_fmadd_ps(_mm512_load_ps(from + 16 * r), s, _mm512_load_ps(to + 16 * r)));
-        }
-      }
+      for (int mt = 0; mt < mtiles; ++mt) fold_group(p, sc, nb0, ntiles, blk, sums + 2 * mt, total + 2 * mt);
     }
     write_rows(p, m0, m0 + rows, nb0, ntiles, two_m, total);
   }
@@ -260,7 +252,7 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   }
   if (end - begin <= BLOCK_M) {
     block_rows(p, begin, int(end - begin), nb0, ntiles,
-               [&](int64_t kb) { return expand(kb, buf + (kb & 3) * 1024); });
+               [&](int64_t kb) { return expand(kb, ring_slot(buf, kb)); });
     return;
   }
   for (int64_t kb = 0; kb < kb_count; ++kb) expand(kb, buf + kb * 1024);
