@@ -1,7 +1,7 @@
 """Which step-cache settings keep the bundled Sudoku models' quality: solve rate and mean steps on held-out puzzles
 for (settle, refresh) pairs beyond the named policies, against the exact path, same puzzles and seeds.
 
-    python benchmarks/step_cache_sweep.py --threads 2 --out benchmarks/results/step_cache_policy_sweep_s10.json
+    python benchmarks/step_cache_sweep.py --threads 2 --out benchmarks/results/step_cache_policy_sweep.json
 
 Each candidate runs as the "fastest" entry of config.STEP_CACHE for the duration (the generation settings accept
 only named policies); the named ones are measured by benchmarks/step_cache.py.
