@@ -23,6 +23,7 @@ import torch
 import dgemma.quant.lowbit as L
 from dgemma import load_model
 from dgemma.checkpoint.formats import FP8BlockTensor, FP8ChannelTensor, NVFP4Tensor
+from dgemma import extension
 from dgemma.checkpoint.quantize import random_quantized_checkpoint
 from dgemma.hardware import cpu_flags
 from dgemma.numerics import row_invariant
@@ -134,7 +135,7 @@ def test_the_kernel_runs_wherever_it_can_be_built():
     """A build failure must not pass silently as "this machine has no AMX": where the CPU has the flags and the
     builder has a compiler and ninja (the dev extras), the kernel is there."""
     buildable = (platform.system() == "Linux" and platform.machine() == "x86_64"
-                 and all(f in cpu_flags() for f in native.FLAGS)
+                 and all(f in cpu_flags() for f in extension.FLAGS)
                  and shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
                  and os.environ.get("DGEMMA_NATIVE", "auto") != "0")
     assert native.available() == buildable
@@ -152,7 +153,7 @@ if native.available():
         """The first-build notice checks torch's extension cache; once built, it is there."""
         from torch.utils import cpp_extension
 
-        assert native._built_before(cpp_extension)
+        assert extension._built_before(cpp_extension)
 
     def test_engines_switch_and_come_back(engine):
         assert native.engine() == engine  # the fixture's

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import LayerSpec, ModelConfig
 from .kv_cache import KVCache
-from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_tanh, linear, softcap
+from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_mul, linear, softcap
 from .quant import native
 from .vision import PromptImages
 
@@ -194,7 +194,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -240,7 +240,7 @@ class Experts(nn.Module):
         else:
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             gate, up = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offsets).chunk(2, dim=-1)
-            out = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offsets)
+            out = grouped_mm(gelu_mul(gate, up), self.down_proj.transpose(-2, -1), offsets)
         # fp32 product (what type promotion gives), in token order, then the k-sum and one rounding
         weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
         by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
@@ -255,7 +255,7 @@ class Experts(nn.Module):
         slot = expert * cap + rank  # row of each assignment in the flattened [E * cap] buffer
         buf = xs.new_zeros(n_exp * cap, hidden).index_copy_(0, slot, xs).view(n_exp, cap, hidden)
         gate, up = torch.bmm(buf, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        out = torch.bmm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2))
+        out = torch.bmm(gelu_mul(gate, up), self.down_proj.transpose(1, 2))
         return out.view(n_exp * cap, -1).index_select(0, slot)
 
 

@@ -4,6 +4,12 @@
 `MIN_ROWS` rows, because CPU GEMM kernels switch algorithm (and rounding) for small row counts: with the padding a
 row's result does not depend on how many other rows share the call, so a prompt gives the same tokens alone or in a
 batch (fp32). The reference does not pad, so exact-parity runs leave it off.
+
+The norm and the gated activation also run inside `row_invariant()` on bf16 CPU tensors in dgemma's native
+extension where it is built (`dgemma.extension`): one pass per row instead of torch's passes over fp32 copies of the
+whole tensor, with torch's roundings step by step; the norm's sum of squares runs in the kernel's order and the tanh
+is the kernel's, so a value can differ from torch's composition in its last bf16 bit. Elsewhere (training,
+exact-parity runs, fp32, other devices) torch's composition keeps the reference's bits.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import contextvars
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .extension import extension
 
 MIN_ROWS = 16
 ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("row_invariant", default=False)
@@ -48,9 +56,43 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _fused(*tensors: torch.Tensor | None):
+    """The native extension where it serves these tensors (bf16 on the CPU, inside `row_invariant()`, nothing to
+    differentiate), else None."""
+    if not ROW_INVARIANT.get():
+        return None
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or (torch.is_grad_enabled() and t.requires_grad):
+            return None
+    return extension() if tensors[0].dtype == torch.bfloat16 else None
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up, the gated MLPs' activation (into `out`, a [rows, I] buffer, when given)."""
+    mod = _fused(gate, up, out)
+    if mod is not None and up.dtype == torch.bfloat16 and gate.shape == up.shape and gate.numel() > 0:
+        n = gate.shape[-1]
+        g, u = gate.reshape(-1, n), up.reshape(-1, n)  # views where the rows are evenly spaced (chunk halves are)
+        dst = torch.empty(gate.shape, dtype=gate.dtype) if out is None else out
+        flat = dst.view(-1, n)
+        if g.stride(1) == 1 and u.stride(1) == 1 and flat.stride(1) == 1:
+            mod.gelu_mul(g, u, flat)
+            return dst
+    if out is None:
+        return gelu_tanh(gate) * up
+    return torch.mul(gelu_tanh(gate), up, out=out)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x * (mean(x^2) + eps)^-0.5 * w with fp32 statistics, cast back to x's dtype; the weight multiplies directly
     (Gemma 4 convention: no 1 + w). Text and vision towers share it."""
+    mod = _fused(x, weight)
+    if mod is not None and x.numel() > 0:
+        flat = x.reshape(-1, x.shape[-1])
+        w = torch.empty(0) if weight is None else weight.detach().float().contiguous()
+        return mod.rms_norm(flat if flat.stride(-1) == 1 else flat.contiguous(), w, eps).view(x.shape)
     h = x.float()
     h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:

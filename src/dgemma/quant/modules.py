@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..numerics import gelu_tanh
+from ..numerics import gelu_mul
 from . import native
 from .qtensor import QTensor
 
@@ -73,7 +73,7 @@ class QExperts(nn.Module):
             torch.index_select(x, 0, perm // top_k, out=xs[:rows])
             gate, up = self.gate_up.grouped(xs, offsets, bf16=True).chunk(2, dim=-1)
             act = native.padded_rows(rows, gate.shape[-1])
-            torch.mul(gelu_tanh(gate), up, out=act[:rows])
+            gelu_mul(gate, up, out=act[:rows])
             return native.combine(self.down.grouped(act, offsets), perm, weights)
         xs = x.index_select(0, perm // top_k)
         out = x.new_empty(xs.shape[0], x.shape[-1])
@@ -83,7 +83,7 @@ class QExperts(nn.Module):
                 continue
             rows = xs[start:start + n]
             gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
-            out[start:start + n] = self.down.linear(gelu_tanh(gate) * up, index=e)
+            out[start:start + n] = self.down.linear(gelu_mul(gate, up), index=e)
             start += n
         weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
         by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)

@@ -2,8 +2,8 @@
 layout it reads.
 
 On a CPU with AVX-512 BF16 (lscpu flags avx512f, avx512bw, avx512vl, avx512_bf16: AMD Zen 4 and later, Intel Cooper
-Lake and Sapphire Rapids and later) and a C++ compiler, `csrc/woq.cpp` with `csrc/woq_avx512.cpp` and
-`csrc/sample.cpp` is built once with torch's extension builder (cached in torch's extensions directory), and a
+Lake and Sapphire Rapids and later) and a C++ compiler, where `dgemma.extension` builds the native extension
+(`csrc/woq.cpp` with `csrc/woq_avx512.cpp`; `csrc/sample.cpp` and `csrc/elementwise.cpp` are in it too), a
 quantized linear layer or a layer's experts are repacked at load into `TileTensor`s: the same codes and scales,
 ordered so that the kernel expands 32 output columns at a time into bf16 in cache and multiplies them there. Nothing
 expanded reaches memory, and the experts of a layer run in one call spread over torch's threads (no Python loop over
@@ -32,27 +32,16 @@ nothing changes: `adopt` returns the QTensor it was given and the portable kerne
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
-import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..hardware import cpu_flags
+from ..extension import available, extension
 from ..numerics import ROW_INVARIANT
 from . import kernels as K
 from .qtensor import MODE, QTensor, QuantError
 
-log = logging.getLogger(__name__)
-
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "woq.cpp", CSRC / "woq_avx512.cpp", CSRC / "sample.cpp")
-FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # what the extension needs
-AMX_FLAGS = ("amx_tile", "amx_bf16")  # what the AMX engine needs besides
 ENGINES = ("amx", "avx512-bf16")
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2, "bf16": 3}  # bf16: a plain [N, K] matrix read in place (head_product)
 TILE_N, TILE_K = 16, 32
@@ -60,61 +49,6 @@ NVFP4_BLOCK = 16
 SMALL_ROWS = 4  # experts (or matrices) with this many rows or fewer: the kernel's dot-product path (int4, NVFP4)
 EXACT_ROWS = 32  # int4 weights given more rows, up to this many: the group-scaled path (unrounded weights)
 ALL_ROWS = 2 ** 62
-
-
-# -- availability and build -----------------------------------------------------------------------------------------
-@functools.cache
-def extension():
-    """The built extension module, or None where it cannot run here (the reason is logged once)."""
-    mode = os.environ.get("DGEMMA_NATIVE", "auto")  # "0": off; "require": fail loudly where it cannot run
-    if mode == "0":
-        return None
-    mod = _build()
-    if mod is None and mode == "require":
-        raise QuantError("DGEMMA_NATIVE=require, but the native kernel cannot run here (see the log)")
-    return mod
-
-
-def _build():
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return None
-    missing = [f for f in FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("native kernel off: this CPU lacks %s", ", ".join(missing))
-        return None
-    try:
-        from torch.utils import cpp_extension  # the builder (and setuptools) only where the kernel is built
-
-        if not _built_before(cpp_extension):
-            log.warning("building dgemma's native kernel (once; about a minute or two)")
-
-        # -ffp-contract=off: a product then a sum stays two roundings whatever the compiler (moe_combine repeats
-        # torch's bits)
-        mod = cpp_extension.load(
-            name="dgemma_woq", sources=[str(p) for p in SOURCES], verbose=False,
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                          "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"],
-            # at::parallel_for runs its work on one thread unless the extension is built with OpenMP; at run time
-            # libgomp.so.1 resolves to the copy torch has already loaded, so torch.set_num_threads holds
-            extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # a missing compiler or headers: the portable kernels stay
-        log.warning("native kernel off: building %s failed (%s)", SOURCES[0].name, str(exc).splitlines()[0])
-        return None
-    if all(f in cpu_flags() for f in AMX_FLAGS) and not mod.amx_init():
-        log.warning("native kernel: the OS refused the AMX tile state; the AVX-512 BF16 engine runs")
-    return mod
-
-
-def _built_before(cpp_extension) -> bool:
-    """Whether torch's extension cache already holds a build (a stale one is rebuilt quietly)."""
-    try:
-        return (Path(cpp_extension._get_build_directory("dgemma_woq", False)) / "dgemma_woq.so").is_file()
-    except Exception:  # a private helper of torch's: when it moves, only the notice is lost
-        return True
-
-
-def available() -> bool:
-    return extension() is not None
 
 
 def engines() -> tuple[str, ...]:

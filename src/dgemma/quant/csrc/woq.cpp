@@ -555,6 +555,9 @@ torch::Tensor tile_codes(torch::Tensor packed, int64_t bits) {
 // csrc/sample.cpp
 std::vector<torch::Tensor> fused_sample(torch::Tensor raw, torch::Tensor table, torch::Tensor uniforms,
                                         torch::Tensor rows, torch::Tensor probs);
+// csrc/elementwise.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+void gelu_mul(torch::Tensor gate, torch::Tensor up, torch::Tensor out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_codes", &tile_codes, "repack 4- or 8-bit codes into the kernel's tile layout");
@@ -565,5 +568,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("woq_grouped", &woq_grouped, "grouped weight-only low-bit GEMM");
   m.def("table_product", &table_product, "probabilities times the embedding table (self-conditioning)");
   m.def("fused_sample", &fused_sample, "the denoising sampler's per-position work at a large vocabulary");
+  m.def("rms_norm", &rms_norm, "RMS norm of each row (fp32 statistics), bf16");
+  m.def("gelu_mul", &gelu_mul, "out = gelu_tanh(gate) * up, bf16");
   m.def("moe_combine", &moe_combine, "expert outputs to token order, weighted and summed over the k choices");
 }
