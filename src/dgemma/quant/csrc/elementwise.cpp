@@ -15,19 +15,6 @@
 
 namespace {
 
-// Lanes i .. i + 15 of a bf16 row (fewer where `m` masks the tail) as fp32.
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v)));
-}
-
-// v rounded to bf16 and back: what a bf16 tensor between two torch ops holds.
-inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
-
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 inline const uint16_t* bf16_data(const torch::Tensor& t) {
@@ -70,16 +57,16 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
       uint16_t* dst = yp + r * d;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t i = 0; i < d; i += 16) {
-        const __m512 v = load_bf16(src + i, lanes(d - i));
+        const __m512 v = bf16_load(src + i, lanes(d - i));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
       }
       const float mean = _mm512_reduce_add_ps(acc) / df;
       const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(mean + epsf));
       for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 m = lanes(d - i);
-        __m512 v = _mm512_mul_ps(load_bf16(src + i, m), inv);
+        __m512 v = _mm512_mul_ps(bf16_load(src + i, m), inv);
         if (scaled) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i));
-        store_bf16(dst + i, v, m);
+        bf16_store(dst + i, v, m);
       }
     }
   });
@@ -108,11 +95,11 @@ void gelu_mul(torch::Tensor gate, torch::Tensor up, torch::Tensor out) {
     for (int64_t r = lo; r < hi; ++r)
       for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 m = lanes(n - i);
-        const __m512 x = load_bf16(gp + r * ldg + i, m);
+        const __m512 x = bf16_load(gp + r * ldg + i, m);
         const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
         const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(x, _mm512_mul_ps(kappa, cube)));
-        const __m512 g = round_bf16(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh_ps(inner))));
-        store_bf16(op + r * ldo + i, _mm512_mul_ps(g, load_bf16(upp + r * ldu + i, m)), m);
+        const __m512 g = bf16_round(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh_ps(inner))));
+        bf16_store(op + r * ldo + i, _mm512_mul_ps(g, bf16_load(upp + r * ldu + i, m)), m);
       }
   });
 }

@@ -66,7 +66,7 @@ Position one_position(const int16_t* codes, const float* table, int64_t v, doubl
     if constexpr (std::is_same_v<Out, float>) {
       if (probs) _mm512_storeu_ps(probs + i, p);
     } else {
-      if (probs) _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + i), _mm512_cvtepi32_epi16(bf16_bits(p)));
+      if (probs) bf16_store(probs + i, p);
     }
     const double b = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)),
                                                          _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(p), 1)))));

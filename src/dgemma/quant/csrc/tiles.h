@@ -56,8 +56,7 @@ inline __m512 e4m3_to_ps(__m128i bytes16) {
 template <int64_t FMT>
 inline __m512 load_scales(const void* data, int64_t at) {
   if constexpr (FMT == INT4) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + at));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16 -> fp32: exact
+    return bf16_load(static_cast<const uint16_t*>(data) + at);
   } else if constexpr (FMT == NVFP4) {
     return e4m3_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(data) + at)));
   } else {
@@ -209,7 +208,7 @@ struct Problem {
 
 // Outputs row, columns col .. col + 15.
 inline void store_out(const Problem& p, int64_t row, int64_t col, __m512 v) {
-  if (p.yb) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.yb + row * p.ldy + col), _mm512_cvtepi32_epi16(bf16_bits(v)));
+  if (p.yb) bf16_store(p.yb + row * p.ldy + col, v);
   else _mm512_storeu_ps(p.y + row * p.ldy + col, v);
 }
 

@@ -338,8 +338,7 @@ torch::Tensor woq_grouped(torch::Tensor x, torch::Tensor offsets, torch::Tensor 
     p.xf = xf.data_ptr<float>();
     for (int64_t row = p.offsets[e]; row < p.offsets[e + 1]; ++row)
       for (int64_t i = 0; i < k; i += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + row * k + i));
-        _mm512_storeu_ps(p.xf + row * k + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        _mm512_storeu_ps(p.xf + row * k + i, bf16_load(p.x + row * k + i));
       }
   }
   const int64_t items = int64_t(active.size()) * strips;
@@ -507,10 +506,10 @@ torch::Tensor moe_combine(torch::Tensor y, torch::Tensor slot, torch::Tensor w, 
       for (int64_t c = 0; c < h; c += 16) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < top_k; ++j) {
-          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(_mm512_loadu_ps(ys + sl[t * top_k + j] * h + c)), 16));
+          const __m512 v = bf16_round(_mm512_loadu_ps(ys + sl[t * top_k + j] * h + c));
           acc = _mm512_add_ps(acc, _mm512_mul_ps(v, _mm512_set1_ps(ws[t * top_k + j])));  // two roundings, as torch
         }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(os + t * h + c), _mm512_cvtepi32_epi16(bf16_bits(acc)));
+        bf16_store(os + t * h + c, acc);
       }
   });
   return out;
