@@ -240,6 +240,34 @@ def test_resume_without_state_starts_fresh(root, base, data):
     assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
+def test_resume_before_the_first_snapshot_starts_over_and_never_drops_a_longer_run(root, base, data):
+    """A run killed after logging step 1 but before its first snapshot (step 2) left only a log (and perhaps a
+    half-written .last.partial): --resume redoes it from the base. A log past the first snapshot step with no
+    snapshot is a run that got further and lost its state: refused, the log untouched."""
+    straight = root / "first_snap_straight"
+    finetune(config(base, data, straight, steps=4, save_every=2, log_every=1))
+    out = root / "first_snap"
+    out.mkdir()
+    first = read_log(straight)[0]
+    (out / "train_log.jsonl").write_text(json.dumps(first) + "\n" + '{"step": 2, "lo', encoding="utf-8")
+    (out / ".last.partial").mkdir()
+    (out / ".last.partial" / "optimizer.safetensors").write_bytes(b"partial")
+    finetune(config(base, data, out, steps=4, save_every=2, log_every=1, resume=True))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(straight)]
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / ".last.partial").exists()
+
+    lost = root / "lost_state"
+    lost.mkdir()
+    log = "".join(json.dumps(r) + "\n" for r in read_log(straight))  # reaches step 4, past the snapshot at 2
+    (lost / "train_log.jsonl").write_text(log, encoding="utf-8")
+    with pytest.raises(TrainError, match=r"train_log\.jsonl: the log reaches step 4 .* no snapshot"):
+        finetune(config(base, data, lost, steps=4, save_every=2, log_every=1, resume=True))
+    assert (lost / "train_log.jsonl").read_text(encoding="utf-8") == log
+
+
 def test_log_is_fresh_per_run_and_trimmed_on_resume(root, base, data):
     out = root / "log_trim"
     finetune(config(base, data, out, steps=3, log_every=1))

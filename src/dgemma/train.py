@@ -281,6 +281,15 @@ def _logged_elapsed(path: Path) -> float:
     return 0.0
 
 
+def _last_logged_step(path: Path) -> int:
+    """The highest step a log records (0 when it has none); unreadable lines count as nothing."""
+    top = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError, ValueError):
+            top = max(top, int(json.loads(line)["step"]))
+    return top
+
+
 def _save_state(out: Path, step: int, opt: torch.optim.Optimizer, names: dict, gen: torch.Generator,
                 cfg: TrainConfig) -> None:
     """Optimizer moments as safetensors plus a JSON state: resumable without pickle."""
@@ -333,15 +342,17 @@ def _load_state(out: Path, opt: torch.optim.Optimizer, names: dict, gen: torch.G
     return step
 
 
-def _resume_point(out: Path, resume: bool) -> Path | None:
+def _resume_point(out: Path, resume: bool, first_snapshot: int) -> Path | None:
     """The snapshot to continue from, or None for a fresh run. A snapshot counts only when complete (its
     trainer_state.json is written last); `last` may be missing only if a run died while swapping it, and then the
-    complete directory it left is used. A fresh run never overwrites a previous run's snapshot or log, and
-    --resume never silently starts over."""
+    complete directory it left is used. A run killed before its first snapshot (step `first_snapshot`) leaves
+    only log lines below that step, which a rerun redoes exactly: --resume starts it over. A fresh run never
+    overwrites a previous run's snapshot or log, and --resume never silently drops a run that got further."""
     complete = [d for d in (out / "last", out / ".last.partial", out / ".last.old")
                 if (d / "trainer_state.json").is_file()]
     log = out / "train_log.jsonl"
-    earlier = (out / "last").exists() or complete or (log.is_file() and log.stat().st_size > 0)
+    logged = log.is_file() and log.stat().st_size > 0
+    earlier = (out / "last").exists() or complete or logged
     if not resume:
         if earlier:
             raise TrainError(f"{out} holds a previous run (snapshot or log); pass --resume to continue it, or "
@@ -349,10 +360,13 @@ def _resume_point(out: Path, resume: bool) -> Path | None:
         return None
     if complete:
         return complete[0]
-    if earlier:
+    if (out / "last").exists():
         raise TrainError(f"{out / 'last'}: no complete snapshot to resume from (no trainer_state.json); the run "
                          f"cannot continue from it: move the directory away to start over")
-    return None  # nothing there yet: the first run of a resumable command
+    if logged and _last_logged_step(log) >= first_snapshot:
+        raise TrainError(f"{log}: the log reaches step {_last_logged_step(log)} but {out} holds no snapshot to "
+                         f"resume from (none is complete); move the directory away to start over")
+    return None  # nothing there yet, or a run that died before its first snapshot: start from the base
 
 
 def finetune(cfg: TrainConfig) -> dict:
@@ -363,7 +377,7 @@ def finetune(cfg: TrainConfig) -> dict:
     ctx = distributed.setup(cfg.device, cfg.distributed, cfg.batch_size)  # None unless under torchrun
     device = ctx.device if ctx else resolve_device(cfg.device)
     main = ctx is None or ctx.main  # the rank that logs and writes
-    resume_from = _resume_point(out, cfg.resume)
+    resume_from = _resume_point(out, cfg.resume, cfg.save_every or cfg.steps)
     start_dir = resume_from or base
     if resume_from is not None and cfg.lora_rank:
         start_dir = base  # LoRA resumes from the base weights plus the saved adapter
