@@ -241,15 +241,15 @@ def test_resume_without_state_starts_fresh(root, base, data):
 
 
 def test_resume_before_the_first_snapshot_starts_over_and_never_drops_a_longer_run(root, base, data):
-    """A run killed after logging step 1 but before its first snapshot (step 2) left only a log (and perhaps a
-    half-written .last.partial): --resume redoes it from the base. A log past the first snapshot step with no
-    snapshot is a run that got further and lost its state: refused, the log untouched."""
+    """A run killed after logging step 2 but before its first snapshot (step 2) was complete left only a log (and
+    perhaps a half-written .last.partial): --resume redoes it from the base. A log past the first snapshot step
+    with no snapshot is a run that got further and lost its state: refused, the log untouched."""
     straight = root / "first_snap_straight"
     finetune(config(base, data, straight, steps=4, save_every=2, log_every=1))
     out = root / "first_snap"
     out.mkdir()
-    first = read_log(straight)[0]
-    (out / "train_log.jsonl").write_text(json.dumps(first) + "\n" + '{"step": 2, "lo', encoding="utf-8")
+    first = "".join(json.dumps(r) + "\n" for r in read_log(straight)[:2])
+    (out / "train_log.jsonl").write_text(first + '{"step": 3, "lo', encoding="utf-8")  # a torn line counts for nothing
     (out / ".last.partial").mkdir()
     (out / ".last.partial" / "optimizer.safetensors").write_bytes(b"partial")
     finetune(config(base, data, out, steps=4, save_every=2, log_every=1, resume=True))
@@ -261,9 +261,9 @@ def test_resume_before_the_first_snapshot_starts_over_and_never_drops_a_longer_r
 
     lost = root / "lost_state"
     lost.mkdir()
-    log = "".join(json.dumps(r) + "\n" for r in read_log(straight))  # reaches step 4, past the snapshot at 2
+    log = "".join(json.dumps(r) + "\n" for r in read_log(straight)[:3])  # step 3: past the snapshot at 2
     (lost / "train_log.jsonl").write_text(log, encoding="utf-8")
-    with pytest.raises(TrainError, match=r"train_log\.jsonl: the log reaches step 4 .* no snapshot"):
+    with pytest.raises(TrainError, match=r"train_log\.jsonl: the log reaches step 3 .* no snapshot"):
         finetune(config(base, data, lost, steps=4, save_every=2, log_every=1, resume=True))
     assert (lost / "train_log.jsonl").read_text(encoding="utf-8") == log
 

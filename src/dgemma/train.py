@@ -345,8 +345,8 @@ def _load_state(out: Path, opt: torch.optim.Optimizer, names: dict, gen: torch.G
 def _resume_point(out: Path, resume: bool, first_snapshot: int) -> Path | None:
     """The snapshot to continue from, or None for a fresh run. A snapshot counts only when complete (its
     trainer_state.json is written last); `last` may be missing only if a run died while swapping it, and then the
-    complete directory it left is used. A run killed before its first snapshot (step `first_snapshot`) leaves
-    only log lines below that step, which a rerun redoes exactly: --resume starts it over. A fresh run never
+    complete directory it left is used. A run killed before its first snapshot (step `first_snapshot`) was complete
+    leaves only log lines up to that step, which a rerun redoes exactly: --resume starts it over. A fresh run never
     overwrites a previous run's snapshot or log, and --resume never silently drops a run that got further."""
     complete = [d for d in (out / "last", out / ".last.partial", out / ".last.old")
                 if (d / "trainer_state.json").is_file()]
@@ -363,7 +363,7 @@ def _resume_point(out: Path, resume: bool, first_snapshot: int) -> Path | None:
     if (out / "last").exists():
         raise TrainError(f"{out / 'last'}: no complete snapshot to resume from (no trainer_state.json); the run "
                          f"cannot continue from it: move the directory away to start over")
-    if logged and _last_logged_step(log) >= first_snapshot:
+    if logged and _last_logged_step(log) > first_snapshot:  # a step is logged before its snapshot is written
         raise TrainError(f"{log}: the log reaches step {_last_logged_step(log)} but {out} holds no snapshot to "
                          f"resume from (none is complete); move the directory away to start over")
     return None  # nothing there yet, or a run that died before its first snapshot: start from the base
@@ -377,7 +377,7 @@ def finetune(cfg: TrainConfig) -> dict:
     ctx = distributed.setup(cfg.device, cfg.distributed, cfg.batch_size)  # None unless under torchrun
     device = ctx.device if ctx else resolve_device(cfg.device)
     main = ctx is None or ctx.main  # the rank that logs and writes
-    resume_from = _resume_point(out, cfg.resume, cfg.save_every or cfg.steps)
+    resume_from = _resume_point(out, cfg.resume, min(cfg.save_every or cfg.steps, cfg.steps))
     start_dir = resume_from or base
     if resume_from is not None and cfg.lora_rank:
         start_dir = base  # LoRA resumes from the base weights plus the saved adapter
