@@ -1,6 +1,6 @@
 """Diffusion against left-to-right decoding, side by side on the same weights.
 
-One process: the machine's matmul peak (the model's shapes, its compute dtype) and read bandwidth, then the same
+One process: the machine's matmul peak (the model's shapes, its compute dtype) and read bandwidth, and the same
 quantized random checkpoint timed two ways: one denoising step over the canvas (`dgemma bench`'s timing), and
 left-to-right decoding (`decoder="autoregressive"`: the causal stack, one token per pass, greedy, EOS ignored).
 Prints tokens/s for diffusion at the release's stated 15 and 20 tokens per forward pass and at the tokens per
@@ -16,8 +16,8 @@ every accepted token keeps its value), timed as decoder + LM-head passes; the st
 step less (1 - ratio) of an exact pass (the ratio: that canvas's passes over as many exact passes; the sampler
 still draws every position), giving the policy's tokens/s at that rate.
 
-`--rounds R` alternates the step and the left-to-right timings R times and keeps the best of each (this VM's speed
-drifts by 2x within minutes; the per-round figures are in the JSON).
+`--rounds R` alternates the peak and bandwidth measurements, the step and the left-to-right timings R times and
+keeps the best of each (this VM's speed drifts by 2x within minutes; the per-round figures are in the JSON).
 
     python benchmarks/diffusion_vs_ar.py --preset 26b-a4b --scheme int4 --threads 1 --out benchmarks/results/x.json
 """
@@ -94,18 +94,21 @@ def main() -> None:
     cfg = ModelConfig.from_file(model_dir / "config.json")
     model = load_model(model_dir)
     device = model.device
-    peak = measure_peak(cfg, model.dtype, device)["gflops"] * 1e9
-    bandwidth = measure_bandwidth() * 1e9
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    # rounds alternate the two, and each side keeps its best: this VM's speed drifts by 2x within minutes
-    step_rounds, token_rounds = [], []
+    # rounds alternate the two, and each side keeps its best: this VM's speed drifts by 2x within minutes. The peak
+    # and the bandwidth are measured in every round too, and the floors use the best of them, as the timings do
+    # (a peak measured once, in a slow minute, would make the step look closer to its floor than it is).
+    step_rounds, token_rounds, peak_rounds, bandwidth_rounds = [], [], [], []
     for _ in range(args.rounds):
+        peak_rounds.append(measure_peak(cfg, model.dtype, device)["gflops"])
+        bandwidth_rounds.append(measure_bandwidth())
         clock = Clock(device)
         run_timed(model, prompt, cfg.canvas_length, args.steps, 0, "fast", clock)
         step_rounds.append(clock.record()["step_intervals_s"])
         token_rounds.append(ar_token_s(model, prompt[0].tolist(), args.ar_tokens))
     step_s = min(min(r) for r in step_rounds)
     token_s = min(token_rounds)
+    peak, bandwidth = max(peak_rounds) * 1e9, max(bandwidth_rounds) * 1e9
     cached = {}
     if args.step_cache != "none":
         timer = PassTimer(model, args.prompt_len)
@@ -133,11 +136,13 @@ def main() -> None:
               "matmul_peak_gflops": peak / 1e9, "read_bandwidth_gbs": bandwidth / 1e9, "weights_gb": stored / 1e9,
               "active_weight_gb": active_bytes / 1e9, "diffusion_step_s": step_s, "ar_token_s": token_s,
               "step_intervals_s_by_round": step_rounds, "ar_token_s_by_round": token_rounds,
+              "matmul_peak_gflops_by_round": peak_rounds, "read_bandwidth_gbs_by_round": bandwidth_rounds,
               "ar_tokens_per_s": 1 / token_s, "diffusion": diffusion, "floors": floors,
               "step_cache": {"policy": args.step_cache, **cached}}
     m = result["machine"]
     print(f"{args.preset} {args.scheme} on {m['cpu']}, {m['threads']} thread(s), load {load_start[0]:.1f}: "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({model.dtype}), read {bandwidth / 1e9:.1f} GB/s")
+          f"peak {peak / 1e9:.1f} GFLOP/s ({model.dtype}), read {bandwidth / 1e9:.1f} GB/s (best of the rounds: "
+          f"{' / '.join(f'{g:.0f}' for g in peak_rounds)} GFLOP/s)")
     print(f"  denoising step {step_s:.3f} s (floors: compute {floors['diffusion_step_compute_s']:.3f} s, "
           f"bandwidth {floors['diffusion_step_bandwidth_s']:.3f} s)")
     print(f"  left to right {token_s:.3f} s/token = {1 / token_s:.2f} tokens/s (floors: bandwidth "
