@@ -230,3 +230,7 @@ def test_quantized_bench_counts_each_flop_once(tmp_path):
     cfg = ModelConfig.from_file(tmp_path / "m" / "config.json")
     assert r["counted_flops_per_step"] == cfg.decoder_flops(8, cfg.canvas_length)["total"]
     assert r["achieved_gflops"] == pytest.approx(r["counted_flops_per_step"] / r["step_s"] / 1e9)
+    # the roofline uses the higher of the peaks measured before and after the timed steps
+    assert len(r["matmul_peak_gflops_before_after"]) == 2
+    assert r["matmul_peak_gflops"] == max(r["matmul_peak_gflops_before_after"])
+    assert r["roofline_step_s"] == pytest.approx(r["roofline_flops_per_step"] / (r["matmul_peak_gflops"] * 1e9))

@@ -2,8 +2,8 @@
 
 Writes (once) a random checkpoint of the preset directly in the scheme's layout, measures the machine first (matmul
 peak at the model's shapes in the dtype the model computes in, and in fp32; memory read bandwidth), then loads the
-model with default settings and runs one canvas at a fixed number of denoising steps. Reports seconds per step and
-tokens/s next to
+model with default settings and runs one canvas at a fixed number of denoising steps, then measures the peak again
+(the higher of the two counts). Reports seconds per step and tokens/s next to
 - the compute roofline: 2 x active parameters x canvas tokens per step at the measured matmul peak (the issue's
   "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
 - the memory-bandwidth floor: every stored weight byte read once per step (a 256-token canvas routes to nearly all
@@ -80,6 +80,12 @@ def run(args) -> int:
     res = run_timed(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
     timing = clock.record()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    # the peak again after the timed steps, and the higher of the two: on a VM whose speed drifts, a peak measured
+    # once in a slow minute would put the step closer to its roofline than it is
+    again = measure_peak(cfg, model.dtype, device)
+    peak_rounds = [peak["gflops"], again["gflops"]]
+    if again["gflops"] > peak["gflops"]:
+        peak = peaks[str(model.dtype)] = again
 
     canvas = cfg.canvas_length
     issue_flops = 2 * cfg.active_params * canvas
@@ -94,6 +100,7 @@ def run(args) -> int:
         "compute_dtype": str(model.dtype), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
         "matmul_peak_gflops": peak["gflops"], "peak_gemm": peak["best_gemm"],
         "matmul_peaks_gflops": {k: v["gflops"] for k, v in peaks.items()},
+        "matmul_peak_gflops_before_after": peak_rounds,
         "fp32_roofline_step_s": fp32_roofline_s, "step_vs_fp32_roofline": step_s / fp32_roofline_s,
         "read_bandwidth_gbs": bandwidth,
         "weights_gb": stored / 1e9, "load_s": load_s, "peak_rss_gib_after_load": rss_after_load,
