@@ -35,6 +35,13 @@ CASES = [
 GROUP = 64
 
 
+def random_int4(experts: int, n: int, k: int, gen: torch.Generator) -> lowbit.Int4Tensor:
+    """Random int4 weights [experts, n, k], group GROUP, scales of the size real checkpoints have."""
+    packed = torch.randint(0, 256, (experts, n, k // 2), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(experts, n, k // GROUP, generator=gen) * 0.004 + 0.001).to(torch.bfloat16)
+    return lowbit.Int4Tensor(packed, scale, GROUP, False, shape=(experts, n, k))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -49,9 +56,7 @@ def main() -> None:
     rows_out = []
     load = os.getloadavg()
     for name, experts, per, n, k in CASES:
-        packed = torch.randint(0, 256, (experts, n, k // 2), generator=gen, dtype=torch.uint8)
-        scale = (torch.rand(experts, n, k // GROUP, generator=gen) * 0.004 + 0.001).to(torch.bfloat16)
-        q = lowbit.Int4Tensor(packed, scale, GROUP, False, shape=(experts, n, k))
+        q = random_int4(experts, n, k, gen)
         t = native.to_tiles(q)
         rows = experts * per
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)

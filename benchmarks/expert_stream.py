@@ -4,7 +4,8 @@
 For each shape (the 26B-A4B experts' gate/up [1408 x 2816] and down [2816 x 704], int4 group 64) and rows per
 expert: one expert called again and again (its codes stay in L2), and 128 experts (codes from memory, two sets
 alternated so nothing is left in cache), timed alternately in one process. Also the read bandwidth of this many
-threads (`torch.sum` over 1 GiB of int64) and so the memory's own time per B tile (256 bytes of codes). If the
+threads (`bench.fullsize.measure_bandwidth` over 1 GiB) and so the memory's own time per B tile (256 bytes of
+codes). If the
 kernel overlapped the two, a tile from memory would cost about max(in L2, memory alone); if not, about their sum.
 
     python benchmarks/expert_stream.py [--threads 1] [--repeats 5] [--out F]
@@ -19,26 +20,17 @@ import time
 
 import torch
 
+from amx_int4_paths import GROUP, random_int4
 from dgemma import hardware
-from dgemma.quant import lowbit, native
+from dgemma.bench.fullsize import measure_bandwidth
+from dgemma.quant import native
 
 SHAPES = [("gate_up", 1408, 2816), ("down", 2816, 704)]
-GROUP = 64
 TILE_BYTES = 256  # the codes of one 16 x 32 B tile
 
 
 def tiles(t: native.TileTensor) -> int:
     return t.codes.numel() * t.codes.element_size() // TILE_BYTES
-
-
-def bandwidth_gbs(repeats: int) -> float:
-    x = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8).view(torch.int64)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return (1 << 30) / best / 1e9
 
 
 def main() -> None:
@@ -54,12 +46,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     def make(experts: int, n: int, k: int) -> native.TileTensor:
-        packed = torch.randint(0, 256, (experts, n, k // 2), generator=gen, dtype=torch.uint8)
-        scale = (torch.rand(experts, n, k // GROUP, generator=gen) * 0.004 + 0.001).to(torch.bfloat16)
-        return native.to_tiles(lowbit.Int4Tensor(packed, scale, GROUP, False, shape=(experts, n, k)))
+        return native.to_tiles(random_int4(experts, n, k, gen))
 
     load = os.getloadavg()
-    gbs = bandwidth_gbs(args.repeats)
+    gbs = measure_bandwidth(1.0, args.repeats)
     memory_ns = TILE_BYTES * args.threads / gbs  # each thread reads at its share of the bandwidth
     print(f"{hardware.describe()['cpu']}, {args.threads} thread(s), load {load[0]:.1f}: read {gbs:.1f} GB/s, "
           f"{memory_ns:.1f} ns per 256-byte tile and thread")

@@ -363,9 +363,10 @@ def _resume_point(out: Path, resume: bool, first_snapshot: int) -> Path | None:
     if (out / "last").exists():
         raise TrainError(f"{out / 'last'}: no complete snapshot to resume from (no trainer_state.json); the run "
                          f"cannot continue from it: move the directory away to start over")
-    if logged and _last_logged_step(log) > first_snapshot:  # a step is logged before its snapshot is written
-        raise TrainError(f"{log}: the log reaches step {_last_logged_step(log)} but {out} holds no snapshot to "
-                         f"resume from (none is complete); move the directory away to start over")
+    reached = _last_logged_step(log) if logged else 0
+    if reached > first_snapshot:  # a step is logged before its snapshot is written
+        raise TrainError(f"{log}: the log reaches step {reached} but {out} holds no snapshot to resume from (none "
+                         f"is complete); move the directory away to start over")
     return None  # nothing there yet, or a run that died before its first snapshot: start from the base
 
 
