@@ -16,6 +16,10 @@ every accepted token keeps its value), timed as decoder + LM-head passes; the st
 step less (1 - ratio) of an exact pass (the ratio: that canvas's passes over as many exact passes; the sampler
 still draws every position), giving the policy's tokens/s at that rate.
 
+Every timing routes each token to experts drawn at random (`bench.measure.spread_routing`), as a trained model's
+load-balanced router spreads a canvas over all the experts; a random checkpoint's own router sends most of a canvas
+to a few experts, which makes a step's expert work a few large matmuls and the step faster than a real model's.
+
 `--rounds R` alternates the peak and bandwidth measurements, the step and the left-to-right timings R times and
 keeps the best of each (this VM's speed drifts by 2x within minutes; the per-round figures are in the JSON).
 
@@ -35,7 +39,7 @@ import torch
 from dgemma import load_model
 from dgemma.ar import ar_generate
 from dgemma.bench.fullsize import measure_bandwidth, weight_bytes
-from dgemma.bench.measure import Clock, PassTimer, measure_peak, run_timed, step_cache_trajectory
+from dgemma.bench.measure import Clock, PassTimer, measure_peak, run_timed, spread_routing, step_cache_trajectory
 from dgemma.checkpoint.quantize import random_quantized_checkpoint
 from dgemma.config import STEP_CACHE, ModelConfig
 from dgemma.hardware import describe
@@ -99,13 +103,14 @@ def main() -> None:
     # and the bandwidth are measured in every round too, and the floors use the best of them, as the timings do
     # (a peak measured once, in a slow minute, would make the step look closer to its floor than it is).
     step_rounds, token_rounds, peak_rounds, bandwidth_rounds = [], [], [], []
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         peak_rounds.append(measure_peak(cfg, model.dtype, device)["gflops"])
         bandwidth_rounds.append(measure_bandwidth())
         clock = Clock(device)
-        run_timed(model, prompt, cfg.canvas_length, args.steps, 0, "fast", clock)
-        step_rounds.append(clock.record()["step_intervals_s"])
-        token_rounds.append(ar_token_s(model, prompt[0].tolist(), args.ar_tokens))
+        with spread_routing(model, seed=r):  # a trained model's routing, not a random checkpoint's (see there)
+            run_timed(model, prompt, cfg.canvas_length, args.steps, 0, "fast", clock)
+            step_rounds.append(clock.record()["step_intervals_s"])
+            token_rounds.append(ar_token_s(model, prompt[0].tolist(), args.ar_tokens))
     step_s = min(min(r) for r in step_rounds)
     token_s = min(token_rounds)
     peak, bandwidth = max(peak_rounds) * 1e9, max(bandwidth_rounds) * 1e9
@@ -113,7 +118,8 @@ def main() -> None:
     if args.step_cache != "none":
         timer = PassTimer(model, args.prompt_len)
         for rate in (15.0, 20.0):
-            t = step_cache_trajectory(timer, STEP_CACHE[args.step_cache], rate)
+            with spread_routing(model, seed=int(rate)):
+                t = step_cache_trajectory(timer, STEP_CACHE[args.step_cache], rate)
             # the policy shortens the decoder passes only: the sampler still draws every position, so the step
             # loses (1 - ratio) of a pass (the run's exact passes, at most the step), not of itself
             cached_step = step_s - (1 - t["ratio"]) * min(t["full_pass_min_s"], step_s)

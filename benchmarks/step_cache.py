@@ -31,7 +31,7 @@ import torch
 
 from dgemma import load_model
 from dgemma.config import STEP_CACHE
-from dgemma.bench.measure import PassTimer
+from dgemma.bench.measure import PassTimer, spread_routing
 from dgemma.generate import Commit, stream
 from dgemma.hardware import describe
 from dgemma.presets import random_model
@@ -42,7 +42,8 @@ MODELS = Path(__file__).resolve().parents[1] / "src" / "dgemma" / "models"
 
 def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 64,
           model_dir: str | None = None) -> list[dict]:
-    timer = PassTimer(load_model(model_dir) if model_dir else random_model(preset), prompt_len)
+    model = load_model(model_dir) if model_dir else random_model(preset)
+    timer = PassTimer(model, prompt_len)
     c = timer.canvas_length
     # the top-k self-conditioning input of the policy that has one ("fastest"), timed as a third pass
     top_k = next((p.sc_top_k for p in STEP_CACHE.values() if p is not None and p.sc_top_k), None)
@@ -50,11 +51,14 @@ def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 6
     for f in fractions:
         pos = timer.positions(c - max(1, round(c * (1 - f))))
         full = part = with_k = float("inf")
-        for _ in range(repeats):  # alternated, so that a noisy minute hits every variant alike
-            full = min(full, timer(None))
-            part = min(part, timer(pos))
-            if top_k:
-                with_k = min(with_k, timer(pos, top_k))
+        # alternated, so that a noisy minute hits every variant alike; routed as a trained model routes (see
+        # spread_routing: a random model's own router sends most positions to a few experts)
+        for r in range(repeats):
+            with spread_routing(model, seed=r):
+                full = min(full, timer(None))
+                part = min(part, timer(pos))
+                if top_k:
+                    with_k = min(with_k, timer(pos, top_k))
         row = {"settled_fraction": f, "active_positions": int(pos.shape[1]), "full_pass_s": full,
                "step_cache_pass_s": part, "ratio": part / full}
         if top_k:

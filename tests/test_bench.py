@@ -234,3 +234,35 @@ def test_quantized_bench_counts_each_flop_once(tmp_path):
     assert len(r["matmul_peak_gflops_before_after"]) == 2
     assert r["matmul_peak_gflops"] == max(r["matmul_peak_gflops_before_after"])
     assert r["roofline_step_s"] == pytest.approx(r["roofline_flops_per_step"] / (r["matmul_peak_gflops"] * 1e9))
+
+
+def test_spread_routing_draws_distinct_experts_from_the_routers_probabilities_and_restores_it():
+    """Inside `spread_routing` every token goes to top_k distinct experts drawn at random (so a canvas reaches every
+    expert, as a trained model's balanced router spreads it), weighted by the router's own probabilities at them;
+    the same seed draws the same experts; outside the block the router is the model's own again."""
+    from dgemma.bench.measure import spread_routing
+    from dgemma.model import Router
+
+    model = random_model("small-moe", "float32", seed=0)  # 16 experts, top 4
+    cfg = model.config
+    router = next(m for m in model.module.modules() if isinstance(m, Router))
+    x = torch.randn(256, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        own_w, own_idx = router(x)
+        with spread_routing(model, seed=5):
+            w, idx = router(x)
+        with spread_routing(model, seed=5):
+            w2, idx2 = router(x)
+        again_w, again_idx = router(x)
+        probs = torch.softmax(router.proj(router.norm(x) * router.scale * router.root), dim=-1, dtype=torch.float32)
+    assert idx.shape == own_idx.shape == (256, cfg.top_k_experts)
+    assert all(len(set(row)) == cfg.top_k_experts for row in idx.tolist())
+    counts = torch.bincount(idx.flatten(), minlength=cfg.num_experts)
+    mean = 256 * cfg.top_k_experts / cfg.num_experts  # 64 rows per expert
+    assert int(counts.min()) > mean / 2 and int(counts.max()) < mean * 3 / 2
+    expected = probs.gather(-1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * router.per_expert_scale[idx]
+    torch.testing.assert_close(w, expected)
+    assert torch.equal(idx, idx2) and torch.equal(w, w2)
+    assert torch.equal(again_idx, own_idx) and torch.equal(again_w, own_w)
+    assert "forward" not in vars(router)

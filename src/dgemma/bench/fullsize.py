@@ -8,7 +8,9 @@ model with default settings and runs one canvas at a fixed number of denoising s
   "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
 - the memory-bandwidth floor: every stored weight byte read once per step (a 256-token canvas routes to nearly all
   experts) at the measured bandwidth;
-and the process's peak RSS.
+and the process's peak RSS. The timed canvas is routed as a trained model routes (`measure.spread_routing`: each
+token to experts drawn at random), not by the random checkpoint's router, which sends most of a canvas to a few
+experts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..quant import native
 from ..checkpoint.load import load_model
 from ..checkpoint.quantize import random_quantized_checkpoint
 from ..config import ModelConfig
-from .measure import Clock, measure_peak, run_timed
+from .measure import Clock, measure_peak, run_timed, spread_routing
 
 
 def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
@@ -77,7 +79,8 @@ def run(args) -> int:
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     clock = Clock(device)
-    res = run_timed(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
+    with spread_routing(model, seed=args.seed):  # a trained model's routing, not a random checkpoint's
+        res = run_timed(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
     timing = clock.record()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     # the peak again after the timed steps, and the higher of the two: on a VM whose speed drifts, a peak measured

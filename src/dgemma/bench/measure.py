@@ -1,20 +1,53 @@
 """What the benchmarks measure with: the machine's matmul peak at a model's shapes, a device-synchronised clock, and
 one timed generate call (a timestamp at the end of every denoising step), and single decoder passes over a canvas
-or a part of it (what a step-cache pass computes). Shared by `dgemma bench` (bench.py), the
+or a part of it (what a step-cache pass computes), and the routing a trained model's experts see (`spread_routing`).
+Shared by `dgemma bench` (bench.py), the
 quantized full-size bench (bench/fullsize.py) and the scripts in benchmarks/."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ..config import ModelConfig, StepCachePolicy
 from ..generate import Done, Draft, unsettled_positions
+from ..model import Router
 from ..numerics import row_invariant
+
+
+@contextlib.contextmanager
+def spread_routing(model, seed: int = 0) -> Iterator[None]:
+    """Within the block, every router sends each token to top_k distinct experts drawn uniformly at random, as a
+    trained model's load-balanced router spreads a canvas over all its experts (about canvas x top_k / experts rows
+    each). A random checkpoint's router does not: its hidden states share one large direction (deeper layers more
+    so, and a near-uniform self-conditioning input adds one more), so a 256-position canvas of the 26B-A4B goes to
+    8-60 of the 128 experts, one of them taking most rows, which turns the experts' work into a few large matmuls
+    that stream a fraction of the codes: faster than a real model's step. The router's own work (projection,
+    softmax) still runs; the weights are its probabilities at the drawn experts, normalised as `Router` does."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(self.norm(x) * self.scale * self.root)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        idx = torch.rand(probs.shape, generator=gen).topk(self.top_k, dim=-1).indices.to(probs.device)
+        weights = probs.gather(-1, idx)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+    routers = [m for m in model.module.modules() if isinstance(m, Router)]
+    for r in routers:
+        r.forward = types.MethodType(forward, r)
+    try:
+        yield
+    finally:
+        for r in routers:
+            del r.forward  # the class's forward again
 
 
 def sync(device: torch.device) -> None:
