@@ -42,13 +42,26 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-void configure_tiles() {
+// The rows of the C and A tiles as this thread configured them (B tiles always have 16: a tile's 32 inputs).
+thread_local int tile_rows_now = 0;
+
+// C tiles 0-3 (fp32) and A tiles 4-5 (32 bf16 per row) of `rows` rows, B tiles 6-7 of 16. Fewer rows than 16 (an
+// expert with few rows) load, multiply, store and fold only those; each row's products are the same whatever the
+// rows around it, so the results are too.
+void configure_tiles(int rows = TILE_M) {
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {  // C tiles 0-3 (16 fp32), A tiles 4-5, B tiles 6-7 (32 bf16 per row)
-    cfg.rows[t] = 16;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = t < 6 ? rows : 16;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
+  tile_rows_now = rows;
+}
+
+// Reconfigure only when the rows change (a run of items of one expert keeps them); loading a configuration zeroes
+// every tile, so call it before an item's first tile instruction.
+inline void use_tile_rows(int rows) {
+  if (rows != tile_rows_now) configure_tiles(rows);
 }
 
 
@@ -156,13 +169,13 @@ DGEMMA_GROUP_PRODUCTS(group_products_01, 0, 1)
 DGEMMA_GROUP_PRODUCTS(group_products_23, 2, 3)
 #undef DGEMMA_GROUP_PRODUCTS
 
-// total (16 rows x 16 ntiles columns, fp32) += sums x the columns' scales of scale block blk.
+// total (the first `rows` rows x 16 ntiles columns, fp32) += sums x the columns' scales of scale block blk.
 inline void fold_group(const Problem& p, const void* sc, int64_t nb0, int ntiles, int64_t blk,
-                       const float (*sums)[TILE_M * TILE_N], float (*total)[TILE_M * TILE_N]) {
+                       const float (*sums)[TILE_M * TILE_N], float (*total)[TILE_M * TILE_N], int rows = TILE_M) {
   for (int t = 0; t < ntiles; ++t) {
     const __m512 s = load_scales<INT4>(sc, ((nb0 + t) * p.blocks + blk) * TILE_N);
-#pragma GCC unroll 16
-    for (int r = 0; r < TILE_M; ++r)
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r)
       _mm512_store_ps(total[t] + 16 * r,
                       _mm512_fmadd_ps(_mm512_load_ps(sums[t] + 16 * r), s, _mm512_load_ps(total[t] + 16 * r)));
   }
@@ -176,6 +189,8 @@ inline void fold_group(const Problem& p, const void* sc, int64_t nb0, int ntiles
 void int4_group_scaled_16(const Problem& p, int64_t begin, int64_t end, int64_t nb0, int ntiles, const uint8_t* w,
                           const void* sc, uint16_t* buf) {
   const int64_t per_group = p.block_k / TILE_K;
+  const int rows = int(end - begin);
+  use_tile_rows(rows);  // an expert's rows only: fewer A rows loaded, fewer C rows multiplied, stored and folded
   alignas(64) float sums[2][2][TILE_M * TILE_N];
   alignas(64) float total[2][TILE_M * TILE_N];
   std::memset(total, 0, sizeof(total));
@@ -184,9 +199,9 @@ void int4_group_scaled_16(const Problem& p, int64_t begin, int64_t end, int64_t 
     const int64_t kb0 = blk * per_group, kb1 = kb0 + per_group;
     if (blk & 1) group_products_23(p, begin, kb0, kb1, ntiles, w, nb0, buf, sums[1]);
     else group_products_01(p, begin, kb0, kb1, ntiles, w, nb0, buf, sums[0]);
-    if (blk > 0) fold_group(p, sc, nb0, ntiles, blk - 1, sums[(blk - 1) & 1], total);
+    if (blk > 0) fold_group(p, sc, nb0, ntiles, blk - 1, sums[(blk - 1) & 1], total, rows);
   }
-  fold_group(p, sc, nb0, ntiles, p.blocks - 1, sums[(p.blocks - 1) & 1], total);
+  fold_group(p, sc, nb0, ntiles, p.blocks - 1, sums[(p.blocks - 1) & 1], total, rows);
   write_rows(p, begin, end, nb0, ntiles, false, total);
 }
 
@@ -235,6 +250,7 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   if (done_by_gemv<FMT>(p, it)) return;
   const int64_t begin = it.begin, end = it.end, nb0 = it.nb0, kb_count = p.k / TILE_K;
   const int ntiles = it.ntiles;
+  if (!(FMT == INT4 && end - begin <= TILE_M && end - begin <= p.exact_rows)) use_tile_rows(TILE_M);
   auto expand = [&](int64_t kb, uint16_t* dst) {
     for (int t = 0; t < ntiles; ++t)
       expand_tile<FMT>(it.w, it.sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst + t * 512);
