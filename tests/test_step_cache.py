@@ -13,6 +13,7 @@ from dgemma import config as C
 from dgemma.bench.measure import step_cache_schedule
 from dgemma.config import GenerationConfig
 from dgemma.generate import unsettled_positions
+from dgemma.numerics import put_rows, take_rows
 from dgemma.presets import random_model
 from dgemma.requests import DiffusionSettings
 
@@ -43,6 +44,24 @@ def test_unsettled_positions_rows_are_independent():
     assert pos[2].tolist() == [0, 0, 0]  # none: position 0
     alone = unsettled_positions(active[1:2])
     assert alone.tolist() == [[0]]  # the row's own set, whatever its neighbours
+
+
+def test_take_and_put_rows_are_gather_and_scatter_along_the_positions():
+    """The step cache's row copies (numerics.take_rows / put_rows) give what a gather / scatter_ with the positions
+    expanded over the last dim gives: per batch row, repeated positions (the padding of unsettled_positions) and a
+    destination whose rows are padded (the LM head's output is such a view)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 40, generator=g).to(torch.bfloat16)
+    pos = unsettled_positions(torch.tensor([[0, 1, 1, 0, 1, 0, 1], [0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool))
+    assert pos[1].tolist() == [3, 3, 3, 3]
+    index = pos[..., None].expand(-1, -1, x.shape[-1])
+    assert torch.equal(take_rows(x, pos), x.gather(1, index))
+    values = x.gather(1, index) * 2
+    padded = torch.zeros(2, 7, 48, dtype=torch.bfloat16)[..., :40]
+    padded.copy_(x)
+    want = x.clone().scatter_(1, index, values)
+    got = put_rows(padded, pos, values)
+    assert got is padded and torch.equal(padded, want)
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import LayerSpec, ModelConfig
 from .kv_cache import KVCache
-from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_mul, linear, softcap
+from .numerics import MIN_ROWS, ROW_INVARIANT, RMSNorm, gelu_mul, linear, softcap, take_rows
 from .quant import native
 from .vision import PromptImages
 
@@ -409,7 +409,7 @@ class DiffusionGemma(nn.Module):
         if sc_logits is not None or sc_probs is not None:
             signal = sc_probs if sc_probs is not None else sc_logits
             if positions is not None:  # the computed positions' rows only (softmax is per row: gather first)
-                signal = signal.gather(1, positions[..., None].expand(-1, -1, signal.shape[-1]))
+                signal = take_rows(signal, positions)
             if sc_probs is None:
                 signal = torch.softmax(signal, dim=-1, dtype=torch.float32).to(self.dtype)
             soft = self.embed_tokens.soft(signal, sc_top_k) * self.embed_scale(x.dtype).to(x.device)

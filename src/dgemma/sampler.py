@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .numerics import put_rows
 from .quant import native
 
 
@@ -184,8 +185,7 @@ class CanvasSampler(abc.ABC):
         if positions is None:
             self.last_head = out if self.reuse else None
             return out
-        self.last_head.scatter_(1, positions[..., None].expand(-1, -1, out.shape[-1]), out)
-        return self.last_head
+        return put_rows(self.last_head, positions, out)
 
     @abc.abstractmethod
     def live(self, stopped: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
