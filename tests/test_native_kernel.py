@@ -277,6 +277,16 @@ if native.available():
         assert native.table_product(probs, leaf) is None  # training keeps torch's matmul (it has a backward)
         assert native.table_product(probs, table[:, :100]) is None  # columns not a multiple of 64
 
+    def test_table_product_long_chunks_sum_in_the_same_order():
+        """A vocabulary that is a multiple of 1024 takes chunks of 1024 rows (others 256); the sums are the same:
+        with 256 zero probabilities appended (chunks of 256, each zero product adding exactly nothing) the product
+        is bit for bit the one over the 1024 rows alone."""
+        table = (torch.randn(1280, 128, generator=GEN) * 0.05).to(torch.bfloat16)
+        probs = torch.softmax(torch.randn(20, 1280, generator=GEN) * 4, -1).to(torch.bfloat16)
+        probs[:, 1024:] = 0
+        assert torch.equal(native.table_product(probs, table), native.table_product(probs[:, :1024].contiguous(),
+                                                                                      table[:1024]))
+
     @pytest.mark.parametrize("kind", ["int4-g64", "nvfp4", "fp8-block"])
     def test_bf16_outputs_are_the_fp32_outputs_rounded(kind):
         """The kernel's bf16 outputs (no fp32 [rows, N] in memory) are the fp32 ones rounded as torch rounds them,
