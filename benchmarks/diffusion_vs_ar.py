@@ -16,9 +16,10 @@ every accepted token keeps its value), timed as decoder + LM-head passes; the st
 step less (1 - ratio) of an exact pass (the ratio: that canvas's passes over as many exact passes; the sampler
 still draws every position), giving the policy's tokens/s at that rate.
 
-Every timing routes each token to experts drawn at random (`bench.measure.spread_routing`), as a trained model's
-load-balanced router spreads a canvas over all the experts; a random checkpoint's own router sends most of a canvas
-to a few experts, which makes a step's expert work a few large matmuls and the step faster than a real model's.
+Every timing routes each token to experts drawn at random (`--routing spread`, the default:
+`bench.measure.spread_routing`), as a trained model's load-balanced router spreads a canvas over all the experts; a
+random checkpoint's own router (`--routing own`) sends most of a canvas to a few experts, which makes a step's
+expert work a few large matmuls and the step faster than a real model's.
 
 `--rounds R` alternates the peak and bandwidth measurements, the step and the left-to-right timings R times and
 keeps the best of each (this VM's speed drifts by 2x within minutes; the per-round figures are in the JSON).
@@ -39,7 +40,7 @@ import torch
 from dgemma import load_model
 from dgemma.ar import ar_generate
 from dgemma.bench.fullsize import measure_bandwidth, weight_bytes
-from dgemma.bench.measure import Clock, PassTimer, measure_peak, run_timed, spread_routing, step_cache_trajectory
+from dgemma.bench.measure import ROUTINGS, Clock, PassTimer, measure_peak, routed, run_timed, step_cache_trajectory
 from dgemma.checkpoint.quantize import random_quantized_checkpoint
 from dgemma.config import STEP_CACHE, ModelConfig
 from dgemma.hardware import describe
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--sudoku-puzzles", type=int, default=64)
     ap.add_argument("--step-cache", default="fast", choices=[k for k, v in STEP_CACHE.items() if v] + ["none"])
+    ap.add_argument("--routing", default="spread", choices=ROUTINGS,
+                    help="spread: experts drawn at random per token (a random checkpoint); own: its router")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -107,7 +110,7 @@ def main() -> None:
         peak_rounds.append(measure_peak(cfg, model.dtype, device)["gflops"])
         bandwidth_rounds.append(measure_bandwidth())
         clock = Clock(device)
-        with spread_routing(model, seed=r):  # a trained model's routing, not a random checkpoint's (see there)
+        with routed(model, args.routing, seed=r):
             run_timed(model, prompt, cfg.canvas_length, args.steps, 0, "fast", clock)
             step_rounds.append(clock.record()["step_intervals_s"])
             token_rounds.append(ar_token_s(model, prompt[0].tolist(), args.ar_tokens))
@@ -118,7 +121,7 @@ def main() -> None:
     if args.step_cache != "none":
         timer = PassTimer(model, args.prompt_len)
         for rate in (15.0, 20.0):
-            with spread_routing(model, seed=int(rate)):
+            with routed(model, args.routing, seed=int(rate)):
                 t = step_cache_trajectory(timer, STEP_CACHE[args.step_cache], rate)
             # the policy shortens the decoder passes only: the sampler still draws every position, so the step
             # loses (1 - ratio) of a pass (the run's exact passes, at most the step), not of itself
@@ -138,7 +141,7 @@ def main() -> None:
                      "vs_left_to_right": (v / step_s) / (1 / token_s)} for k, v in tpf.items()}
     result = {"machine": {**describe(), "threads": torch.get_num_threads(), "load_start": load_start,
                           "load_end": os.getloadavg()},
-              "preset": args.preset, "scheme": args.scheme, "compute_dtype": str(model.dtype),
+              "preset": args.preset, "scheme": args.scheme, "routing": args.routing, "compute_dtype": str(model.dtype),
               "matmul_peak_gflops": peak / 1e9, "read_bandwidth_gbs": bandwidth / 1e9, "weights_gb": stored / 1e9,
               "active_weight_gb": active_bytes / 1e9, "diffusion_step_s": step_s, "ar_token_s": token_s,
               "step_intervals_s_by_round": step_rounds, "ar_token_s_by_round": token_rounds,

@@ -31,7 +31,7 @@ import torch
 
 from dgemma import load_model
 from dgemma.config import STEP_CACHE
-from dgemma.bench.measure import PassTimer, spread_routing
+from dgemma.bench.measure import ROUTINGS, PassTimer, routed
 from dgemma.generate import Commit, stream
 from dgemma.hardware import describe
 from dgemma.presets import random_model
@@ -41,7 +41,7 @@ MODELS = Path(__file__).resolve().parents[1] / "src" / "dgemma" / "models"
 
 
 def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 64,
-          model_dir: str | None = None) -> list[dict]:
+          model_dir: str | None = None, routing: str = "spread") -> list[dict]:
     model = load_model(model_dir) if model_dir else random_model(preset)
     timer = PassTimer(model, prompt_len)
     c = timer.canvas_length
@@ -51,10 +51,10 @@ def speed(preset: str, fractions: list[float], repeats: int, prompt_len: int = 6
     for f in fractions:
         pos = timer.positions(c - max(1, round(c * (1 - f))))
         full = part = with_k = float("inf")
-        # alternated, so that a noisy minute hits every variant alike; routed as a trained model routes (see
-        # spread_routing: a random model's own router sends most positions to a few experts)
+        # alternated, so that a noisy minute hits every variant alike; "spread" routes as a trained model does
+        # (a random model's own router sends most positions to a few experts: measure.spread_routing)
         for r in range(repeats):
-            with spread_routing(model, seed=r):
+            with routed(model, routing, seed=r):
                 full = min(full, timer(None))
                 part = min(part, timer(pos))
                 if top_k:
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=424242, help="held-out puzzle seed (the training scripts never use it)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--routing", default="spread", choices=ROUTINGS,
+                    help="of the speed passes: spread (experts drawn at random: random weights) or own (its router)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -156,9 +158,9 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__},
               "policies": {k: (None if v is None else vars(v)) for k, v in STEP_CACHE.items()}}
     print(f"speed ({args.model_dir or args.preset}, {torch.get_num_threads()} thread(s)):", flush=True)
-    result["speed"] = {"preset": args.preset, "model_dir": args.model_dir,
+    result["speed"] = {"preset": args.preset, "model_dir": args.model_dir, "routing": args.routing,
                        "rows": speed(args.preset, [float(x) for x in args.fractions.split(",")], args.repeats,
-                                     model_dir=args.model_dir)}
+                                     model_dir=args.model_dir, routing=args.routing)}
     if args.kl_models:
         print("KL of final-step distributions against the exact path:", flush=True)
         result["kl"] = kl(args.kl_models)

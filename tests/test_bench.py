@@ -224,9 +224,11 @@ def test_quantized_bench_counts_each_flop_once(tmp_path):
 
     out = tmp_path / "r.json"
     args = argparse.Namespace(quantize="int4", preset="tiny", model_dir=str(tmp_path / "m"), seed=0, threads=None,
-                              device="cpu", prompt_len=8, steps=2, tokens_per_forward=16.0, json_out=str(out))
+                              device="cpu", prompt_len=8, steps=2, tokens_per_forward=16.0, json_out=str(out),
+                              routing="spread")
     assert fullbench.run(args) == 0
     r = json.loads(out.read_text())
+    assert r["routing"] == "spread"
     cfg = ModelConfig.from_file(tmp_path / "m" / "config.json")
     assert r["counted_flops_per_step"] == cfg.decoder_flops(8, cfg.canvas_length)["total"]
     assert r["achieved_gflops"] == pytest.approx(r["counted_flops_per_step"] / r["step_s"] / 1e9)
@@ -240,7 +242,7 @@ def test_spread_routing_draws_distinct_experts_from_the_routers_probabilities_an
     """Inside `spread_routing` every token goes to top_k distinct experts drawn at random (so a canvas reaches every
     expert, as a trained model's balanced router spreads it), weighted by the router's own probabilities at them;
     the same seed draws the same experts; outside the block the router is the model's own again."""
-    from dgemma.bench.measure import spread_routing
+    from dgemma.bench.measure import routed, spread_routing
     from dgemma.model import Router
 
     model = random_model("small-moe", "float32", seed=0)  # 16 experts, top 4
@@ -266,3 +268,10 @@ def test_spread_routing_draws_distinct_experts_from_the_routers_probabilities_an
     assert torch.equal(idx, idx2) and torch.equal(w, w2)
     assert torch.equal(again_idx, own_idx) and torch.equal(again_w, own_w)
     assert "forward" not in vars(router)
+    with torch.inference_mode():
+        with routed(model, "own"):  # the checkpoint's router (a trained checkpoint)
+            assert torch.equal(router(x)[1], own_idx)
+        with routed(model, "spread", seed=5):
+            assert torch.equal(router(x)[1], idx)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        routed(model, "balanced")

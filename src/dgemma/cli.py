@@ -20,6 +20,7 @@ from .bench import constrained as bench_constrained
 from .bench import fullsize as bench_fullsize
 from .bench import run as bench_run
 from .bench import vision as bench_vision
+from .bench.measure import ROUTINGS
 from .checkpoint.load import load_model
 from .checkpoint.quantize import quantize_checkpoint, random_quantized_checkpoint
 from .checkpoint.write import write_random_checkpoint
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantize", default=None, choices=["int8", "int4", "fp8", "nvfp4"],
                    help="time one quantized model of the preset (written under --model-dir) against the roofline")
     b.add_argument("--model-dir", default=None, help="with --quantize: where the checkpoint is (written if absent)")
+    b.add_argument("--routing", default="spread", choices=ROUTINGS,
+                   help="with --quantize: spread (default) sends each token to experts drawn at random, as a trained "
+                   "model's balanced router spreads a canvas (a random checkpoint's own router sends most of it to a "
+                   "few experts); own keeps the checkpoint's router (a trained checkpoint)")
     b.add_argument("--constrained", action="store_true",
                    help="measure constrained decoding instead: step time with a realistic JSON schema vs unconstrained")
     b.add_argument("--schema", default=None, metavar="FILE",

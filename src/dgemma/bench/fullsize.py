@@ -8,9 +8,9 @@ model with default settings and runs one canvas at a fixed number of denoising s
   "2 x 3.8 G x 256"; the full count with attention and self-conditioning is printed too), and
 - the memory-bandwidth floor: every stored weight byte read once per step (a 256-token canvas routes to nearly all
   experts) at the measured bandwidth;
-and the process's peak RSS. The timed canvas is routed as a trained model routes (`measure.spread_routing`: each
-token to experts drawn at random), not by the random checkpoint's router, which sends most of a canvas to a few
-experts.
+and the process's peak RSS. By default (`--routing spread`) the timed canvas is routed as a trained model routes
+(`measure.spread_routing`: each token to experts drawn at random), not by the random checkpoint's router, which
+sends most of a canvas to a few experts; `--routing own` keeps the checkpoint's router (a trained checkpoint).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..quant import native
 from ..checkpoint.load import load_model
 from ..checkpoint.quantize import random_quantized_checkpoint
 from ..config import ModelConfig
-from .measure import Clock, measure_peak, run_timed, spread_routing
+from .measure import Clock, measure_peak, routed, run_timed
 
 
 def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
@@ -79,7 +79,8 @@ def run(args) -> int:
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     clock = Clock(device)
-    with spread_routing(model, seed=args.seed):  # a trained model's routing, not a random checkpoint's
+    # a random checkpoint's router sends most of a canvas to a few experts; "spread" routes as a trained model does
+    with routed(model, args.routing, args.seed):
         res = run_timed(model, prompt, cfg.canvas_length, args.steps, args.seed, "fast", clock)
     timing = clock.record()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
@@ -99,7 +100,7 @@ def run(args) -> int:
     fp32_roofline_s = issue_flops / (peaks[str(torch.float32)]["gflops"] * 1e9)
     floor_s = stored / (bandwidth * 1e9)
     result = {
-        "preset": preset, "scheme": scheme, "model_dir": str(model_dir), "machine": machine,
+        "preset": preset, "scheme": scheme, "model_dir": str(model_dir), "routing": args.routing, "machine": machine,
         "compute_dtype": str(model.dtype), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
         "matmul_peak_gflops": peak["gflops"], "peak_gemm": peak["best_gemm"],
         "matmul_peaks_gflops": {k: v["gflops"] for k, v in peaks.items()},

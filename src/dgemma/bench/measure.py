@@ -50,6 +50,16 @@ def spread_routing(model, seed: int = 0) -> Iterator[None]:
             del r.forward  # the class's forward again
 
 
+ROUTINGS = ("spread", "own")  # a benchmark's routing: `spread_routing`, or the checkpoint's own router
+
+
+def routed(model, routing: str, seed: int = 0) -> contextlib.AbstractContextManager:
+    """The routing a benchmark times under: "spread" (`spread_routing`, for random checkpoints) or "own"."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    return spread_routing(model, seed) if routing == "spread" else contextlib.nullcontext()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
