@@ -62,6 +62,11 @@ def test_take_and_put_rows_are_gather_and_scatter_along_the_positions():
     want = x.clone().scatter_(1, index, values)
     got = put_rows(padded, pos, values)
     assert got is padded and torch.equal(padded, want)
+    cache = torch.randn(2, 3, 9, 4, generator=g)  # a layer's K: [B, heads, T, D], the positions along T
+    kv = torch.randn(2, 3, pos.shape[1], 4, generator=g)
+    kv[1] = kv[1, :, :1]  # row 1's repeated position carries the same values
+    index = (pos + 2)[:, None, :, None].expand(-1, 3, -1, 4)
+    assert torch.equal(put_rows(cache.clone(), pos + 2, kv, dim=2), cache.clone().scatter_(2, index, kv))
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .numerics import put_rows
 
 
 class KVCache:
@@ -93,9 +94,8 @@ class KVCache:
             buf_v[:, :, n:n + length] = v
         else:
             length = self.scratch
-            index = (slots + n)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            buf_k.scatter_(2, index, k)
-            buf_v.scatter_(2, index, v)
+            put_rows(buf_k, slots + n, k, dim=2)
+            put_rows(buf_v, slots + n, v, dim=2)
         return buf_k[:, :, :n + length], buf_v[:, :, :n + length], self.start[layer]
 
     def advance(self, n: int) -> None:
