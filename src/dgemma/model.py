@@ -209,11 +209,17 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, K] fp32, expert ids [T, K])."""
-        scores = self.proj(self.norm(x) * self.scale * self.root)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        weights, idx = torch.topk(probs, k=self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[idx], idx
+        probs = self.probabilities(x)
+        return self.weigh(probs, torch.topk(probs, k=self.top_k, dim=-1).indices)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> fp32 [T, E]: the softmax over the experts."""
+        return torch.softmax(self.proj(self.norm(x) * self.scale * self.root), dim=-1, dtype=torch.float32)
+
+    def weigh(self, probs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen experts' weights: their probabilities renormalised, times each expert's scale; with idx."""
+        weights = probs.gather(-1, idx)
+        return weights / weights.sum(dim=-1, keepdim=True) * self.per_expert_scale[idx], idx
 
 
 class Experts(nn.Module):

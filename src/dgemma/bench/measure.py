@@ -33,12 +33,9 @@ def spread_routing(model, seed: int = 0) -> Iterator[None]:
     gen = torch.Generator().manual_seed(seed)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.proj(self.norm(x) * self.scale * self.root)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        idx = torch.rand(probs.shape, generator=gen).topk(self.top_k, dim=-1).indices.to(probs.device)
-        weights = probs.gather(-1, idx)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[idx], idx
+        probs = self.probabilities(x)
+        drawn = torch.rand(probs.shape, generator=gen).topk(self.top_k, dim=-1).indices
+        return self.weigh(probs, drawn.to(probs.device))
 
     routers = [m for m in model.module.modules() if isinstance(m, Router)]
     for r in routers:
