@@ -250,17 +250,19 @@ void run_item(const Problem& p, int64_t expert, int64_t strip, uint16_t* buf) {
   if (done_by_gemv<FMT>(p, it)) return;
   const int64_t begin = it.begin, end = it.end, nb0 = it.nb0, kb_count = p.k / TILE_K;
   const int ntiles = it.ntiles;
-  if (!(FMT == INT4 && end - begin <= TILE_M && end - begin <= p.exact_rows)) use_tile_rows(TILE_M);
+  if constexpr (FMT == INT4) {
+    if (end - begin <= TILE_M && end - begin <= p.exact_rows) {  // configures its tiles with the item's rows
+      int4_group_scaled_16(p, begin, end, nb0, ntiles, it.w, it.sc, buf);
+      return;
+    }
+  }
+  use_tile_rows(TILE_M);  // every other path multiplies whole 16-row tiles
   auto expand = [&](int64_t kb, uint16_t* dst) {
     for (int t = 0; t < ntiles; ++t)
       expand_tile<FMT>(it.w, it.sc, nb0 + t, kb, kb_count, p.blocks, p.kb_block[kb], dst + t * 512);
     return dst;
   };
   if constexpr (FMT == INT4) {
-    if (end - begin <= TILE_M && end - begin <= p.exact_rows) {
-      int4_group_scaled_16(p, begin, end, nb0, ntiles, it.w, it.sc, buf);
-      return;
-    }
     if (end - begin <= p.exact_rows) {
       int4_group_scaled(p, begin, end, nb0, ntiles, it.w, it.sc, buf);
       return;
