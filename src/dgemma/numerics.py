@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [B, C, ...] -> [B, A, ...]: batch row b's entries rows[b] ([B, A]) along dim 1 (a step-cache pass's
     positions). index_select copies whole entries; a gather with an index expanded over the last dim reads an index
-    per element: 6.5x slower for [1, 128 of 256, 262 144] bf16 (benchmarks/step_cache_copies.py)."""
+    per element: 6.4x slower for [1, 128 of 256, 262 144] bf16 (benchmarks/step_cache_copies.py)."""
     out = x.new_empty((x.shape[0], rows.shape[1], *x.shape[2:]))
     for b in range(x.shape[0]):
         torch.index_select(x[b], 0, rows[b], out=out[b])
@@ -59,8 +59,8 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def put_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """x[b, rows[b]] = values[b] along `dim` (1: [B, C, ...]; 2: a cache's [B, heads, T, D]) for every batch row
-    b, in place; returns x. 12x faster than scatter_ with an index expanded over the vocabulary, ~5x over a layer's
-    K/V. A repeated position must carry the same values (as step-cache passes' padding does)."""
+    b, in place; returns x. 11x faster than scatter_ with an index expanded over the vocabulary, 3.6x over a
+    layer's K/V. A repeated position must carry the same values (as step-cache passes' padding does)."""
     for b in range(x.shape[0]):
         x[b].index_copy_(dim - 1, rows[b], values[b])
     return x
