@@ -6,8 +6,9 @@ AVX-512 BF16 and a compiler), every test runs on each engine the CPU has (AMX, A
 checked against the bf16 weight the format dequantizes to: the expansion is the same bf16 rounding (for NVFP4 that
 rounding is exact), the accumulation is fp32 in another order, so the stated tolerance is fp32 rounding of a K-term
 sum (|error| <= 1e-5 x sum |x| |w|). At most `SMALL_ROWS` rows (int4, NVFP4), and for int4 at most `EXACT_ROWS`,
-the kernel multiplies the unrounded fp32 weight instead, held to the same bound against it. Where the kernel does
-not run, loading leaves every QTensor as it was read.
+the kernel multiplies the unrounded fp32 weight instead, held to the same bound against it. The fp32 engine (fp32
+activations, any CPU with AVX2) multiplies the unrounded fp32 weight at every row count, each row's sum in one
+order whatever the rows around it (bit for bit). Where no engine runs, loading leaves every QTensor as it was read.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ MAKERS = {
 def test_tiles_dequantize_to_the_same_weight(kind, shape, monkeypatch):
     q = MAKERS[kind](shape)
     monkeypatch.setattr(native, "extension", lambda: None)  # the torch repack, on every machine
+    monkeypatch.setattr(native, "fp32_extension", lambda: None)
     t = native.to_tiles(q)
     assert t is not None and t.scheme == q.scheme and t.shape == q.shape
     assert torch.equal(t.dequantize(torch.float32), q.dequantize(torch.float32))
@@ -338,9 +340,130 @@ if native.available():
         fp32 = torch.randn(3, 64, generator=GEN)  # fp32 activations keep fp32 through the dequantized matmul
         torch.testing.assert_close(lin(fp32), fp32 @ lin.qweight.dequantize(torch.float32).t())
 
-else:
 
-    def test_without_the_kernel_weights_stay_as_read():
-        q = _int4((48, 128))
-        assert native.adopt(q) is q
-        assert not isinstance(QLinear(q).qweight, native.TileTensor)
+
+def test_without_an_engine_weights_stay_as_read(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "fp32_available", lambda: False)
+    q = _int4((48, 128))
+    assert native.adopt(q) is q
+    assert not isinstance(QLinear(q).qweight, native.TileTensor)
+
+
+def test_the_fp32_engine_runs_wherever_it_can_be_built():
+    buildable = (platform.system() == "Linux" and platform.machine() == "x86_64"
+                 and all(f in cpu_flags() for f in extension.FP32_FLAGS)
+                 and shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+                 and os.environ.get("DGEMMA_NATIVE", "auto") != "0")
+    assert native.fp32_available() == buildable
+
+
+if native.fp32_available():
+
+    def _fp32_reference(q, x, index=None):
+        """x @ W.T in fp64 with W the format's exact fp32 weight (NVFP4's global scale included)."""
+        return x.double() @ q.dequantize(torch.float32, index).double().t()
+
+    @pytest.mark.parametrize("kind", MAKERS)
+    @pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 33])
+    def test_fp32_engine_matches_the_exact_weight(kind, rows):
+        q = MAKERS[kind]((48, 128))
+        t = native.to_tiles(q)
+        x = torch.randn(rows, 128, generator=GEN)
+        got = t.linear(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, 48)
+        assert torch.all((got.double() - _fp32_reference(q, x)).abs() <= _bound(q, x).double())
+
+    @pytest.mark.parametrize("kind", ["int4-g64", "nvfp4-divides", "fp8-channel", "fp8-block"])
+    def test_fp32_engine_rows_are_the_same_alone_and_among_any(kind):
+        """Few rows (one tile at a time) and many (the expanded strip) take the same products in the same order:
+        every row alone equals itself in a call of any size, bit for bit, inside row_invariant() or not."""
+        q = MAKERS[kind]((5, 32, 128))
+        t = native.to_tiles(q)
+        counts = torch.tensor([3, 0, 33, 6, 7])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        x = torch.randn(int(counts.sum()), q.shape[-1], generator=GEN)
+        got = t.grouped(x, offsets)
+        for e in range(5):
+            rows = x[offsets[e]:offsets[e + 1]]
+            assert torch.all((got[offsets[e]:offsets[e + 1]].double() - _fp32_reference(q, rows, e)).abs()
+                             <= _bound(q, rows, e).double()), e
+            for r in range(int(offsets[e]), int(offsets[e + 1])):
+                assert torch.equal(got[r:r + 1], t.grouped(x[r:r + 1], torch.tensor([0, 1]), only=e)), (e, r)
+        with row_invariant():
+            assert torch.equal(t.grouped(x, offsets), got)
+
+    def test_fp32_engine_refuses_what_does_not_fit():
+        t = native.to_tiles(_int4((48, 128)))
+        mod = extension.fp32_extension()
+        x = torch.randn(4, 128, generator=GEN)
+        with pytest.raises(RuntimeError, match="offsets ask for 5 rows, x has 4"):
+            mod.woq_grouped_f32(x, torch.tensor([0, 5]), t.codes, t.scale, 0, 48, 128, t.block)
+        with pytest.raises(RuntimeError, match="offsets must not decrease"):
+            mod.woq_grouped_f32(x, torch.tensor([0, 3, 2]), t.codes, t.scale, 0, 48, 128, t.block)
+        with pytest.raises(RuntimeError, match="weight: 3072 bytes"):
+            mod.woq_grouped_f32(x, torch.tensor([0, 4]), t.codes, t.scale, 0, 64, 128, t.block)
+        with pytest.raises(RuntimeError, match="x: contiguous fp32"):
+            mod.woq_grouped_f32(x.double(), torch.tensor([0, 4]), t.codes, t.scale, 0, 48, 128, t.block)
+
+    @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4"])
+    def test_fp32_experts_are_the_exact_weights_k_sum(kind):
+        """QExperts with fp32 activations: every expert in one fp32-engine call per matrix, the k-sum as
+        dgemma.model.Experts does it; against each expert's exact weight in fp64."""
+        gate_up, down = MAKERS[kind]((6, 64, 96)), MAKERS[kind]((6, 96, 32))
+        experts = QExperts(gate_up, down)
+        assert isinstance(experts.gate_up, native.TileTensor)
+        x = torch.randn(37, 96, generator=GEN)
+        idx = torch.stack([torch.randperm(6, generator=GEN)[:3] for _ in range(37)])
+        weights = torch.rand(37, 3, generator=GEN)
+        got = experts(x, weights, idx)
+        want = torch.zeros(37, 96, dtype=torch.float64)
+        for t in range(37):
+            for j in range(3):
+                e = int(idx[t, j])
+                g, u = (x[t:t + 1].double() @ gate_up.dequantize(torch.float32, e).double().t()).chunk(2, dim=-1)
+                act = torch.nn.functional.gelu(g, approximate="tanh") * u
+                want[t] += weights[t, j].double() * (act @ down.dequantize(torch.float32, e).double().t())[0]
+        # fp32 rounding of sums that partly cancel: a tolerance on the scale of the outputs
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+    def test_fp32_engine_leaves_gradients_to_the_dequantized_matmul():
+        """The kernels have no backward: activations that need a gradient (LoRA above a quantized layer) take the
+        dequantized matmul, whose gradient reaches them."""
+        lin = QLinear(_int4((48, 128)))
+        assert isinstance(lin.qweight, native.TileTensor)
+        x = torch.randn(3, 128, generator=GEN, requires_grad=True)
+        lin(x).sum().backward()
+        torch.testing.assert_close(x.grad, lin.qweight.dequantize(torch.float32).sum(0).expand(3, -1))
+
+    @pytest.mark.parametrize("trans", [False, True])
+    def test_fp32_table_products_read_the_bf16_table_in_place(trans):
+        """The LM head (trans) and the self-conditioning product with fp32 activations and a bf16 table: fp32 sums
+        of the exact products within fp32 rounding of the fp64 sum, each row the same alone as among any rows."""
+        table = (torch.randn(400, 96, generator=GEN) * 0.05).to(torch.bfloat16)
+        x = torch.randn(2, 21, 96 if trans else 400, generator=GEN)
+        product = native.head_product if trans else native.table_product
+        got = product(x, table)
+        w = table.double().t() if trans else table.double()
+        assert got.dtype == torch.float32 and got.shape == (2, 21, 400 if trans else 96)
+        exact = x.double() @ w
+        assert torch.all((got.double() - exact).abs() <= 1e-5 * (x.double().abs() @ w.abs()))
+        for rows in (slice(3, 4), slice(0, 6), slice(2, 15)):
+            assert torch.equal(product(x[1, rows], table), got[1, rows])
+        assert product(x, table.clone().requires_grad_()) is None  # training: torch's matmul
+        odd = table[:392].contiguous() if trans else table[:, :88].contiguous()  # outputs not a multiple of 16
+        assert product(x, odd) is None
+
+    def test_a_quantized_fp32_model_generates_the_same_batched_and_alone(tmp_path):
+        """End to end through the fp32 engine (experts, projections, the head and the self-conditioning product):
+        each row of a batch equals the same prompt and seed generated alone."""
+        path = random_quantized_checkpoint(tmp_path / "m", "tiny", "nvfp4", seed=2, std=0.3, progress=False,
+                                           dtype="bfloat16", canvas_length=16)
+        model = load_model(path, dtype="float32")
+        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.TileTensor) for m in model.module.modules())
+        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+        kw = dict(max_new_tokens=32, max_denoising_steps=6)
+        batch = model.generate(prompts, seed=7, **kw)
+        for i, p in enumerate(prompts):
+            solo = model.generate(p, seed=7 + i, **kw)
+            assert solo.ids == batch[i].ids and solo.steps == batch[i].steps

@@ -88,11 +88,13 @@ class Embedding(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] @ table.T -> [..., V]."""
         w = self.weight
+        # as in soft(): the native product (the table read in place, one summation order whatever the rows) serves
+        # generation under the default sampler; elsewhere torch's matmul keeps the reference's bits
+        fast = native.head_product(hidden, w) if ROW_INVARIANT.get() and hidden.dtype == self.dtype else None
+        if fast is not None:
+            return fast
         if w.dtype == self.dtype:
-            # as in soft(): the native product (the table read in place, one summation order whatever the rows)
-            # serves generation under the default sampler; elsewhere torch's matmul keeps the reference's bits
-            fast = native.head_product(hidden, w) if ROW_INVARIANT.get() else None
-            return linear(hidden, w) if fast is None else fast
+            return linear(hidden, w)
         out = hidden.new_empty(*hidden.shape[:-1], w.shape[0])
         for s in range(0, w.shape[0], self.CHUNK):
             out[..., s:s + self.CHUNK] = linear(hidden, w[s:s + self.CHUNK].to(self.dtype))
@@ -108,11 +110,13 @@ class Embedding(nn.Module):
             out = (p.to(self.dtype).unsqueeze(-2) @ rows).squeeze(-2)
             tail = (1 - p.float().sum(-1, keepdim=True)).clamp_(min=0)
             return out.add_(tail.to(self.dtype) * self.mean_row())
+        # the native product (the table read in place, one summation order whatever the rows) serves generation under
+        # the default sampler (row_invariant()); elsewhere torch's matmul keeps the reference's bits
+        fast = native.table_product(probs, w) if ROW_INVARIANT.get() and probs.dtype == self.dtype else None
+        if fast is not None:
+            return fast
         if w.dtype == self.dtype:
-            # the native product (the table read in place, one summation order whatever the rows) serves generation
-            # under the default sampler (row_invariant()); elsewhere torch's matmul keeps the reference's bf16 bits
-            fast = native.table_product(probs, w) if ROW_INVARIANT.get() else None
-            return linear(probs, w.t()) if fast is None else fast
+            return linear(probs, w.t())
         out = None
         for s in range(0, w.shape[0], self.CHUNK):
             part = linear(probs[..., s:s + self.CHUNK], w[s:s + self.CHUNK].to(self.dtype).t())

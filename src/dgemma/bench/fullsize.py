@@ -63,7 +63,8 @@ def run(args) -> int:
                                     progress=sys.stderr.isatty())
     cfg = ModelConfig.from_file(model_dir / "config.json")  # the model's own (it may come from the reference)
     device = torch.device(args.device)
-    machine = {**hardware.describe(), "native_kernel": native.available(), "native_engine": native.engine()}
+    machine = {**hardware.describe(), "native_kernel": native.available(), "native_engine": native.engine(),
+               "fp32_engine": native.FP32_ENGINE if native.fp32_available() else None, "engines": native.describe()}
     load_start = os.getloadavg()[0]
     compute = hardware.default_compute_dtype(torch.bfloat16, device)  # what the bf16-stored parts compute in
     peaks = {str(dt): measure_peak(cfg, dt, device) for dt in dict.fromkeys((compute, torch.float32))}
@@ -118,9 +119,8 @@ def run(args) -> int:
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    engine = machine["native_engine"] or "off"
     print(f"{preset} {scheme}: {machine['cpu']} ({', '.join(machine['flags'])}), {torch.get_num_threads()} threads, "
-          f"native kernel: {engine}")
+          f"native kernel: {machine['engines']}")
     print(f"  weights {stored / 1e9:.2f} GB, load {load_s:.1f} s, peak RSS {rss_peak:.2f} GiB "
           f"(after load {rss_after_load:.2f} GiB)")
     print(f"  machine: {model.dtype} matmul peak {peak['gflops']:.1f} GFLOP/s ({peak['best_gemm']}), "

@@ -345,7 +345,8 @@ def machine_info(device: torch.device) -> dict:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": tver,
         "native_kernel": native.available(),  # dgemma's kernel for low-bit weights runs here
-        "native_engine": native.engine(),  # "amx" or "avx512-bf16"
+        "native_engine": native.engine(),  # for bf16 activations: "amx" or "avx512-bf16"
+        "fp32_engine": native.FP32_ENGINE if native.fp32_available() else None,  # for fp32 activations
         "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device), "dgemma_source": _git_state(),
     }

@@ -15,6 +15,8 @@ results in benchmarks/NOTES.md):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -113,7 +115,7 @@ def int4_linear_dequant(x: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
 def int4_to_kernel_layout(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dgemma's int4 layout -> (torch's CPU int4pack weight, its [K/group, N, 2] scale-and-zero table in bf16).
     torch's formula is (q - 8) * scale + zero, so zero = 0 reproduces ours exactly."""
-    if packed.shape[0] % 64 == 0:
+    if packed.shape[0] % int4pack_block() == 0:
         kernel_weight = repack_int4_blocks(packed)
     else:
         kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
@@ -121,14 +123,24 @@ def int4_to_kernel_layout(packed: torch.Tensor, scales: torch.Tensor) -> tuple[t
     return kernel_weight, torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
 
 
+@functools.cache
+def int4pack_block() -> int:
+    """The rows per block of torch's CPU int4pack order on this CPU: 64 where torch's kernels use AVX-512, 32 with
+    AVX2 only (found by packing a probe with torch's own op)."""
+    probe = (torch.arange(64, dtype=torch.int32) // 16).view(64, 1).expand(64, 2).contiguous()  # row r: r // 16
+    first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[0])
+    return 64 if first >> 4 == 2 else 32  # byte 0 holds row 0 and row B / 2 (code 2 for row 32, 1 for row 16)
+
+
 def repack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
-    """dgemma's nibble order -> torch 2.13's CPU int4pack order for N % 64 == 0, with byte operations only (what
-    `_convert_weight_to_int4pack_for_cpu` produces, ~10x faster; tests compare the two). That order takes blocks of
-    64 rows; within a block, for each input column k, 32 bytes whose byte i holds row i (low nibble) and row i + 32
-    (high nibble)."""
+    """dgemma's nibble order -> torch 2.13's CPU int4pack order for N % int4pack_block() == 0, with byte operations
+    only (what `_convert_weight_to_int4pack_for_cpu` produces, ~10x faster; tests compare the two). That order takes
+    blocks of B rows (64 with AVX-512, 32 with AVX2); within a block, for each input column k, B / 2 bytes whose byte
+    i holds row i (low nibble) and row i + B / 2 (high nibble)."""
     n, half = packed.shape
-    blocks = packed.view(n // 64, 2, 32, half)
-    a, b = blocks[:, 0], blocks[:, 1]  # rows i and i + 32 of each block: [blocks, 32, K/2]
+    bn = int4pack_block()
+    blocks = packed.view(n // bn, 2, bn // 2, half)
+    a, b = blocks[:, 0], blocks[:, 1]  # rows i and i + B/2 of each block: [blocks, B/2, K/2]
     even = (a & 0xF) | (b << 4)  # column 2j
     odd = (a >> 4) | (b & 0xF0)  # column 2j + 1
     return torch.stack([even, odd], dim=2).permute(0, 3, 2, 1).contiguous().view(n, half)
@@ -136,15 +148,17 @@ def repack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
 
 def dequant_int4_blocks_t(kernel_weight: torch.Tensor, scale_zeros: torch.Tensor, group: int, dtype: torch.dtype,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """W.T [K, N] in `dtype` straight from torch's CPU int4pack order (as `repack_int4_blocks` writes it, N % 64
-    == 0): W[n, k] = (q - 8) * scale (dgemma's tables have zero points 0). The transposed result lets every copy
-    run along 32 contiguous rows; `F.linear(x, result.t())` multiplies without a further copy."""
+    """W.T [K, N] in `dtype` straight from torch's CPU int4pack order (as `repack_int4_blocks` writes it, N a
+    multiple of `int4pack_block()`): W[n, k] = (q - 8) * scale (dgemma's tables have zero points 0). The transposed
+    result lets every copy run along B / 2 contiguous rows; `F.linear(x, result.t())` multiplies without a further
+    copy."""
     n, half = kernel_weight.shape
     k = half * 2
-    blocks = kernel_weight.view(n // 64, k, 32).transpose(0, 1)  # [K, blocks, 32]: byte i = rows i, i + 32
+    bn = int4pack_block()
+    blocks = kernel_weight.view(n // bn, k, bn // 2).transpose(0, 1)  # [K, blocks, B/2]: byte i = rows i, i + B/2
     if out is None:
         out = torch.empty(k, n, dtype=dtype, device=kernel_weight.device)
-    w = out.view(k, n // 64, 2, 32)
+    w = out.view(k, n // bn, 2, bn // 2)
     w[:, :, 0].copy_(blocks & 0xF)
     w[:, :, 1].copy_(blocks >> 4)
     scale = scale_zeros[..., 0].to(dtype).contiguous()  # a strided broadcast operand is ~15x slower in bf16

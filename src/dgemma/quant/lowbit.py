@@ -116,7 +116,7 @@ class Int4Tensor(QTensor):
         device = torch.device(device)
         n, k = shape[-2], shape[-1]
         if pack is None:
-            pack = not (native.available() and native.covers(n, k, group))
+            pack = not (native.tiles_available() and native.covers(n, k, group))
         if device.type == "cpu" and K.int4_pack_supported(n, k, group) and pack:
             if packed.dim() == 3:
                 out = torch.empty_like(packed, device=device)
@@ -158,7 +158,8 @@ class Int4Tensor(QTensor):
             raise ValueError(f"int4 QTensor of shape {list(self.shape)} holds experts: pass index=")
         if self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":
             packed, sz = _pick(self.packed, index), _pick(self.scale, index)
-            if _rows(x) >= PACK_ROWS and self.out_features % 64 == 0 and x.dtype != torch.float16:
+            if (_rows(x) >= PACK_ROWS and self.out_features % K.int4pack_block() == 0
+                    and x.dtype != torch.float16):
                 return K.int4_linear_blocks(x, packed, sz, self.group)
             return K.int4_linear_pack(x, packed, sz, self.group)
         if not self.kernel_layout and MODE["kernel"] == "auto" and x.device.type == "cpu":

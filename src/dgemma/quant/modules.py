@@ -62,13 +62,13 @@ class QExperts(nn.Module):
         flat = idx.reshape(-1)
         expert, perm = torch.sort(flat)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if (isinstance(self.gate_up, native.TileTensor) and isinstance(self.down, native.TileTensor)
-                and self.gate_up.runs(x)):
+        tiled = (isinstance(self.gate_up, native.TileTensor) and isinstance(self.down, native.TileTensor)
+                 and self.gate_up.runs(x))
+        if tiled and x.dtype == torch.bfloat16:
             # every expert in one native call per matrix, rows grouped by expert and gathered straight into the
             # kernel's padded buffers; the weighted k-sum back in token order is one more native pass
             rows = flat.numel()
-            offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
-            torch.cumsum(counts, 0, out=offsets[1:])
+            offsets = self._offsets(counts)
             xs = native.padded_rows(rows, x.shape[-1])
             torch.index_select(x, 0, perm // top_k, out=xs[:rows])
             gate, up = self.gate_up.grouped(xs, offsets, bf16=True).chunk(2, dim=-1)
@@ -76,18 +76,29 @@ class QExperts(nn.Module):
             gelu_mul(gate, up, out=act[:rows])
             return native.combine(self.down.grouped(act, offsets), perm, weights)
         xs = x.index_select(0, perm // top_k)
-        out = x.new_empty(xs.shape[0], x.shape[-1])
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            rows = xs[start:start + n]
-            gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
-            out[start:start + n] = self.down.linear(gelu_mul(gate, up), index=e)
-            start += n
+        if tiled:  # fp32: every expert in one call per matrix of the fp32 engine
+            offsets = self._offsets(counts)
+            gate, up = self.gate_up.grouped(xs, offsets).chunk(2, dim=-1)
+            out = self.down.grouped(gelu_mul(gate, up), offsets)
+        else:
+            out = x.new_empty(xs.shape[0], x.shape[-1])
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                rows = xs[start:start + n]
+                gate, up = self.gate_up.linear(rows, index=e).chunk(2, dim=-1)
+                out[start:start + n] = self.down.linear(gelu_mul(gate, up), index=e)
+                start += n
         weighted = out.float().mul_(weights.reshape(-1).index_select(0, perm).unsqueeze(-1))
         by_token = torch.empty_like(weighted).index_copy_(0, perm, weighted)
         return by_token.view(n_tok, top_k, -1).sum(dim=1).to(x.dtype)
+
+    def _offsets(self, counts: torch.Tensor) -> torch.Tensor:
+        """int64 [E + 1]: where each expert's rows start (rows sorted by expert), then the total."""
+        offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return offsets
 
     def extra_repr(self) -> str:
         return f"gate_up={self.gate_up!r}, down={self.down!r}"

@@ -25,8 +25,14 @@ sampler) the path depends on the weight, never on the row count, so a row's resu
 neighbours: int4 experts are always group-scaled (a canvas gives them few rows each), everything else takes the
 scaled expansion.
 
-Anywhere else (no AVX-512 BF16, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not cover)
-nothing changes: `adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
+fp32 activations (what dgemma computes in on a CPU without native bf16, or when asked for fp32) take the fp32 engine
+(`csrc/woq_avx2.cpp`, any CPU with AVX2, FMA and F16C): the same tiles expanded into the format's exact fp32
+dequantized weight, one fused multiply-add per input in ascending order for each row, so a row's result never
+depends on its neighbours (row_invariant() or not), and agrees with the dequantized model's fp32 matmul to fp32
+rounding.
+
+Anywhere else (no AVX2 and no AVX-512 BF16, no compiler, `DGEMMA_NATIVE=0`, other devices, shapes the tiles do not
+cover) nothing changes: `adopt` returns the QTensor it was given and the portable kernels in `kernels.py` run.
 """
 
 from __future__ import annotations
@@ -37,12 +43,13 @@ from typing import Iterator
 
 import torch
 
-from ..extension import available, extension
+from ..extension import available, extension, fp32_extension
 from ..numerics import ROW_INVARIANT
 from . import kernels as K
 from .qtensor import MODE, QTensor, QuantError
 
 ENGINES = ("amx", "avx512-bf16")
+FP32_ENGINE = "avx2-fp32"  # the engine for fp32 activations
 FORMATS = {"int4": 0, "nvfp4": 1, "fp8": 2, "bf16": 3}  # bf16: a plain [N, K] matrix read in place (head_product)
 TILE_N, TILE_K = 16, 32
 NVFP4_BLOCK = 16
@@ -63,6 +70,22 @@ def engine() -> str | None:
     """The engine the kernel calls use now (None where the kernel does not run)."""
     mod = extension()
     return None if mod is None else ENGINES[0] if mod.amx_active() else ENGINES[1]
+
+
+def fp32_available() -> bool:
+    """Whether the fp32 engine runs here."""
+    return fp32_extension() is not None
+
+
+def tiles_available() -> bool:
+    """Whether some engine here multiplies weights in the tile layout (so that loading repacks into it)."""
+    return available() or fp32_available()
+
+
+def describe() -> str:
+    """The engines that run here, per activation dtype: e.g. "bf16: amx, fp32: avx2-fp32", or "off"."""
+    parts = ([f"bf16: {engine()}"] if available() else []) + ([f"fp32: {FP32_ENGINE}"] if fp32_available() else [])
+    return ", ".join(parts) or "off"
 
 
 @contextlib.contextmanager
@@ -172,23 +195,36 @@ class TileTensor(QTensor):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def runs(self, x: torch.Tensor) -> bool:
-        """Whether the kernel takes x: bf16 activations on the CPU (fp32 and fp16 ones keep their precision through
-        the dequantized matmul), unless the exact dequantize path is asked for (`MODE`)."""
-        return x.dtype == torch.bfloat16 and x.device.type == "cpu" and MODE["kernel"] == "auto"
+        """Whether a kernel takes x: bf16 activations on the CPU where the bf16 engines run, fp32 ones where the fp32
+        engine does (fp16 ones keep their precision through the dequantized matmul), unless the exact dequantize
+        path is asked for (`MODE`) or x needs a gradient (the kernels have no backward; the dequantized matmul
+        does)."""
+        if x.device.type != "cpu" or MODE["kernel"] != "auto" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        return available() if x.dtype == torch.bfloat16 else x.dtype == torch.float32 and fp32_available()
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor, only: int | None = None,
                 bf16: bool = False) -> torch.Tensor:
         """fp32 [rows, N]: rows offsets[e]:offsets[e+1] of x times expert e (or all rows times expert `only`). x may
         hold up to 16 rows more than offsets[-1] (`padded_rows`), which the A tiles read and nothing else uses.
         `bf16`: the result rounded to bf16 (what .to(torch.bfloat16) of the fp32 result gives), written so by the
-        kernel where no output scale follows: no fp32 [rows, N] in memory."""
-        mod = extension()
-        if mod is None:
-            raise QuantError("the native kernel is not available on this machine")
+        kernel where no output scale follows: no fp32 [rows, N] in memory. fp32 x takes the fp32 engine (any row
+        count; `bf16` must be False)."""
         n, k = self.shape[-2:]
         codes, scale, gs = self.codes, self.scale, self.out_scale
         if only is not None:
             codes, scale, gs = codes[only], scale[only], (None if gs is None else gs[only])
+        if x.dtype == torch.float32:
+            if bf16:
+                raise QuantError("fp32 activations give fp32 outputs: call with bf16=False")
+            if not fp32_available():
+                raise QuantError("the fp32 engine is not available on this machine")
+            y = fp32_extension().woq_grouped_f32(x.contiguous(), offsets, codes, scale, FORMATS[self.fmt], n, k,
+                                                 self.block)
+            return y if gs is None else self._global_scale(y, gs, offsets)
+        mod = extension()
+        if mod is None:
+            raise QuantError("the native kernel is not available on this machine")
         a, rows = x, int(offsets[-1])
         # a buffer from `padded_rows` (16 spare rows) always covers the tiles: no need to work out what they read
         if (x.dtype != torch.bfloat16 or not x.is_contiguous()
@@ -202,10 +238,14 @@ class TileTensor(QTensor):
         y = mod.woq_grouped(a, offsets, codes, scale, FORMATS[self.fmt], n, k, self.block, small, exact,
                             bf16 and gs is None)
         if gs is not None:
-            if gs.dim() == 2:  # per expert: each row takes its expert's column scales
-                gs = gs.repeat_interleave(offsets.diff(), dim=0)
-            y = y / gs if self.out_divides else y * gs
+            y = self._global_scale(y, gs, offsets)
         return y.to(torch.bfloat16) if bf16 else y
+
+    def _global_scale(self, y: torch.Tensor, gs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """NVFP4's global scale on the fp32 outputs (per expert: each row takes its expert's column scales)."""
+        if gs.dim() == 2:
+            gs = gs.repeat_interleave(offsets.diff(), dim=0)
+        return y / gs if self.out_divides else y * gs
 
     def to(self, device: str | torch.device) -> "TileTensor":
         if torch.device(device).type != "cpu":
@@ -235,10 +275,13 @@ def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     table in place where oneDNN would reorder all of it at every call: the bf16 rounding of fp32 sums of the exact
     products, in an order that does not depend on the row count (not oneDNN's order, so not its bits: the model calls
     it inside `row_invariant()` only). None where the kernel does not run here or does not cover the shapes (the
-    caller's matmul stays)."""
+    caller's matmul stays). fp32 probs with a bf16 table take the fp32 engine: an fp32 result, each row's sum in
+    ascending vocabulary order."""
     v, h = table.shape
     if torch.is_grad_enabled() and (probs.requires_grad or table.requires_grad):
         return None  # no backward here: training keeps torch's matmul
+    if probs.dtype == torch.float32:
+        return _dense_f32(probs, table, trans=False)
     if (probs.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or probs.device.type != "cpu"
             or table.device.type != "cpu" or v % 256 or h % 64 or not available()):
         return None
@@ -257,10 +300,12 @@ def head_product(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     each strip of 32 vocabulary rows transposed into tiles once per call and used by every row; the bf16 rounding of
     fp32 sums of the exact products, in an order that does not depend on the row count (not oneDNN's order, so not
     its bits: the model calls it inside `row_invariant()` only). None where the kernel does not run here or does not
-    cover the shapes."""
+    cover the shapes. fp32 hidden states with a bf16 table take the fp32 engine (an fp32 result)."""
     v, h = table.shape
     if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
         return None
+    if hidden.dtype == torch.float32:
+        return _dense_f32(hidden, table, trans=True)
     if (hidden.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or hidden.device.type != "cpu"
             or table.device.type != "cpu" or not table.is_contiguous() or v % TILE_N or h % TILE_K
             or not available()):
@@ -273,6 +318,18 @@ def head_product(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     y = extension().woq_grouped(a, offsets, table.view(torch.uint8), torch.empty(0), FORMATS["bf16"], v, h, h, 0, 0,
                                 True)
     return y.reshape(*hidden.shape[:-1], v)
+
+
+def _dense_f32(x: torch.Tensor, table: torch.Tensor, trans: bool) -> torch.Tensor | None:
+    """x fp32 [..., K] times a bf16 table read in place by the fp32 engine: table [K, N] (`trans` False) or its
+    transpose ([N, K], True). None where the engine does not run here or does not cover the shapes."""
+    k = x.shape[-1]
+    n = table.shape[0] if trans else table.shape[1]
+    if (table.dtype != torch.bfloat16 or x.device.type != "cpu" or table.device.type != "cpu"
+            or table.shape[1 if trans else 0] != k or n % TILE_N or k % 8 or not fp32_available()):
+        return None
+    flat = x.reshape(-1, k).contiguous()
+    return fp32_extension().dense_bf16_f32(flat, table.contiguous(), trans).reshape(*x.shape[:-1], n)
 
 
 def fused_sample(raw: torch.Tensor, table: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor,
@@ -312,7 +369,7 @@ def covers(n: int, k: int, block: int, fmt: str = "int4") -> bool:
 
 def adopt(q: QTensor) -> QTensor:
     """`q` in the native kernel's layout where that kernel runs here and covers q's format and shape; else `q`."""
-    if q.device.type != "cpu" or isinstance(q, TileTensor) or not available():
+    if q.device.type != "cpu" or isinstance(q, TileTensor) or not tiles_available():
         return q
     made = to_tiles(q)
     return q if made is None else made
@@ -349,7 +406,7 @@ def to_tiles(q: QTensor) -> TileTensor | None:
 def _tiles(packed: torch.Tensor, bits: int, native: bool | None = None) -> torch.Tensor:
     """Packed codes ([E,] N, K/2 for 4 bits, K for 8) in the tile layout: the extension's one-pass repack where it
     is built (`native` None), else torch ops one expert at a time (temporaries of one expert's size)."""
-    mod = extension() if native is not False else None
+    mod = (extension() or fp32_extension()) if native is not False else None
     if mod is not None:
         flat = packed.reshape(-1, *packed.shape[-2:]).contiguous()
         out = mod.tile_codes(flat, bits)
