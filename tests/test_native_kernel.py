@@ -454,6 +454,20 @@ if native.fp32_available():
         odd = table[:392].contiguous() if trans else table[:, :88].contiguous()  # outputs not a multiple of 16
         assert product(x, odd) is None
 
+    def test_fp32_engine_reads_16bit_dense_weights_in_place():
+        """A bf16 linear layer kept in 16 bits (a quantized checkpoint's dense layers, computed in fp32): the fp32
+        engine's sums of the exact products, each row the same alone; with a gradient, the upcast matmul."""
+        w = (torch.randn(48, 128, generator=GEN) * 0.05).to(torch.bfloat16)
+        lin = QLinear(L.Dense16Tensor(w, shape=(48, 128)))
+        x = torch.randn(9, 128, generator=GEN)
+        got = lin(x)
+        exact = x.double() @ w.double().t()
+        assert torch.all((got.double() - exact).abs() <= 1e-5 * (x.double().abs() @ w.double().abs().t()))
+        assert torch.equal(lin(x[4:5]), got[4:5])
+        xg = x.clone().requires_grad_()
+        lin(xg).sum().backward()
+        torch.testing.assert_close(xg.grad, w.float().sum(0).expand(9, -1))
+
     def test_a_quantized_fp32_model_generates_the_same_batched_and_alone(tmp_path):
         """End to end through the fp32 engine (experts, projections, the head and the self-conditioning product):
         each row of a batch equals the same prompt and seed generated alone."""

@@ -88,9 +88,7 @@ class Embedding(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] @ table.T -> [..., V]."""
         w = self.weight
-        # as in soft(): the native product (the table read in place, one summation order whatever the rows) serves
-        # generation under the default sampler; elsewhere torch's matmul keeps the reference's bits
-        fast = native.head_product(hidden, w) if ROW_INVARIANT.get() and hidden.dtype == self.dtype else None
+        fast = native.head_product(hidden, w) if self._native(hidden) else None
         if fast is not None:
             return fast
         if w.dtype == self.dtype:
@@ -110,9 +108,7 @@ class Embedding(nn.Module):
             out = (p.to(self.dtype).unsqueeze(-2) @ rows).squeeze(-2)
             tail = (1 - p.float().sum(-1, keepdim=True)).clamp_(min=0)
             return out.add_(tail.to(self.dtype) * self.mean_row())
-        # the native product (the table read in place, one summation order whatever the rows) serves generation under
-        # the default sampler (row_invariant()); elsewhere torch's matmul keeps the reference's bits
-        fast = native.table_product(probs, w) if ROW_INVARIANT.get() and probs.dtype == self.dtype else None
+        fast = native.table_product(probs, w) if self._native(probs) else None
         if fast is not None:
             return fast
         if w.dtype == self.dtype:
@@ -122,6 +118,13 @@ class Embedding(nn.Module):
             part = linear(probs[..., s:s + self.CHUNK], w[s:s + self.CHUNK].to(self.dtype).t())
             out = part if out is None else out.add_(part)
         return out
+
+    def _native(self, x: torch.Tensor) -> bool:
+        """Whether head() / soft() ask the native products first (they read the table in place, one summation order
+        whatever the rows). A table in the compute dtype: only for generation under the default sampler
+        (row_invariant()); elsewhere torch's matmul keeps the reference's bits. A 16-bit table computed in fp32 has
+        no such bits to keep (the alternative upcasts it chunk by chunk at every call): always."""
+        return x.dtype == self.dtype and (ROW_INVARIANT.get() or self.weight.dtype != self.dtype)
 
     def mean_row(self) -> torch.Tensor:
         """The table's mean row [H] in the compute dtype, kept until the table changes (its storage or version

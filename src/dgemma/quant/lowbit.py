@@ -176,8 +176,9 @@ class Int4Tensor(QTensor):
 @register("dense16")
 @dataclass
 class Dense16Tensor(QTensor):
-    """A bf16/fp16 weight kept in 16 bits and multiplied in the activations' dtype (expanded one matrix at a
-    time into a reused buffer): half the memory of an fp32 copy, without the slow 16-bit CPU matmul."""
+    """A bf16/fp16 weight kept in 16 bits and multiplied in the activations' dtype: half the memory of an fp32
+    copy, without the slow 16-bit CPU matmul. A bf16 weight times fp32 activations is read in place by the fp32
+    engine where it runs (`native.dense_f32`), else expanded one matrix at a time into a reused buffer."""
 
     weight: torch.Tensor
     scheme: str = "dense16"
@@ -190,6 +191,9 @@ class Dense16Tensor(QTensor):
         w = _pick(self.weight, index)
         if w.dtype == x.dtype:
             return dense_linear(x, w)
+        fast = native.dense_f32(x, w, trans=True) if MODE["kernel"] == "auto" else None  # read in place (fp32 engine)
+        if fast is not None:
+            return fast
         buf = K.SCRATCH.get(tuple(w.shape), x.dtype, x.device).copy_(w)
         return dense_linear(x, buf)
 

@@ -281,7 +281,7 @@ def table_product(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     if torch.is_grad_enabled() and (probs.requires_grad or table.requires_grad):
         return None  # no backward here: training keeps torch's matmul
     if probs.dtype == torch.float32:
-        return _dense_f32(probs, table, trans=False)
+        return dense_f32(probs, table, trans=False)
     if (probs.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or probs.device.type != "cpu"
             or table.device.type != "cpu" or v % 256 or h % 64 or not available()):
         return None
@@ -305,7 +305,7 @@ def head_product(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
         return None
     if hidden.dtype == torch.float32:
-        return _dense_f32(hidden, table, trans=True)
+        return dense_f32(hidden, table, trans=True)
     if (hidden.dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or hidden.device.type != "cpu"
             or table.device.type != "cpu" or not table.is_contiguous() or v % TILE_N or h % TILE_K
             or not available()):
@@ -320,9 +320,12 @@ def head_product(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor | No
     return y.reshape(*hidden.shape[:-1], v)
 
 
-def _dense_f32(x: torch.Tensor, table: torch.Tensor, trans: bool) -> torch.Tensor | None:
-    """x fp32 [..., K] times a bf16 table read in place by the fp32 engine: table [K, N] (`trans` False) or its
-    transpose ([N, K], True). None where the engine does not run here or does not cover the shapes."""
+def dense_f32(x: torch.Tensor, table: torch.Tensor, trans: bool) -> torch.Tensor | None:
+    """x fp32 [..., K] times a bf16 matrix read in place by the fp32 engine: table [K, N] (`trans` False) or its
+    transpose ([N, K], True: a linear layer's weight). None where the engine does not run here, does not cover the
+    shapes, or a gradient is needed (the engine has no backward)."""
+    if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
+        return None
     k = x.shape[-1]
     n = table.shape[0] if trans else table.shape[1]
     if (table.dtype != torch.bfloat16 or x.device.type != "cpu" or table.device.type != "cpu"
