@@ -133,6 +133,17 @@ def _unrounded(q, rows):
     return rows <= (native.SMALL_ROWS if isinstance(q, NVFP4Tensor) else native.EXACT_ROWS)
 
 
+def _batched_equals_alone(model) -> None:
+    """The model's experts run on a kernel, and each row of a batch equals the same prompt and seed alone."""
+    assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.TileTensor) for m in model.module.modules())
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+    kw = dict(max_new_tokens=32, max_denoising_steps=6)
+    batch = model.generate(prompts, seed=7, **kw)
+    for i, p in enumerate(prompts):
+        solo = model.generate(p, seed=7 + i, **kw)
+        assert solo.ids == batch[i].ids and solo.steps == batch[i].steps
+
+
 def test_the_kernel_runs_wherever_it_can_be_built():
     """A build failure must not pass silently as "this machine has no AMX": where the CPU has the flags and the
     builder has a compiler and ninja (the dev extras), the kernel is there."""
@@ -226,14 +237,7 @@ if native.available():
         batch equals the same prompt and seed generated alone."""
         path = random_quantized_checkpoint(tmp_path / "m", "tiny", "int4", seed=1, std=0.3, group=32, progress=False,
                                            dtype="bfloat16", canvas_length=16)
-        model = load_model(path, dtype="bfloat16")
-        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.TileTensor) for m in model.module.modules())
-        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
-        kw = dict(max_new_tokens=32, max_denoising_steps=6)
-        batch = model.generate(prompts, seed=7, **kw)
-        for i, p in enumerate(prompts):
-            solo = model.generate(p, seed=7 + i, **kw)
-            assert solo.ids == batch[i].ids and solo.steps == batch[i].steps
+        _batched_equals_alone(load_model(path, dtype="bfloat16"))
 
     @pytest.mark.parametrize("kind", ["int4-g32", "nvfp4"])
     def test_experts_native_combine_is_the_torch_arithmetic(kind):
@@ -473,11 +477,4 @@ if native.fp32_available():
         each row of a batch equals the same prompt and seed generated alone."""
         path = random_quantized_checkpoint(tmp_path / "m", "tiny", "nvfp4", seed=2, std=0.3, progress=False,
                                            dtype="bfloat16", canvas_length=16)
-        model = load_model(path, dtype="float32")
-        assert any(isinstance(m, QExperts) and isinstance(m.gate_up, native.TileTensor) for m in model.module.modules())
-        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
-        kw = dict(max_new_tokens=32, max_denoising_steps=6)
-        batch = model.generate(prompts, seed=7, **kw)
-        for i, p in enumerate(prompts):
-            solo = model.generate(p, seed=7 + i, **kw)
-            assert solo.ids == batch[i].ids and solo.steps == batch[i].steps
+        _batched_equals_alone(load_model(path, dtype="float32"))
