@@ -187,10 +187,9 @@ inline void multiply(const float* x, int64_t ldx, const float* b, int64_t count,
 #undef DGEMMA_STORE
 }
 
-// Rows row .. row + R of y, columns col .. col + 15, from the accumulators.
-template <int R>
-inline void store_rows(const Problem& p, int64_t row, int64_t col, const float* acc) {
-  for (int r = 0; r < R; ++r) {
+// Rows row .. row + count of y, columns col .. col + 15, from the accumulators.
+inline void store_rows(const Problem& p, int64_t row, int64_t count, int64_t col, const float* acc) {
+  for (int64_t r = 0; r < count; ++r) {
     _mm256_storeu_ps(p.y + (row + r) * p.n + col, _mm256_loadu_ps(acc + 16 * r));
     _mm256_storeu_ps(p.y + (row + r) * p.n + col + 8, _mm256_loadu_ps(acc + 16 * r + 8));
   }
@@ -236,15 +235,7 @@ void few_rows(const Problem& p, const uint8_t* w, const uint8_t* s, int64_t nb, 
       multiply<R>(p.x + row * p.k + kb * TILE_K, p.k, tile, TILE_K, acc);
     }
   }
-  store_rows<R>(p, row, nb * TILE_N, acc);
-}
-
-// Rows row .. row + R of one expert over the whole expanded strip `strip` ([K][16]).
-template <int R>
-void strip_rows(const Problem& p, const float* strip, int64_t nb, int64_t row) {
-  alignas(32) float acc[BLOCK_ROWS * TILE_N] = {};
-  multiply<R>(p.x + row * p.k, p.k, strip, p.k, acc);
-  store_rows<R>(p, row, nb * TILE_N, acc);
+  store_rows(p, row, R, nb * TILE_N, acc);
 }
 
 template <int64_t FMT>
@@ -271,17 +262,6 @@ void multiply_rows(int64_t count, const float* x, int64_t ldx, const float* b, i
   }
 }
 
-void strip_block(const Problem& p, const float* strip, int64_t nb, int64_t row, int64_t count) {
-  switch (count) {
-    case 1: strip_rows<1>(p, strip, nb, row); break;
-    case 2: strip_rows<2>(p, strip, nb, row); break;
-    case 3: strip_rows<3>(p, strip, nb, row); break;
-    case 4: strip_rows<4>(p, strip, nb, row); break;
-    case 5: strip_rows<5>(p, strip, nb, row); break;
-    default: strip_rows<6>(p, strip, nb, row); break;
-  }
-}
-
 // One work item: expert e's rows times its strip nb.
 template <int64_t FMT>
 void run_item(const Problem& p, int64_t e, int64_t nb, float* strip) {
@@ -299,8 +279,12 @@ void run_item(const Problem& p, int64_t e, int64_t nb, float* strip) {
     expand_tile<FMT>(w + (nb * kb_count + kb) * tb, s, (nb * p.blocks + blk) * 16, (nb * p.blocks + blk + 1) * 16,
                      store_to(strip + kb * TILE_K * TILE_N));
   }
-  for (int64_t row = first; row < first + count; row += BLOCK_ROWS)
-    strip_block(p, strip, nb, row, std::min<int64_t>(BLOCK_ROWS, first + count - row));
+  for (int64_t row = first; row < first + count; row += BLOCK_ROWS) {  // the whole strip, a block of rows at a time
+    const int64_t rows = std::min<int64_t>(BLOCK_ROWS, first + count - row);
+    alignas(32) float acc[BLOCK_ROWS * TILE_N] = {};
+    multiply_rows(rows, p.x + row * p.k, p.k, strip, p.k, acc, TILE_N);
+    store_rows(p, row, rows, nb * TILE_N, acc);
+  }
 }
 
 }  // namespace
