@@ -6,8 +6,8 @@ left-to-right decoding (`decoder="autoregressive"`: the causal stack, one token 
 Prints tokens/s for diffusion at the release's stated 15 and 20 tokens per forward pass and at the tokens per
 forward pass the bundled Sudoku models reach on their held-out puzzles (measured here), and for left to right;
 with each one's floors: a denoising step's compute floor (2 x active parameters x canvas at the peak) and
-bandwidth floor (every stored byte once), a left-to-right token's bandwidth floor (the active share of the stored
-bytes once) and compute floor (2 x active parameters).
+bandwidth floor (every stored byte once), a left-to-right token's bandwidth floor (the bytes it reads once: all
+but the experts, the token table whole, and the top-k share of the experts') and compute floor (2 x active parameters).
 
 With `--step-cache POLICY` (default "fast", the recommended one; "none" skips it): one canvas decoded at 15 and at 20
 tokens per forward pass under the policy, pass by pass (bench.measure.step_cache_trajectory: the first and every
@@ -39,7 +39,7 @@ import torch
 
 from dgemma import load_model
 from dgemma.ar import ar_generate
-from dgemma.bench.fullsize import measure_bandwidth, weight_bytes
+from dgemma.bench.fullsize import measure_bandwidth, token_weight_bytes, weight_bytes
 from dgemma.bench.measure import ROUTINGS, Clock, PassTimer, measure_peak, routed, run_timed, step_cache_trajectory
 from dgemma.checkpoint.quantize import random_quantized_checkpoint
 from dgemma.config import STEP_CACHE, ModelConfig
@@ -131,7 +131,7 @@ def main() -> None:
                                                 "vs_left_to_right": speed * token_s}
 
     stored = weight_bytes(model_dir)
-    active_bytes = stored * cfg.active_params / cfg.num_params
+    active_bytes = token_weight_bytes(model_dir, cfg)
     canvas = cfg.canvas_length
     floors = {"diffusion_step_compute_s": 2 * cfg.active_params * canvas / peak,
               "diffusion_step_bandwidth_s": stored / bandwidth,

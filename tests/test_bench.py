@@ -236,6 +236,20 @@ def test_quantized_bench_counts_each_flop_once(tmp_path):
     assert len(r["matmul_peak_gflops_before_after"]) == 2
     assert r["matmul_peak_gflops"] == max(r["matmul_peak_gflops_before_after"])
     assert r["roofline_step_s"] == pytest.approx(r["roofline_flops_per_step"] / (r["matmul_peak_gflops"] * 1e9))
+    # a left-to-right token's bytes, counted again through safetensors' own reader: every tensor whole (the tied
+    # table included) but the experts', of which the top-k share
+    from safetensors import safe_open
+
+    want, tensors = 0.0, 0
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                t = st.get_tensor(key)
+                share = cfg.top_k_experts / cfg.num_experts if ".experts." in key else 1.0
+                want, tensors = want + t.numel() * t.element_size() * share, tensors + 1
+    # each tensor's share is rounded down to whole bytes
+    assert 0 < fullbench.token_weight_bytes(tmp_path / "m", cfg) == pytest.approx(want, abs=tensors)
+    assert fullbench.token_weight_bytes(tmp_path / "m", cfg) < fullbench.weight_bytes(tmp_path / "m")
 
 
 def test_spread_routing_draws_distinct_experts_from_the_routers_probabilities_and_restores_it():

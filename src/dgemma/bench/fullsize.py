@@ -26,7 +26,7 @@ import torch
 
 from .. import hardware
 from ..quant import native
-from ..checkpoint.load import load_model
+from ..checkpoint.load import load_model, read_header
 from ..checkpoint.quantize import random_quantized_checkpoint
 from ..config import ModelConfig
 from .measure import Clock, measure_peak, routed, run_timed
@@ -48,6 +48,22 @@ def measure_bandwidth(gib: float = 0.25, repeats: int = 3) -> float:
 
 def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def token_weight_bytes(path: Path, cfg: ModelConfig) -> int:
+    """Stored bytes one left-to-right token reads: every text tensor once (the tied token table whole: the LM head
+    multiplies all of it) but of the routed experts' tensors only the top-k share. Counted from the safetensors
+    headers: a share of all stored bytes in proportion to the active parameters would count the bf16 table at the
+    low-bit layers' bytes per parameter."""
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        for name, info in read_header(file)[1].items():
+            if name == "__metadata__" or "vision" in name:
+                continue
+            begin, end = info["data_offsets"]
+            share = cfg.top_k_experts / cfg.num_experts if ".experts." in name else 1.0
+            total += int((end - begin) * share)
+    return total
 
 
 def run(args) -> int:
