@@ -380,20 +380,24 @@ if native.fp32_available():
 
     @pytest.mark.parametrize("kind", ["int4-g64", "nvfp4-divides", "fp8-channel", "fp8-block"])
     def test_fp32_engine_rows_are_the_same_alone_and_among_any(kind):
-        """Few rows (one tile at a time) and many (the expanded strip) take the same products in the same order:
-        every row alone equals itself in a call of any size, bit for bit, inside row_invariant() or not."""
-        q = MAKERS[kind]((5, 32, 128))
+        """One or two rows (straight from the expansion), a few (one tile at a time) and many (the expanded strip)
+        take the same products in the same order: every row alone, or two together, equals itself in a call of any
+        size, bit for bit, inside row_invariant() or not."""
+        q = MAKERS[kind]((7, 48, 128))
         t = native.to_tiles(q)
-        counts = torch.tensor([3, 0, 33, 6, 7])
+        counts = torch.tensor([3, 0, 33, 6, 1, 2, 7])
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
         x = torch.randn(int(counts.sum()), q.shape[-1], generator=GEN)
         got = t.grouped(x, offsets)
-        for e in range(5):
+        for e in range(7):
             rows = x[offsets[e]:offsets[e + 1]]
             assert torch.all((got[offsets[e]:offsets[e + 1]].double() - _fp32_reference(q, rows, e)).abs()
                              <= _bound(q, rows, e).double()), e
             for r in range(int(offsets[e]), int(offsets[e + 1])):
                 assert torch.equal(got[r:r + 1], t.grouped(x[r:r + 1], torch.tensor([0, 1]), only=e)), (e, r)
+            if counts[e] >= 2:  # two rows together
+                r = int(offsets[e + 1]) - 2
+                assert torch.equal(got[r:r + 2], t.grouped(x[r:r + 2], torch.tensor([0, 2]), only=e)), e
         with row_invariant():
             assert torch.equal(t.grouped(x, offsets), got)
 
