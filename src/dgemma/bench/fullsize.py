@@ -54,7 +54,8 @@ def token_weight_bytes(path: Path, cfg: ModelConfig) -> int:
     """Stored bytes one left-to-right token reads: every text tensor once (the tied token table whole: the LM head
     multiplies all of it) but of the routed experts' tensors only the top-k share. Counted from the safetensors
     headers: a share of all stored bytes in proportion to the active parameters would count the bf16 table at the
-    low-bit layers' bytes per parameter."""
+    low-bit layers' bytes per parameter. The self-conditioning MLP, which left to right does not run, is counted
+    (about 0.3% of the total at full size)."""
     total = 0
     for file in sorted(path.glob("*.safetensors")):
         for name, info in read_header(file)[1].items():
