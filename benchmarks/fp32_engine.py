@@ -11,21 +11,11 @@ run (square 2048 and the dense MLP's [256 x 2816] @ [2816 x 2112]), and GB/s of 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from dgemma.bench.measure import best_time
 from dgemma.extension import fp32_extension
-
-
-def best(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -40,7 +30,7 @@ def main() -> None:
     peaks = []
     for m, k, n in ((2048, 2048, 2048), (256, 2816, 2112)):
         a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-        peaks.append(2 * m * k * n / best(lambda: a @ b) / 1e9)
+        peaks.append(2 * m * k * n / best_time(lambda: a @ b, 5) / 1e9)
     peak = max(peaks)
     print(f"{args.threads} threads; torch fp32 BLAS peak {peak:.1f} GFLOP/s (square 2048: {peaks[0]:.1f}, "
           f"dense MLP shape: {peaks[1]:.1f})")
@@ -53,7 +43,7 @@ def main() -> None:
         scales = (torch.rand(experts, n // 16, k // 64, 16, generator=gen) * 0.01).to(torch.bfloat16)
         offsets = torch.arange(experts + 1, dtype=torch.int64) * rows
         x = torch.randn(experts * rows, k, generator=gen)
-        t = best(lambda: mod.woq_grouped_f32(x, offsets, codes, scales, 0, n, k, 64))
+        t = best_time(lambda: mod.woq_grouped_f32(x, offsets, codes, scales, 0, n, k, 64), 5)
         gflops = 2 * experts * rows * n * k / t / 1e9
         extra = f", int4 codes {codes.numel() / t / 1e9:.1f} GB/s" if rows == 1 else ""
         print(f"int4 {name}: {t * 1e3:.2f} ms, {gflops:.1f} GFLOP/s ({gflops / peak:.0%} of the peak){extra}")
@@ -61,7 +51,7 @@ def main() -> None:
     hidden, probs = torch.randn(256, 2816, generator=gen), torch.rand(256, 262144, generator=gen)
     for name, fn in (("LM head, 256 rows", lambda: mod.dense_bf16_f32(hidden, table, True)),
                      ("self-conditioning product, 256 rows", lambda: mod.dense_bf16_f32(probs, table, False))):
-        t = best(fn, reps=2)
+        t = best_time(fn, 2)
         gflops = 2 * 256 * table.numel() / t / 1e9
         print(f"bf16 table, {name}: {t:.2f} s, {gflops:.1f} GFLOP/s ({gflops / peak:.0%} of the peak)")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from dgemma import hardware
+from dgemma.bench.measure import best_time
 from dgemma.quant import kernels as K
 
 SHAPES = {  # name: (out N, in K)
@@ -26,16 +26,6 @@ SHAPES = {  # name: (out N, in K)
     "expert.gate_up": (2 * 704, 2816),
     "expert.down": (2816, 704),
 }
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -68,7 +58,7 @@ def main() -> None:
                 "int4 pack(bf16 act)": lambda: K.int4_linear_pack(x, kw, sz, args.group),
             }
             flop = 2.0 * m * n * k
-            t = {c: best(f, args.repeats) for c, f in cands.items()}
+            t = {c: best_time(f, args.repeats) for c, f in cands.items()}
             for c, sec in t.items():
                 rec = {"shape": name, "rows": m, "N": n, "K": k, "kernel": c, "ms": sec * 1e3,
                        "gflops": flop / sec / 1e9, "vs_fp32": t["fp32 dense"] / sec}

@@ -12,22 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
+from dgemma.bench.measure import best_time
 from dgemma.hardware import describe
 from dgemma.numerics import put_rows, take_rows
-
-
-def best(fn, repeats: int) -> float:
-    out = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -61,7 +52,7 @@ def main() -> None:
                          ("put_rows", lambda: put_rows(head, rows, values)),
                          ("kv_scatter_", lambda: cache.scatter_(2, kv_index, k)),
                          ("kv_put_rows", lambda: put_rows(cache, rows + 64, k, dim=2))):
-            times[name] = min(times.get(name, float("inf")), best(fn, args.repeats))
+            times[name] = min(times.get(name, float("inf")), best_time(fn, args.repeats, warmup=False))
     result = {"machine": {**describe(), "threads": torch.get_num_threads(), "load": os.getloadavg()},
               "shape": [1, args.canvas, args.vocab], "positions": args.positions, "seconds": times,
               "take_rows_speedup": times["gather"] / times["take_rows"],

@@ -62,6 +62,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_time(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
+    """The shortest wall time of `repeats` calls of fn (CPU work: no device sync), after one untimed call unless
+    `warmup` is False."""
+    if warmup:
+        fn()
+    out = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+    return out
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     sync(device)
     t0 = time.perf_counter()
