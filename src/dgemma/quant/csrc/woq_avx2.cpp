@@ -450,12 +450,9 @@ torch::Tensor dense_bf16_f32(torch::Tensor a, torch::Tensor t, bool trans) {
   const float* A = a.data_ptr<float>();
   const uint16_t* T = reinterpret_cast<const uint16_t*>(t.data_ptr());
   float* Y = y.data_ptr<float>();
-  if (trans && m == 1) {
-    dense_trans_few<1>(A, T, Y, n, k);
-    return y;
-  }
-  if (trans && m == 2) {
-    dense_trans_few<2>(A, T, Y, n, k);
+  if (trans && (m == 1 || m == 2)) {
+    if (m == 1) dense_trans_few<1>(A, T, Y, n, k);
+    else dense_trans_few<2>(A, T, Y, n, k);
     return y;
   }
   const int64_t items = (n + DENSE_NC - 1) / DENSE_NC;
